@@ -1,0 +1,182 @@
+"""The steps of one round: gradient scoring, masked SFT, per-batch masked SFT, router alignment.
+
+Each phase makes trainable exactly the parameters it needs, so nothing else gets a gradient,
+and steps only through SparseRowAdamW, so nothing else can move.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .adapters import MoELayer
+from .examples import IGNORE
+from .router_kl import captured_router_logits, router_kl, routing_distribution
+from .scoring import expert_grad_scores, top_k
+from .sparse_adamw import SparseRowAdamW
+
+Batch = dict[str, torch.Tensor]
+Log = Callable[[str, list[float]], None]  # (kind, per-step values)
+
+
+def lm_loss(model, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy over response tokens only. No labels go to the model, so no
+    load-balancing aux loss is mixed in."""
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE
+    )
+
+
+def set_trainable(model, params) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    for p in params:
+        p.requires_grad_(True)
+
+
+def expert_params(layers: list[MoELayer], only: set[int] | None = None) -> list:
+    return [p for layer in layers if only is None or layer.index in only
+            for p in layer.expert_params.values()]
+
+
+def _by_layer(selection: list[tuple[int, int]]) -> dict[int, list[int]]:
+    grouped: dict[int, list[int]] = {}
+    for layer_index, expert in selection:
+        grouped.setdefault(layer_index, []).append(expert)
+    return grouped
+
+
+def _on(batch: Batch, device) -> Batch:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _bar(items, desc: str, progress: bool):
+    return tqdm(items, desc=desc, leave=False, disable=not progress)
+
+
+def score_pass(model, layers, batches: list[Batch], log: Log, desc="score", progress=True):
+    """Gradients of the mean batch loss accumulated over all batches -> [layers, experts]."""
+    set_trainable(model, expert_params(layers))
+    device = model.device
+    losses = []
+    for batch in _bar(batches, desc, progress):
+        loss = lm_loss(model, _on(batch, device)) / len(batches)
+        loss.backward()
+        losses.append(loss.detach() * len(batches))
+    scores = expert_grad_scores(layers)
+    set_trainable(model, [])
+    log("score", torch.stack(losses).tolist())
+    return scores
+
+
+def _selected_rows(layers, selection) -> list[tuple[torch.nn.Parameter, list[int]]]:
+    grouped = _by_layer(selection)
+    return [(p, grouped[layer.index]) for layer in layers if layer.index in grouped
+            for p in layer.expert_params.values()]
+
+
+def masked_sft(model, layers, batches, selection, lr, weight_decay, epochs, log: Log,
+               desc="sft", progress=True) -> int:
+    """Train only the selected experts; returns the optimizer state size in bytes."""
+    set_trainable(model, expert_params(layers, only=set(_by_layer(selection))))
+    opt = SparseRowAdamW(lr=lr, weight_decay=weight_decay)
+    for p, experts in _selected_rows(layers, selection):
+        opt.add_rows(p, experts)
+    device = model.device
+    losses = []
+    for epoch in range(epochs):
+        for batch in _bar(batches, f"{desc} epoch {epoch + 1}", progress):
+            loss = lm_loss(model, _on(batch, device))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach())
+    set_trainable(model, [])
+    log("sft", torch.stack(losses).tolist())
+    return opt.state_bytes()
+
+
+def per_batch_sft(model, layers, batches, k, lr, weight_decay, epochs, log: Log,
+                  desc="per-batch sft", progress=True):
+    """The research code's real behaviour, made correct: on every batch a fresh top-k from that
+    batch's gradients and a step on those experts only (deselected experts keep their Adam
+    state but do not move). Returns (selection frequency, summed scores, per-batch picks)."""
+    set_trainable(model, expert_params(layers))
+    opt = SparseRowAdamW(lr=lr, weight_decay=weight_decay)
+    device = model.device
+    counts = torch.zeros(len(layers), layers[0].num_experts)
+    score_sum = torch.zeros_like(counts)
+    picks, losses = [], []
+    position = {layer.index: i for i, layer in enumerate(layers)}
+    for epoch in range(epochs):
+        for batch in _bar(batches, f"{desc} epoch {epoch + 1}", progress):
+            loss = lm_loss(model, _on(batch, device))
+            loss.backward()
+            scores = expert_grad_scores(layers)
+            selection = top_k(scores, k, layers)
+            rows = _selected_rows(layers, selection)
+            for p, experts in rows:
+                opt.add_rows(p, experts)
+            opt.step({id(p): experts for p, experts in rows})
+            opt.zero_grad()
+            for layer_index, expert in selection:
+                counts[position[layer_index], expert] += 1
+            score_sum += scores.cpu()
+            picks.append(selection)
+            losses.append(loss.detach())
+    set_trainable(model, [])
+    log("sft", torch.stack(losses).tolist())
+    return counts, score_sum, picks, opt.state_bytes()
+
+
+def align_router(model, layers, safe_batches, unsafe_batches, kl_type, lr, weight_decay, epochs,
+                 log: Log, desc="router", progress=True) -> list[float]:
+    """Train only the routers so routing on jailbreak prompts matches routing on the same goals
+    asked plainly. The plain-prompt routing is measured once, before any router step, and held
+    fixed as the target. Returns the KL before and after alignment."""
+    decoder = model.model
+    device = model.device
+    set_trainable(model, [])
+    with torch.no_grad(), captured_router_logits(layers) as captured:
+        targets = []
+        for batch in safe_batches:
+            batch = _on(batch, device)
+            decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            targets.append(routing_distribution(captured, batch["content_mask"]))
+
+    def mean_kl() -> float:
+        with torch.no_grad(), captured_router_logits(layers) as cap:
+            total = torch.zeros((), device=device)
+            for target, batch in zip(targets, unsafe_batches):
+                batch = _on(batch, device)
+                decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                total += router_kl(target, routing_distribution(cap, batch["content_mask"]), kl_type)
+        return float(total / len(targets))
+
+    before = mean_kl()
+    params = [p for layer in layers for p in layer.router_params.values()]
+    set_trainable(model, params)
+    opt = SparseRowAdamW(lr=lr, weight_decay=weight_decay)
+    for p in params:
+        opt.add_rows(p, range(p.shape[0]))
+    kls = []
+    with captured_router_logits(layers) as captured:
+        for epoch in range(epochs):
+            pairs = list(zip(targets, unsafe_batches))
+            for target, batch in _bar(pairs, f"{desc} epoch {epoch + 1}", progress):
+                batch = _on(batch, device)
+                decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                loss = router_kl(target, routing_distribution(captured, batch["content_mask"]), kl_type)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                kls.append(loss.detach())
+    set_trainable(model, [])
+    log("router", torch.stack(kls).tolist())
+    return [before, mean_kl()]

@@ -1,0 +1,66 @@
+"""Routing distributions per MoE layer and the KL that aligns jailbreak routing to plain routing.
+
+Per layer: router logits averaged over a prompt's message tokens (not padding, not template
+scaffolding), softmax, then averaged over the batch: one distribution over experts per layer.
+The KL is the plain sum over experts, p * (log p - log q) (the research code's
+`kl_div(reduction="batchmean")` on 1-D tensors divided it by the number of experts), then the
+mean over layers.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from .adapters import MoELayer
+
+KL_TYPES = ("forward", "reverse", "symmetric")
+
+
+@contextmanager
+def captured_router_logits(layers: list[MoELayer]):
+    """Collects each router's logits during a forward; hooks are removed on exit."""
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook_for(i):
+        def hook(_module, _inputs, output):
+            captured[i] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    handles = [layer.router.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def routing_distribution(captured: dict[int, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """[layers, experts]: batch mean of softmax(masked token-mean of router logits)."""
+    batch, seq = mask.shape
+    weights = mask.float().unsqueeze(-1)
+    dists = []
+    for i in sorted(captured):
+        logits = captured[i].float().view(batch, seq, -1)
+        mean_logits = (logits * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        dists.append(mean_logits.softmax(-1).mean(0))
+    return torch.stack(dists)
+
+
+def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) along the last dim."""
+    p, q = p.clamp_min(1e-12), q.clamp_min(1e-12)
+    return (p * (p.log() - q.log())).sum(-1)
+
+
+def router_kl(safe: torch.Tensor, unsafe: torch.Tensor, kl_type: str) -> torch.Tensor:
+    """Mean over layers of forward KL(safe||unsafe), reverse KL(unsafe||safe) or their mean."""
+    if kl_type == "forward":
+        per_layer = kl(safe, unsafe)
+    elif kl_type == "reverse":
+        per_layer = kl(unsafe, safe)
+    elif kl_type == "symmetric":
+        per_layer = (kl(safe, unsafe) + kl(unsafe, safe)) / 2
+    else:
+        raise ValueError(f"unknown kl_type {kl_type!r}; choose from {KL_TYPES}")
+    return per_layer.mean()

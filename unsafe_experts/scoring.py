@@ -1,0 +1,44 @@
+"""Per-expert gradient magnitude and the global top-k over all (layer, expert) pairs."""
+from __future__ import annotations
+
+import torch
+
+from .adapters import MoELayer
+
+
+def expert_grad_scores(layers: list[MoELayer]) -> torch.Tensor:
+    """[moe_layers, experts] fp32 on the model's device: the mean |grad| over every parameter
+    of each expert (gate, up, down and any per-expert bias). One reduction per fused tensor, no
+    host sync; an expert that received no token scores exactly 0."""
+    rows = []
+    for layer in layers:
+        params = layer.expert_params.values()
+        total = None
+        for p in params:
+            if p.grad is None:
+                continue
+            l1 = torch.linalg.vector_norm(p.grad.flatten(1), ord=1, dim=1, dtype=torch.float32)
+            total = l1 if total is None else total + l1
+        per_expert = sum(p[0].numel() for p in params)
+        device = next(iter(params)).device
+        rows.append(
+            total / per_expert if total is not None
+            else torch.zeros(layer.num_experts, device=device)
+        )
+    return torch.stack(rows)
+
+
+def top_k(scores: torch.Tensor, k: int, layers: list[MoELayer]) -> list[tuple[int, int]]:
+    """The k highest-scoring (decoder layer index, expert), highest first. Ties go to the lower
+    layer, then the lower expert, so a selection never depends on sort instability."""
+    num_experts = scores.shape[1]
+    order = torch.sort(scores.flatten().cpu(), descending=True, stable=True).indices[:k].tolist()
+    return [(layers[i // num_experts].index, i % num_experts) for i in order]
+
+
+def score_table(scores: torch.Tensor, layers: list[MoELayer]) -> dict[str, float]:
+    """Every expert's score as {"L{layer}_E{expert}": score}, highest first."""
+    flat = scores.flatten().cpu()
+    num_experts = scores.shape[1]
+    order = torch.sort(flat, descending=True, stable=True).indices.tolist()
+    return {f"L{layers[i // num_experts].index}_E{i % num_experts}": float(flat[i]) for i in order}

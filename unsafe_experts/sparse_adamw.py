@@ -1,0 +1,80 @@
+"""AdamW over selected rows of parameters: fp32 master rows and state for those rows only.
+
+Rows are dim-0 slices: experts of a fused expert tensor, or all rows of a router weight. An
+unselected row is never written, so unselected experts stay bit-identical whatever the weight
+decay or momentum; optimizer memory scales with the number of selected experts; and bf16
+models still receive updates that would round away if applied in bf16 state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class _RowState:
+    param: torch.nn.Parameter
+    rows: torch.Tensor  # indices into dim 0 of param
+    master: torch.Tensor  # fp32 copy of param[rows]
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    step: torch.Tensor  # per row: rows can join at different times
+
+
+class SparseRowAdamW:
+    def __init__(self, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.state: dict[int, _RowState] = {}
+
+    def add_rows(self, param: torch.nn.Parameter, rows) -> None:
+        """Start tracking `rows` of `param` (rows already tracked keep their state)."""
+        rows = torch.as_tensor(sorted(set(int(r) for r in rows)), dtype=torch.long)
+        old = self.state.get(id(param))
+        if old is not None:
+            rows = rows[~torch.isin(rows, old.rows.cpu())]
+        if not len(rows):
+            return
+        rows = rows.to(param.device)
+        master = param.detach()[rows].float()
+        new = _RowState(param, rows, master, torch.zeros_like(master), torch.zeros_like(master),
+                        torch.zeros(len(rows), device=param.device))
+        if old is not None:
+            new = _RowState(param, *(torch.cat([getattr(old, f), getattr(new, f)])
+                                     for f in ("rows", "master", "exp_avg", "exp_avg_sq", "step")))
+        self.state[id(param)] = new
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in self.state.values()
+                   for t in (s.master, s.exp_avg, s.exp_avg_sq))
+
+    @torch.no_grad()
+    def step(self, active: dict[int, list[int]] | None = None) -> None:
+        """One AdamW step on every tracked row, or only on `active[id(param)]` rows."""
+        beta1, beta2 = self.betas
+        for key, s in self.state.items():
+            if s.param.grad is None:
+                continue
+            if active is None:
+                pos = torch.arange(len(s.rows), device=s.rows.device)
+            else:
+                wanted = torch.as_tensor(active.get(key, []), dtype=torch.long, device=s.rows.device)
+                pos = torch.isin(s.rows, wanted).nonzero().flatten()
+                if not len(pos):
+                    continue
+            grad = s.param.grad[s.rows[pos]].float()
+            w, m, v = s.master[pos], s.exp_avg[pos], s.exp_avg_sq[pos]
+            t = s.step[pos] + 1
+            shape = (-1,) + (1,) * (w.dim() - 1)
+            w.mul_(1 - self.lr * self.weight_decay)
+            m.lerp_(grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            step_size = (self.lr / (1 - beta1 ** t)).view(shape)
+            denom = (v.sqrt() / (1 - beta2 ** t).sqrt().view(shape)).add_(self.eps)
+            w.addcdiv_(m * step_size, denom, value=-1)
+            s.master[pos], s.exp_avg[pos], s.exp_avg_sq[pos], s.step[pos] = w, m, v, t
+            s.param.index_copy_(0, s.rows[pos], w.to(s.param.dtype))
+
+    def zero_grad(self) -> None:
+        for s in self.state.values():
+            s.param.grad = None
