@@ -31,6 +31,7 @@ FAMILY_CONFIGS: dict[str, dict] = {
     # 3 layers: the first is dense (first_k_dense_replace), which adapters must skip
     "deepseek_v3": dict(
         n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1,
+        num_key_value_heads=4,  # MLA: as many key/value heads as query heads
         num_hidden_layers=3, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16,
         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
     ),

@@ -1,0 +1,77 @@
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from unsafe_experts.advbench import advbench_goals  # noqa: E402
+from unsafe_experts.tiny import build_tokenizer, tiny_model, tokenizer_corpus  # noqa: E402
+
+torch.set_num_threads(1)
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REAL_FLIPATTACK = Path(__file__).resolve().parents[2] / "shared/data/flipattack_mixtral-8x22b.json"
+
+
+@pytest.fixture(scope="session")
+def records_path() -> Path:
+    return FIXTURES / "flip_records.json"
+
+
+@pytest.fixture(scope="session")
+def records(records_path) -> list[dict]:
+    return json.loads(records_path.read_text())
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer(tokenizer_corpus(advbench_goals()[:40]), vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A saved tiny OLMoE + tokenizer, the CLI's input."""
+    path = tmp_path_factory.mktemp("tiny-olmoe")
+    tiny_model("olmoe", tokenizer, seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def make_model(tokenizer):
+    def make(family: str, seed: int = 0, **overrides):
+        return tiny_model(family, tokenizer, seed=seed, **overrides)
+    return make
+
+
+FAMILIES = ["olmoe", "qwen3_moe", "qwen2_moe", "mixtral", "phimoe", "gpt_oss", "deepseek_v3",
+            "granitemoe"]
+
+
+def sft_batches(tokenizer, records, batch_size=4, max_length=256):
+    from unsafe_experts.examples import DEFAULT_REFUSAL, batches, collate, sft_example
+
+    examples = [sft_example(tokenizer, r["all_prompt"], DEFAULT_REFUSAL, max_length) for r in records]
+    return [collate(b, tokenizer.pad_token_id) for b in batches(examples, batch_size)]
+
+
+def router_batches(tokenizer, records, batch_size=4, max_length=256):
+    from unsafe_experts.examples import batches, collate, plain_prompt, router_example
+
+    safe = [router_example(tokenizer, plain_prompt(r["goal"]), max_length) for r in records]
+    unsafe = [router_example(tokenizer, r["all_prompt"], max_length) for r in records]
+    return ([collate(b, tokenizer.pad_token_id) for b in batches(safe, batch_size)],
+            [collate(b, tokenizer.pad_token_id) for b in batches(unsafe, batch_size)])
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -1,0 +1,102 @@
+import json
+import pickle
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from unsafe_experts.adapters import moe_layers
+from unsafe_experts.cli import main
+
+
+def train(tiny_dir, records_path, out, *extra):
+    return main(["train", "--model_name", str(tiny_dir), "--dataset_path", str(records_path),
+                 "--output_dir", str(out), "--num_rounds", "2", "--top_k_experts", "3",
+                 "--batch_size", "4", "--max_samples", "8", "--expert_lr", "1e-3",
+                 "--router_lr", "1e-3", "--quiet", *extra])
+
+
+def test_train_end_to_end(tiny_dir, records_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train(tiny_dir, records_path, out, "--refusal", "No.", "--refusal", "I won't help.") == 0
+    printed = capsys.readouterr().out
+    assert "round 1: 3 experts" in printed and "round 2: 3 experts" in printed
+    assert sorted(p.name for p in out.iterdir()) == [
+        "expert_gradients.pkl", "final_model", "round_1", "round_2", "training_metadata.json"]
+    meta = json.loads((out / "training_metadata.json").read_text())
+    assert meta["status"] == "completed" and meta["seed"] == 42
+    assert meta["parameters"]["refusals"] == ["No.", "I won't help."]
+    assert meta["dataset"]["records_loaded"] == 20 and meta["dataset"]["records_used"] == 8
+    assert len(meta["dataset"]["sha256"]) == 64
+    assert set(meta["versions"]) == {"python", "torch", "transformers"}
+    for r in ("1", "2"):
+        round_info = meta["identified_experts_per_round"][r]
+        assert len(round_info["experts"]) == 3
+        scores = round_info["gradients"]
+        assert len(scores) == 16 and list(scores.values()) == sorted(scores.values(), reverse=True)
+        assert [f"L{l}_E{e}" for l, e in round_info["experts"]] == list(scores)[:3]
+        kl_before, kl_after = round_info["router_kl_before_after"]
+        assert kl_after < kl_before
+        assert {"identify_s", "sft_s", "router_s", "round_s", "peak_memory_mb"} <= set(meta["timings"][f"round_{r}"])
+    kinds = {(log["round"], log["kind"]) for log in meta["training_logs"]}
+    assert kinds == {(r, k) for r in (1, 2) for k in ("score", "sft", "router")}
+    legacy = pickle.loads((out / "expert_gradients.pkl").read_bytes())
+    assert legacy[1]["experts"] == meta["identified_experts_per_round"]["1"]["experts"]
+
+    final = AutoModelForCausalLM.from_pretrained(out / "final_model")
+    start = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    picked = {tuple(x) for r in ("1", "2") for x in meta["identified_experts_per_round"][r]["experts"]}
+    for new, old in zip(moe_layers(final), moe_layers(start)):
+        for name, p in new.expert_params.items():
+            for e in range(new.num_experts):
+                same = torch.equal(p[e], old.expert_params[name][e])
+                assert same != ((new.index, e) in picked)
+        assert not torch.equal(new.router.weight, old.router.weight)
+    assert (out / "round_1" / "tokenizer.json").exists()
+    assert not list(out.glob(".*")), "temporary files left behind"
+
+
+def test_per_batch_mode_without_router_training(tiny_dir, records_path, tmp_path):
+    out = tmp_path / "out"
+    assert train(tiny_dir, records_path, out, "--score_mode", "per_batch", "--skip_router_training") == 0
+    meta = json.loads((out / "training_metadata.json").read_text())
+    first = meta["identified_experts_per_round"]["1"]
+    assert len(first["per_batch_experts"]) == 2 and "router_kl_before_after" not in first
+    final = AutoModelForCausalLM.from_pretrained(out / "final_model")
+    start = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    for new, old in zip(moe_layers(final), moe_layers(start)):
+        assert torch.equal(new.router.weight, old.router.weight)
+
+
+@pytest.fixture
+def llama_dir(tmp_path, tokenizer):
+    path = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=4, vocab_size=len(tokenizer))).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("non_moe", "LlamaForCausalLM (model_type='llama') is not a supported MoE family"),
+    ("top_k", "top_k_experts: 17 is more than the 16 routed experts of OlmoeForCausalLM"),
+    ("empty", "no records left after filtering"),
+    ("lr", "expert_lr: must not be negative"),
+])
+def test_bad_input_is_one_clear_line_and_writes_nothing(case, message, tiny_dir, llama_dir,
+                                                        records, records_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    model, data, extra = tiny_dir, records_path, []
+    if case == "non_moe":
+        model = llama_dir
+    elif case == "top_k":
+        extra = ["--top_k_experts", "17"]
+    elif case == "empty":
+        data = tmp_path / "failed.json"
+        data.write_text(json.dumps([dict(r, judge_success_gpt4=0) for r in records]))
+    elif case == "lr":
+        extra = ["--expert_lr", "-1"]
+    assert train(model, data, out, *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not out.exists()

@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from conftest import FAMILIES, sft_batches, snapshot
+from unsafe_experts.adapters import moe_layers
+from unsafe_experts.phases import masked_sft, per_batch_sft, score_pass
+from unsafe_experts.scoring import top_k
+from unsafe_experts.sparse_adamw import SparseRowAdamW
+
+
+def assert_only_selected_moved(model, before, layers, selection):
+    picked: dict[int, set[int]] = {}
+    for layer_index, e in selection:
+        picked.setdefault(layer_index, set()).add(e)
+    owners = {id(p): layer.index for layer in layers for p in layer.expert_params.values()}
+    moved_rows = 0
+    for name, p in model.named_parameters():
+        if id(p) not in owners:
+            assert torch.equal(p, before[name]), f"non-expert parameter {name} changed"
+            continue
+        for e in range(p.shape[0]):
+            same = torch.equal(p[e], before[name][e])
+            if e in picked.get(owners[id(p)], ()):
+                moved_rows += not same
+            else:
+                assert same, f"unselected expert {e} of {name} changed"
+    assert moved_rows > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_masked_sft_moves_only_selected_experts_and_lowers_loss(family, make_model, tokenizer, records):
+    model = make_model(family)
+    layers = moe_layers(model)
+    batches = sft_batches(tokenizer, records[:8])
+    scores = score_pass(model, layers, batches, lambda *a: None, progress=False)
+    selection = top_k(scores, 4, layers)
+    before = snapshot(model)
+    logs = []
+    state_bytes = masked_sft(model, layers, batches, selection, lr=1e-2, weight_decay=0.1, epochs=3,
+                             log=lambda kind, v: logs.extend(v), progress=False)
+    assert_only_selected_moved(model, before, layers, selection)
+    per_expert = sum(p[0].numel() for p in layers[0].expert_params.values())
+    assert state_bytes == 3 * 4 * per_expert * 4  # master + two moments, fp32, k experts only
+    assert logs[-1] < logs[0]
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_per_batch_mode_never_moves_unpicked_experts(make_model, tokenizer, records):
+    model = make_model("olmoe")
+    layers = moe_layers(model)
+    before = snapshot(model)
+    counts, score_sum, picks, _ = per_batch_sft(
+        model, layers, sft_batches(tokenizer, records[:12]), k=2, lr=1e-2, weight_decay=0.1,
+        epochs=1, log=lambda *a: None, progress=False)
+    assert len(picks) == 3 and all(len(p) == 2 for p in picks)
+    assert counts.sum() == 6
+    every_pick = sorted({x for p in picks for x in p})
+    assert_only_selected_moved(model, before, layers, every_pick)
+
+
+def test_deselected_rows_do_not_move_despite_momentum_and_decay():
+    w = torch.nn.Parameter(torch.randn(4, 3, 2))
+    opt = SparseRowAdamW(lr=0.1, weight_decay=0.5)
+    opt.add_rows(w, [0, 1])
+    w.grad = torch.randn_like(w)
+    opt.step({id(w): [0, 1]})
+    after_first = w.detach().clone()
+    w.grad = torch.randn_like(w)
+    opt.step({id(w): [1]})
+    assert torch.equal(w[0], after_first[0]) and not torch.equal(w[1], after_first[1])
+    assert torch.equal(w[2:], after_first[2:])
+
+
+def test_sparse_adamw_equals_dense_adamw_on_selected_rows():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6, 5, 4))
+    rows = [1, 4]
+    reference = torch.nn.Parameter(w.detach()[rows].clone())
+    ours = SparseRowAdamW(lr=1e-2, weight_decay=0.1)
+    ours.add_rows(w, rows)
+    dense = torch.optim.AdamW([reference], lr=1e-2, weight_decay=0.1)
+    for _ in range(5):
+        grad = torch.randn_like(w)
+        w.grad = grad
+        reference.grad = grad[rows].clone()
+        ours.step()
+        dense.step()
+    torch.testing.assert_close(w.detach()[rows], reference.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_updates_accumulate_in_fp32_masters():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter((torch.randn(4, 64, 64) * 0.02).to(torch.bfloat16))
+    naive = torch.nn.Parameter(w.detach().clone())
+    start = w.detach().clone()
+    ours = SparseRowAdamW(lr=5e-5)
+    ours.add_rows(w, [0])
+    pure_bf16 = torch.optim.AdamW([naive], lr=5e-5, weight_decay=0.0)
+    for _ in range(4):
+        grad = torch.randn_like(w)
+        w.grad, naive.grad = grad, grad.clone()
+        ours.step()
+        pure_bf16.step()
+    master = ours.state[id(w)].master
+    assert master.dtype == torch.float32
+    assert torch.equal(w[0].detach(), master[0].to(torch.bfloat16))
+    moved = (master[0] - start[0].float()).abs().mean()
+    assert 1e-4 < moved < 3e-4  # four steps of ~lr each, kept in full
+    assert (w[0] != start[0]).float().mean() > (naive[0] != start[0]).float().mean()

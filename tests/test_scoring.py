@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from conftest import FAMILIES, sft_batches
+from unsafe_experts.adapters import moe_layers
+from unsafe_experts.phases import score_pass
+from unsafe_experts.scoring import score_table, top_k
+
+
+def slow_reference(layers):
+    """Per expert, per parameter, in Python: the definition, not the fast path."""
+    table = {}
+    for layer in layers:
+        for e in range(layer.num_experts):
+            grads = [p.grad[e].double().abs().flatten() for p in layer.expert_params.values()]
+            table[(layer.index, e)] = float(torch.cat(grads).mean())
+    return table
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scores_and_top_k_match_a_per_expert_reference(family, make_model, tokenizer, records):
+    model = make_model(family)
+    layers = moe_layers(model)
+    batches = sft_batches(tokenizer, records[:8])
+    logged = []
+    scores = score_pass(model, layers, batches, lambda kind, v: logged.append((kind, v)), progress=False)
+    assert scores.shape == (len(layers), 8)
+    assert logged[0][0] == "score" and len(logged[0][1]) == len(batches)
+
+    # recompute the same accumulated gradients and check against the slow definition
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in layers:
+        for p in layer.expert_params.values():
+            p.requires_grad_(True)
+    from unsafe_experts.phases import lm_loss
+    for b in batches:
+        (lm_loss(model, b) / len(batches)).backward()
+    reference = slow_reference(layers)
+    fast = {(layer.index, e): float(scores[i, e]) for i, layer in enumerate(layers) for e in range(8)}
+    for key, value in reference.items():
+        assert fast[key] == pytest.approx(value, rel=1e-4, abs=1e-12)
+    k = 5
+    expected = sorted(reference, key=lambda key: (-reference[key], key))[:k]
+    assert top_k(scores, k, layers) == expected
+    table = score_table(scores, layers)
+    assert len(table) == len(layers) * 8
+    assert list(table)[:k] == [f"L{l}_E{e}" for l, e in expected]
+
+
+def test_ties_break_by_layer_then_expert(make_model):
+    layers = moe_layers(make_model("olmoe"))
+    scores = torch.tensor([[1.0, 3.0, 3.0, 0, 0, 0, 0, 0], [3.0, 0, 0, 0, 0, 0, 0, 2.0]])
+    assert top_k(scores, 4, layers) == [(0, 1), (0, 2), (1, 0), (1, 7)]
+
+
+def test_an_expert_without_tokens_scores_zero(make_model, tokenizer, records):
+    model = make_model("olmoe")
+    layers = moe_layers(model)
+
+    def never_route_to_expert_3(module, inputs, output):
+        logits = output[0].clone()
+        logits[:, 3] = float("-inf")
+        weights, indices = logits.softmax(-1).topk(module.top_k, dim=-1)
+        return output[0], weights.to(output[1].dtype), indices
+
+    handle = layers[0].router.register_forward_hook(never_route_to_expert_3)
+    try:
+        scores = score_pass(model, layers, sft_batches(tokenizer, records[:4]), lambda *a: None,
+                            progress=False)
+    finally:
+        handle.remove()
+    assert scores[0, 3] == 0
+    assert (scores[0] > 0).sum() == 7 and (scores[1] > 0).all()
+    assert 3 not in [e for l, e in top_k(scores, 15, layers) if l == 0]
