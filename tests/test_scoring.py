@@ -73,3 +73,17 @@ def test_an_expert_without_tokens_scores_zero(make_model, tokenizer, records):
     assert scores[0, 3] == 0
     assert (scores[0] > 0).sum() == 7 and (scores[1] > 0).all()
     assert 3 not in [e for l, e in top_k(scores, 15, layers) if l == 0]
+
+
+def test_training_loss_leaves_out_the_router_aux_loss(make_model, tokenizer, records):
+    model = make_model("mixtral", output_router_logits=True, router_aux_loss_coef=0.5)
+    batch = sft_batches(tokenizer, records[:4])[0]
+    from unsafe_experts.phases import lm_loss
+    with torch.no_grad():
+        ours = lm_loss(model, batch)
+        with_aux = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    manual = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    torch.testing.assert_close(ours, manual)
+    assert not torch.isclose(ours, with_aux)

@@ -51,8 +51,12 @@ def _train_parser(sub) -> None:
 
 
 def _train(args) -> None:
+    from transformers.utils import logging as hf_logging
+
     from .surgery import run_surgery
 
+    if args.quiet:
+        hf_logging.disable_progress_bar()
     options = {k: v for k, v in vars(args).items() if k not in ("command", "no_judge_filter", "quiet")}
     options["refusals"] = args.refusals or TrainConfig("", "", "").refusals
     cfg = TrainConfig(**options, require_judge_success=not args.no_judge_filter)
