@@ -96,6 +96,17 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> dict:
     }
 
 
+def _round_summary(r: int, selection, logs, identified, shown: int = 20) -> str:
+    names = " ".join(f"L{l}_E{e}" for l, e in selection[:shown])
+    more = f" (+{len(selection) - shown} more)" if len(selection) > shown else ""
+    sft = [x["loss"] for x in logs if x["round"] == r and x["kind"] == "sft"]
+    line = f"round {r}: {len(selection)} experts: {names}{more} | sft loss {sft[0]:.4f} -> {sft[-1]:.4f}"
+    if "router_kl_before_after" in identified:
+        before, after = identified["router_kl_before_after"]
+        line += f" | router KL {before:.2e} -> {after:.2e}"
+    return line
+
+
 def run_surgery(cfg: TrainConfig, progress: bool = True, echo=print) -> dict:
     cfg.validate()
     model_info = _count_experts(cfg)
@@ -177,8 +188,7 @@ def run_surgery(cfg: TrainConfig, progress: bool = True, echo=print) -> dict:
         meta["timings"][f"round_{r}"] = timings
         rounds_pickle[r] = {k: identified[k] for k in ("experts", "gradients")}
         write_json_atomic(out / METADATA, meta)
-        echo(f"round {r}: {len(selection)} experts, top 10 "
-             + " ".join(f"L{l}_E{e}" for l, e in selection[:10]))
+        echo(_round_summary(r, selection, meta["training_logs"], identified))
 
     save_checkpoint_atomic(model, tokenizer, out / "final_model")
     # written for the research scripts' readers; this project never loads a pickle
