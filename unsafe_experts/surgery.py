@@ -107,93 +107,136 @@ def _round_summary(r: int, selection, logs, identified, shown: int = 20) -> str:
     return line
 
 
-def run_surgery(cfg: TrainConfig, progress: bool = True, echo=print) -> dict:
-    cfg.validate()
-    model_info = _count_experts(cfg)
-    out = _check_output_dir(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name, trust_remote_code=cfg.trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    data = prepare_data(cfg, tokenizer)
-    if data["summary"]["truncated_sft_examples"]:
-        echo(f"truncated the prompt of {data['summary']['truncated_sft_examples']} of "
-             f"{data['summary']['records_used']} examples to fit max_length={cfg.max_length}")
+class Surgery:
+    """One run: validated inputs, the live model and the metadata, advanced one phase at a time
+    (identify -> repair -> align -> checkpoint per round) by `run_surgery` or by a workflow."""
 
-    torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    started = time.time()
-    model = _load_model(cfg, device)
-    layers = moe_layers(model)
-    out.mkdir(parents=True, exist_ok=True)
+    def __init__(self, cfg: TrainConfig, progress: bool = True, echo=print):
+        self.cfg, self.progress, self.echo = cfg.validate(), progress, echo
+        self.model_info = _count_experts(cfg)
+        self.out = _check_output_dir(cfg)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            cfg.model_name, trust_remote_code=cfg.trust_remote_code)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.data = prepare_data(cfg, self.tokenizer)
+        truncated = self.data["summary"]["truncated_sft_examples"]
+        if truncated:
+            echo(f"truncated the prompt of {truncated} of {self.data['summary']['records_used']} "
+                 f"examples to fit max_length={cfg.max_length}")
+        self.model = None
 
-    meta = {
-        "method": "gradient",
-        "status": "running",
-        "parameters": asdict(cfg),
-        "seed": cfg.seed,
-        "dataset": data["summary"],
-        "model": {**model_info, "dtype": str(next(model.parameters()).dtype), "device": str(device)},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
-        "identified_experts_per_round": {},
-        "training_logs": [],
-        "timings": {},
-    }
-    write_json_atomic(out / METADATA, meta)
-    rounds_pickle = {}
+    def start(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.started = time.time()
+        self.model = _load_model(cfg, self.device)
+        self.layers = moe_layers(self.model)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.meta = {
+            "method": "gradient",
+            "status": "running",
+            "parameters": asdict(cfg),
+            "seed": cfg.seed,
+            "dataset": self.data["summary"],
+            "model": {**self.model_info, "dtype": str(next(self.model.parameters()).dtype),
+                      "device": str(self.device)},
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+            "identified_experts_per_round": {},
+            "training_logs": [],
+            "timings": {},
+        }
+        self._round: dict = {}
+        write_json_atomic(self.out / METADATA, self.meta)
 
-    for r in range(1, cfg.num_rounds + 1):
-        timings, t0 = {}, time.time()
+    def _log(self, r: int):
+        def log(kind, values):
+            self.meta["training_logs"].extend(
+                {"round": r, "kind": kind, "step": i, "loss": v} for i, v in enumerate(values))
+        return log
 
-        def log(kind, values, r=r):
-            meta["training_logs"].extend(
-                {"round": r, "kind": kind, "step": i, "loss": v} for i, v in enumerate(values)
-            )
+    def _timed(self, r: int, key: str, t0: float) -> None:
+        self._round[r]["timings"][key] = time.time() - t0
 
+    def identify(self, r: int) -> list[tuple[int, int]]:
+        """Score and select (accumulate), or score, select and train per batch (per_batch)."""
+        cfg, t0 = self.cfg, time.time()
+        args = (self.model, self.layers, self.data["sft"])
         if cfg.score_mode == "accumulate":
-            scores = score_pass(model, layers, data["sft"], log, f"round {r} score", progress)
-            selection = top_k(scores, cfg.top_k_experts, layers)
-            timings["identify_s"] = time.time() - t0
-            t1 = time.time()
-            state_bytes = masked_sft(model, layers, data["sft"], selection, cfg.expert_lr,
-                                     cfg.weight_decay, cfg.sft_epochs, log, f"round {r} sft", progress)
-            timings["sft_s"] = time.time() - t1
-            identified = {"experts": [list(x) for x in selection], "gradients": score_table(scores, layers)}
+            scores = score_pass(*args, self._log(r), f"round {r} score", self.progress)
+            selection = top_k(scores, cfg.top_k_experts, self.layers)
+            identified = {"experts": [list(x) for x in selection],
+                          "gradients": score_table(scores, self.layers)}
         else:
             counts, score_sum, picks, state_bytes = per_batch_sft(
-                model, layers, data["sft"], cfg.top_k_experts, cfg.expert_lr, cfg.weight_decay,
-                cfg.sft_epochs, log, f"round {r} per-batch sft", progress)
+                *args, cfg.top_k_experts, cfg.expert_lr, cfg.weight_decay, cfg.sft_epochs,
+                self._log(r), f"round {r} per-batch sft", self.progress)
             # the round's experts: the most often picked, ties broken by summed score
             combined = counts * (score_sum.max() + 1) + score_sum
-            selection = top_k(combined, cfg.top_k_experts, layers)
-            timings["identify_and_sft_s"] = time.time() - t0
+            selection = top_k(combined, cfg.top_k_experts, self.layers)
             identified = {"experts": [list(x) for x in selection],
-                          "gradients": score_table(score_sum / len(picks), layers),
-                          "per_batch_experts": [[list(x) for x in p] for p in picks]}
-        identified["optimizer_state_bytes"] = state_bytes
+                          "gradients": score_table(score_sum / len(picks), self.layers),
+                          "per_batch_experts": [[list(x) for x in p] for p in picks],
+                          "optimizer_state_bytes": state_bytes}
+        self._round[r] = {"identified": identified, "selection": selection, "started": t0,
+                          "timings": {}}
+        self._timed(r, "identify_s", t0)
+        return selection
 
+    def repair(self, r: int) -> None:
+        """Masked SFT of the selected experts (per_batch mode already trained in identify)."""
+        if self.cfg.score_mode != "accumulate":
+            return
+        t0, state = time.time(), self._round[r]
+        state["identified"]["optimizer_state_bytes"] = masked_sft(
+            self.model, self.layers, self.data["sft"], state["selection"], self.cfg.expert_lr,
+            self.cfg.weight_decay, self.cfg.sft_epochs, self._log(r), f"round {r} sft", self.progress)
+        self._timed(r, "sft_s", t0)
+
+    def align(self, r: int) -> list[float]:
+        cfg, t0 = self.cfg, time.time()
+        kl = align_router(self.model, self.layers, self.data["safe"], self.data["unsafe"],
+                          cfg.kl_type, cfg.router_lr, cfg.weight_decay, cfg.router_epochs,
+                          self._log(r), f"round {r} router", self.progress)
+        self._round[r]["identified"]["router_kl_before_after"] = kl
+        self._timed(r, "router_s", t0)
+        return kl
+
+    def checkpoint(self, r: int) -> Path:
+        t0, state = time.time(), self._round.pop(r)
+        path = self.out / f"round_{r}"
+        save_checkpoint_atomic(self.model, self.tokenizer, path)
+        timings = state["timings"]
+        timings["save_s"] = time.time() - t0
+        timings["round_s"] = time.time() - state["started"]
+        timings["peak_memory_mb"] = _peak_memory_mb(self.device)
+        self.meta["identified_experts_per_round"][str(r)] = state["identified"]
+        self.meta["timings"][f"round_{r}"] = timings
+        write_json_atomic(self.out / METADATA, self.meta)
+        self.echo(_round_summary(r, state["selection"], self.meta["training_logs"], state["identified"]))
+        return path
+
+    def finish(self) -> dict:
+        save_checkpoint_atomic(self.model, self.tokenizer, self.out / "final_model")
+        rounds = {int(r): {k: v[k] for k in ("experts", "gradients")}
+                  for r, v in self.meta["identified_experts_per_round"].items()}
+        # written for the research scripts' readers; this project never loads a pickle
+        write_bytes_atomic(self.out / "expert_gradients.pkl", pickle.dumps(rounds))
+        self.meta["status"] = "completed"
+        self.meta["timings"]["total_s"] = time.time() - self.started
+        write_json_atomic(self.out / METADATA, self.meta)
+        return self.meta
+
+
+def run_surgery(cfg: TrainConfig, progress: bool = True, echo=print) -> dict:
+    surgery = Surgery(cfg, progress, echo)
+    surgery.start()
+    for r in range(1, cfg.num_rounds + 1):
+        surgery.identify(r)
+        surgery.repair(r)
         if not cfg.skip_router_training:
-            t2 = time.time()
-            identified["router_kl_before_after"] = align_router(
-                model, layers, data["safe"], data["unsafe"], cfg.kl_type, cfg.router_lr,
-                cfg.weight_decay, cfg.router_epochs, log, f"round {r} router", progress)
-            timings["router_s"] = time.time() - t2
-
-        t3 = time.time()
-        save_checkpoint_atomic(model, tokenizer, out / f"round_{r}")
-        timings["save_s"] = time.time() - t3
-        timings["round_s"] = time.time() - t0
-        timings["peak_memory_mb"] = _peak_memory_mb(device)
-        meta["identified_experts_per_round"][str(r)] = identified
-        meta["timings"][f"round_{r}"] = timings
-        rounds_pickle[r] = {k: identified[k] for k in ("experts", "gradients")}
-        write_json_atomic(out / METADATA, meta)
-        echo(_round_summary(r, selection, meta["training_logs"], identified))
-
-    save_checkpoint_atomic(model, tokenizer, out / "final_model")
-    # written for the research scripts' readers; this project never loads a pickle
-    write_bytes_atomic(out / "expert_gradients.pkl", pickle.dumps(rounds_pickle))
-    meta["status"] = "completed"
-    meta["timings"]["total_s"] = time.time() - started
-    write_json_atomic(out / METADATA, meta)
-    return meta
+            surgery.align(r)
+        surgery.checkpoint(r)
+    return surgery.finish()
