@@ -73,9 +73,9 @@ def test_filtering_sampling_and_seeded_shuffle(records):
 @pytest.mark.parametrize("record, message", [
     ({"goal": "x"}, "record 1: field `all_prompt`"),
     ({"goal": "", "all_prompt": [{"role": "user", "content": "hi"}]}, "record 1: field `goal`"),
-    ({"goal": "x", "all_prompt": [{"role": "bot", "content": "hi"}]}, r"all_prompt\[0\].role"),
+    ({"goal": "x", "all_prompt": [{"role": "bot", "content": "hi"}]}, "message 0: role must be one of"),
     ({"goal": "x", "all_prompt": [{"role": "system", "content": "hi"}]}, "no user message"),
-    ({"goal": "x", "all_prompt": [{"role": "user", "content": 3}]}, r"all_prompt\[0\].content"),
+    ({"goal": "x", "all_prompt": [{"role": "user", "content": 3}]}, "message 0: `content` must be"),
     ({"goal": "x", "all_prompt": [{"role": "user", "content": "a"}], "judge_success_gpt4": 7},
      "judge_success_gpt4"),
 ])

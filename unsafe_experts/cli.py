@@ -16,53 +16,73 @@ USER_ERRORS = (ConfigError, DatasetError, ExampleError, UnsupportedModelError, O
 
 
 def _train_parser(sub) -> None:
-    d = TrainConfig("", "", "")
-    p = sub.add_parser("train", help="identify unsafe experts by gradient and repair them")
-    p.add_argument("--model_name", required=True, help="hub id or local directory")
-    p.add_argument("--dataset_path", required=True, help="JSON list or JSONL of jailbreak records")
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--num_rounds", type=int, default=d.num_rounds)
-    p.add_argument("--top_k_experts", type=int, default=d.top_k_experts)
-    p.add_argument("--batch_size", type=int, default=d.batch_size)
-    p.add_argument("--expert_lr", type=float, default=d.expert_lr)
-    p.add_argument("--router_lr", type=float, default=d.router_lr)
-    p.add_argument("--max_samples", type=int, default=d.max_samples)
+    # defaults are not set here: they come from TrainConfig, then --params, then the flags given
+    p = sub.add_parser("train", argument_default=argparse.SUPPRESS,
+                       help="identify unsafe experts by gradient and repair them")
+    p.add_argument("--params", help="a params.yaml whose `train` section gives the defaults")
+    p.add_argument("--model_name", help="hub id or local directory")
+    p.add_argument("--dataset_path", help="JSON list or JSONL of jailbreak records")
+    p.add_argument("--output_dir")
+    for flag in ("num_rounds", "top_k_experts", "batch_size", "max_samples", "sft_epochs",
+                 "router_epochs", "max_length", "seed"):
+        p.add_argument(f"--{flag}", type=int)
+    for flag in ("expert_lr", "router_lr", "weight_decay"):
+        p.add_argument(f"--{flag}", type=float)
     p.add_argument("--skip_router_training", action="store_true")
-    p.add_argument("--kl_type", choices=KL_TYPES, default=d.kl_type)
-    p.add_argument("--score_mode", choices=SCORE_MODES, default=d.score_mode,
-                   help="accumulate: one top-k from gradients summed over all batches, then "
-                        "masked SFT; per_batch: a fresh top-k and step on every batch")
-    p.add_argument("--sft_epochs", type=int, default=d.sft_epochs)
-    p.add_argument("--router_epochs", type=int, default=d.router_epochs)
-    p.add_argument("--weight_decay", type=float, default=d.weight_decay)
-    p.add_argument("--max_length", type=int, default=d.max_length)
-    p.add_argument("--truncation", choices=("middle", "left"), default=d.truncation,
+    p.add_argument("--kl_type", choices=KL_TYPES, help="default forward")
+    p.add_argument("--score_mode", choices=SCORE_MODES,
+                   help="accumulate (default): one top-k from gradients summed over all batches, "
+                        "then masked SFT; per_batch: a fresh top-k and step on every batch")
+    p.add_argument("--truncation", choices=("middle", "left"),
                    help="where a too-long prompt is cut (the response never is)")
     p.add_argument("--refusal", action="append", dest="refusals", metavar="TEXT",
                    help="safe response; repeat to cycle several over the records")
-    p.add_argument("--no_judge_filter", action="store_true",
+    p.add_argument("--no_judge_filter", action="store_false", dest="require_judge_success",
                    help="keep records with judge_success_gpt4 == 0")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=DTYPES, default=d.dtype)
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's")
     p.add_argument("--trust_remote_code", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty output_dir")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--engine_only", action="store_true",
+                   help="run the engine directly: no Prefect flow, no MLflow tracking")
+    p.add_argument("--metrics", help="also write the run's summary metrics here (JSON, for DVC)")
 
 
 def _train(args) -> None:
+    from dataclasses import asdict
+
     from transformers.utils import logging as hf_logging
 
-    from .surgery import run_surgery
+    options = vars(args)
+    quiet, engine_only = options.pop("quiet", False), options.pop("engine_only", False)
+    metrics, params_path = options.pop("metrics", None), options.pop("params", None)
+    options.pop("command")
+    experiment, log_model = "unsafe-experts", False
+    if params_path:
+        from schemas.params import load_params
 
-    if args.quiet:
+        params = load_params(params_path)
+        options = {**params.train.model_dump(), **options}
+        experiment, log_model = params.tracking.experiment, params.tracking.log_model
+    missing = [k for k in ("model_name", "dataset_path", "output_dir") if k not in options]
+    if missing:
+        raise ConfigError(f"{', '.join('--' + k for k in missing)} required (or --params FILE)")
+    cfg = TrainConfig(**options).validate()
+    if quiet:
         hf_logging.disable_progress_bar()
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "no_judge_filter", "quiet")}
-    options["refusals"] = args.refusals or TrainConfig("", "", "").refusals
-    cfg = TrainConfig(**options, require_judge_success=not args.no_judge_filter)
-    meta = run_surgery(cfg, progress=not args.quiet)
-    print(f"done: {cfg.output_dir}/final_model, {cfg.output_dir}/training_metadata.json "
-          f"({meta['timings']['total_s']:.1f}s)")
+    if engine_only:
+        from .surgery import run_surgery
+
+        total = run_surgery(cfg, progress=not quiet)["timings"]["total_s"]
+    else:
+        from flows.gradient import gradient_surgery
+
+        result = gradient_surgery(asdict(cfg), experiment, log_model, metrics, not quiet)
+        total = result["total_s"]
+        print(f"MLflow run {result['mlflow_run_id']}; browse with: "
+              "mlflow ui --backend-store-uri sqlite:///mlflow.db")
+    print(f"done: {cfg.output_dir}/final_model, {cfg.output_dir}/training_metadata.json ({total:.1f}s)")
 
 
 def _tiny_model(args) -> None:
@@ -83,6 +103,28 @@ def _flip_dataset(args) -> None:
     print(f"{len(goals)} FlipAttack-style records ({args.mode} flip) written to {args.out}")
 
 
+def _validate(args) -> int:
+    from schemas.dataset import validate_file
+
+    failed, summary = 0, {}
+    for path in args.paths:
+        report = validate_file(path)
+        summary[str(path)] = {"records": report.rows, "problems": len(report.failures)}
+        if report.ok:
+            print(f"{path}: OK, {report.rows} records")
+        else:
+            failed += 1
+            print(f"{path}: {len(report.failures)} problems in {report.rows} records")
+            for line in report.lines():
+                print(f"  {line}")
+    if args.metrics:
+        from .outputs import write_json_atomic
+
+        Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.metrics, summary[str(args.paths[0])] if len(args.paths) == 1 else summary)
+    return 1 if failed else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="unsafe-experts", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,14 +137,17 @@ def main(argv=None) -> int:
     flip.add_argument("out")
     flip.add_argument("--mode", default="chars", choices=("words", "chars", "sentence"))
     flip.add_argument("--n", type=int, default=None, help="first N goals (default all 520)")
+    validate = sub.add_parser("validate", help="check jailbreak datasets; every bad record is listed")
+    validate.add_argument("paths", nargs="+")
+    validate.add_argument("--metrics", help="write record and problem counts here (JSON, for DVC)")
     args = parser.parse_args(argv)
-    handler = {"train": _train, "tiny-model": _tiny_model, "flip-dataset": _flip_dataset}[args.command]
+    handler = {"train": _train, "tiny-model": _tiny_model, "flip-dataset": _flip_dataset,
+               "validate": _validate}[args.command]
     try:
-        handler(args)
+        return handler(args) or 0
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

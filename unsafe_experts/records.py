@@ -7,6 +7,9 @@ import random
 from pathlib import Path
 
 
+ROLES = ("system", "user", "assistant")
+
+
 class DatasetError(ValueError):
     pass
 
@@ -19,7 +22,8 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_records(path: str | Path) -> list[dict]:
+def read_json_records(path: str | Path) -> list:
+    """The file's records, unchecked: a JSON list (or one object), or JSON Lines."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
@@ -42,33 +46,49 @@ def load_records(path: str | Path) -> list[dict]:
         data = [data]
     if not isinstance(data, list):
         raise DatasetError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """Records, each checked; the first bad one is an error naming its index and field."""
+    data = read_json_records(path)
     for i, record in enumerate(data):
         check_record(record, i)
     return data
 
 
-def check_record(record, index: int) -> None:
-    def bad(field: str, why: str):
-        raise DatasetError(f"record {index}: field `{field}` {why}")
+def messages_problem(messages) -> str | None:
+    """Why `all_prompt` is unusable, or None: a non-empty list of {role, content} messages with
+    a known role, non-empty text and at least one user turn."""
+    if not isinstance(messages, list) or not messages:
+        return "must be a non-empty list of {role, content} messages"
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            role = m.get("role") if isinstance(m, dict) else None
+            return f"message {j}: role must be one of {', '.join(ROLES)}, got {role!r}"
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            return f"message {j}: `content` must be a non-empty string"
+    if not any(m["role"] == "user" for m in messages):
+        return "has no user message"
+    return None
 
+
+def goal_problem(goal) -> str | None:
+    return None if isinstance(goal, str) and goal.strip() else "must be a non-empty string"
+
+
+def judge_problem(judged) -> str | None:
+    return None if judged is None or judged in (0, 1) else f"must be 0 or 1, got {judged!r}"
+
+
+def check_record(record, index: int) -> None:
     if not isinstance(record, dict):
         raise DatasetError(f"record {index}: expected an object, got {type(record).__name__}")
-    goal = record.get("goal")
-    if not isinstance(goal, str) or not goal.strip():
-        bad("goal", "must be a non-empty string")
-    messages = record.get("all_prompt")
-    if not isinstance(messages, list) or not messages:
-        bad("all_prompt", "must be a non-empty list of {role, content} messages")
-    for j, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            bad(f"all_prompt[{j}].role", "must be one of system, user, assistant")
-        if not isinstance(m.get("content"), str) or not m["content"].strip():
-            bad(f"all_prompt[{j}].content", "must be a non-empty string")
-    if not any(m["role"] == "user" for m in messages):
-        bad("all_prompt", "has no user message")
-    judged = record.get("judge_success_gpt4")
-    if judged is not None and judged not in (0, 1):
-        bad("judge_success_gpt4", f"must be 0 or 1, got {judged!r}")
+    for field, problem in (("goal", goal_problem), ("all_prompt", messages_problem),
+                           ("judge_success_gpt4", judge_problem)):
+        why = problem(record.get(field))
+        if why:
+            raise DatasetError(f"record {index}: field `{field}` {why}")
 
 
 def select_records(

@@ -1,0 +1,88 @@
+"""The gradient-based surgery as a Prefect flow, tracked in MLflow (one parent run, one nested
+run per round) and versioned by DVC through `dvc.yaml`."""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import flow, runtime, task
+
+from tasks import surgery as steps
+from tasks import tracking
+from tasks.digests import dvc_md5, git_commit
+from unsafe_experts.config import TrainConfig
+
+# retries only where they can help: the tracking server may blip; model steps are deterministic
+track = task(tracking.log_round, name="track-round", retries=2, retry_delay_seconds=2)
+
+
+def _summary(rounds: list[dict], final: dict) -> dict[str, float]:
+    last = rounds[-1]
+    out = {"rounds": len(rounds), "total_s": final["total_s"],
+           "final_sft_loss": [x["loss"] for x in last["logs"] if x["kind"] == "sft"][-1],
+           "peak_memory_mb": max(r["timings"]["peak_memory_mb"] for r in rounds)}
+    if len(rounds) > 1:
+        out["jaccard_last_two_rounds"] = tracking.jaccard(rounds[-1]["identified"]["experts"],
+                                                          rounds[-2]["identified"]["experts"])
+    kl = last["identified"].get("router_kl_before_after")
+    if kl:
+        out["final_router_kl"] = kl[1]
+    return out
+
+
+@flow(name="gradient-surgery")
+def gradient_surgery(train: dict, experiment: str = "unsafe-experts", log_model: bool = False,
+                     metrics_path: str | None = None, progress: bool = True) -> dict:
+    cfg = TrainConfig(**train).validate()
+    tags = {"method": "gradient", "git_commit": git_commit(), "data_dvc_md5": dvc_md5(cfg.dataset_path),
+            "prefect_flow_run_id": runtime.flow_run.id or "none"}
+    run_id = tracking.start_run(experiment, f"gradient-{Path(cfg.output_dir).name}",
+                                asdict(cfg), tags)
+    key = None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                steps.validate_dataset(cfg.dataset_path, str(Path(tmp) / "validation_failures.csv"))
+            except steps.DatasetValidationError as e:
+                tracking.log_file(run_id, e.failures_csv, "validation")
+                raise
+        prepared = steps.prepare(train, progress)
+        key = prepared["key"]
+        tracking.log_dataset(run_id, cfg.dataset_path, prepared["records"], tags["data_dvc_md5"])
+        tracking.log_tags(run_id, {f"dataset_{k}": v for k, v in prepared["dataset"].items()})
+        rounds, previous = [], None
+        for r in range(1, cfg.num_rounds + 1):
+            round_run = tracking.start_run(experiment, f"round-{r}", {"round": r}, tags, parent=run_id)
+            steps.identify(key, r)
+            steps.repair(key, r)
+            if not cfg.skip_router_training:
+                steps.align(key, r)
+            done = steps.checkpoint(key, r)
+            track.with_options(task_run_name=f"track-round-{r}")(
+                round_run, r, done["identified"], done["timings"], done["logs"], previous)
+            tracking.log_tags(round_run, {"checkpoint": done["path"],
+                                          "checkpoint_dvc_md5": dvc_md5(done["path"])})
+            tracking.end_run(round_run)
+            rounds.append(done)
+            previous = done["identified"]["experts"]
+        final = steps.finish(key)
+        key = None
+        tracking.log_file(run_id, final["metadata"])
+        tracking.log_tags(run_id, {"final_model": final["final_model"],
+                                   "final_model_dvc_md5": dvc_md5(final["final_model"])})
+        if log_model:
+            tracking.log_file(run_id, final["final_model"], "final_model")
+        metrics = _summary(rounds, final)
+        if metrics_path:
+            tracking.write_and_log_metrics(run_id, metrics, metrics_path)
+        else:
+            tracking.log_metrics(run_id, metrics)
+        tracking.end_run(run_id)
+        return {**final, "mlflow_run_id": run_id, "metrics": metrics,
+                "experts_per_round": [r["identified"]["experts"] for r in rounds]}
+    except BaseException:
+        tracking.end_run(run_id, "FAILED")
+        if key:
+            steps.discard(key)
+        raise

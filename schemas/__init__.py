@@ -1,0 +1,1 @@
+"""Validation of what enters the pipeline: datasets (pandera) and params.yaml (pydantic)."""

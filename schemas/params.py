@@ -1,0 +1,88 @@
+"""params.yaml: the single source of run parameters for the CLI, the flow and DVC.
+
+The `train` section is exactly the engine's TrainConfig (types and defaults come from it, so
+they cannot drift); unknown keys anywhere are errors that name the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from unsafe_experts.config import ConfigError, TrainConfig
+
+FORBID = ConfigDict(extra="forbid")
+
+
+def _from_dataclass(cls, name: str) -> type[BaseModel]:
+    hints = typing.get_type_hints(cls)
+    spec = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = Field(default_factory=f.default_factory)
+        else:
+            default = ...
+        spec[f.name] = (hints[f.name], default)
+    return create_model(name, __config__=FORBID, **spec)
+
+
+TrainParams = _from_dataclass(TrainConfig, "TrainParams")
+
+
+class DemoParams(BaseModel):
+    """Inputs the demo builds offline: a tiny model and FlipAttack-style records."""
+    model_config = FORBID
+    family: str = "olmoe"
+    model_seed: int = 0
+    flip_mode: typing.Literal["words", "chars", "sentence"] = "chars"
+    num_goals: int = Field(64, ge=1, le=520)
+
+
+class TrackingParams(BaseModel):
+    model_config = FORBID
+    experiment: str = "unsafe-experts"
+    log_model: bool = False  # log the final model's bytes as an MLflow artifact
+
+
+class Params(BaseModel):
+    model_config = FORBID
+    demo: DemoParams = DemoParams()
+    train: TrainParams
+    tracking: TrackingParams = TrackingParams()
+
+    def train_config(self) -> TrainConfig:
+        cfg = TrainConfig(**self.train.model_dump())
+        try:
+            return cfg.validate()
+        except ConfigError as e:
+            raise ConfigError(f"train.{e}") from None
+
+
+def parse_params(data: dict, source: str = "params") -> Params:
+    try:
+        params = Params.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}"
+                             for err in e.errors())
+        raise ConfigError(f"{source}: {problems}") from None
+    try:
+        params.train_config()
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read params ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    return parse_params(data, str(path))

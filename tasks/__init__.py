@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over the engine that take and return paths and small dicts."""

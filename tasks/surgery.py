@@ -1,0 +1,98 @@
+"""Prefect tasks over the engine's Surgery phases.
+
+Tasks exchange a run key, round numbers, paths and small dicts. The live model stays in this
+process's registry between tasks (Prefect would otherwise pickle it); checkpoints on disk are
+the durable state.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+
+from schemas.dataset import validate_file
+from unsafe_experts.config import TrainConfig
+from unsafe_experts.records import DatasetError, read_json_records
+from unsafe_experts.surgery import METADATA, Surgery
+
+_RUNS: dict[str, Surgery] = {}
+
+
+class DatasetValidationError(DatasetError):
+    def __init__(self, lines: list[str], failures_csv: str):
+        super().__init__(f"{len(lines)} problems in the dataset: " + "; ".join(lines[:20])
+                         + (" ..." if len(lines) > 20 else ""))
+        self.lines, self.failures_csv = lines, failures_csv
+
+
+@task(name="validate-dataset")
+def validate_dataset(path: str, failures_csv: str) -> dict:
+    """pandera over every record; on failure the full table goes to `failures_csv`."""
+    report = validate_file(path)
+    if not report.ok:
+        Path(failures_csv).parent.mkdir(parents=True, exist_ok=True)
+        report.failures.to_csv(failures_csv, index=False)
+        raise DatasetValidationError(report.lines(), failures_csv)
+    return {"path": path, "rows": report.rows}
+
+
+@task(name="prepare")
+def prepare(train: dict, progress: bool = True) -> dict:
+    """Checks the model and parameters, tokenizes the data, loads the model. Returns a run key."""
+    cfg = TrainConfig(**train)
+    surgery = Surgery(cfg, progress=progress)
+    surgery.start()
+    key = str(Path(cfg.output_dir).resolve())
+    _RUNS[key] = surgery
+    return {"key": key, "dataset": surgery.data["summary"], "model": surgery.meta["model"],
+            "records": [{"goal": r} for r in _goals(cfg)]}
+
+
+def _goals(cfg: TrainConfig) -> list[str]:
+    return [r.get("goal") for r in read_json_records(cfg.dataset_path) if isinstance(r, dict)]
+
+
+@task(task_run_name="score-round-{r}")
+def identify(key: str, r: int) -> list[list[int]]:
+    return [list(x) for x in _RUNS[key].identify(r)]
+
+
+@task(task_run_name="sft-round-{r}")
+def repair(key: str, r: int) -> None:
+    _RUNS[key].repair(r)
+
+
+@task(task_run_name="router-round-{r}")
+def align(key: str, r: int) -> list[float]:
+    return _RUNS[key].align(r)
+
+
+@task(task_run_name="checkpoint-round-{r}")
+def checkpoint(key: str, r: int) -> dict:
+    """Saves round_r; returns its path and what the round recorded (read back from disk)."""
+    surgery = _RUNS[key]
+    path = surgery.checkpoint(r)
+    meta = json.loads((surgery.out / METADATA).read_text())
+    identified = meta["identified_experts_per_round"][str(r)]
+    create_table_artifact(
+        key=f"experts-round-{r}",
+        table=[{"rank": i + 1, "layer": l, "expert": e, "score": identified["gradients"][f"L{l}_E{e}"]}
+               for i, (l, e) in enumerate(identified["experts"])],
+        description=f"Unsafe experts identified in round {r} ({surgery.cfg.score_mode} scoring)",
+    )
+    return {"path": str(path), "identified": identified, "timings": meta["timings"][f"round_{r}"],
+            "logs": [x for x in meta["training_logs"] if x["round"] == r]}
+
+
+@task(name="finish")
+def finish(key: str) -> dict:
+    surgery = _RUNS.pop(key)
+    meta = surgery.finish()
+    return {"output_dir": str(surgery.out), "metadata": str(surgery.out / METADATA),
+            "final_model": str(surgery.out / "final_model"), "total_s": meta["timings"]["total_s"]}
+
+
+def discard(key: str) -> None:
+    _RUNS.pop(key, None)

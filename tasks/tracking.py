@@ -1,0 +1,158 @@
+"""MLflow tracking through an explicit client and run ids (the fluent active run is
+thread-local, and Prefect runs tasks on worker threads)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow.data  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+METRIC_KEYS = {"score": "score_loss", "sft": "sft_loss", "router": "router_kl"}
+
+
+def client() -> MlflowClient:
+    return MlflowClient(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI))
+
+
+def experiment_id(name: str) -> str:
+    c = client()
+    found = c.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    # artifacts beside the working directory, whatever thread or cwd a task later runs in
+    return c.create_experiment(name, artifact_location=Path("mlruns").resolve().as_uri())
+
+
+def start_run(experiment: str, name: str, params: dict, tags: dict, parent: str | None = None) -> str:
+    c = client()
+    tags = {k: str(v) for k, v in tags.items()}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run = c.create_run(experiment_id(experiment), run_name=name, tags=tags)
+    if params:
+        c.log_batch(run.info.run_id, params=[Param(k, json.dumps(v) if not isinstance(v, str) else v)
+                                             for k, v in params.items()])
+    return run.info.run_id
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    now = int(time.time() * 1000)
+    client().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def write_and_log_metrics(run_id: str, metrics: dict[str, float], path: str | Path) -> None:
+    """The one place a metrics dict goes to both DVC (a JSON file) and MLflow."""
+    from unsafe_experts.outputs import write_json_atomic
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, metrics)
+    log_metrics(run_id, metrics)
+
+
+def log_steps(run_id: str, logs: list[dict]) -> None:
+    now = int(time.time() * 1000)
+    metrics = [Metric(METRIC_KEYS[x["kind"]], float(x["loss"]), now, x["step"]) for x in logs]
+    for i in range(0, len(metrics), 900):  # the store's batch limit is 1000
+        client().log_batch(run_id, metrics=metrics[i:i + 900])
+
+
+def log_tags(run_id: str, tags: dict) -> None:
+    client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_file(run_id: str, path: str | Path, folder: str | None = None) -> None:
+    client().log_artifact(run_id, str(path), folder)
+
+
+def log_dataset(run_id: str, path: str, records: list[dict], digest: str) -> None:
+    frame = pd.DataFrame({"goal": [r.get("goal") for r in records]})
+    with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways"
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(frame, source=str(Path(path).resolve()),
+                                          name=Path(path).name, digest=digest[:36])
+    client().log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
+                                              [InputTag("mlflow.data.context", "training")])])
+
+
+def expert_frame(identified: dict, r: int) -> pd.DataFrame:
+    """round, layer, expert, score, rank (1 = highest) for every expert; `selected` marks top-k."""
+    picked = {tuple(x) for x in identified["experts"]}
+    rows = []
+    for rank, (name, score) in enumerate(identified["gradients"].items(), 1):
+        layer, expert = (int(x[1:]) for x in name.split("_"))
+        rows.append({"round": r, "layer": layer, "expert": expert, "score": score, "rank": rank,
+                     "selected": (layer, expert) in picked})
+    return pd.DataFrame(rows)
+
+
+def score_summary(frame: pd.DataFrame) -> dict[str, float]:
+    s = frame["score"]
+    return {"score_mean": s.mean(), "score_std": s.std(ddof=0), "score_min": s.min(),
+            "score_median": s.median(), "score_max": s.max(),
+            "selected_score_share": s[frame["selected"]].sum() / max(s.sum(), 1e-30)}
+
+
+def jaccard(a, b) -> float:
+    a, b = {tuple(x) for x in a}, {tuple(x) for x in b}
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def heatmap_png(frame: pd.DataFrame, r: int, path: Path) -> Path:
+    layers = sorted(frame["layer"].unique())
+    grid = np.zeros((len(layers), frame["expert"].max() + 1))
+    row = {layer: i for i, layer in enumerate(layers)}
+    for x in frame.itertuples():
+        grid[row[x.layer], x.expert] = x.score
+    fig, ax = plt.subplots(figsize=(min(2 + grid.shape[1] * 0.25, 24), 1.5 + len(layers) * 0.3))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    sel = frame[frame["selected"]]
+    ax.scatter(sel["expert"], [row[x] for x in sel["layer"]], marker="x", c="red", s=20,
+               label="selected")
+    ax.set(xlabel="expert", ylabel="MoE layer", title=f"round {r}: mean |grad| per expert",
+           yticks=range(len(layers)), yticklabels=layers)
+    ax.legend(loc="upper right", fontsize=7)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def log_round(run_id: str, r: int, identified: dict, timings: dict, logs: list[dict],
+              previous: list | None) -> dict[str, float]:
+    """Everything one round produced, on that round's nested run; returns its summary metrics."""
+    frame = expert_frame(identified, r)
+    c = client()
+    c.log_table(run_id, frame[frame["selected"]].drop(columns="selected"), "identified_experts.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        frame.to_csv(Path(tmp) / "expert_scores.csv", index=False)
+        c.log_artifact(run_id, str(Path(tmp) / "expert_scores.csv"))
+        c.log_artifact(run_id, str(heatmap_png(frame, r, Path(tmp) / f"expert_scores_round_{r}.png")))
+    log_steps(run_id, logs)
+    summary = {**score_summary(frame), **{k: v for k, v in timings.items()}}
+    if previous is not None:
+        summary["jaccard_with_previous_round"] = jaccard(identified["experts"], previous)
+    if "router_kl_before_after" in identified:
+        summary["router_kl_before"], summary["router_kl_after"] = identified["router_kl_before_after"]
+    summary["optimizer_state_bytes"] = identified.get("optimizer_state_bytes", 0)
+    log_metrics(run_id, summary)
+    return summary
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    client().set_terminated(run_id, status)
