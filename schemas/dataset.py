@@ -8,7 +8,7 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaErrors
 
-from unsafe_experts.records import (goal_problem, judge_problem, messages_problem,
+from unsafe_experts.records import (DatasetError, goal_problem, judge_problem, messages_problem,
                                     read_json_records)
 
 REQUIRED = ("all_prompt", "goal")
@@ -54,6 +54,12 @@ class ValidationReport:
     def lines(self) -> list[str]:
         return [f"{self.path}: record {r.record}, field `{r.field}`: {r.problem}"
                 for r in self.failures.itertuples()]
+
+    def error(self, shown: int = 20) -> DatasetError:
+        """One line naming every problem (the first `shown` of them)."""
+        lines = self.lines()
+        more = f" (+{len(lines) - shown} more)" if len(lines) > shown else ""
+        return DatasetError(f"{len(lines)} problems in the dataset: " + "; ".join(lines[:shown]) + more)
 
 
 def records_frame(records: list) -> tuple[pd.DataFrame, list[dict]]:

@@ -21,10 +21,9 @@ _RUNS: dict[str, Surgery] = {}
 
 
 class DatasetValidationError(DatasetError):
-    def __init__(self, lines: list[str], failures_csv: str):
-        super().__init__(f"{len(lines)} problems in the dataset: " + "; ".join(lines[:20])
-                         + (" ..." if len(lines) > 20 else ""))
-        self.lines, self.failures_csv = lines, failures_csv
+    def __init__(self, message: str, failures_csv: str):
+        super().__init__(message)
+        self.failures_csv = failures_csv
 
 
 @task(name="validate-dataset")
@@ -34,7 +33,7 @@ def validate_dataset(path: str, failures_csv: str) -> dict:
     if not report.ok:
         Path(failures_csv).parent.mkdir(parents=True, exist_ok=True)
         report.failures.to_csv(failures_csv, index=False)
-        raise DatasetValidationError(report.lines(), failures_csv)
+        raise DatasetValidationError(str(report.error()), failures_csv)
     return {"path": path, "rows": report.rows}
 
 

@@ -1,7 +1,17 @@
 import json
 import os
+import tempfile
 from pathlib import Path
 
+# quiet, offline, and nothing written outside temporary folders
+_TMP = Path(tempfile.mkdtemp(prefix="unsafe-experts-tests-"))
+os.environ["PREFECT_HOME"] = str(_TMP / "prefect")
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_TMP / 'mlflow.db'}"
+os.environ["DVC_SITE_CACHE_DIR"] = str(_TMP / "dvc-site")
+for key, value in {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                   "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+                   "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "true"}.items():
+    os.environ.setdefault(key, value)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -20,6 +30,22 @@ hf_logging.set_verbosity_error()
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REAL_FLIPATTACK = Path(__file__).resolve().parents[2] / "shared/data/flipattack_mixtral-8x22b.json"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server for the whole session (starting one costs 10-20 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def tracking_dir(prefect_harness, monkeypatch) -> Path:
+    """Runs flows from the session's MLflow folder, so `mlruns/` lands there."""
+    monkeypatch.chdir(_TMP)
+    return _TMP
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,11 @@ def train(tiny_dir, records_path, out, *extra):
                  "--router_lr", "1e-3", "--quiet", *extra])
 
 
-def test_train_end_to_end(tiny_dir, records_path, tmp_path, capsys):
+def test_train_end_to_end(tiny_dir, records_path, tmp_path, capsys, tracking_dir):
     out = tmp_path / "out"
-    assert train(tiny_dir, records_path, out, "--refusal", "No.", "--refusal", "I won't help.") == 0
+    metrics_path = tmp_path / "metrics" / "train.json"
+    assert train(tiny_dir, records_path, out, "--refusal", "No.", "--refusal", "I won't help.",
+                 "--metrics", str(metrics_path)) == 0
     printed = capsys.readouterr().out
     assert "round 1: 3 experts" in printed and "round 2: 3 experts" in printed
     assert sorted(p.name for p in out.iterdir()) == [
@@ -54,11 +56,54 @@ def test_train_end_to_end(tiny_dir, records_path, tmp_path, capsys):
         assert not torch.equal(new.router.weight, old.router.weight)
     assert (out / "round_1" / "tokenizer.json").exists()
     assert not list(out.glob(".*")), "temporary files left behind"
+    check_mlflow_run(printed, meta, json.loads(metrics_path.read_text()), records_path, out)
+
+
+def check_mlflow_run(printed, meta, metrics, records_path, out):
+    from mlflow import MlflowClient
+
+    from tasks.digests import dvc_md5
+
+    client = MlflowClient()
+    run_id = printed.split("MLflow run ")[1].split(";")[0]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["top_k_experts"] == "3" and run.data.params["kl_type"] == "forward"
+    assert run.data.tags["data_dvc_md5"] == dvc_md5(records_path)
+    assert run.data.tags["final_model_dvc_md5"] == dvc_md5(out / "final_model")
+    assert len(run.data.tags["git_commit"]) in (40, 7) and run.data.tags["prefect_flow_run_id"] != "none"
+    assert run.data.tags["dataset_records_used"] == "8"
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "flip_records.json"
+    assert json.loads(dataset_input.dataset.profile)["num_rows"] == 20  # the file; 8 used
+    assert run.data.metrics["rounds"] == 2 == metrics["rounds"]
+    assert metrics["final_router_kl"] == pytest.approx(run.data.metrics["final_router_kl"])
+    assert [a.path for a in client.list_artifacts(run_id)] == ["training_metadata.json"]
+
+    children = client.search_runs([run.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{run_id}'", order_by=["attributes.run_name"])
+    assert [c.info.run_name for c in children] == ["round-1", "round-2"]
+    second = children[1]
+    expected = {tuple(x) for x in meta["identified_experts_per_round"]["2"]["experts"]}
+    previous = {tuple(x) for x in meta["identified_experts_per_round"]["1"]["experts"]}
+    assert second.data.metrics["jaccard_with_previous_round"] == pytest.approx(
+        len(expected & previous) / len(expected | previous))
+    assert {"score_mean", "score_max", "router_kl_after", "round_s", "peak_memory_mb"} <= set(second.data.metrics)
+    sft_steps = client.get_metric_history(second.info.run_id, "sft_loss")
+    assert sorted(m.step for m in sft_steps) == [0, 1]
+    assert len(client.get_metric_history(second.info.run_id, "router_kl")) == 2
+    names = {a.path for a in client.list_artifacts(second.info.run_id)}
+    assert {"identified_experts.json", "expert_scores.csv", "expert_scores_round_2.png"} <= names
+    table = json.loads(open(client.download_artifacts(second.info.run_id, "identified_experts.json")).read())
+    assert table["columns"] == ["round", "layer", "expert", "score", "rank"]
+    assert {(row[1], row[2]) for row in table["data"]} == expected
+    assert second.data.tags["checkpoint_dvc_md5"] == dvc_md5(out / "round_2")
 
 
 def test_per_batch_mode_without_router_training(tiny_dir, records_path, tmp_path):
     out = tmp_path / "out"
-    assert train(tiny_dir, records_path, out, "--score_mode", "per_batch", "--skip_router_training") == 0
+    assert train(tiny_dir, records_path, out, "--score_mode", "per_batch", "--skip_router_training",
+                 "--engine_only") == 0
     meta = json.loads((out / "training_metadata.json").read_text())
     first = meta["identified_experts_per_round"]["1"]
     assert len(first["per_batch_experts"]) == 2 and "router_kl_before_after" not in first
@@ -82,9 +127,10 @@ def llama_dir(tmp_path, tokenizer):
     ("top_k", "top_k_experts: 17 is more than the 16 routed experts of OlmoeForCausalLM"),
     ("empty", "no records left after filtering"),
     ("lr", "expert_lr: must not be negative"),
+    ("invalid", "2 problems in the dataset: "),
 ])
-def test_bad_input_is_one_clear_line_and_writes_nothing(case, message, tiny_dir, llama_dir,
-                                                        records, records_path, tmp_path, capsys):
+def test_bad_input_is_one_clear_line_and_writes_nothing(case, message, tiny_dir, llama_dir, records,
+                                                        records_path, tmp_path, capsys, tracking_dir):
     out = tmp_path / "out"
     model, data, extra = tiny_dir, records_path, []
     if case == "non_moe":
@@ -96,6 +142,9 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(case, message, tiny_dir,
         data.write_text(json.dumps([dict(r, judge_success_gpt4=0) for r in records]))
     elif case == "lr":
         extra = ["--expert_lr", "-1"]
+    elif case == "invalid":
+        data = tmp_path / "invalid.json"
+        data.write_text(json.dumps([records[0], {"goal": ""}]))
     assert train(model, data, out, *extra) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err

@@ -77,7 +77,14 @@ def _train(args) -> None:
         total = run_surgery(cfg, progress=not quiet)["timings"]["total_s"]
     else:
         from flows.gradient import gradient_surgery
+        from schemas.dataset import validate_file
 
+        from .surgery import check_inputs
+
+        report = validate_file(cfg.dataset_path)  # every bad record, before a flow starts
+        if not report.ok:
+            raise report.error()
+        check_inputs(cfg)
         result = gradient_surgery(asdict(cfg), experiment, log_model, metrics, not quiet)
         total = result["total_s"]
         print(f"MLflow run {result['mlflow_run_id']}; browse with: "

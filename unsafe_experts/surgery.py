@@ -54,6 +54,17 @@ def _check_output_dir(cfg: TrainConfig) -> Path:
     return out
 
 
+def check_inputs(cfg: TrainConfig) -> dict:
+    """Everything that can be wrong before any weights load or any output is written: the
+    parameters, the dataset (and what is left after filtering), the model family, top-k and
+    the output directory. Returns the model's MoE layout."""
+    cfg.validate()
+    select_records(load_records(cfg.dataset_path), cfg.max_samples, cfg.seed, cfg.require_judge_success)
+    info = _count_experts(cfg)
+    _check_output_dir(cfg)
+    return info
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -112,9 +123,9 @@ class Surgery:
     (identify -> repair -> align -> checkpoint per round) by `run_surgery` or by a workflow."""
 
     def __init__(self, cfg: TrainConfig, progress: bool = True, echo=print):
-        self.cfg, self.progress, self.echo = cfg.validate(), progress, echo
-        self.model_info = _count_experts(cfg)
-        self.out = _check_output_dir(cfg)
+        self.cfg, self.progress, self.echo = cfg, progress, echo
+        self.model_info = check_inputs(cfg)
+        self.out = Path(cfg.output_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(
             cfg.model_name, trust_remote_code=cfg.trust_remote_code)
         if self.tokenizer.pad_token_id is None:

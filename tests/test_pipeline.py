@@ -1,0 +1,79 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.gradient import gradient_surgery
+from tasks.surgery import DatasetValidationError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_failed_validation_stops_the_flow_and_keeps_earlier_outputs(tiny_dir, records, tmp_path,
+                                                                    tracking_dir):
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps([records[0], {"goal": "x", "all_prompt": "flip this"},
+                                {"all_prompt": [{"role": "user"}]}]))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "round_1").mkdir()
+    (out / "round_1" / "model.safetensors").write_bytes(b"earlier round")
+    train = {"model_name": str(tiny_dir), "dataset_path": str(data), "output_dir": str(out),
+             "top_k_experts": 2, "overwrite": True}
+    with pytest.raises(DatasetValidationError, match="3 problems in the dataset") as err:
+        gradient_surgery(train, experiment="validation-failures", progress=False)
+    assert "record 2, field `goal`: missing" in str(err.value)
+    assert sorted(p.name for p in out.rglob("*")) == ["model.safetensors", "round_1"]
+    assert (out / "round_1" / "model.safetensors").read_bytes() == b"earlier round"
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("validation-failures").experiment_id])
+    assert run.info.status == "FAILED"
+    csv = client.download_artifacts(run.info.run_id, "validation/validation_failures.csv")
+    lines = Path(csv).read_text().splitlines()
+    assert lines[0] == "record,field,problem" and len(lines) == 4
+
+
+def dvc(args, cwd, env):
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def test_dvc_repro_in_a_fresh_clone(tmp_path):
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    for path in ("unsafe_experts", "flows", "tasks", "schemas", "dvc.yaml", "params.yaml"):
+        if (REPO / path).is_dir():  # the working tree, committed or not
+            shutil.rmtree(clone / path)
+            shutil.copytree(REPO / path, clone / path, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / path, clone / path)
+    params = (clone / "params.yaml").read_text()
+    params = params.replace("num_goals: 64", "num_goals: 16").replace("num_rounds: 3", "num_rounds: 1")
+    (clone / "params.yaml").write_text(params)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "small"],
+                   cwd=clone, check=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("PREFECT_API_URL", None)  # the CLI starts its own ephemeral server
+
+    first = dvc(["repro"], clone, env)
+    for stage in ("build_model", "build_data", "validate", "train"):
+        assert f"Running stage '{stage}'" in first
+    assert (clone / "outputs/gradient/final_model/model.safetensors").exists()
+    assert "Running stage" not in dvc(["repro"], clone, env)
+
+    rerun = dvc(["exp", "run", "-S", "train.top_k_experts=3"], clone, env)
+    assert "Running stage 'train'" in rerun
+    assert not any(f"Running stage '{s}'" in rerun for s in ("build_model", "build_data", "validate"))
+    meta = json.loads((clone / "outputs/gradient/training_metadata.json").read_text())
+    assert len(meta["identified_experts_per_round"]["1"]["experts"]) == 3
+    shown = dvc(["metrics", "show"], clone, env)
+    assert "metrics/train.json" in shown and "final_sft_loss" in shown
+    assert "metrics/validation.json" in shown
