@@ -9,6 +9,8 @@ export TOKENIZERS_PARALLELISM := false
 export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
 .PHONY: setup test demo clean
 
@@ -27,14 +29,15 @@ $(STAMP): requirements.txt pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-DEMO := demo_run
+# The pipeline on the built-in demo: a tiny OLMoE and FlipAttack-style records, both built
+# offline by DVC stages; Prefect runs in-process, MLflow writes to ./mlflow.db.
 demo: $(STAMP)
-	rm -rf $(DEMO)
-	$(BIN)/unsafe-experts tiny-model --family olmoe $(DEMO)/tiny-olmoe
-	$(BIN)/unsafe-experts flip-dataset $(DEMO)/flip_advbench.json --mode chars --n 64
-	$(BIN)/unsafe-experts train --model_name $(DEMO)/tiny-olmoe \
-		--dataset_path $(DEMO)/flip_advbench.json --output_dir $(DEMO)/out \
-		--num_rounds 3 --top_k_experts 8 --batch_size 8 --expert_lr 1e-3 --router_lr 1e-3
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	@echo
+	$(BIN)/unsafe-experts report outputs/gradient
+	@echo
+	@echo "Metrics: $(BIN)/dvc metrics show"
+	@echo "Runs:    $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 clean:
-	rm -rf $(DEMO)
+	rm -rf build outputs metrics mlflow.db mlruns dvc.lock

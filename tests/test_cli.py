@@ -98,6 +98,26 @@ def check_mlflow_run(printed, meta, metrics, records_path, out):
     assert table["columns"] == ["round", "layer", "expert", "score", "rank"]
     assert {(row[1], row[2]) for row in table["data"]} == expected
     assert second.data.tags["checkpoint_dvc_md5"] == dvc_md5(out / "round_2")
+    check_prefect_run(run.data.tags["prefect_flow_run_id"], meta)
+
+
+def check_prefect_run(flow_run_id, meta):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
+                                                FlowRunFilter, FlowRunFilterId)
+
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    names = {t.name for t in task_runs}
+    assert {f"{step}-round-{r}" for step in ("score", "sft", "router", "checkpoint", "track")
+            for r in (1, 2)} <= names
+    tables = {a.key: json.loads(a.data) if isinstance(a.data, str) else a.data for a in artifacts}
+    assert set(tables) == {"experts-round-1", "experts-round-2"}
+    rows = tables["experts-round-2"]
+    assert [[row["layer"], row["expert"]] for row in rows] == meta["identified_experts_per_round"]["2"]["experts"]
 
 
 def test_per_batch_mode_without_router_training(tiny_dir, records_path, tmp_path):

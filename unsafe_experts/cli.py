@@ -47,6 +47,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--engine_only", action="store_true",
                    help="run the engine directly: no Prefect flow, no MLflow tracking")
     p.add_argument("--metrics", help="also write the run's summary metrics here (JSON, for DVC)")
+    p.add_argument("--log_model", action="store_true",
+                   help="log the final model's bytes as an MLflow artifact (default: path and md5)")
 
 
 def _train(args) -> None:
@@ -57,6 +59,7 @@ def _train(args) -> None:
     options = vars(args)
     quiet, engine_only = options.pop("quiet", False), options.pop("engine_only", False)
     metrics, params_path = options.pop("metrics", None), options.pop("params", None)
+    log_model_flag = options.pop("log_model", False)
     options.pop("command")
     experiment, log_model = "unsafe-experts", False
     if params_path:
@@ -65,6 +68,7 @@ def _train(args) -> None:
         params = load_params(params_path)
         options = {**params.train.model_dump(), **options}
         experiment, log_model = params.tracking.experiment, params.tracking.log_model
+    log_model = log_model or log_model_flag
     missing = [k for k in ("model_name", "dataset_path", "output_dir") if k not in options]
     if missing:
         raise ConfigError(f"{', '.join('--' + k for k in missing)} required (or --params FILE)")
@@ -132,6 +136,25 @@ def _validate(args) -> int:
     return 1 if failed else 0
 
 
+def _report(args) -> None:
+    meta_path = Path(args.output_dir) / "training_metadata.json"
+    if not meta_path.is_file():
+        raise ConfigError(f"{meta_path}: no such file; run `unsafe-experts train` (or `dvc repro`) first")
+    meta = json.loads(meta_path.read_text())
+    print(f"{meta_path} ({meta['status']}, {meta['parameters']['score_mode']} scoring, "
+          f"model {meta['model']['class']})")
+    print(f"{'round':>5}  {'k':>4}  {'jaccard':>7}  {'router KL':>19}  experts (highest score first)")
+    previous = None
+    for r, info in meta["identified_experts_per_round"].items():
+        experts = {tuple(x) for x in info["experts"]}
+        jaccard = f"{len(experts & previous) / len(experts | previous):.2f}" if previous else "-"
+        kl = info.get("router_kl_before_after")
+        kl = f"{kl[0]:.2e} -> {kl[1]:.2e}" if kl else "-"
+        names = " ".join(f"L{l}_E{e}" for l, e in info["experts"])
+        print(f"{r:>5}  {len(experts):>4}  {jaccard:>7}  {kl:>19}  {names}")
+        previous = experts
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="unsafe-experts", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,8 +170,10 @@ def main(argv=None) -> int:
     validate = sub.add_parser("validate", help="check jailbreak datasets; every bad record is listed")
     validate.add_argument("paths", nargs="+")
     validate.add_argument("--metrics", help="write record and problem counts here (JSON, for DVC)")
+    report = sub.add_parser("report", help="the identified experts per round of a finished run")
+    report.add_argument("output_dir")
     args = parser.parse_args(argv)
-    handler = {"train": _train, "tiny-model": _tiny_model, "flip-dataset": _flip_dataset,
+    handler = {"report": _report, "train": _train, "tiny-model": _tiny_model, "flip-dataset": _flip_dataset,
                "validate": _validate}[args.command]
     try:
         return handler(args) or 0
