@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from unsafe_experts.advbench import advbench_goals  # noqa: E402
+from unsafe_experts.bundled import advbench_goals  # noqa: E402
 from unsafe_experts.tiny import build_tokenizer, tiny_model, tokenizer_corpus  # noqa: E402
 
 torch.set_num_threads(1)

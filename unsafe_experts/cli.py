@@ -97,7 +97,7 @@ def _train(args) -> None:
 
 
 def _tiny_model(args) -> None:
-    from .advbench import advbench_goals
+    from .bundled import advbench_goals
     from .tiny import save_tiny
 
     out = save_tiny(args.family, args.out, advbench_goals(), seed=args.seed)
@@ -105,7 +105,7 @@ def _tiny_model(args) -> None:
 
 
 def _flip_dataset(args) -> None:
-    from .advbench import advbench_goals
+    from .bundled import advbench_goals
     from .flip import flip_records
 
     goals = advbench_goals()[: args.n]

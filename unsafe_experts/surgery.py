@@ -7,6 +7,7 @@ checked before the model is loaded and before `output_dir` is touched.
 from __future__ import annotations
 
 import pickle
+import random
 import platform
 import resource
 import time
@@ -22,7 +23,9 @@ from .config import ConfigError, TrainConfig
 from .examples import batches, collate, plain_prompt, router_example, sft_example
 from .outputs import save_checkpoint_atomic, write_bytes_atomic, write_json_atomic
 from .phases import align_router, masked_sft, per_batch_sft, score_pass
-from .records import file_sha256, load_records, select_records
+from .generation import generate
+from .records import (DatasetError, file_sha256, load_records, messages_problem,
+                      read_json_records, select_records)
 from .scoring import score_table, top_k
 
 METADATA = "training_metadata.json"
@@ -60,9 +63,23 @@ def check_inputs(cfg: TrainConfig) -> dict:
     the output directory. Returns the model's MoE layout."""
     cfg.validate()
     select_records(load_records(cfg.dataset_path), cfg.max_samples, cfg.seed, cfg.require_judge_success)
+    if cfg.retention_path:
+        load_prompts(cfg.retention_path)
     info = _count_experts(cfg)
     _check_output_dir(cfg)
     return info
+
+
+def load_prompts(path: str | Path) -> list[list[dict]]:
+    """A JSON list of chat prompts, each a list of {role, content} messages."""
+    prompts = read_json_records(path)
+    for i, messages in enumerate(prompts):
+        why = messages_problem(messages)
+        if why:
+            raise DatasetError(f"{path}: prompt {i} {why}")
+    if not prompts:
+        raise DatasetError(f"{path}: no prompts")
+    return prompts
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -95,6 +112,7 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> dict:
               for r in records]
     pad = tokenizer.pad_token_id
     return {
+        "sft_examples": sft,
         "sft": [collate(b, pad) for b in batches(sft, cfg.batch_size)],
         "safe": [collate(b, pad) for b in batches(safe, cfg.batch_size)],
         "unsafe": [collate(b, pad) for b in batches(unsafe, cfg.batch_size)],
@@ -160,7 +178,29 @@ class Surgery:
             "timings": {},
         }
         self._round: dict = {}
+        self.data["repair"] = self._retention_batches() if cfg.retention_path else self.data["sft"]
         write_json_atomic(self.out / METADATA, self.meta)
+
+    def _retention_batches(self) -> list:
+        """Jailbreak->refusal batches, each joined by a share of retention prompts answered by
+        the model as it is before surgery (its answers are kept in retention_answers.json)."""
+        cfg = self.cfg
+        prompts = load_prompts(cfg.retention_path)
+        random.Random(cfg.seed).shuffle(prompts)
+        prompts = prompts[:cfg.retention_samples]
+        answers = generate(self.model, self.tokenizer, prompts, cfg.retention_max_new_tokens,
+                           cfg.batch_size, desc="retention answers", progress=self.progress)
+        kept = [(m, a) for m, a in zip(prompts, answers) if a]
+        write_json_atomic(self.out / "retention_answers.json", [[m, a] for m, a in kept])
+        retained = [sft_example(self.tokenizer, m, a, cfg.max_length, cfg.truncation, index=i)
+                    for i, (m, a) in enumerate(kept)]
+        jailbreak = batches(self.data["sft_examples"], cfg.batch_size)
+        share = -(-len(retained) // len(jailbreak))
+        self.meta["retention"] = {"path": str(cfg.retention_path), "examples": len(retained),
+                                  "per_batch": share}
+        pad = self.tokenizer.pad_token_id
+        return [collate(chunk + retained[i * share:(i + 1) * share], pad)
+                for i, chunk in enumerate(jailbreak)]
 
     def _log(self, r: int):
         def log(kind, values):
@@ -202,7 +242,7 @@ class Surgery:
             return
         t0, state = time.time(), self._round[r]
         state["identified"]["optimizer_state_bytes"] = masked_sft(
-            self.model, self.layers, self.data["sft"], state["selection"], self.cfg.expert_lr,
+            self.model, self.layers, self.data["repair"], state["selection"], self.cfg.expert_lr,
             self.cfg.weight_decay, self.cfg.sft_epochs, self._log(r), f"round {r} sft", self.progress)
         self._timed(r, "sft_s", t0)
 

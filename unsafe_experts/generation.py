@@ -1,0 +1,49 @@
+"""Batched greedy generation and per-token log-likelihood of given responses."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .examples import IGNORE, batches, collate, sft_example
+
+
+def _prompt_ids(tokenizer, messages) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 48,
+             batch_size: int = 16, max_prompt_tokens: int = 512, desc: str = "generate",
+             progress: bool = False) -> list[str]:
+    """Greedy continuations of chat prompts, left-padded in batches; special tokens dropped."""
+    pad = tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    out = []
+    for chunk in tqdm(batches(prompts, batch_size), desc=desc, leave=False, disable=not progress):
+        ids = [_prompt_ids(tokenizer, m)[-max_prompt_tokens:] for m in chunk]
+        width = max(len(x) for x in ids)
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=model.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device)
+        generated = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
+                                   max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+        out.extend(tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in generated)
+    return out
+
+
+@torch.no_grad()
+def response_logliks(model, tokenizer, pairs: list[tuple[list[dict], str]], batch_size: int = 16,
+                     max_length: int = 512) -> list[float]:
+    """Mean log-probability per response token, one value per (prompt, response) pair."""
+    examples = [sft_example(tokenizer, m, r, max_length, index=i) for i, (m, r) in enumerate(pairs)]
+    values = []
+    for chunk in batches(examples, batch_size):
+        batch = {k: v.to(model.device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       use_cache=False).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE
+        logp = -F.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
+        values.extend(((logp * mask).sum(1) / mask.sum(1)).tolist())
+    return values

@@ -1,0 +1,32 @@
+"""Figures with their count and a 95% confidence interval."""
+from __future__ import annotations
+
+import math
+
+Z95 = 1.959963984540054
+
+
+def wilson(successes: int, n: int) -> list[float]:
+    """Wilson score interval for a proportion; well-behaved at 0 and 1 and small n."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = successes / n
+    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def proportion(flags: list[bool]) -> dict:
+    n, k = len(flags), sum(bool(f) for f in flags)
+    return {"value": k / n if n else float("nan"), "n": n, "ci95": wilson(k, n)}
+
+
+def mean(values: list[float]) -> dict:
+    """Mean with a normal-approximation interval (t would differ little at our n >= 30)."""
+    n = len(values)
+    if n == 0:
+        return {"value": float("nan"), "n": 0, "ci95": [float("nan"), float("nan")]}
+    m = sum(values) / n
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    half = Z95 * sd / math.sqrt(n)
+    return {"value": m, "n": n, "ci95": [m - half, m + half]}
