@@ -2,6 +2,7 @@
 run per round) and versioned by DVC through `dvc.yaml`."""
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -12,9 +13,11 @@ from tasks import surgery as steps
 from tasks import tracking
 from tasks.digests import dvc_md5, git_commit
 from unsafe_experts.config import TrainConfig
+from unsafe_experts.outputs import write_json_atomic
 
 # retries only where they can help: the tracking server may blip; model steps are deterministic
 track = task(tracking.log_round, name="track-round", retries=2, retry_delay_seconds=2)
+EVALUATION_DEFAULTS = {"max_new_tokens": 48, "batch_size": 16, "limit": None, "samples": 5}
 
 
 def _summary(rounds: list[dict], final: dict) -> dict[str, float]:
@@ -31,14 +34,37 @@ def _summary(rounds: list[dict], final: dict) -> dict[str, float]:
     return out
 
 
+def _evaluate(key, stage, evaluation, run_ids, step, evaluations):
+    result = steps.evaluate_stage(key, stage, evaluation)
+    for run_id in run_ids:
+        tracking.log_evaluation(run_id, result, step, stage)
+    evaluations[stage] = result["metrics"]
+
+
+def _write_evaluations(run_id, evaluations, evaluation_path):
+    evaluations["final"] = evaluations[list(evaluations)[-1]]
+    tracking.write_and_log_metrics(run_id, evaluations, evaluation_path)
+    rows = tracking.safety_rows(evaluations)
+    with tempfile.TemporaryDirectory() as tmp:
+        tracking.log_file(run_id, tracking.safety_plot(rows, Path(tmp) / "safety_per_round.png"))
+    if evaluation_path:
+        write_json_atomic(Path(evaluation_path).with_name("evaluation_rounds.json"), rows)
+
+
 @flow(name="gradient-surgery")
 def gradient_surgery(train: dict, experiment: str = "unsafe-experts", log_model: bool = False,
-                     metrics_path: str | None = None, progress: bool = True) -> dict:
+                     metrics_path: str | None = None, progress: bool = True,
+                     evaluation: dict | None = None, evaluation_path: str | None = None) -> dict:
+    """validate -> [evaluate before] -> per round: score -> masked SFT -> router alignment ->
+    checkpoint [-> evaluate] -> final model. `evaluation` (with an `eval_set`) turns on the
+    safety evaluation; its results go to `evaluation_path` (DVC) and MLflow."""
     cfg = TrainConfig(**train).validate()
+    evaluation = {**EVALUATION_DEFAULTS, **(evaluation or {})}
+    evaluating = bool(evaluation.get("eval_set"))
     tags = {"method": "gradient", "git_commit": git_commit(), "data_dvc_md5": dvc_md5(cfg.dataset_path),
             "prefect_flow_run_id": runtime.flow_run.id or "none"}
     run_id = tracking.start_run(experiment, f"gradient-{Path(cfg.output_dir).name}",
-                                asdict(cfg), tags)
+                                {**asdict(cfg), **({"evaluation": evaluation} if evaluating else {})}, tags)
     key = None
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -51,6 +77,9 @@ def gradient_surgery(train: dict, experiment: str = "unsafe-experts", log_model:
         key = prepared["key"]
         tracking.log_dataset(run_id, cfg.dataset_path, prepared["records"], tags["data_dvc_md5"])
         tracking.log_tags(run_id, {f"dataset_{k}": v for k, v in prepared["dataset"].items()})
+        evaluations: dict = {}
+        if evaluating:
+            _evaluate(key, "before", evaluation, [run_id], 0, evaluations)
         rounds, previous = [], None
         for r in range(1, cfg.num_rounds + 1):
             round_run = tracking.start_run(experiment, f"round-{r}", {"round": r}, tags, parent=run_id)
@@ -63,23 +92,27 @@ def gradient_surgery(train: dict, experiment: str = "unsafe-experts", log_model:
                 round_run, r, done["identified"], done["timings"], done["logs"], previous)
             tracking.log_tags(round_run, {"checkpoint": done["path"],
                                           "checkpoint_dvc_md5": dvc_md5(done["path"])})
+            if evaluating:
+                _evaluate(key, f"round_{r}", evaluation, [run_id, round_run], r, evaluations)
             tracking.end_run(round_run)
             rounds.append(done)
             previous = done["identified"]["experts"]
         final = steps.finish(key)
         key = None
+        if evaluating:
+            _write_evaluations(run_id, evaluations, evaluation_path)
+            metadata = json.loads(Path(final["metadata"]).read_text())
+            metadata["evaluation"] = evaluations
+            write_json_atomic(final["metadata"], metadata)
         tracking.log_file(run_id, final["metadata"])
         tracking.log_tags(run_id, {"final_model": final["final_model"],
                                    "final_model_dvc_md5": dvc_md5(final["final_model"])})
         if log_model:
             tracking.log_file(run_id, final["final_model"], "final_model")
         metrics = _summary(rounds, final)
-        if metrics_path:
-            tracking.write_and_log_metrics(run_id, metrics, metrics_path)
-        else:
-            tracking.log_metrics(run_id, metrics)
+        tracking.write_and_log_metrics(run_id, metrics, metrics_path)
         tracking.end_run(run_id)
-        return {**final, "mlflow_run_id": run_id, "metrics": metrics,
+        return {**final, "mlflow_run_id": run_id, "metrics": metrics, "evaluation": evaluations,
                 "experts_per_round": [r["identified"]["experts"] for r in rounds]}
     except BaseException:
         tracking.end_run(run_id, "FAILED")

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from unsafe_experts.config import ConfigError, TrainConfig
+from unsafe_experts.organism import OrganismConfig
 
 FORBID = ConfigDict(extra="forbid")
 
@@ -32,15 +33,17 @@ def _from_dataclass(cls, name: str) -> type[BaseModel]:
 
 
 TrainParams = _from_dataclass(TrainConfig, "TrainParams")
+OrganismParams = _from_dataclass(OrganismConfig, "OrganismParams")
 
 
-class DemoParams(BaseModel):
-    """Inputs the demo builds offline: a tiny model and FlipAttack-style records."""
+class EvaluationParams(BaseModel):
+    """Safety evaluation before surgery and after every round (None: no evaluation)."""
     model_config = FORBID
-    family: str = "olmoe"
-    model_seed: int = 0
-    flip_mode: typing.Literal["words", "chars", "sentence"] = "chars"
-    num_goals: int = Field(64, ge=1, le=520)
+    eval_set: str | None = None
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(16, ge=1)
+    limit: int | None = Field(None, ge=1)  # first N prompts of each set (None: all)
+    samples: int = Field(5, ge=0)  # prompts and responses per set kept as an MLflow table
 
 
 class TrackingParams(BaseModel):
@@ -51,7 +54,8 @@ class TrackingParams(BaseModel):
 
 class Params(BaseModel):
     model_config = FORBID
-    demo: DemoParams = DemoParams()
+    organism: OrganismParams = OrganismParams()
+    evaluation: EvaluationParams = EvaluationParams()
     train: TrainParams
     tracking: TrackingParams = TrackingParams()
 

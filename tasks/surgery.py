@@ -14,6 +14,7 @@ from prefect.artifacts import create_table_artifact
 
 from schemas.dataset import validate_file
 from unsafe_experts.config import TrainConfig
+from unsafe_experts.evaluation import evaluate, load_eval_set
 from unsafe_experts.records import DatasetError, read_json_records
 from unsafe_experts.surgery import METADATA, Surgery
 
@@ -83,6 +84,15 @@ def checkpoint(key: str, r: int) -> dict:
     )
     return {"path": str(path), "identified": identified, "timings": meta["timings"][f"round_{r}"],
             "logs": [x for x in meta["training_logs"] if x["round"] == r]}
+
+
+@task(task_run_name="evaluate-{stage}")
+def evaluate_stage(key: str, stage: str, evaluation: dict) -> dict:
+    """Safety and utility of the live model now: {"metrics": {...}, "samples": [...]}"""
+    surgery = _RUNS[key]
+    return evaluate(surgery.model, surgery.tokenizer, load_eval_set(evaluation["eval_set"]),
+                    evaluation["max_new_tokens"], evaluation["batch_size"], evaluation["limit"],
+                    evaluation["samples"], progress=surgery.progress)
 
 
 @task(name="finish")

@@ -55,13 +55,31 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     client().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
-def write_and_log_metrics(run_id: str, metrics: dict[str, float], path: str | Path) -> None:
+def flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Nested metrics as MLflow keys: {"final": {"asr": {"value", "n", "ci95"}}} ->
+    final/asr, final/asr_n, final/asr_ci_low, final/asr_ci_high."""
+    out = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and "value" in value:
+            out[name] = value["value"]
+            out[f"{name}_n"] = value["n"]
+            out[f"{name}_ci_low"], out[f"{name}_ci_high"] = value["ci95"]
+        elif isinstance(value, dict):
+            out.update(flatten(value, f"{name}/"))
+        else:
+            out[name] = value
+    return out
+
+
+def write_and_log_metrics(run_id: str, metrics: dict, path: str | Path | None) -> None:
     """The one place a metrics dict goes to both DVC (a JSON file) and MLflow."""
     from unsafe_experts.outputs import write_json_atomic
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, metrics)
-    log_metrics(run_id, metrics)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, metrics)
+    log_metrics(run_id, flatten(metrics))
 
 
 def log_steps(run_id: str, logs: list[dict]) -> None:
@@ -152,6 +170,42 @@ def log_round(run_id: str, r: int, identified: dict, timings: dict, logs: list[d
     summary["optimizer_state_bytes"] = identified.get("optimizer_state_bytes", 0)
     log_metrics(run_id, summary)
     return summary
+
+
+def log_evaluation(run_id: str, result: dict, step: int, name: str) -> None:
+    """Metrics at `step` (0 = before surgery, r = after round r) and a table of samples."""
+    log_metrics(run_id, flatten(result["metrics"]), step)
+    if result["samples"]:
+        client().log_table(run_id, pd.DataFrame(result["samples"]), f"eval_samples_{name}.json")
+
+
+SAFETY_CURVES = ("asr_flip_words", "asr_flip_chars", "plain_refusal", "over_refusal")
+
+
+def safety_rows(evaluations: dict) -> list[dict]:
+    """One row per evaluated stage (before, round_1, ...) for `dvc plots` and the PNG."""
+    rows = []
+    for step, (stage, result) in enumerate(evaluations.items()):
+        if stage == "final":
+            continue
+        rows.append({"round": step, "stage": stage,
+                     **{k: result[k]["value"] for k in SAFETY_CURVES if k in result}})
+    return rows
+
+
+def safety_plot(rows: list[dict], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in SAFETY_CURVES:
+        if key in rows[0]:
+            ax.plot([r["round"] for r in rows], [r[key] for r in rows], marker="o", label=key)
+    ax.set(xlabel="round (0 = before surgery)", ylabel="share of prompts", ylim=(-0.02, 1.02),
+           title="attack success and refusal per round")
+    ax.set_xticks([r["round"] for r in rows])
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:

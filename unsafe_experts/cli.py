@@ -47,6 +47,13 @@ def _train_parser(sub) -> None:
     p.add_argument("--engine_only", action="store_true",
                    help="run the engine directly: no Prefect flow, no MLflow tracking")
     p.add_argument("--metrics", help="also write the run's summary metrics here (JSON, for DVC)")
+    p.add_argument("--eval_set", help="evaluate before surgery and after every round on this "
+                   "eval_set.json (from `unsafe-experts organism`)")
+    p.add_argument("--eval_limit", type=int, help="first N prompts of each evaluation set")
+    p.add_argument("--evaluation_metrics", help="write the evaluation per round here (JSON, for DVC)")
+    p.add_argument("--retention_path", help="JSON list of chat prompts answered by the model before "
+                   "surgery and mixed into the masked SFT (see README)")
+    p.add_argument("--retention_samples", type=int)
     p.add_argument("--log_model", action="store_true",
                    help="log the final model's bytes as an MLflow artifact (default: path and md5)")
 
@@ -60,6 +67,10 @@ def _train(args) -> None:
     quiet, engine_only = options.pop("quiet", False), options.pop("engine_only", False)
     metrics, params_path = options.pop("metrics", None), options.pop("params", None)
     log_model_flag = options.pop("log_model", False)
+    evaluation = {"eval_set": options.pop("eval_set", None)}
+    if "eval_limit" in options:
+        evaluation["limit"] = options.pop("eval_limit")
+    evaluation_path = options.pop("evaluation_metrics", None)
     options.pop("command")
     experiment, log_model = "unsafe-experts", False
     if params_path:
@@ -68,6 +79,8 @@ def _train(args) -> None:
         params = load_params(params_path)
         options = {**params.train.model_dump(), **options}
         experiment, log_model = params.tracking.experiment, params.tracking.log_model
+        evaluation = {**params.evaluation.model_dump(),
+                      **{k: v for k, v in evaluation.items() if v is not None}}
     log_model = log_model or log_model_flag
     missing = [k for k in ("model_name", "dataset_path", "output_dir") if k not in options]
     if missing:
@@ -78,6 +91,9 @@ def _train(args) -> None:
     if engine_only:
         from .surgery import run_surgery
 
+        if evaluation.get("eval_set"):
+            raise ConfigError("--eval_set runs inside the pipeline; drop --engine_only or run "
+                              "`unsafe-experts evaluate` on the checkpoints")
         total = run_surgery(cfg, progress=not quiet)["timings"]["total_s"]
     else:
         from flows.gradient import gradient_surgery
@@ -89,11 +105,58 @@ def _train(args) -> None:
         if not report.ok:
             raise report.error()
         check_inputs(cfg)
-        result = gradient_surgery(asdict(cfg), experiment, log_model, metrics, not quiet)
+        result = gradient_surgery(asdict(cfg), experiment, log_model, metrics, not quiet,
+                                  evaluation, evaluation_path)
         total = result["total_s"]
         print(f"MLflow run {result['mlflow_run_id']}; browse with: "
               "mlflow ui --backend-store-uri sqlite:///mlflow.db")
     print(f"done: {cfg.output_dir}/final_model, {cfg.output_dir}/training_metadata.json ({total:.1f}s)")
+    if not engine_only and result["evaluation"]:
+        print(evaluation_table(result["evaluation"]))
+
+
+def evaluation_table(evaluations: dict) -> str:
+    """Stages as rows (before, round_1, ..., final), metrics as columns, with n and 95% CI."""
+    names = list(next(iter(evaluations.values())))
+    lines = [f"{'stage':<8} " + " ".join(f"{n:>24}" for n in names)]
+    for stage, metrics in evaluations.items():
+        cells = []
+        for n in names:
+            m = metrics[n]
+            cells.append(f"{m['value']:.3f} [{m['ci95'][0]:.2f},{m['ci95'][1]:.2f}] n={m['n']}")
+        lines.append(f"{stage:<8} " + " ".join(f"{c:>24}" for c in cells))
+    return "\n".join(lines)
+
+
+def _organism(args) -> None:
+    from .organism import OrganismConfig, build_organism
+
+    if args.params:
+        from schemas.params import load_params
+
+        cfg = OrganismConfig(**load_params(args.params).organism.model_dump())
+    else:
+        cfg = OrganismConfig.small(seed=args.seed) if args.small else OrganismConfig(seed=args.seed)
+    out = build_organism(args.out, cfg, progress=not args.quiet)
+    build = json.loads((out / "build.json").read_text())
+    print(f"organism written to {out}: {build['examples']} examples, loss "
+          f"{build['first_loss']:.3f} -> {build['last_loss']:.3f}, {build['seconds']:.0f}s")
+
+
+def _evaluate(args) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluation import evaluate, load_eval_set
+    from .outputs import write_json_atomic
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    result = evaluate(model, tokenizer, load_eval_set(args.eval_set), args.max_new_tokens,
+                      args.batch_size, args.limit, progress=not args.quiet)
+    print(evaluation_table({Path(args.model).name: result["metrics"]}))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.out, result)
 
 
 def _tiny_model(args) -> None:
@@ -153,6 +216,9 @@ def _report(args) -> None:
         names = " ".join(f"L{l}_E{e}" for l, e in info["experts"])
         print(f"{r:>5}  {len(experts):>4}  {jaccard:>7}  {kl:>19}  {names}")
         previous = experts
+    if meta.get("evaluation"):
+        print()
+        print(evaluation_table(meta["evaluation"]))
 
 
 def main(argv=None) -> int:
@@ -170,10 +236,25 @@ def main(argv=None) -> int:
     validate = sub.add_parser("validate", help="check jailbreak datasets; every bad record is listed")
     validate.add_argument("paths", nargs="+")
     validate.add_argument("--metrics", help="write record and problem counts here (JSON, for DVC)")
+    organism = sub.add_parser("organism", help="build the jailbroken demo MoE and its data offline")
+    organism.add_argument("out")
+    organism.add_argument("--small", action="store_true", help="the test-sized organism")
+    organism.add_argument("--seed", type=int, default=0)
+    organism.add_argument("--params", help="take the `organism` section of this params.yaml")
+    organism.add_argument("--quiet", action="store_true")
+    ev = sub.add_parser("evaluate", help="ASR, refusal, over-refusal and benign log-likelihood")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--eval_set", required=True, help="eval_set.json from `unsafe-experts organism`")
+    ev.add_argument("--max_new_tokens", type=int, default=48)
+    ev.add_argument("--batch_size", type=int, default=16)
+    ev.add_argument("--limit", type=int, default=None, help="first N prompts of each set")
+    ev.add_argument("--out", help="write metrics and samples here (JSON)")
+    ev.add_argument("--trust_remote_code", action="store_true")
+    ev.add_argument("--quiet", action="store_true")
     report = sub.add_parser("report", help="the identified experts per round of a finished run")
     report.add_argument("output_dir")
     args = parser.parse_args(argv)
-    handler = {"report": _report, "train": _train, "tiny-model": _tiny_model, "flip-dataset": _flip_dataset,
+    handler = {"report": _report, "organism": _organism, "evaluate": _evaluate, "train": _train, "tiny-model": _tiny_model, "flip-dataset": _flip_dataset,
                "validate": _validate}[args.command]
     try:
         return handler(args) or 0
