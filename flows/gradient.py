@@ -99,10 +99,15 @@ def gradient_surgery(train: dict, experiment: str = "unsafe-experts", log_model:
             previous = done["identified"]["experts"]
         final = steps.finish(key)
         key = None
+        selected = [x for r in rounds for x in r["identified"]["experts"]]
+        locality = steps.check_locality(cfg.model_name, final["final_model"], selected,
+                                        not cfg.skip_router_training)
         if evaluating:
             _write_evaluations(run_id, evaluations, evaluation_path)
+        if evaluating or locality:
             metadata = json.loads(Path(final["metadata"]).read_text())
-            metadata["evaluation"] = evaluations
+            metadata.update({"evaluation": evaluations} if evaluating else {})
+            metadata["locality"] = locality
             write_json_atomic(final["metadata"], metadata)
         tracking.log_file(run_id, final["metadata"])
         tracking.log_tags(run_id, {"final_model": final["final_model"],
@@ -110,6 +115,9 @@ def gradient_surgery(train: dict, experiment: str = "unsafe-experts", log_model:
         if log_model:
             tracking.log_file(run_id, final["final_model"], "final_model")
         metrics = _summary(rounds, final)
+        if locality:
+            metrics.update(locality_ok=int(locality["ok"]), experts_changed=len(locality["experts"]),
+                           routers_changed=len(locality["routers"]))
         tracking.write_and_log_metrics(run_id, metrics, metrics_path)
         tracking.end_run(run_id)
         return {**final, "mlflow_run_id": run_id, "metrics": metrics, "evaluation": evaluations,

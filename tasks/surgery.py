@@ -15,6 +15,7 @@ from prefect.artifacts import create_table_artifact
 from schemas.dataset import validate_file
 from unsafe_experts.config import TrainConfig
 from unsafe_experts.evaluation import evaluate, load_eval_set
+from unsafe_experts.locality import locality_report
 from unsafe_experts.records import DatasetError, read_json_records
 from unsafe_experts.surgery import METADATA, Surgery
 
@@ -93,6 +94,15 @@ def evaluate_stage(key: str, stage: str, evaluation: dict) -> dict:
     return evaluate(surgery.model, surgery.tokenizer, load_eval_set(evaluation["eval_set"]),
                     evaluation["max_new_tokens"], evaluation["batch_size"], evaluation["limit"],
                     evaluation["samples"], progress=surgery.progress)
+
+
+@task(name="check-locality")
+def check_locality(original: str, final_model: str, selected: list, routers_may_change: bool) -> dict | None:
+    """Only the selected experts (and routers, when aligned) may differ from the original.
+    None when the original is not a local safetensors checkpoint (a hub id)."""
+    if not list(Path(original).glob("*.safetensors")):
+        return None
+    return locality_report(original, final_model, selected, routers_may_change)
 
 
 @task(name="finish")

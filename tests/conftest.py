@@ -101,3 +101,11 @@ def router_batches(tokenizer, records, batch_size=4, max_length=256):
 
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="session")
+def small_organism(tmp_path_factory):
+    """The test-sized organism (about a minute on 2 cores), built once per session."""
+    from unsafe_experts.organism import OrganismConfig, build_organism
+
+    return build_organism(tmp_path_factory.mktemp("organism"), OrganismConfig.small(), progress=False)

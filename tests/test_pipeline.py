@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from flows.gradient import gradient_surgery
@@ -47,9 +48,12 @@ def dvc(args, cwd, env):
 def test_dvc_repro_in_a_fresh_clone(tmp_path):
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
-    params = (clone / "params.yaml").read_text()
-    params = params.replace("num_goals: 64", "num_goals: 16").replace("num_rounds: 3", "num_rounds: 1")
-    (clone / "params.yaml").write_text(params)
+    params = yaml.safe_load((clone / "params.yaml").read_text())  # a fast, small variant
+    params["organism"].update(layers=1, experts=4, hidden=32, expert_hidden=32, vocab_size=512,
+                              benign_train=20, epochs=1)
+    params["evaluation"].update(limit=8, max_new_tokens=8)
+    params["train"].update(num_rounds=1, top_k_experts=2, max_samples=16, retention_samples=16)
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "small"],
                    cwd=clone, check=True)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -57,16 +61,18 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
     env.pop("PREFECT_API_URL", None)  # the CLI starts its own ephemeral server
 
     first = dvc(["repro"], clone, env)
-    for stage in ("build_model", "build_data", "validate", "train"):
+    for stage in ("organism", "validate", "train"):
         assert f"Running stage '{stage}'" in first
     assert (clone / "outputs/gradient/final_model/model.safetensors").exists()
     assert "Running stage" not in dvc(["repro"], clone, env)
 
     rerun = dvc(["exp", "run", "-S", "train.top_k_experts=3"], clone, env)
     assert "Running stage 'train'" in rerun
-    assert not any(f"Running stage '{s}'" in rerun for s in ("build_model", "build_data", "validate"))
+    assert not any(f"Running stage '{s}'" in rerun for s in ("organism", "validate"))
     meta = json.loads((clone / "outputs/gradient/training_metadata.json").read_text())
     assert len(meta["identified_experts_per_round"]["1"]["experts"]) == 3
     shown = dvc(["metrics", "show"], clone, env)
     assert "metrics/train.json" in shown and "final_sft_loss" in shown
-    assert "metrics/validation.json" in shown
+    assert "metrics/validation.json" in shown and "final.asr_flip_words" in shown
+    plots = dvc(["plots", "show", "--json"], clone, env)
+    assert "asr_flip_words" in plots and "over_refusal" in plots

@@ -13,7 +13,8 @@ def wilson(successes: int, n: int) -> list[float]:
     p = successes / n
     centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
     half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    # min/max: at p = 0 or 1 rounding can leave p a hair outside its own interval
+    return [max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))]
 
 
 def proportion(flags: list[bool]) -> dict:
