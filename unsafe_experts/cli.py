@@ -85,6 +85,8 @@ def _train(args) -> None:
     missing = [k for k in ("model_name", "dataset_path", "output_dir") if k not in options]
     if missing:
         raise ConfigError(f"{', '.join('--' + k for k in missing)} required (or --params FILE)")
+    if options.get("retention_path") == "":
+        options["retention_path"] = None  # --retention_path "" turns off a params file's retention
     cfg = TrainConfig(**options).validate()
     if quiet:
         hf_logging.disable_progress_bar()
