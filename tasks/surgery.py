@@ -79,9 +79,9 @@ def checkpoint(key: str, r: int) -> dict:
     identified = meta["identified_experts_per_round"][str(r)]
     create_table_artifact(
         key=f"experts-round-{r}",
-        table=[{"rank": i + 1, "layer": l, "expert": e, "score": identified["gradients"][f"L{l}_E{e}"]}
+        table=[{"rank": i + 1, "layer": l, "expert": e, "score": identified["scores"][f"L{l}_E{e}"]}
                for i, (l, e) in enumerate(identified["experts"])],
-        description=f"Unsafe experts identified in round {r} ({surgery.cfg.score_mode} scoring)",
+        description=f"Unsafe experts identified in round {r} by the {surgery.cfg.method} method",
     )
     return {"path": str(path), "identified": identified, "timings": meta["timings"][f"round_{r}"],
             "logs": [x for x in meta["training_logs"] if x["round"] == r]}

@@ -111,7 +111,7 @@ def expert_frame(identified: dict, r: int) -> pd.DataFrame:
     """round, layer, expert, score, rank (1 = highest) for every expert; `selected` marks top-k."""
     picked = {tuple(x) for x in identified["experts"]}
     rows = []
-    for rank, (name, score) in enumerate(identified["gradients"].items(), 1):
+    for rank, (name, score) in enumerate(identified["scores"].items(), 1):
         layer, expert = (int(x[1:]) for x in name.split("_"))
         rows.append({"round": r, "layer": layer, "expert": expert, "score": score, "rank": rank,
                      "selected": (layer, expert) in picked})

@@ -2,7 +2,7 @@ import json
 
 from mlflow import MlflowClient
 
-from flows.gradient import gradient_surgery
+from flows.surgery import surgery_flow
 
 
 def test_evaluation_flow_on_the_test_organism(small_organism, tmp_path, tracking_dir):
@@ -15,7 +15,7 @@ def test_evaluation_flow_on_the_test_organism(small_organism, tmp_path, tracking
              "max_samples": 64, "retention_path": str(small_organism / "retention.json"),
              "retention_samples": 64}
     evaluation = {"eval_set": str(small_organism / "eval_set.json"), "limit": 24, "max_new_tokens": 24}
-    result = gradient_surgery(train, experiment="organism-flow", progress=False,
+    result = surgery_flow(train, experiment="organism-flow", progress=False,
                               evaluation=evaluation, evaluation_path=str(tmp_path / "m/evaluation.json"))
 
     evaluations = json.loads((tmp_path / "m/evaluation.json").read_text())

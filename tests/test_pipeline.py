@@ -8,7 +8,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from flows.gradient import gradient_surgery
+from flows.surgery import surgery_flow
 from tasks.surgery import DatasetValidationError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def test_failed_validation_stops_the_flow_and_keeps_earlier_outputs(tiny_dir, re
     train = {"model_name": str(tiny_dir), "dataset_path": str(data), "output_dir": str(out),
              "top_k_experts": 2, "overwrite": True}
     with pytest.raises(DatasetValidationError, match="3 problems in the dataset") as err:
-        gradient_surgery(train, experiment="validation-failures", progress=False)
+        surgery_flow(train, experiment="validation-failures", progress=False)
     assert "record 2, field `goal`: missing" in str(err.value)
     assert sorted(p.name for p in out.rglob("*")) == ["model.safetensors", "round_1"]
     assert (out / "round_1" / "model.safetensors").read_bytes() == b"earlier round"

@@ -28,13 +28,13 @@ def test_routing_distribution_ignores_masked_tokens():
     logits = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [50.0, -50.0]],
                            [[0.0, 2.0], [-7.0, 7.0], [0.0, 0.0]]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    dist = routing_distribution({0: logits.view(6, 2)}, mask)
+    dist = routing_distribution({0: (logits.view(6, 2),)}, mask)
     first = torch.tensor([2.0, 0.0]).softmax(-1)
     second = torch.tensor([0.0, 2.0]).softmax(-1)
     torch.testing.assert_close(dist[0], (first + second) / 2)
     changed = logits.clone()
     changed[0, 2] = torch.tensor([-9.0, 9.0])
-    torch.testing.assert_close(routing_distribution({0: changed.view(6, 2)}, mask), dist)
+    torch.testing.assert_close(routing_distribution({0: (changed.view(6, 2),)}, mask), dist)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

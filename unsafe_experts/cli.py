@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .adapters import UnsupportedModelError
-from .config import DTYPES, SCORE_MODES, ConfigError, TrainConfig
+from .config import DTYPES, METHODS, SCORE_MODES, ConfigError, TrainConfig
 from .examples import ExampleError
 from .records import DatasetError
 from .router_kl import KL_TYPES
@@ -23,6 +23,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--model_name", help="hub id or local directory")
     p.add_argument("--dataset_path", help="JSON list or JSONL of jailbreak records")
     p.add_argument("--output_dir")
+    p.add_argument("--method", choices=METHODS, help="gradient (default), the routing-based "
+                   "baseline, or a control: random, all_experts, router_only")
     for flag in ("num_rounds", "top_k_experts", "batch_size", "max_samples", "sft_epochs",
                  "router_epochs", "max_length", "seed"):
         p.add_argument(f"--{flag}", type=int)
@@ -98,7 +100,7 @@ def _train(args) -> None:
                               "`unsafe-experts evaluate` on the checkpoints")
         total = run_surgery(cfg, progress=not quiet)["timings"]["total_s"]
     else:
-        from flows.gradient import gradient_surgery
+        from flows.surgery import surgery_flow
         from schemas.dataset import validate_file
 
         from .surgery import check_inputs
@@ -107,7 +109,7 @@ def _train(args) -> None:
         if not report.ok:
             raise report.error()
         check_inputs(cfg)
-        result = gradient_surgery(asdict(cfg), experiment, log_model, metrics, not quiet,
+        result = surgery_flow(asdict(cfg), experiment, log_model, metrics, not quiet,
                                   evaluation, evaluation_path)
         total = result["total_s"]
         print(f"MLflow run {result['mlflow_run_id']}; browse with: "

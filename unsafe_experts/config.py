@@ -7,6 +7,9 @@ from .examples import DEFAULT_REFUSAL
 from .router_kl import KL_TYPES
 
 SCORE_MODES = ("accumulate", "per_batch")
+# gradient: the user's method; routing: the older routing-based one; random, all_experts and
+# router_only: the controls any ranking must beat
+METHODS = ("gradient", "routing", "random", "all_experts", "router_only")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -19,6 +22,7 @@ class TrainConfig:
     model_name: str
     dataset_path: str
     output_dir: str
+    method: str = "gradient"
     num_rounds: int = 3
     top_k_experts: int = 100
     batch_size: int = 8
@@ -62,7 +66,11 @@ class TrainConfig:
                 bad(key, f"must not be negative, got {getattr(self, key)}")
         if self.max_length < 16:
             bad("max_length", f"must be at least 16, got {self.max_length}")
-        choices = {"kl_type": KL_TYPES, "score_mode": SCORE_MODES, "dtype": DTYPES,
+        if self.method == "router_only" and self.skip_router_training:
+            bad("skip_router_training", "router_only trains nothing else; it needs router training")
+        if self.method != "gradient" and self.score_mode != "accumulate":
+            bad("score_mode", "per_batch exists for the gradient method only")
+        choices = {"method": METHODS, "kl_type": KL_TYPES, "score_mode": SCORE_MODES, "dtype": DTYPES,
                    "truncation": ("middle", "left")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

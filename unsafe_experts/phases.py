@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .adapters import MoELayer
 from .examples import IGNORE
-from .router_kl import captured_router_logits, router_kl, routing_distribution
+from .router_kl import captured_router_outputs, router_kl, routing_distribution
 from .scoring import expert_grad_scores, top_k
 from .sparse_adamw import SparseRowAdamW
 
@@ -143,7 +143,7 @@ def align_router(model, layers, safe_batches, unsafe_batches, kl_type, lr, weigh
     decoder = model.model
     device = model.device
     set_trainable(model, [])
-    with torch.no_grad(), captured_router_logits(layers) as captured:
+    with torch.no_grad(), captured_router_outputs(layers) as captured:
         targets = []
         for batch in safe_batches:
             batch = _on(batch, device)
@@ -151,7 +151,7 @@ def align_router(model, layers, safe_batches, unsafe_batches, kl_type, lr, weigh
             targets.append(routing_distribution(captured, batch["content_mask"]))
 
     def mean_kl() -> float:
-        with torch.no_grad(), captured_router_logits(layers) as cap:
+        with torch.no_grad(), captured_router_outputs(layers) as cap:
             total = torch.zeros((), device=device)
             for target, batch in zip(targets, unsafe_batches):
                 batch = _on(batch, device)
@@ -166,7 +166,7 @@ def align_router(model, layers, safe_batches, unsafe_batches, kl_type, lr, weigh
     for p in params:
         opt.add_rows(p, range(p.shape[0]))
     kls = []
-    with captured_router_logits(layers) as captured:
+    with captured_router_outputs(layers) as captured:
         for epoch in range(epochs):
             pairs = list(zip(targets, unsafe_batches))
             for target, batch in _bar(pairs, f"{desc} epoch {epoch + 1}", progress):

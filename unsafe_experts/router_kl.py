@@ -18,13 +18,14 @@ KL_TYPES = ("forward", "reverse", "symmetric")
 
 
 @contextmanager
-def captured_router_logits(layers: list[MoELayer]):
-    """Collects each router's logits during a forward; hooks are removed on exit."""
-    captured: dict[int, torch.Tensor] = {}
+def captured_router_outputs(layers: list[MoELayer]):
+    """Collects each router's output (logits [tokens, E], weights, expert indices [tokens, k])
+    during a forward, keyed by MoE layer position; hooks are removed on exit."""
+    captured: dict[int, tuple] = {}
 
     def hook_for(i):
         def hook(_module, _inputs, output):
-            captured[i] = output[0] if isinstance(output, tuple) else output
+            captured[i] = output if isinstance(output, tuple) else (output,)
         return hook
 
     handles = [layer.router.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
@@ -35,13 +36,13 @@ def captured_router_logits(layers: list[MoELayer]):
             h.remove()
 
 
-def routing_distribution(captured: dict[int, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+def routing_distribution(captured: dict[int, tuple], mask: torch.Tensor) -> torch.Tensor:
     """[layers, experts]: batch mean of softmax(masked token-mean of router logits)."""
     batch, seq = mask.shape
     weights = mask.float().unsqueeze(-1)
     dists = []
     for i in sorted(captured):
-        logits = captured[i].float().view(batch, seq, -1)
+        logits = captured[i][0].float().view(batch, seq, -1)
         mean_logits = (logits * weights).sum(1) / weights.sum(1).clamp_min(1.0)
         dists.append(mean_logits.softmax(-1).mean(0))
     return torch.stack(dists)

@@ -26,6 +26,7 @@ from .phases import align_router, masked_sft, per_batch_sft, score_pass
 from .generation import generate
 from .records import (DatasetError, file_sha256, load_records, messages_problem,
                       read_json_records, select_records)
+from .routing import routing_scores
 from .scoring import score_table, top_k
 
 METADATA = "training_metadata.json"
@@ -129,7 +130,9 @@ def _round_summary(r: int, selection, logs, identified, shown: int = 20) -> str:
     names = " ".join(f"L{l}_E{e}" for l, e in selection[:shown])
     more = f" (+{len(selection) - shown} more)" if len(selection) > shown else ""
     sft = [x["loss"] for x in logs if x["round"] == r and x["kind"] == "sft"]
-    line = f"round {r}: {len(selection)} experts: {names}{more} | sft loss {sft[0]:.4f} -> {sft[-1]:.4f}"
+    line = f"round {r}: {len(selection)} experts: {names}{more}"
+    if sft:
+        line += f" | sft loss {sft[0]:.4f} -> {sft[-1]:.4f}"
     if "router_kl_before_after" in identified:
         before, after = identified["router_kl_before_after"]
         line += f" | router KL {before:.2e} -> {after:.2e}"
@@ -164,7 +167,7 @@ class Surgery:
         self.layers = moe_layers(self.model)
         self.out.mkdir(parents=True, exist_ok=True)
         self.meta = {
-            "method": "gradient",
+            "method": cfg.method,
             "status": "running",
             "parameters": asdict(cfg),
             "seed": cfg.seed,
@@ -212,35 +215,56 @@ class Surgery:
         self._round[r]["timings"][key] = time.time() - t0
 
     def identify(self, r: int) -> list[tuple[int, int]]:
-        """Score and select (accumulate), or score, select and train per batch (per_batch)."""
+        """Score and select this round's experts by the configured method (per_batch gradient
+        mode also trains here, batch by batch)."""
         cfg, t0 = self.cfg, time.time()
-        args = (self.model, self.layers, self.data["sft"])
-        if cfg.score_mode == "accumulate":
-            scores = score_pass(*args, self._log(r), f"round {r} score", self.progress)
-            selection = top_k(scores, cfg.top_k_experts, self.layers)
-            identified = {"experts": [list(x) for x in selection],
-                          "gradients": score_table(scores, self.layers)}
-        else:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        extra = {}
+        if cfg.method == "gradient" and cfg.score_mode == "per_batch":
             counts, score_sum, picks, state_bytes = per_batch_sft(
-                *args, cfg.top_k_experts, cfg.expert_lr, cfg.weight_decay, cfg.sft_epochs,
-                self._log(r), f"round {r} per-batch sft", self.progress)
+                self.model, self.layers, self.data["sft"], cfg.top_k_experts, cfg.expert_lr,
+                cfg.weight_decay, cfg.sft_epochs, self._log(r), f"round {r} per-batch sft",
+                self.progress)
             # the round's experts: the most often picked, ties broken by summed score
-            combined = counts * (score_sum.max() + 1) + score_sum
-            selection = top_k(combined, cfg.top_k_experts, self.layers)
-            identified = {"experts": [list(x) for x in selection],
-                          "gradients": score_table(score_sum / len(picks), self.layers),
-                          "per_batch_experts": [[list(x) for x in p] for p in picks],
-                          "optimizer_state_bytes": state_bytes}
+            selection = top_k(counts * (score_sum.max() + 1) + score_sum, cfg.top_k_experts, self.layers)
+            scores = score_sum / len(picks)
+            extra = {"per_batch_experts": [[list(x) for x in p] for p in picks],
+                     "optimizer_state_bytes": state_bytes}
+        else:
+            scores, extra = self._scores(r)
+            k = sum(l.num_experts for l in self.layers) if cfg.method == "all_experts" else cfg.top_k_experts
+            selection = [] if cfg.method == "router_only" else top_k(scores, k, self.layers)
+        identified = {"method": cfg.method, "experts": [list(x) for x in selection],
+                      "scores": score_table(scores, self.layers), **extra}
+        if cfg.method == "gradient":
+            identified["gradients"] = identified["scores"]  # the research scripts' name
         self._round[r] = {"identified": identified, "selection": selection, "started": t0,
                           "timings": {}}
         self._timed(r, "identify_s", t0)
+        self._round[r]["timings"]["identify_peak_memory_mb"] = _peak_memory_mb(self.device)
         return selection
+
+    def _scores(self, r: int) -> tuple[torch.Tensor, dict]:
+        """[moe layers, experts] scores of the method, highest = most unsafe."""
+        cfg = self.cfg
+        if cfg.method == "gradient":
+            return score_pass(self.model, self.layers, self.data["sft"], self._log(r),
+                              f"round {r} score", self.progress), {}
+        if cfg.method == "routing":
+            parts = routing_scores(self.model, self.layers, self.data["safe"], self.data["unsafe"])
+            return parts["score"], {f"routing_{k}": score_table(v, self.layers)
+                                    for k, v in parts.items() if k != "score"}
+        # random draws (seeded per round) as scores; all_experts / router_only rank nothing
+        shape = (len(self.layers), self.layers[0].num_experts)
+        generator = torch.Generator().manual_seed(cfg.seed * 1000 + r)
+        return torch.rand(shape, generator=generator), {}
 
     def repair(self, r: int) -> None:
         """Masked SFT of the selected experts (per_batch mode already trained in identify)."""
-        if self.cfg.score_mode != "accumulate":
-            return
         t0, state = time.time(), self._round[r]
+        if self.cfg.score_mode != "accumulate" or not state["selection"]:
+            return
         state["identified"]["optimizer_state_bytes"] = masked_sft(
             self.model, self.layers, self.data["repair"], state["selection"], self.cfg.expert_lr,
             self.cfg.weight_decay, self.cfg.sft_epochs, self._log(r), f"round {r} sft", self.progress)
@@ -271,7 +295,7 @@ class Surgery:
 
     def finish(self) -> dict:
         save_checkpoint_atomic(self.model, self.tokenizer, self.out / "final_model")
-        rounds = {int(r): {k: v[k] for k in ("experts", "gradients")}
+        rounds = {int(r): {"experts": v["experts"], "gradients": v.get("gradients", v["scores"])}
                   for r, v in self.meta["identified_experts_per_round"].items()}
         # written for the research scripts' readers; this project never loads a pickle
         write_bytes_atomic(self.out / "expert_gradients.pkl", pickle.dumps(rounds))

@@ -1,4 +1,4 @@
-"""The gradient-based surgery as a Prefect flow, tracked in MLflow (one parent run, one nested
+"""Unsafe-expert surgery (any method) as a Prefect flow, tracked in MLflow (one parent run, one nested
 run per round) and versioned by DVC through `dvc.yaml`."""
 from __future__ import annotations
 
@@ -23,8 +23,12 @@ EVALUATION_DEFAULTS = {"max_new_tokens": 48, "batch_size": 16, "limit": None, "s
 def _summary(rounds: list[dict], final: dict) -> dict[str, float]:
     last = rounds[-1]
     out = {"rounds": len(rounds), "total_s": final["total_s"],
-           "final_sft_loss": [x["loss"] for x in last["logs"] if x["kind"] == "sft"][-1],
+           "identify_s": sum(r["timings"]["identify_s"] for r in rounds),
+           "identify_peak_memory_mb": max(r["timings"]["identify_peak_memory_mb"] for r in rounds),
            "peak_memory_mb": max(r["timings"]["peak_memory_mb"] for r in rounds)}
+    sft = [x["loss"] for x in last["logs"] if x["kind"] == "sft"]
+    if sft:
+        out["final_sft_loss"] = sft[-1]
     if len(rounds) > 1:
         out["jaccard_last_two_rounds"] = tracking.jaccard(rounds[-1]["identified"]["experts"],
                                                           rounds[-2]["identified"]["experts"])
@@ -51,8 +55,8 @@ def _write_evaluations(run_id, evaluations, evaluation_path):
         write_json_atomic(Path(evaluation_path).with_name("evaluation_rounds.json"), rows)
 
 
-@flow(name="gradient-surgery")
-def gradient_surgery(train: dict, experiment: str = "unsafe-experts", log_model: bool = False,
+@flow(name="unsafe-expert-surgery")
+def surgery_flow(train: dict, experiment: str = "unsafe-experts", log_model: bool = False,
                      metrics_path: str | None = None, progress: bool = True,
                      evaluation: dict | None = None, evaluation_path: str | None = None) -> dict:
     """validate -> [evaluate before] -> per round: score -> masked SFT -> router alignment ->
@@ -61,9 +65,9 @@ def gradient_surgery(train: dict, experiment: str = "unsafe-experts", log_model:
     cfg = TrainConfig(**train).validate()
     evaluation = {**EVALUATION_DEFAULTS, **(evaluation or {})}
     evaluating = bool(evaluation.get("eval_set"))
-    tags = {"method": "gradient", "git_commit": git_commit(), "data_dvc_md5": dvc_md5(cfg.dataset_path),
+    tags = {"method": cfg.method, "git_commit": git_commit(), "data_dvc_md5": dvc_md5(cfg.dataset_path),
             "prefect_flow_run_id": runtime.flow_run.id or "none"}
-    run_id = tracking.start_run(experiment, f"gradient-{Path(cfg.output_dir).name}",
+    run_id = tracking.start_run(experiment, f"{cfg.method}-{Path(cfg.output_dir).name}",
                                 {**asdict(cfg), **({"evaluation": evaluation} if evaluating else {})}, tags)
     key = None
     try:
