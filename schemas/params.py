@@ -52,12 +52,28 @@ class TrackingParams(BaseModel):
     log_model: bool = False  # log the final model's bytes as an MLflow artifact
 
 
+class ComparisonRun(BaseModel):
+    model_config = FORBID
+    method: typing.Literal["gradient", "routing", "random", "all_experts", "router_only"]
+    k: int = Field(ge=1)
+    seed: int = 42
+
+
+class ComparisonParams(BaseModel):
+    """Runs of `dvc repro compare`: each a full surgery with evaluation, then one table."""
+    model_config = FORBID
+    experiment: str = "unsafe-experts-comparison"
+    eval_limit: int | None = Field(None, ge=1)
+    runs: list[ComparisonRun] = []
+
+
 class Params(BaseModel):
     model_config = FORBID
     organism: OrganismParams = OrganismParams()
     evaluation: EvaluationParams = EvaluationParams()
     train: TrainParams
     tracking: TrackingParams = TrackingParams()
+    comparison: ComparisonParams = ComparisonParams()
 
     def train_config(self) -> TrainConfig:
         cfg = TrainConfig(**self.train.model_dump())

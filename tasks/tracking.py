@@ -25,8 +25,12 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 METRIC_KEYS = {"score": "score_loss", "sft": "sft_loss", "router": "router_kl"}
 
 
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+
+
 def client() -> MlflowClient:
-    return MlflowClient(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI))
+    return MlflowClient(tracking_uri=tracking_uri())
 
 
 def experiment_id(name: str) -> str:

@@ -53,6 +53,8 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
                               benign_train=20, epochs=1)
     params["evaluation"].update(limit=8, max_new_tokens=8)
     params["train"].update(num_rounds=1, top_k_experts=2, max_samples=16, retention_samples=16)
+    params["comparison"].update(eval_limit=4, runs=[{"method": "gradient", "k": 2, "seed": 42},
+                                                    {"method": "random", "k": 2, "seed": 1}])
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "small"],
                    cwd=clone, check=True)
@@ -61,12 +63,16 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
     env.pop("PREFECT_API_URL", None)  # the CLI starts its own ephemeral server
 
     first = dvc(["repro"], clone, env)
-    for stage in ("organism", "validate", "train"):
+    for stage in ("organism", "validate", "train", "compare_run@0", "compare_run@1", "compare"):
         assert f"Running stage '{stage}'" in first
+    table = (clone / "metrics/comparison.csv").read_text().splitlines()
+    assert table[0] == ("method,k,seed,rounds,asr_flip_words,asr_flip_chars,plain_refusal,"
+                        "over_refusal,benign_loglik,identification_s,peak_memory_mb")
+    assert [row.split(",")[:3] for row in table[1:]] == [["gradient", "2", "42"], ["random", "2", "1"]]
     assert (clone / "outputs/gradient/final_model/model.safetensors").exists()
     assert "Running stage" not in dvc(["repro"], clone, env)
 
-    rerun = dvc(["exp", "run", "-S", "train.top_k_experts=3"], clone, env)
+    rerun = dvc(["exp", "run", "train", "-S", "train.top_k_experts=3"], clone, env)
     assert "Running stage 'train'" in rerun
     assert not any(f"Running stage '{s}'" in rerun for s in ("organism", "validate"))
     meta = json.loads((clone / "outputs/gradient/training_metadata.json").read_text())

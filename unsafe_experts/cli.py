@@ -56,6 +56,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--retention_path", help="JSON list of chat prompts answered by the model before "
                    "surgery and mixed into the masked SFT (see README)")
     p.add_argument("--retention_samples", type=int)
+    p.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment or unsafe-experts)")
     p.add_argument("--log_model", action="store_true",
                    help="log the final model's bytes as an MLflow artifact (default: path and md5)")
 
@@ -69,6 +70,7 @@ def _train(args) -> None:
     quiet, engine_only = options.pop("quiet", False), options.pop("engine_only", False)
     metrics, params_path = options.pop("metrics", None), options.pop("params", None)
     log_model_flag = options.pop("log_model", False)
+    experiment_flag = options.pop("experiment", None)
     evaluation = {"eval_set": options.pop("eval_set", None)}
     if "eval_limit" in options:
         evaluation["limit"] = options.pop("eval_limit")
@@ -84,6 +86,7 @@ def _train(args) -> None:
         evaluation = {**params.evaluation.model_dump(),
                       **{k: v for k, v in evaluation.items() if v is not None}}
     log_model = log_model or log_model_flag
+    experiment = experiment_flag or experiment
     missing = [k for k in ("model_name", "dataset_path", "output_dir") if k not in options]
     if missing:
         raise ConfigError(f"{', '.join('--' + k for k in missing)} required (or --params FILE)")
@@ -203,6 +206,21 @@ def _validate(args) -> int:
     return 1 if failed else 0
 
 
+def _compare(args) -> None:
+    from flows.compare import compare_flow
+
+    experiment, runs = args.experiment, None
+    if args.params:
+        from schemas.params import load_params
+
+        comparison = load_params(args.params).comparison
+        experiment, runs = experiment or comparison.experiment, [r.model_dump() for r in comparison.runs]
+    result = compare_flow(experiment or "unsafe-experts", args.out, runs)
+    print(Path(result["markdown"]).read_text())
+    print(f"{result['runs']} runs compared: {result['csv']}, {result['markdown']}; "
+          f"MLflow run {result['mlflow_run_id']}")
+
+
 def _report(args) -> None:
     meta_path = Path(args.output_dir) / "training_metadata.json"
     if not meta_path.is_file():
@@ -255,10 +273,14 @@ def main(argv=None) -> int:
     ev.add_argument("--out", help="write metrics and samples here (JSON)")
     ev.add_argument("--trust_remote_code", action="store_true")
     ev.add_argument("--quiet", action="store_true")
+    compare = sub.add_parser("compare", help="one table of methods, k and seeds from MLflow runs")
+    compare.add_argument("--params", help="take the experiment and the runs from this params.yaml")
+    compare.add_argument("--experiment", help="MLflow experiment (default: unsafe-experts)")
+    compare.add_argument("--out", default="metrics/comparison.csv")
     report = sub.add_parser("report", help="the identified experts per round of a finished run")
     report.add_argument("output_dir")
     args = parser.parse_args(argv)
-    handler = {"report": _report, "organism": _organism, "evaluate": _evaluate, "train": _train, "tiny-model": _tiny_model, "flip-dataset": _flip_dataset,
+    handler = {"report": _report, "compare": _compare, "organism": _organism, "evaluate": _evaluate, "train": _train, "tiny-model": _tiny_model, "flip-dataset": _flip_dataset,
                "validate": _validate}[args.command]
     try:
         return handler(args) or 0

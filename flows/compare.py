@@ -1,0 +1,15 @@
+"""The comparison of methods as a Prefect flow: read the runs back from MLflow, write the
+table, the overlap of expert sets and the ASR-against-k plot."""
+from __future__ import annotations
+
+from prefect import flow, task
+
+from tasks.compare import write_comparison
+
+compare_task = task(write_comparison, name="compare-methods", retries=2, retry_delay_seconds=2)
+
+
+@flow(name="compare-methods")
+def compare_flow(experiment: str, out_csv: str = "metrics/comparison.csv",
+                 runs: list[dict] | None = None) -> dict:
+    return compare_task(experiment, out_csv, runs)
