@@ -6,13 +6,11 @@ import json
 import subprocess
 from pathlib import Path
 
+from unsafe_experts.records import file_digest
+
 
 def file_md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 def dvc_md5(path: str | Path) -> str:

@@ -14,8 +14,8 @@ class DatasetError(ValueError):
     pass
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)

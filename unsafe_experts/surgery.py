@@ -24,7 +24,7 @@ from .examples import batches, collate, plain_prompt, router_example, sft_exampl
 from .outputs import save_checkpoint_atomic, write_bytes_atomic, write_json_atomic
 from .phases import align_router, masked_sft, per_batch_sft, score_pass
 from .generation import generate
-from .records import (DatasetError, file_sha256, load_records, messages_problem,
+from .records import (DatasetError, file_digest, load_records, messages_problem,
                       read_json_records, select_records)
 from .routing import routing_scores
 from .scoring import score_table, top_k
@@ -118,7 +118,7 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> dict:
         "safe": [collate(b, pad) for b in batches(safe, cfg.batch_size)],
         "unsafe": [collate(b, pad) for b in batches(unsafe, cfg.batch_size)],
         "summary": {
-            "path": str(cfg.dataset_path), "sha256": file_sha256(cfg.dataset_path),
+            "path": str(cfg.dataset_path), "sha256": file_digest(cfg.dataset_path),
             "records_loaded": len(loaded), "records_used": len(records),
             "truncated_sft_examples": sum(e.truncated for e in sft),
             "truncated_router_prompts": sum(e.truncated for e in safe + unsafe),
