@@ -87,3 +87,21 @@ def test_training_loss_leaves_out_the_router_aux_loss(make_model, tokenizer, rec
         logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
     torch.testing.assert_close(ours, manual)
     assert not torch.isclose(ours, with_aux)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss", "deepseek_v3"])
+def test_streamed_scoring_equals_exact_on_one_batch_and_bounds_it_on_more(family, make_model,
+                                                                          tokenizer, records):
+    model = make_model(family)
+    layers = moe_layers(model)
+    one = sft_batches(tokenizer, records[:4])
+    exact = score_pass(model, layers, one, lambda *a: None, progress=False)
+    lean = score_pass(model, layers, one, lambda *a: None, progress=False, streamed=True)
+    torch.testing.assert_close(lean, exact, rtol=1e-5, atol=1e-12)
+    three = sft_batches(tokenizer, records[:12])
+    exact = score_pass(model, layers, three, lambda *a: None, progress=False)
+    lean = score_pass(model, layers, three, lambda *a: None, progress=False, streamed=True)
+    assert (lean >= exact - 1e-9).all() and (lean > exact).any()
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    assert all(not p._post_accumulate_grad_hooks for layer in layers
+               for p in layer.expert_params.values())

@@ -35,6 +35,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--score_mode", choices=SCORE_MODES,
                    help="accumulate (default): one top-k from gradients summed over all batches, "
                         "then masked SFT; per_batch: a fresh top-k and step on every batch")
+    p.add_argument("--score_memory", choices=("exact", "streamed"),
+                   help="exact (default): |summed gradient|, all expert gradients held; streamed: "
+                        "per-batch magnitudes reduced and freed layer by layer during backward")
     p.add_argument("--truncation", choices=("middle", "left"),
                    help="where a too-long prompt is cut (the response never is)")
     p.add_argument("--refusal", action="append", dest="refusals", metavar="TEXT",
@@ -43,6 +46,8 @@ def _train_parser(sub) -> None:
                    help="keep records with judge_success_gpt4 == 0")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's")
+    p.add_argument("--experts_implementation", choices=("grouped_mm", "batched_mm", "eager"),
+                   help="fused-experts kernel (default: transformers'); pick by `python -m bench`")
     p.add_argument("--trust_remote_code", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty output_dir")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -32,6 +32,9 @@ class TrainConfig:
     skip_router_training: bool = False
     kl_type: str = "forward"
     score_mode: str = "accumulate"
+    # exact: |sum of gradients| (every layer's expert gradients held at once); streamed: sum of
+    # per-batch |gradients|, each layer's reduced and freed during backward (see README)
+    score_memory: str = "exact"
     sft_epochs: int = 1
     router_epochs: int = 1
     weight_decay: float = 0.01
@@ -48,6 +51,9 @@ class TrainConfig:
     seed: int = 42
     device: str | None = None
     dtype: str = "auto"
+    # fused-experts kernel: grouped_mm, batched_mm or eager (None: transformers' default).
+    # Which is fastest depends on device, shape and threads: see `python -m bench`.
+    experts_implementation: str | None = None
     trust_remote_code: bool = False
     overwrite: bool = False
 
@@ -71,10 +77,12 @@ class TrainConfig:
         if self.method != "gradient" and self.score_mode != "accumulate":
             bad("score_mode", "per_batch exists for the gradient method only")
         choices = {"method": METHODS, "kl_type": KL_TYPES, "score_mode": SCORE_MODES, "dtype": DTYPES,
+                   "score_memory": ("exact", "streamed"),
+                   "experts_implementation": (None, "grouped_mm", "batched_mm", "eager"),
                    "truncation": ("middle", "left")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                bad(key, f"must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+                bad(key, f"must be one of {', '.join(map(str, allowed))}, got {getattr(self, key)!r}")
         if self.retention_path and self.score_mode != "accumulate":
             bad("retention_path", "works with score_mode accumulate (per_batch scores every "
                 "batch it trains on, which would mix retention into identification)")

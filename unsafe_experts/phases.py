@@ -6,6 +6,7 @@ and steps only through SparseRowAdamW, so nothing else can move.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from tqdm.auto import tqdm
 from .adapters import MoELayer
 from .examples import IGNORE
 from .router_kl import captured_router_outputs, router_kl, routing_distribution
-from .scoring import expert_grad_scores, top_k
+from .scoring import expert_grad_scores, per_expert_numel, streamed_l1, top_k
 from .sparse_adamw import SparseRowAdamW
 
 Batch = dict[str, torch.Tensor]
@@ -60,16 +61,24 @@ def _bar(items, desc: str, progress: bool):
     return tqdm(items, desc=desc, leave=False, disable=not progress)
 
 
-def score_pass(model, layers, batches: list[Batch], log: Log, desc="score", progress=True):
-    """Gradients of the mean batch loss accumulated over all batches -> [layers, experts]."""
+def score_pass(model, layers, batches: list[Batch], log: Log, desc="score", progress=True,
+               streamed: bool = False):
+    """Gradients of the mean batch loss over all batches -> [layers, experts] mean |grad|.
+    exact: |sum of gradients|, all layers' expert gradients held until the end; streamed:
+    sum of per-batch |gradients|, each layer's freed as soon as backward produces it."""
     set_trainable(model, expert_params(layers))
     device = model.device
     losses = []
-    for batch in _bar(batches, desc, progress):
-        loss = lm_loss(model, _on(batch, device)) / len(batches)
-        loss.backward()
-        losses.append(loss.detach() * len(batches))
-    scores = expert_grad_scores(layers)
+    with streamed_l1(layers) if streamed else nullcontext() as sums:
+        for batch in _bar(batches, desc, progress):
+            loss = lm_loss(model, _on(batch, device)) / len(batches)
+            loss.backward()
+            losses.append(loss.detach() * len(batches))
+    if streamed:
+        numel = torch.tensor([per_expert_numel(layer) for layer in layers], device=sums.device)
+        scores = sums / numel[:, None]
+    else:
+        scores = expert_grad_scores(layers)
     set_trainable(model, [])
     log("score", torch.stack(losses).tolist())
     return scores

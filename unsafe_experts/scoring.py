@@ -1,6 +1,8 @@
 """Per-expert gradient magnitude and the global top-k over all (layer, expert) pairs."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from .adapters import MoELayer
@@ -42,3 +44,33 @@ def score_table(scores: torch.Tensor, layers: list[MoELayer]) -> dict[str, float
     num_experts = scores.shape[1]
     order = torch.sort(flat, descending=True, stable=True).indices.tolist()
     return {f"L{layers[i // num_experts].index}_E{i % num_experts}": float(flat[i]) for i in order}
+
+
+@contextmanager
+def streamed_l1(layers: list[MoELayer]):
+    """Lean scoring: as backward produces each fused expert tensor's gradient, add its
+    per-expert L1 norm to a running [layers, experts] sum and free the gradient, so at most
+    about one layer's expert gradients are alive at once (instead of every layer's).
+
+    Over several backward passes this sums per-batch magnitudes, sum_b |g_b|, an upper bound
+    of the exact mode's |sum_b g_b|; with one batch the two are equal."""
+    device = next(iter(layers[0].expert_params.values())).device
+    sums = torch.zeros(len(layers), layers[0].num_experts, device=device)
+
+    def hook_for(i):
+        def hook(param):
+            sums[i] += torch.linalg.vector_norm(param.grad.flatten(1), ord=1, dim=1, dtype=torch.float32)
+            param.grad = None
+        return hook
+
+    handles = [p.register_post_accumulate_grad_hook(hook_for(i))
+               for i, layer in enumerate(layers) for p in layer.expert_params.values()]
+    try:
+        yield sums
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def per_expert_numel(layer: MoELayer) -> int:
+    return sum(p[0].numel() for p in layer.expert_params.values())

@@ -94,6 +94,8 @@ def _load_model(cfg: TrainConfig, device: torch.device):
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model_name, dtype=dtype, trust_remote_code=cfg.trust_remote_code
     )
+    if cfg.experts_implementation:
+        model.set_experts_implementation(cfg.experts_implementation)
     # eval mode: no dropout and no router jitter (PhiMoE), so scores are reproducible;
     # backward works the same
     return model.to(device).eval()
@@ -250,7 +252,8 @@ class Surgery:
         cfg = self.cfg
         if cfg.method == "gradient":
             return score_pass(self.model, self.layers, self.data["sft"], self._log(r),
-                              f"round {r} score", self.progress), {}
+                              f"round {r} score", self.progress,
+                              streamed=cfg.score_memory == "streamed"), {}
         if cfg.method == "routing":
             parts = routing_scores(self.model, self.layers, self.data["safe"], self.data["unsafe"])
             return parts["score"], {f"routing_{k}": score_table(v, self.layers)

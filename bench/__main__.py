@@ -1,0 +1,114 @@
+"""python -m bench [--quick]: speed and memory of scoring and masked SFT, measured side by side.
+
+Prints tables, then one `NAME VALUE` line per figure, last.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+
+import torch
+
+from . import workloads as w
+from .memory import peak_mb
+
+
+def scoring(args, figures, m, layers, batch):
+    plain = w.timed(lambda: w.plain_fwd_bwd(m, layers, batch), args.repeats)
+    ours = w.timed(lambda: w.our_scoring_step(m, layers, batch), args.repeats)
+    research = w.timed(lambda: w.research_scoring_step(m, layers, batch), max(1, args.repeats // 2))
+    print(f"scoring step (median of {args.repeats}): plain fwd+bwd {plain * 1e3:.1f} ms, "
+          f"ours {ours * 1e3:.1f} ms, research .item() loop {research * 1e3:.1f} ms")
+    figures["scoring_time_ratio_vs_plain_fwd_bwd"] = ours / plain
+    figures["scoring_time_ratio_vs_research_loop"] = ours / research
+
+
+def sft_peak_mb(step, k: int, seq_len: int, batch_size: int) -> float:
+    """One masked-SFT step on a fresh model, so no variant inherits another's buffers."""
+    m = w.model()
+    layers = w.moe_layers(m)
+    batch = w.batches(1, batch_size, seq_len)[0]
+    selection = w.selection_for(m, layers, batch, k)
+    w.set_trainable(m, [])
+    mb, _ = peak_mb(lambda: step(m, layers, batch, selection))
+    return mb
+
+
+def streamed_vs_exact(args, figures, batches_n: int):
+    """A full accumulate pass over several batches, exact vs streamed, on fresh models."""
+    results = {}
+    for name, streamed in (("exact", False), ("streamed", True)):
+        m = w.model()
+        layers = w.moe_layers(m)
+        data = w.batches(batches_n, 4, 128)
+        run = lambda: w.score_pass(m, layers, data, lambda *a: None, progress=False, streamed=streamed)
+        mb, _ = peak_mb(run)
+        results[name] = (mb, w.timed(run, max(1, args.repeats // 2)))
+    print(f"accumulate scoring over {batches_n} batches: exact {results['exact'][0]:.1f} MB "
+          f"{results['exact'][1]:.2f} s, streamed {results['streamed'][0]:.1f} MB "
+          f"{results['streamed'][1]:.2f} s")
+    figures["streamed_scoring_peak_memory_ratio"] = results["streamed"][0] / results["exact"][0]
+    figures["streamed_scoring_time_ratio"] = results["streamed"][1] / results["exact"][1]
+
+
+def kernels_and_threads(args, figures, batch):
+    """The fused-experts kernel and the torch thread count, by measurement (scoring step)."""
+    print("\nscoring step by experts_implementation and torch threads (ms, median)")
+    threads_before = torch.get_num_threads()
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        row = []
+        for kernel in ("grouped_mm", "batched_mm", "eager"):
+            m = w.model()
+            m.set_experts_implementation(kernel)
+            layers = w.moe_layers(m)
+            t = w.timed(lambda: w.our_scoring_step(m, layers, batch), args.repeats)
+            figures[f"scoring_ms_{kernel}_threads{threads}"] = t * 1e3
+            row.append(f"{kernel} {t * 1e3:.1f}")
+        print(f"  threads {threads}: " + ", ".join(row))
+    torch.set_num_threads(threads_before)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes (< 5 min)")
+    args = parser.parse_args()
+    args.repeats = 3 if args.quick else 7
+    torch.manual_seed(0)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}; model: OLMoE-shaped {w.SHAPE}")
+    figures: dict[str, float] = {}
+
+    m = w.model()
+    layers = w.moe_layers(m)
+    total = sum(l.num_experts for l in layers)
+    batch = w.batches(1, 4, 128)[0]
+    scoring(args, figures, m, layers, batch)
+
+    k = total // 10
+    dense, ours = (sft_peak_mb(step, k, 128, 4) for step in (w.dense_adamw_step, w.our_sft_step))
+    print(f"masked SFT step peak memory at k = {k} of {total} experts: dense AdamW "
+          f"{dense:.1f} MB, ours {ours:.1f} MB")
+    figures["sft_peak_memory_ratio_vs_dense_adamw"] = ours / dense
+    streamed_vs_exact(args, figures, 3 if args.quick else 6)
+
+    kernels_and_threads(args, figures, batch)
+
+    print("\ngrowth (ours): scoring step time and masked-SFT peak memory")
+    print(f"{'batch':>5} {'seq':>5} {'k':>5} {'score ms':>9} {'sft MB':>8}")
+    sizes = [(2, 64, k), (4, 64, k), (4, 128, k), (4, 128, 2 * k)] if args.quick else \
+        [(2, 64, k), (4, 64, k), (8, 64, k), (4, 128, k), (4, 256, k), (4, 128, 2 * k), (4, 128, 4 * k)]
+    for batch_size, seq_len, kk in sizes:
+        b = w.batches(1, batch_size, seq_len)[0]
+        t = w.timed(lambda: w.our_scoring_step(m, layers, b), args.repeats)
+        sft = sft_peak_mb(w.our_sft_step, kk, seq_len, batch_size)
+        print(f"{batch_size:>5} {seq_len:>5} {kk:>5} {t * 1e3:>9.1f} {sft:>8.1f}")
+
+    print()
+    for name, value in figures.items():
+        print(f"{name} {value:.4f}")
+
+
+if __name__ == "__main__":
+    main()
