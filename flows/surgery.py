@@ -126,8 +126,8 @@ def surgery_flow(train: dict, experiment: str = "unsafe-experts", log_model: boo
         tracking.end_run(run_id)
         return {**final, "mlflow_run_id": run_id, "metrics": metrics, "evaluation": evaluations,
                 "experts_per_round": [r["identified"]["experts"] for r in rounds]}
-    except BaseException:
+    except BaseException as error:
         tracking.end_run(run_id, "FAILED")
         if key:
-            steps.discard(key)
+            steps.discard(key, error)
         raise

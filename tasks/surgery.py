@@ -113,5 +113,8 @@ def finish(key: str) -> dict:
             "final_model": str(surgery.out / "final_model"), "total_s": meta["timings"]["total_s"]}
 
 
-def discard(key: str) -> None:
-    _RUNS.pop(key, None)
+def discard(key: str, error: BaseException) -> None:
+    """Drops a failed run's model, recording the failure in its metadata."""
+    surgery = _RUNS.pop(key, None)
+    if surgery is not None:
+        surgery.fail(error)

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -107,3 +109,45 @@ def test_bf16_updates_accumulate_in_fp32_masters():
     moved = (master[0] - start[0].float()).abs().mean()
     assert 1e-4 < moved < 3e-4  # four steps of ~lr each, kept in full
     assert (w[0] != start[0]).float().mean() > (naive[0] != start[0]).float().mean()
+
+
+def test_nan_loss_stops_the_run_naming_where_and_keeps_earlier_rounds(tiny_dir, records_path, tmp_path):
+    import json
+
+    from unsafe_experts.config import TrainConfig
+    from unsafe_experts.phases import NonFiniteLossError
+    from unsafe_experts.surgery import Surgery
+
+    out = tmp_path / "out"
+    cfg = TrainConfig(model_name=str(tiny_dir), dataset_path=str(records_path), output_dir=str(out),
+                      num_rounds=2, top_k_experts=2, batch_size=4, max_samples=8)
+    surgery = Surgery(cfg, progress=False, echo=lambda *a: None)
+    surgery.start()
+    surgery.identify(1)
+    surgery.repair(1)
+    surgery.checkpoint(1)
+    with torch.no_grad():
+        surgery.layers[0].router.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"round 2 score: the loss is nan at step 0 \(batch 0 of 2\)"):
+        surgery.identify(2)
+    surgery.fail(NonFiniteLossError("x"))
+    meta = json.loads((out / "training_metadata.json").read_text())
+    assert meta["status"] == "failed" and list(meta["identified_experts_per_round"]) == ["1"]
+    assert (out / "round_1" / "model.safetensors").exists()
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused(tiny_dir, records_path, tmp_path):
+    from unsafe_experts.config import TrainConfig
+    from unsafe_experts.outputs import DirectoryLock, OutputDirBusyError
+    from unsafe_experts.surgery import run_surgery
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = DirectoryLock(out).acquire()  # another run holds the directory
+    cfg = TrainConfig(model_name=str(tiny_dir), dataset_path=str(records_path), output_dir=str(out),
+                      num_rounds=1, top_k_experts=2, batch_size=4, max_samples=4, overwrite=True)
+    with pytest.raises(OutputDirBusyError, match=f"in use by another run \\(pid {os.getpid()}\\)"):
+        run_surgery(cfg, progress=False, echo=lambda *a: None)
+    holder.release()
+    assert run_surgery(cfg, progress=False, echo=lambda *a: None)["status"] == "completed"
+    assert not (out / ".unsafe-experts.lock").exists()

@@ -9,10 +9,13 @@ from pathlib import Path
 from .adapters import UnsupportedModelError
 from .config import DTYPES, METHODS, SCORE_MODES, ConfigError, TrainConfig
 from .examples import ExampleError
+from .outputs import OutputDirBusyError
+from .phases import NonFiniteLossError
 from .records import DatasetError
 from .router_kl import KL_TYPES
 
-USER_ERRORS = (ConfigError, DatasetError, ExampleError, UnsupportedModelError, OSError)
+USER_ERRORS = (ConfigError, DatasetError, ExampleError, UnsupportedModelError, OSError,
+               NonFiniteLossError, OutputDirBusyError)
 
 
 def _train_parser(sub) -> None:

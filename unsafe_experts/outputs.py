@@ -1,6 +1,7 @@
 """Atomic writes: a reader never sees a half-written file or checkpoint."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -44,3 +45,38 @@ def save_checkpoint_atomic(model, tokenizer, path: str | Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class OutputDirBusyError(RuntimeError):
+    pass
+
+
+class DirectoryLock:
+    """An exclusive lock on an output directory for the length of a run. flock is released by
+    the kernel when the process dies, so a killed run never leaves a stale lock behind."""
+
+    def __init__(self, directory: str | Path):
+        self.path = Path(directory) / ".unsafe-experts.lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> "DirectoryLock":
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise OutputDirBusyError(
+                f"output_dir: {self.path.parent} is in use by another run (pid {holder}); "
+                "wait for it or choose another --output_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None

@@ -33,6 +33,19 @@ def lm_loss(model, batch: Batch) -> torch.Tensor:
     )
 
 
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def _finite(loss: torch.Tensor, desc: str, step: int, batches: int) -> torch.Tensor:
+    """Stops at the first NaN or inf loss, naming the phase, step and batch (one host sync a
+    step: cheap beside a forward and backward, and no update is made from a broken loss)."""
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"{desc}: the loss is {float(loss)} at step {step} "
+                                 f"(batch {step % batches} of {batches}); no update was made from it")
+    return loss
+
+
 def set_trainable(model, params) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
@@ -70,8 +83,8 @@ def score_pass(model, layers, batches: list[Batch], log: Log, desc="score", prog
     device = model.device
     losses = []
     with streamed_l1(layers) if streamed else nullcontext() as sums:
-        for batch in _bar(batches, desc, progress):
-            loss = lm_loss(model, _on(batch, device)) / len(batches)
+        for i, batch in enumerate(_bar(batches, desc, progress)):
+            loss = _finite(lm_loss(model, _on(batch, device)), desc, i, len(batches)) / len(batches)
             loss.backward()
             losses.append(loss.detach() * len(batches))
     if streamed:
@@ -101,7 +114,7 @@ def masked_sft(model, layers, batches, selection, lr, weight_decay, epochs, log:
     losses = []
     for epoch in range(epochs):
         for batch in _bar(batches, f"{desc} epoch {epoch + 1}", progress):
-            loss = lm_loss(model, _on(batch, device))
+            loss = _finite(lm_loss(model, _on(batch, device)), desc, len(losses), len(batches))
             loss.backward()
             opt.step()
             opt.zero_grad()
@@ -125,7 +138,7 @@ def per_batch_sft(model, layers, batches, k, lr, weight_decay, epochs, log: Log,
     position = {layer.index: i for i, layer in enumerate(layers)}
     for epoch in range(epochs):
         for batch in _bar(batches, f"{desc} epoch {epoch + 1}", progress):
-            loss = lm_loss(model, _on(batch, device))
+            loss = _finite(lm_loss(model, _on(batch, device)), desc, len(losses), len(batches))
             loss.backward()
             scores = expert_grad_scores(layers)
             selection = top_k(scores, k, layers)
@@ -182,7 +195,7 @@ def align_router(model, layers, safe_batches, unsafe_batches, kl_type, lr, weigh
                 batch = _on(batch, device)
                 decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
                 loss = router_kl(target, routing_distribution(captured, batch["content_mask"]), kl_type)
-                loss.backward()
+                _finite(loss, desc, len(kls), len(pairs)).backward()
                 opt.step()
                 opt.zero_grad()
                 kls.append(loss.detach())

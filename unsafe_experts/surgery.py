@@ -21,7 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from .adapters import moe_layers
 from .config import ConfigError, TrainConfig
 from .examples import batches, collate, plain_prompt, router_example, sft_example
-from .outputs import save_checkpoint_atomic, write_bytes_atomic, write_json_atomic
+from .outputs import (DirectoryLock, save_checkpoint_atomic, write_bytes_atomic,
+                      write_json_atomic)
 from .phases import align_router, masked_sft, per_batch_sft, score_pass
 from .generation import generate
 from .records import (DatasetError, file_digest, load_records, messages_problem,
@@ -168,6 +169,7 @@ class Surgery:
         self.model = _load_model(cfg, self.device)
         self.layers = moe_layers(self.model)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = DirectoryLock(self.out).acquire()
         self.meta = {
             "method": cfg.method,
             "status": "running",
@@ -296,6 +298,13 @@ class Surgery:
         self.echo(_round_summary(r, state["selection"], self.meta["training_logs"], state["identified"]))
         return path
 
+    def fail(self, error: BaseException) -> None:
+        """Marks the run failed in its metadata; completed rounds stay on disk as they are."""
+        self.meta["status"] = "failed"
+        self.meta["error"] = f"{type(error).__name__}: {error}"
+        write_json_atomic(self.out / METADATA, self.meta)
+        self.lock.release()
+
     def finish(self) -> dict:
         save_checkpoint_atomic(self.model, self.tokenizer, self.out / "final_model")
         rounds = {int(r): {"experts": v["experts"], "gradients": v.get("gradients", v["scores"])}
@@ -305,16 +314,21 @@ class Surgery:
         self.meta["status"] = "completed"
         self.meta["timings"]["total_s"] = time.time() - self.started
         write_json_atomic(self.out / METADATA, self.meta)
+        self.lock.release()
         return self.meta
 
 
 def run_surgery(cfg: TrainConfig, progress: bool = True, echo=print) -> dict:
     surgery = Surgery(cfg, progress, echo)
     surgery.start()
-    for r in range(1, cfg.num_rounds + 1):
-        surgery.identify(r)
-        surgery.repair(r)
-        if not cfg.skip_router_training:
-            surgery.align(r)
-        surgery.checkpoint(r)
-    return surgery.finish()
+    try:
+        for r in range(1, cfg.num_rounds + 1):
+            surgery.identify(r)
+            surgery.repair(r)
+            if not cfg.skip_router_training:
+                surgery.align(r)
+            surgery.checkpoint(r)
+        return surgery.finish()
+    except BaseException as e:
+        surgery.fail(e)
+        raise
