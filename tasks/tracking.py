@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 import time
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -27,6 +28,27 @@ METRIC_KEYS = {"score": "score_loss", "sft": "sft_loss", "router": "router_kl"}
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+
+
+def ensure_reachable(local_fallback: bool = False, echo=print) -> str:
+    """Fails fast, before any training, when a tracking server does not answer; or, with
+    `local_fallback`, switches this process to the local SQLite store and says so."""
+    from unsafe_experts.config import ConfigError
+
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+        return uri
+    except OSError as e:
+        reason = getattr(e, "reason", e)
+        if not local_fallback:
+            raise ConfigError(f"MLflow tracking server {uri} is unreachable ({reason}); start it, "
+                              "fix MLFLOW_TRACKING_URI, or pass --local_tracking") from None
+    os.environ["MLFLOW_TRACKING_URI"] = DEFAULT_URI
+    echo(f"MLflow tracking server {uri} is unreachable; tracking locally in {DEFAULT_URI} instead")
+    return DEFAULT_URI
 
 
 def client() -> MlflowClient:

@@ -169,3 +169,25 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(case, message, tiny_dir,
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert not out.exists()
+
+
+def test_unreachable_tracking_server_fails_fast_or_falls_back(tiny_dir, records_path, tmp_path,
+                                                              monkeypatch, capsys):
+    import socket
+    import time
+
+    from tasks.tracking import DEFAULT_URI, ensure_reachable
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    started = time.time()
+    assert train(tiny_dir, records_path, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"MLflow tracking server http://127.0.0.1:{port} is unreachable" in err
+    assert "--local_tracking" in err and time.time() - started < 30
+    assert not (tmp_path / "out").exists()
+    assert ensure_reachable(local_fallback=True, echo=lambda m: None) == DEFAULT_URI
+    import os
+    assert os.environ["MLFLOW_TRACKING_URI"] == DEFAULT_URI

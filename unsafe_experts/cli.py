@@ -64,6 +64,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--retention_path", help="JSON list of chat prompts answered by the model before "
                    "surgery and mixed into the masked SFT (see README)")
     p.add_argument("--retention_samples", type=int)
+    p.add_argument("--local_tracking", action="store_true",
+                   help="if the MLflow server is unreachable, track in ./mlflow.db instead of failing")
     p.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment or unsafe-experts)")
     p.add_argument("--log_model", action="store_true",
                    help="log the final model's bytes as an MLflow artifact (default: path and md5)")
@@ -79,6 +81,7 @@ def _train(args) -> None:
     metrics, params_path = options.pop("metrics", None), options.pop("params", None)
     log_model_flag = options.pop("log_model", False)
     experiment_flag = options.pop("experiment", None)
+    local_tracking = options.pop("local_tracking", False)
     evaluation = {"eval_set": options.pop("eval_set", None)}
     if "eval_limit" in options:
         evaluation["limit"] = options.pop("eval_limit")
@@ -113,6 +116,7 @@ def _train(args) -> None:
     else:
         from flows.surgery import surgery_flow
         from schemas.dataset import validate_file
+        from tasks.tracking import ensure_reachable
 
         from .surgery import check_inputs
 
@@ -120,6 +124,7 @@ def _train(args) -> None:
         if not report.ok:
             raise report.error()
         check_inputs(cfg)
+        ensure_reachable(local_tracking)
         result = surgery_flow(asdict(cfg), experiment, log_model, metrics, not quiet,
                                   evaluation, evaluation_path)
         total = result["total_s"]
