@@ -20,21 +20,24 @@ track = task(tracking.log_round, name="track-round", retries=2, retry_delay_seco
 EVALUATION_DEFAULTS = {"max_new_tokens": 48, "batch_size": 16, "limit": None, "samples": 5}
 
 
-def _summary(rounds: list[dict], final: dict) -> dict[str, float]:
-    last = rounds[-1]
+def _summary(metadata: dict, final: dict) -> dict[str, float]:
+    """The run's figures from its metadata (so a resumed run counts the rounds done before)."""
+    per_round = metadata["identified_experts_per_round"]
+    rounds = sorted(per_round, key=int)
+    timings = [metadata["timings"][f"round_{r}"] for r in rounds]
+    last = per_round[rounds[-1]]
     out = {"rounds": len(rounds), "total_s": final["total_s"],
-           "identify_s": sum(r["timings"]["identify_s"] for r in rounds),
-           "identify_peak_memory_mb": max(r["timings"]["identify_peak_memory_mb"] for r in rounds),
-           "peak_memory_mb": max(r["timings"]["peak_memory_mb"] for r in rounds)}
-    sft = [x["loss"] for x in last["logs"] if x["kind"] == "sft"]
+           "identify_s": sum(t["identify_s"] for t in timings),
+           "identify_peak_memory_mb": max(t["identify_peak_memory_mb"] for t in timings),
+           "peak_memory_mb": max(t["peak_memory_mb"] for t in timings)}
+    sft = [x["loss"] for x in metadata["training_logs"]
+           if x["kind"] == "sft" and x["round"] == int(rounds[-1])]
     if sft:
         out["final_sft_loss"] = sft[-1]
     if len(rounds) > 1:
-        out["jaccard_last_two_rounds"] = tracking.jaccard(rounds[-1]["identified"]["experts"],
-                                                          rounds[-2]["identified"]["experts"])
-    kl = last["identified"].get("router_kl_before_after")
-    if kl:
-        out["final_router_kl"] = kl[1]
+        out["jaccard_last_two_rounds"] = tracking.jaccard(last["experts"], per_round[rounds[-2]]["experts"])
+    if "router_kl_before_after" in last:
+        out["final_router_kl"] = last["router_kl_before_after"][1]
     return out
 
 
@@ -81,11 +84,14 @@ def surgery_flow(train: dict, experiment: str = "unsafe-experts", log_model: boo
         key = prepared["key"]
         tracking.log_dataset(run_id, cfg.dataset_path, prepared["records"], tags["data_dvc_md5"])
         tracking.log_tags(run_id, {f"dataset_{k}": v for k, v in prepared["dataset"].items()})
-        evaluations: dict = {}
-        if evaluating:
+        first = prepared["first_round"]
+        if first > 1:  # the rounds before were completed by an interrupted run of this command
+            tracking.log_tags(run_id, {"resumed_after_round": first - 1})
+        evaluations: dict = dict(prepared["evaluation"])
+        if evaluating and "before" not in evaluations:
             _evaluate(key, "before", evaluation, [run_id], 0, evaluations)
-        rounds, previous = [], None
-        for r in range(1, cfg.num_rounds + 1):
+        previous = prepared["previous_experts"]
+        for r in range(first, cfg.num_rounds + 1):
             round_run = tracking.start_run(experiment, f"round-{r}", {"round": r}, tags, parent=run_id)
             steps.identify(key, r)
             steps.repair(key, r)
@@ -99,17 +105,16 @@ def surgery_flow(train: dict, experiment: str = "unsafe-experts", log_model: boo
             if evaluating:
                 _evaluate(key, f"round_{r}", evaluation, [run_id, round_run], r, evaluations)
             tracking.end_run(round_run)
-            rounds.append(done)
             previous = done["identified"]["experts"]
         final = steps.finish(key)
         key = None
-        selected = [x for r in rounds for x in r["identified"]["experts"]]
+        metadata = json.loads(Path(final["metadata"]).read_text())
+        selected = [x for r in metadata["identified_experts_per_round"].values() for x in r["experts"]]
         locality = steps.check_locality(cfg.model_name, final["final_model"], selected,
                                         not cfg.skip_router_training)
         if evaluating:
             _write_evaluations(run_id, evaluations, evaluation_path)
         if evaluating or locality:
-            metadata = json.loads(Path(final["metadata"]).read_text())
             metadata.update({"evaluation": evaluations} if evaluating else {})
             metadata["locality"] = locality
             write_json_atomic(final["metadata"], metadata)
@@ -118,14 +123,14 @@ def surgery_flow(train: dict, experiment: str = "unsafe-experts", log_model: boo
                                    "final_model_dvc_md5": dvc_md5(final["final_model"])})
         if log_model:
             tracking.log_file(run_id, final["final_model"], "final_model")
-        metrics = _summary(rounds, final)
+        metrics = _summary(metadata, final)
         if locality:
             metrics.update(locality_ok=int(locality["ok"]), experts_changed=len(locality["experts"]),
                            routers_changed=len(locality["routers"]))
         tracking.write_and_log_metrics(run_id, metrics, metrics_path)
         tracking.end_run(run_id)
         return {**final, "mlflow_run_id": run_id, "metrics": metrics, "evaluation": evaluations,
-                "experts_per_round": [r["identified"]["experts"] for r in rounds]}
+                "experts_per_round": [r["experts"] for r in metadata["identified_experts_per_round"].values()]}
     except BaseException as error:
         tracking.end_run(run_id, "FAILED")
         if key:

@@ -47,8 +47,11 @@ def prepare(train: dict, progress: bool = True) -> dict:
     surgery.start()
     key = str(Path(cfg.output_dir).resolve())
     _RUNS[key] = surgery
+    done = surgery.meta["identified_experts_per_round"]
     return {"key": key, "dataset": surgery.data["summary"], "model": surgery.meta["model"],
-            "records": [{"goal": r} for r in _goals(cfg)]}
+            "records": [{"goal": r} for r in _goals(cfg)], "first_round": surgery.first_round,
+            "previous_experts": done[str(surgery.first_round - 1)]["experts"] if done else None,
+            "evaluation": surgery.meta.get("evaluation", {})}
 
 
 def _goals(cfg: TrainConfig) -> list[str]:
@@ -83,7 +86,7 @@ def checkpoint(key: str, r: int) -> dict:
                for i, (l, e) in enumerate(identified["experts"])],
         description=f"Unsafe experts identified in round {r} by the {surgery.cfg.method} method",
     )
-    return {"path": str(path), "identified": identified, "timings": meta["timings"][f"round_{r}"],
+    return {"round": r, "path": str(path), "identified": identified, "timings": meta["timings"][f"round_{r}"],
             "logs": [x for x in meta["training_logs"] if x["round"] == r]}
 
 
@@ -91,9 +94,11 @@ def checkpoint(key: str, r: int) -> dict:
 def evaluate_stage(key: str, stage: str, evaluation: dict) -> dict:
     """Safety and utility of the live model now: {"metrics": {...}, "samples": [...]}"""
     surgery = _RUNS[key]
-    return evaluate(surgery.model, surgery.tokenizer, load_eval_set(evaluation["eval_set"]),
-                    evaluation["max_new_tokens"], evaluation["batch_size"], evaluation["limit"],
-                    evaluation["samples"], progress=surgery.progress)
+    result = evaluate(surgery.model, surgery.tokenizer, load_eval_set(evaluation["eval_set"]),
+                      evaluation["max_new_tokens"], evaluation["batch_size"], evaluation["limit"],
+                      evaluation["samples"], progress=surgery.progress)
+    surgery.record("evaluation", stage, result["metrics"])  # kept if the run is resumed
+    return result
 
 
 @task(name="check-locality")

@@ -6,8 +6,10 @@ checked before the model is loaded and before `output_dir` is touched.
 """
 from __future__ import annotations
 
+import json
 import pickle
 import random
+import shutil
 import platform
 import resource
 import time
@@ -54,9 +56,32 @@ def _check_output_dir(cfg: TrainConfig) -> Path:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite and resume_point(cfg) is None:
         raise ConfigError(f"output_dir: {out} is not empty; pass --overwrite to replace its outputs")
     return out
+
+
+def _comparable(parameters: dict) -> dict:
+    return {k: v for k, v in parameters.items() if k != "overwrite"}
+
+
+def resume_point(cfg: TrainConfig) -> dict | None:
+    """The metadata of an unfinished run in output_dir with these same parameters and data,
+    which this run then continues after its last completed round; None otherwise. A round
+    counts as completed once it is in the metadata: that is written after its checkpoint has
+    been renamed into place."""
+    path = Path(cfg.output_dir) / METADATA
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if (meta.get("status") == "completed"
+            or _comparable(meta.get("parameters", {})) != _comparable(asdict(cfg))
+            or meta.get("dataset", {}).get("sha256") != file_digest(cfg.dataset_path)):
+        return None
+    return meta
 
 
 def check_inputs(cfg: TrainConfig) -> dict:
@@ -90,10 +115,10 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _load_model(cfg: TrainConfig, device: torch.device):
+def _load_model(cfg: TrainConfig, device: torch.device, source: str | Path | None = None):
     dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     model = AutoModelForCausalLM.from_pretrained(
-        cfg.model_name, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+        source or cfg.model_name, dtype=dtype, trust_remote_code=cfg.trust_remote_code
     )
     if cfg.experts_implementation:
         model.set_experts_implementation(cfg.experts_implementation)
@@ -166,10 +191,14 @@ class Surgery:
         torch.manual_seed(cfg.seed)
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.started = time.time()
-        self.model = _load_model(cfg, self.device)
-        self.layers = moe_layers(self.model)
         self.out.mkdir(parents=True, exist_ok=True)
         self.lock = DirectoryLock(self.out).acquire()
+        resume = resume_point(cfg)
+        done = sorted(int(r) for r in resume["identified_experts_per_round"]) if resume else []
+        self.first_round = (done[-1] if done else 0) + 1
+        source = self.out / f"round_{done[-1]}" if done else None
+        self.model = _load_model(cfg, self.device, source)
+        self.layers = moe_layers(self.model)
         self.meta = {
             "method": cfg.method,
             "status": "running",
@@ -184,21 +213,47 @@ class Surgery:
             "training_logs": [],
             "timings": {},
         }
+        if resume:
+            self._continue(resume, done)
         self._round: dict = {}
         self.data["repair"] = self._retention_batches() if cfg.retention_path else self.data["sft"]
+        write_json_atomic(self.out / METADATA, self.meta)
+
+    def _continue(self, previous: dict, done: list[int]) -> None:
+        """Keeps what the interrupted run completed; drops half-written leftovers."""
+        last = done[-1] if done else 0
+        for key in ("identified_experts_per_round", "evaluation"):
+            if key in previous:
+                self.meta[key] = previous[key]
+        self.meta["training_logs"] = [x for x in previous["training_logs"] if x["round"] <= last]
+        self.meta["timings"] = {k: v for k, v in previous["timings"].items()
+                                if k.startswith("round_") and int(k[6:]) <= last}
+        self.meta["resumed"] = previous.get("resumed", []) + [{"after_round": last, "at": time.time()}]
+        self.echo(f"resuming {self.out} after round {last}")
+        for leftover in self.out.glob(".*"):
+            if leftover.is_dir():  # a checkpoint that was being written when the run died
+                shutil.rmtree(leftover)
+
+    def record(self, key: str, stage: str, value) -> None:
+        """Adds a result of the workflow (an evaluation) to the metadata, written at once."""
+        self.meta.setdefault(key, {})[stage] = value
         write_json_atomic(self.out / METADATA, self.meta)
 
     def _retention_batches(self) -> list:
         """Jailbreak->refusal batches, each joined by a share of retention prompts answered by
         the model as it is before surgery (its answers are kept in retention_answers.json)."""
         cfg = self.cfg
-        prompts = load_prompts(cfg.retention_path)
-        random.Random(cfg.seed).shuffle(prompts)
-        prompts = prompts[:cfg.retention_samples]
-        answers = generate(self.model, self.tokenizer, prompts, cfg.retention_max_new_tokens,
-                           cfg.batch_size, desc="retention answers", progress=self.progress)
-        kept = [(m, a) for m, a in zip(prompts, answers) if a]
-        write_json_atomic(self.out / "retention_answers.json", [[m, a] for m, a in kept])
+        saved = self.out / "retention_answers.json"
+        if self.first_round > 1 and saved.is_file():  # resuming: the pre-surgery answers
+            kept = [(m, a) for m, a in json.loads(saved.read_text())]
+        else:
+            prompts = load_prompts(cfg.retention_path)
+            random.Random(cfg.seed).shuffle(prompts)
+            prompts = prompts[:cfg.retention_samples]
+            answers = generate(self.model, self.tokenizer, prompts, cfg.retention_max_new_tokens,
+                               cfg.batch_size, desc="retention answers", progress=self.progress)
+            kept = [(m, a) for m, a in zip(prompts, answers) if a]
+            write_json_atomic(saved, [[m, a] for m, a in kept])
         retained = [sft_example(self.tokenizer, m, a, cfg.max_length, cfg.truncation, index=i)
                     for i, (m, a) in enumerate(kept)]
         jailbreak = batches(self.data["sft_examples"], cfg.batch_size)
@@ -322,7 +377,7 @@ def run_surgery(cfg: TrainConfig, progress: bool = True, echo=print) -> dict:
     surgery = Surgery(cfg, progress, echo)
     surgery.start()
     try:
-        for r in range(1, cfg.num_rounds + 1):
+        for r in range(surgery.first_round, cfg.num_rounds + 1):
             surgery.identify(r)
             surgery.repair(r)
             if not cfg.skip_router_training:

@@ -1,0 +1,71 @@
+"""A run killed mid-way and started again with the same command resumes after its last
+completed round and ends exactly where an uninterrupted run ends."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from unsafe_experts.cli import main
+
+
+def command(tiny_dir, records_path, out):
+    return ["train", "--model_name", str(tiny_dir), "--dataset_path", str(records_path),
+            "--output_dir", str(out), "--num_rounds", "3", "--top_k_experts", "3", "--batch_size", "4",
+            "--max_samples", "12", "--expert_lr", "1e-3", "--router_lr", "1e-3", "--sft_epochs", "2",
+            "--quiet", "--engine_only"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir, records_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    assert main(command(tiny_dir, records_path, out)) == 0
+    return out
+
+
+def wait_for(predicate, process, timeout=120):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        assert time.time() < deadline
+        time.sleep(0.02)
+
+
+def rounds_recorded(out):
+    try:
+        return len(json.loads((out / "training_metadata.json").read_text())["identified_experts_per_round"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@pytest.mark.parametrize("sig, when", [(signal.SIGKILL, "inside round 2"),
+                                       (signal.SIGTERM, "as round 1's checkpoint lands")])
+def test_killed_run_resumes_to_the_same_result(sig, when, tiny_dir, records_path, tmp_path, reference):
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "unsafe_experts", *command(tiny_dir, records_path, out)],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if when == "inside round 2":
+        wait_for(lambda: rounds_recorded(out) >= 1, process)
+    else:
+        wait_for(lambda: (out / "round_1").exists(), process)
+    process.send_signal(sig)
+    process.wait(timeout=60)
+    assert not (out / "final_model").exists()
+
+    assert main(command(tiny_dir, records_path, out)) == 0  # the same command again
+    meta = json.loads((out / "training_metadata.json").read_text())
+    expected = json.loads((reference / "training_metadata.json").read_text())
+    assert meta["status"] == "completed" and meta["resumed"][0]["after_round"] in (0, 1)
+    assert ({r: v["experts"] for r, v in meta["identified_experts_per_round"].items()}
+            == {r: v["experts"] for r, v in expected["identified_experts_per_round"].items()})
+    ours = load_file(out / "final_model" / "model.safetensors")
+    theirs = load_file(reference / "final_model" / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert [x for x in meta["training_logs"] if x["round"] == 3] == \
+        [x for x in expected["training_logs"] if x["round"] == 3]
