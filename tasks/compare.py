@@ -38,8 +38,9 @@ def latest_runs(experiment: str, wanted: list[dict] | None = None) -> pd.DataFra
         raise ConfigError(f"no finished runs in MLflow experiment {experiment!r}")
     runs = runs[runs.get("tags.mlflow.parentRunId", pd.Series(index=runs.index)).isna()]
     runs = runs[runs["metrics.final/asr_flip_words"].notna()] if "metrics.final/asr_flip_words" in runs else runs.iloc[:0]
+    before = {m: runs.get(f"metrics.before/{m}") for m in SUMMARY}
     table = pd.DataFrame({
-        "run_id": runs["run_id"], "method": runs["tags.method"],
+        "run_id": runs["run_id"], **{f"before_{m}": v for m, v in before.items() if v is not None}, "method": runs["tags.method"],
         "k": runs["params.top_k_experts"].astype(int), "seed": runs["params.seed"].astype(int),
         "rounds": runs["params.num_rounds"].astype(int),
         **{col: runs[f"metrics.{key}"] for col, key in METRICS.items()},
@@ -108,10 +109,20 @@ def asr_plot(table: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def before_line(table: pd.DataFrame) -> str:
+    """The organism before surgery (every run evaluates the same model on the same prompts)."""
+    cols = [f"before_{m}" for m in SUMMARY if f"before_{m}" in table]
+    if not cols:
+        return "(no evaluation before surgery recorded)"
+    values = table[cols].mean()
+    return "Before surgery: " + ", ".join(f"{c[7:]} {values[c]:.3f}" for c in cols)
+
+
 def markdown(table: pd.DataFrame, means: pd.DataFrame, overlaps: pd.DataFrame) -> str:
     def fmt(df):
         return df.to_markdown(index=False, floatfmt=".3f")
     return "\n\n".join([
+        before_line(table),
         "## Every run (latest per method, k, seed)", fmt(table[COLUMNS]),
         "## Mean and spread over seeds", fmt(means),
         "## Gradient vs routing expert sets", fmt(overlaps) if len(overlaps) else "(no pair)",
