@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 
 import torch
 
@@ -41,11 +42,11 @@ def streamed_vs_exact(args, figures, batches_n: int):
     for name, streamed in (("exact", False), ("streamed", True)):
         m = w.model()
         layers = w.moe_layers(m)
-        data = w.batches(batches_n, 4, 128)
+        data = w.batches(batches_n, 1, 32)  # short: the gradients, not activations, dominate
         run = lambda: w.score_pass(m, layers, data, lambda *a: None, progress=False, streamed=streamed)
         mb, _ = peak_mb(run)
         results[name] = (mb, w.timed(run, max(1, args.repeats // 2)))
-    print(f"accumulate scoring over {batches_n} batches: exact {results['exact'][0]:.1f} MB "
+    print(f"accumulate scoring over {batches_n} batches of 1 x 32 tokens: exact {results['exact'][0]:.1f} MB "
           f"{results['exact'][1]:.2f} s, streamed {results['streamed'][0]:.1f} MB "
           f"{results['streamed'][1]:.2f} s")
     figures["streamed_scoring_peak_memory_ratio"] = results["streamed"][0] / results["exact"][0]
@@ -71,6 +72,12 @@ def kernels_and_threads(args, figures, batch):
 
 
 def main() -> None:
+    # glibc would otherwise keep freed tensors in its heap (its mmap threshold grows after
+    # each large free), so resident memory would not show a phase's own peak: fix the
+    # threshold so every large tensor is mapped and unmapped, then start again with it
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.execv(sys.executable, [sys.executable, "-m", "bench", *sys.argv[1:]])
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes (< 5 min)")
     args = parser.parse_args()
@@ -87,10 +94,17 @@ def main() -> None:
     scoring(args, figures, m, layers, batch)
 
     k = total // 10
-    dense, ours = (sft_peak_mb(step, k, 128, 4) for step in (w.dense_adamw_step, w.our_sft_step))
-    print(f"masked SFT step peak memory at k = {k} of {total} experts: dense AdamW "
-          f"{dense:.1f} MB, ours {ours:.1f} MB")
+    # one short sequence: at this scaled-down hidden size activations would otherwise dwarf
+    # the weights, gradients and optimizer state, unlike at OLMoE's real size
+    dense, ours = (sft_peak_mb(step, k, 32, 1) for step in (w.dense_adamw_step, w.our_sft_step))
+    print(f"masked SFT step peak memory at k = {k} of {total} experts (1 x 32 tokens): dense "
+          f"AdamW {dense:.1f} MB, ours {ours:.1f} MB")
     figures["sft_peak_memory_ratio_vs_dense_adamw"] = ours / dense
+    expert_bytes = sum(p.numel() * 4 for p in w.expert_params(layers))
+    ours_state = k * sum(p[0].numel() for p in layers[0].expert_params.values()) * 4 * 3
+    print(f"optimizer state: dense AdamW {2 * expert_bytes / 2**20:.1f} MB (two moments of every "
+          f"expert), ours {ours_state / 2**20:.1f} MB (fp32 master and two moments of k experts)")
+    figures["sft_optimizer_state_ratio_vs_dense_adamw"] = ours_state / (2 * expert_bytes)
     streamed_vs_exact(args, figures, 3 if args.quick else 6)
 
     kernels_and_threads(args, figures, batch)

@@ -151,3 +151,26 @@ def test_a_second_run_on_the_same_output_dir_is_refused(tiny_dir, records_path, 
     holder.release()
     assert run_surgery(cfg, progress=False, echo=lambda *a: None)["status"] == "completed"
     assert not (out / ".unsafe-experts.lock").exists()
+
+
+def test_compact_gradients_give_the_same_update(make_model, tokenizer, records):
+    from unsafe_experts.phases import lm_loss
+
+    batches = sft_batches(tokenizer, records[:8])
+    selection = [(0, 1), (1, 5), (1, 2)]
+    ours = make_model("qwen3_moe")
+    masked_sft(ours, moe_layers(ours), batches, selection, lr=1e-2, weight_decay=0.1, epochs=1,
+               log=lambda *a: None, progress=False)
+    plain = make_model("qwen3_moe")  # same seed: the same starting weights
+    layers = moe_layers(plain)
+    opt = SparseRowAdamW(lr=1e-2, weight_decay=0.1)
+    for layer in layers:
+        for p in layer.expert_params.values():
+            p.requires_grad_(True)
+            opt.add_rows(p, [e for l, e in selection if l == layer.index])
+    for batch in batches:
+        lm_loss(plain, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    for (name, a), b in zip(ours.named_parameters(), plain.parameters()):
+        assert torch.equal(a, b.detach()), name

@@ -112,13 +112,14 @@ def masked_sft(model, layers, batches, selection, lr, weight_decay, epochs, log:
         opt.add_rows(p, experts)
     device = model.device
     losses = []
-    for epoch in range(epochs):
-        for batch in _bar(batches, f"{desc} epoch {epoch + 1}", progress):
-            loss = _finite(lm_loss(model, _on(batch, device)), desc, len(losses), len(batches))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.detach())
+    with opt.compact_grads():
+        for epoch in range(epochs):
+            for batch in _bar(batches, f"{desc} epoch {epoch + 1}", progress):
+                loss = _finite(lm_loss(model, _on(batch, device)), desc, len(losses), len(batches))
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.detach())
     set_trainable(model, [])
     log("sft", torch.stack(losses).tolist())
     return opt.state_bytes()

@@ -7,6 +7,7 @@ models still receive updates that would round away if applied in bf16 state.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ class SparseRowAdamW:
     def __init__(self, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.state: dict[int, _RowState] = {}
+        self._rows_grad: dict[int, torch.Tensor] = {}  # compact gradients (see compact_grads)
 
     def add_rows(self, param: torch.nn.Parameter, rows) -> None:
         """Start tracking `rows` of `param` (rows already tracked keep their state)."""
@@ -53,7 +55,8 @@ class SparseRowAdamW:
         """One AdamW step on every tracked row, or only on `active[id(param)]` rows."""
         beta1, beta2 = self.betas
         for key, s in self.state.items():
-            if s.param.grad is None:
+            compact = self._rows_grad.get(key)
+            if s.param.grad is None and compact is None:
                 continue
             if active is None:
                 pos = torch.arange(len(s.rows), device=s.rows.device)
@@ -62,7 +65,7 @@ class SparseRowAdamW:
                 pos = torch.isin(s.rows, wanted).nonzero().flatten()
                 if not len(pos):
                     continue
-            grad = s.param.grad[s.rows[pos]].float()
+            grad = compact[pos] if compact is not None else s.param.grad[s.rows[pos]].float()
             w, m, v = s.master[pos], s.exp_avg[pos], s.exp_avg_sq[pos]
             t = s.step[pos] + 1
             shape = (-1,) + (1,) * (w.dim() - 1)
@@ -76,5 +79,25 @@ class SparseRowAdamW:
             s.param.index_copy_(0, s.rows[pos], w.to(s.param.dtype))
 
     def zero_grad(self) -> None:
+        self._rows_grad.clear()
         for s in self.state.values():
             s.param.grad = None
+
+    @contextmanager
+    def compact_grads(self):
+        """While active, each tracked parameter's gradient is cut down to the tracked rows (in
+        fp32) the moment backward produces it, and the full gradient is freed: gradient memory
+        scales with the selected experts, not with every expert of every layer."""
+        def hook_for(key, rows):
+            def hook(param):
+                self._rows_grad[key] = param.grad.index_select(0, rows).float()
+                param.grad = None
+            return hook
+
+        handles = [s.param.register_post_accumulate_grad_hook(hook_for(key, s.rows))
+                   for key, s in self.state.items()]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
