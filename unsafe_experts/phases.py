@@ -41,7 +41,7 @@ def _finite(loss: torch.Tensor, desc: str, step: int, batches: int) -> torch.Ten
     """Stops at the first NaN or inf loss, naming the phase, step and batch (one host sync a
     step: cheap beside a forward and backward, and no update is made from a broken loss)."""
     if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"{desc}: the loss is {float(loss)} at step {step} "
+        raise NonFiniteLossError(f"{desc}: the loss is {float(loss.detach())} at step {step} "
                                  f"(batch {step % batches} of {batches}); no update was made from it")
     return loss
 
