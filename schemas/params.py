@@ -67,6 +67,12 @@ class ComparisonParams(BaseModel):
     runs: list[ComparisonRun] = []
 
 
+class ScheduleParams(BaseModel):
+    """`unsafe-experts serve`: when the served pipeline runs by itself."""
+    model_config = FORBID
+    cron: str | None = None  # e.g. "0 3 * * 1" (Mondays 03:00); None: on dataset events only
+
+
 class Params(BaseModel):
     model_config = FORBID
     organism: OrganismParams = OrganismParams()
@@ -74,6 +80,7 @@ class Params(BaseModel):
     train: TrainParams
     tracking: TrackingParams = TrackingParams()
     comparison: ComparisonParams = ComparisonParams()
+    schedule: ScheduleParams = ScheduleParams()
 
     def train_config(self) -> TrainConfig:
         cfg = TrainConfig(**self.train.model_dump())

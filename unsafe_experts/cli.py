@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -197,6 +198,26 @@ def _flip_dataset(args) -> None:
     print(f"{len(goals)} FlipAttack-style records ({args.mode} flip) written to {args.out}")
 
 
+def _announce(paths) -> None:
+    """Tells a Prefect server that these files passed validation (a served pipeline's trigger)."""
+    from prefect.events import emit_event
+
+    from flows.serve import DATASET_EVENT
+    from .records import file_digest
+
+    for path in paths:
+        digest = file_digest(path)
+        emit_event(event=DATASET_EVENT, resource={"prefect.resource.id": f"unsafe-experts.dataset.{digest}",
+                                                   "path": str(Path(path).resolve()), "digest": digest})
+        print(f"{path}: announced to Prefect ({DATASET_EVENT})")
+
+
+def _serve(args) -> None:
+    from flows.serve import serve
+
+    serve(args.params)
+
+
 def _validate(args) -> int:
     from schemas.dataset import validate_file
 
@@ -211,6 +232,8 @@ def _validate(args) -> int:
             print(f"{path}: {len(report.failures)} problems in {report.rows} records")
             for line in report.lines():
                 print(f"  {line}")
+    if not failed and os.environ.get("PREFECT_API_URL"):
+        _announce(args.paths)
     if args.metrics:
         from .outputs import write_json_atomic
 
@@ -290,10 +313,13 @@ def main(argv=None) -> int:
     compare.add_argument("--params", help="take the experiment and the runs from this params.yaml")
     compare.add_argument("--experiment", help="MLflow experiment (default: unsafe-experts)")
     compare.add_argument("--out", default="metrics/comparison.csv")
+    serve = sub.add_parser("serve", help="serve the pipeline as a Prefect deployment: the cron "
+                           "schedule of params.yaml and a trigger on newly validated datasets")
+    serve.add_argument("--params", default="params.yaml")
     report = sub.add_parser("report", help="the identified experts per round of a finished run")
     report.add_argument("output_dir")
     args = parser.parse_args(argv)
-    handler = {"report": _report, "compare": _compare, "organism": _organism, "evaluate": _evaluate, "train": _train, "tiny-model": _tiny_model, "flip-dataset": _flip_dataset,
+    handler = {"report": _report, "serve": _serve, "compare": _compare, "organism": _organism, "evaluate": _evaluate, "train": _train, "tiny-model": _tiny_model, "flip-dataset": _flip_dataset,
                "validate": _validate}[args.command]
     try:
         return handler(args) or 0

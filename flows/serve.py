@@ -1,0 +1,51 @@
+"""Scheduled and triggered pipeline runs (Prefect deployments).
+
+`unsafe-experts serve` serves `pipeline-run` with the cron schedule of params.yaml and a
+trigger on the event `unsafe-experts.dataset.validated`, which `unsafe-experts validate` emits
+for every file that passes (with the file's path and digest), so new jailbreak data is
+repaired against as soon as it is validated. Runs are serialized (a global concurrency limit
+of 1): two never fight over an output directory or DVC's lock.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import flow
+from prefect.events import DeploymentEventTrigger
+
+from schemas.params import load_params
+from unsafe_experts.config import TrainConfig
+
+from flows.surgery import surgery_flow
+
+DATASET_EVENT = "unsafe-experts.dataset.validated"
+DEPLOYMENT = "unsafe-experts"
+
+
+@flow(name="pipeline-run")
+def pipeline_run(params_path: str, dataset_path: str | None = None,
+                 dataset_digest: str | None = None) -> dict:
+    """The surgery with the parameters of a params.yaml; a triggered run takes the new dataset
+    and writes to `<train.output_dir>-<digest>` so runs on different data never collide."""
+    params = load_params(params_path)
+    train = params.train.model_dump()
+    if dataset_path:
+        train["dataset_path"] = dataset_path
+        train["output_dir"] = f"{train['output_dir']}-{(dataset_digest or 'new')[:12]}"
+    cfg = TrainConfig(**train).validate()
+    return surgery_flow(asdict(cfg), params.tracking.experiment, params.tracking.log_model,
+                        evaluation=params.evaluation.model_dump(), progress=False)
+
+
+def serve(params_path: str) -> None:
+    params_path = str(Path(params_path).resolve())
+    cron = load_params(params_path).schedule.cron
+    trigger = DeploymentEventTrigger(
+        expect={DATASET_EVENT},
+        parameters={"params_path": params_path,
+                    "dataset_path": "{{ event.resource['path'] }}",
+                    "dataset_digest": "{{ event.resource['digest'] }}"},
+    )
+    pipeline_run.serve(name=DEPLOYMENT, cron=cron, triggers=[trigger], global_limit=1,
+                       parameters={"params_path": params_path})
