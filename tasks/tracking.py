@@ -202,7 +202,10 @@ def log_evaluation(run_id: str, result: dict, step: int, name: str) -> None:
     """Metrics at `step` (0 = before surgery, r = after round r) and a table of samples."""
     log_metrics(run_id, flatten(result["metrics"]), step)
     if result["samples"]:
-        client().log_table(run_id, pd.DataFrame(result["samples"]), f"eval_samples_{name}.json")
+        artifact = f"eval_samples_{name}.json"
+        if Path(artifact).name != artifact:  # a stage name must not steer the artifact's path
+            raise ValueError(f"artifact name {artifact!r} is not a plain file name")
+        client().log_table(run_id, pd.DataFrame(result["samples"]), artifact)
 
 
 SAFETY_CURVES = ("asr_flip_words", "asr_flip_chars", "plain_refusal", "over_refusal")

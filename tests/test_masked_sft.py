@@ -174,3 +174,15 @@ def test_compact_gradients_give_the_same_update(make_model, tokenizer, records):
         opt.zero_grad()
     for (name, a), b in zip(ours.named_parameters(), plain.parameters()):
         assert torch.equal(a, b.detach()), name
+
+
+def test_joined_output_paths_cannot_escape(tmp_path):
+    from unsafe_experts.outputs import inside
+
+    assert inside(tmp_path, "round_1") == (tmp_path / "round_1").resolve()
+    for name in ("../elsewhere", "/etc/passwd", "round_1/../../x"):
+        with pytest.raises(ValueError, match="outside"):
+            inside(tmp_path, name)
+    (tmp_path / "link").symlink_to("/tmp")
+    with pytest.raises(ValueError, match="outside"):
+        inside(tmp_path, "link/x")

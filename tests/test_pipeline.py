@@ -82,3 +82,30 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
     assert "metrics/validation.json" in shown and "final.asr_flip_words" in shown
     plots = dvc(["plots", "show", "--json"], clone, env)
     assert "asr_flip_words" in plots and "over_refusal" in plots
+
+
+def test_flow_resumes_an_interrupted_run(tiny_dir, records_path, tmp_path, tracking_dir):
+    from unsafe_experts.config import TrainConfig
+    from unsafe_experts.surgery import Surgery
+
+    out = tmp_path / "out"
+    train = {"model_name": str(tiny_dir), "dataset_path": str(records_path), "output_dir": str(out),
+             "num_rounds": 2, "top_k_experts": 2, "batch_size": 4, "max_samples": 8}
+    interrupted = Surgery(TrainConfig(**train), progress=False, echo=lambda *a: None)
+    interrupted.start()
+    for phase in (interrupted.identify, interrupted.repair, interrupted.align, interrupted.checkpoint):
+        phase(1)
+    interrupted.fail(KeyboardInterrupt())  # as if the run had been stopped during round 2
+    round_1 = (out / "round_1" / "model.safetensors").read_bytes()
+
+    result = surgery_flow(train, experiment="resumed-runs", progress=False)
+    meta = json.loads((out / "training_metadata.json").read_text())
+    assert meta["status"] == "completed" and meta["resumed"][0]["after_round"] == 1
+    assert list(meta["identified_experts_per_round"]) == ["1", "2"]
+    assert (out / "round_1" / "model.safetensors").read_bytes() == round_1  # kept, not redone
+    assert result["metrics"]["rounds"] == 2
+    client = MlflowClient()
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.data.tags["resumed_after_round"] == "1"
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert [c.info.run_name for c in children] == ["round-2"]

@@ -80,3 +80,12 @@ class DirectoryLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+def inside(base: str | Path, name: str) -> Path:
+    """base/name, refusing a name that would land outside base ("..", absolute paths, links)."""
+    base = Path(base).resolve()
+    path = (base / name).resolve()
+    if path != base and base not in path.parents:
+        raise ValueError(f"{name!r} would be written outside {base}")
+    return path

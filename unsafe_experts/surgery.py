@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from .adapters import moe_layers
 from .config import ConfigError, TrainConfig
 from .examples import batches, collate, plain_prompt, router_example, sft_example
-from .outputs import (DirectoryLock, save_checkpoint_atomic, write_bytes_atomic,
+from .outputs import (DirectoryLock, inside, save_checkpoint_atomic, write_bytes_atomic,
                       write_json_atomic)
 from .phases import align_router, masked_sft, per_batch_sft, score_pass
 from .generation import generate
@@ -341,7 +341,7 @@ class Surgery:
 
     def checkpoint(self, r: int) -> Path:
         t0, state = time.time(), self._round.pop(r)
-        path = self.out / f"round_{r}"
+        path = inside(self.out, f"round_{r}")
         save_checkpoint_atomic(self.model, self.tokenizer, path)
         timings = state["timings"]
         timings["save_s"] = time.time() - t0
@@ -361,7 +361,7 @@ class Surgery:
         self.lock.release()
 
     def finish(self) -> dict:
-        save_checkpoint_atomic(self.model, self.tokenizer, self.out / "final_model")
+        save_checkpoint_atomic(self.model, self.tokenizer, inside(self.out, "final_model"))
         rounds = {int(r): {"experts": v["experts"], "gradients": v.get("gradients", v["scores"])}
                   for r, v in self.meta["identified_experts_per_round"].items()}
         # written for the research scripts' readers; this project never loads a pickle
