@@ -1,4 +1,6 @@
-"""`unsafe-experts`: train (the surgery), tiny-model and flip-dataset (offline demo inputs)."""
+"""`unsafe-experts`: train, validate, evaluate, compare, serve, report, and the offline demo
+inputs (organism, tiny-model, flip-dataset). The engine modules never import orchestration;
+this entry point reaches the Prefect flows, MLflow and the schemas lazily."""
 from __future__ import annotations
 
 import argparse
@@ -127,7 +129,7 @@ def _train(args) -> None:
         check_inputs(cfg)
         ensure_reachable(local_tracking)
         result = surgery_flow(asdict(cfg), experiment, log_model, metrics, not quiet,
-                                  evaluation, evaluation_path)
+                              evaluation, evaluation_path)
         total = result["total_s"]
         print(f"MLflow run {result['mlflow_run_id']}; browse with: "
               "mlflow ui --backend-store-uri sqlite:///mlflow.db")
