@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .adapters import MoELayer
+from .distributed import shard, sum_, world
 from .examples import IGNORE
 from .router_kl import captured_router_outputs, router_kl, routing_distribution
 from .scoring import expert_grad_scores, per_expert_numel, streamed_l1, top_k
@@ -23,14 +24,16 @@ Log = Callable[[str, list[float]], None]  # (kind, per-step values)
 
 
 def lm_loss(model, batch: Batch) -> torch.Tensor:
-    """Mean cross-entropy over response tokens only. No labels go to the model, so no
-    load-balancing aux loss is mixed in."""
+    """Cross-entropy summed over response tokens only, divided by the number of response tokens
+    in the whole batch (across data-parallel ranks, so their gradients sum to one process's).
+    No labels go to the model, so no load-balancing aux loss is mixed in."""
     logits = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).logits
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE
-    )
+    labels = batch["labels"][:, 1:]
+    total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                            ignore_index=IGNORE, reduction="sum")
+    return total / sum_((labels != IGNORE).sum())
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -67,6 +70,13 @@ def _by_layer(selection: list[tuple[int, int]]) -> dict[int, list[int]]:
 
 
 def _on(batch: Batch, device) -> Batch:
+    """This rank's share of the batch, on the device."""
+    return {k: v.to(device) for k, v in shard(batch).items()}
+
+
+def _whole(batch: Batch, device) -> Batch:
+    """The whole batch on every rank: the router KL of batch-mean distributions does not split
+    into per-rank parts, so each rank aligns on all of it and the routers stay identical."""
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -88,12 +98,18 @@ def score_pass(model, layers, batches: list[Batch], log: Log, desc="score", prog
             loss.backward()
             losses.append(loss.detach() * len(batches))
     if streamed:
+        if world()[1] > 1:
+            raise ValueError("streamed scoring sums per-rank magnitudes; use exact scoring with "
+                             "data parallelism")
         numel = torch.tensor([per_expert_numel(layer) for layer in layers], device=sums.device)
         scores = sums / numel[:, None]
     else:
+        for p in expert_params(layers):
+            if p.grad is not None:
+                sum_(p.grad)
         scores = expert_grad_scores(layers)
     set_trainable(model, [])
-    log("score", torch.stack(losses).tolist())
+    log("score", sum_(torch.stack(losses)).tolist())
     return scores
 
 
@@ -117,11 +133,12 @@ def masked_sft(model, layers, batches, selection, lr, weight_decay, epochs, log:
             for batch in _bar(batches, f"{desc} epoch {epoch + 1}", progress):
                 loss = _finite(lm_loss(model, _on(batch, device)), desc, len(losses), len(batches))
                 loss.backward()
+                opt.sum_grads_across_ranks()
                 opt.step()
                 opt.zero_grad()
                 losses.append(loss.detach())
     set_trainable(model, [])
-    log("sft", torch.stack(losses).tolist())
+    log("sft", sum_(torch.stack(losses)).tolist())
     return opt.state_bytes()
 
 
@@ -130,6 +147,8 @@ def per_batch_sft(model, layers, batches, k, lr, weight_decay, epochs, log: Log,
     """The research code's real behaviour, made correct: on every batch a fresh top-k from that
     batch's gradients and a step on those experts only (deselected experts keep their Adam
     state but do not move). Returns (selection frequency, summed scores, per-batch picks)."""
+    if world()[1] > 1:
+        raise ValueError("per_batch scoring runs in one process; use accumulate with data parallelism")
     set_trainable(model, expert_params(layers))
     opt = SparseRowAdamW(lr=lr, weight_decay=weight_decay)
     device = model.device
@@ -169,7 +188,7 @@ def align_router(model, layers, safe_batches, unsafe_batches, kl_type, lr, weigh
     with torch.no_grad(), captured_router_outputs(layers) as captured:
         targets = []
         for batch in safe_batches:
-            batch = _on(batch, device)
+            batch = _whole(batch, device)
             decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             targets.append(routing_distribution(captured, batch["content_mask"]))
 
@@ -177,7 +196,7 @@ def align_router(model, layers, safe_batches, unsafe_batches, kl_type, lr, weigh
         with torch.no_grad(), captured_router_outputs(layers) as cap:
             total = torch.zeros((), device=device)
             for target, batch in zip(targets, unsafe_batches):
-                batch = _on(batch, device)
+                batch = _whole(batch, device)
                 decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
                 total += router_kl(target, routing_distribution(cap, batch["content_mask"]), kl_type)
         return float(total / len(targets))
@@ -193,7 +212,7 @@ def align_router(model, layers, safe_batches, unsafe_batches, kl_type, lr, weigh
         for epoch in range(epochs):
             pairs = list(zip(targets, unsafe_batches))
             for target, batch in _bar(pairs, f"{desc} epoch {epoch + 1}", progress):
-                batch = _on(batch, device)
+                batch = _whole(batch, device)
                 decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
                 loss = router_kl(target, routing_distribution(captured, batch["content_mask"]), kl_type)
                 _finite(loss, desc, len(kls), len(pairs)).backward()

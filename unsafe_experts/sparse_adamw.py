@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .distributed import sum_
+
 
 @dataclass
 class _RowState:
@@ -77,6 +79,13 @@ class SparseRowAdamW:
             w.addcdiv_(m * step_size, denom, value=-1)
             s.master[pos], s.exp_avg[pos], s.exp_avg_sq[pos], s.step[pos] = w, m, v, t
             s.param.index_copy_(0, s.rows[pos], w.to(s.param.dtype))
+
+    def sum_grads_across_ranks(self) -> None:
+        """Data parallelism: the (compact) gradients of the tracked rows, summed over ranks."""
+        for key, s in self.state.items():
+            grad = self._rows_grad.get(key, s.param.grad)
+            if grad is not None:
+                sum_(grad)
 
     def zero_grad(self) -> None:
         self._rows_grad.clear()
