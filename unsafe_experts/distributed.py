@@ -4,6 +4,8 @@ trained are summed across ranks, so scores, the selected experts and the updates
 one process on the whole batch. Outside a process group every helper is the identity."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -12,6 +14,28 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def join_process_group(device: str | None) -> int:
+    """Under torchrun (WORLD_SIZE > 1 in the environment) join its process group: gloo on CPU,
+    nccl on GPUs. Returns this process's rank (0 when alone)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        dist.init_process_group("nccl" if gpu else "gloo")
+    return world()[0]
+
+
+def local_device(device: str | None) -> torch.device:
+    """The requested device; on GPUs under torchrun, this rank's own GPU (LOCAL_RANK)."""
+    chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if chosen.type == "cuda" and chosen.index is None and world()[1] > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return chosen
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
 
 
 def shard(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

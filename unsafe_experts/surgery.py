@@ -26,6 +26,7 @@ from .examples import batches, collate, plain_prompt, router_example, sft_exampl
 from .outputs import (DirectoryLock, inside, save_checkpoint_atomic, write_bytes_atomic,
                       write_json_atomic)
 from .phases import align_router, masked_sft, per_batch_sft, score_pass
+from .distributed import barrier, join_process_group, local_device
 from .generation import generate
 from .records import (DatasetError, file_digest, load_records, messages_problem,
                       read_json_records, select_records)
@@ -172,8 +173,13 @@ class Surgery:
     (identify -> repair -> align -> checkpoint per round) by `run_surgery` or by a workflow."""
 
     def __init__(self, cfg: TrainConfig, progress: bool = True, echo=print):
-        self.cfg, self.progress, self.echo = cfg, progress, echo
+        # under torchrun every rank runs this; only rank 0 writes, all compute the same
+        self.rank = join_process_group(cfg.device)
+        self.writer = self.rank == 0
+        self.cfg, self.progress = cfg, progress and self.writer
+        self.echo = echo if self.writer else (lambda *a: None)
         self.model_info = check_inputs(cfg)
+        barrier()  # every rank has checked the output directory before rank 0 writes to it
         self.out = Path(cfg.output_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(
             cfg.model_name, trust_remote_code=cfg.trust_remote_code)
@@ -189,10 +195,11 @@ class Surgery:
     def start(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = local_device(cfg.device)
         self.started = time.time()
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.lock = DirectoryLock(self.out).acquire()
+        if self.writer:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.lock = DirectoryLock(self.out).acquire()
         resume = resume_point(cfg)
         done = sorted(int(r) for r in resume["identified_experts_per_round"]) if resume else []
         self.first_round = (done[-1] if done else 0) + 1
@@ -217,7 +224,7 @@ class Surgery:
             self._continue(resume, done)
         self._round: dict = {}
         self.data["repair"] = self._retention_batches() if cfg.retention_path else self.data["sft"]
-        write_json_atomic(self.out / METADATA, self.meta)
+        self._save_meta()
 
     def _continue(self, previous: dict, done: list[int]) -> None:
         """Keeps what the interrupted run completed; drops half-written leftovers."""
@@ -237,7 +244,7 @@ class Surgery:
     def record(self, key: str, stage: str, value) -> None:
         """Adds a result of the workflow (an evaluation) to the metadata, written at once."""
         self.meta.setdefault(key, {})[stage] = value
-        write_json_atomic(self.out / METADATA, self.meta)
+        self._save_meta()
 
     def _retention_batches(self) -> list:
         """Jailbreak->refusal batches, each joined by a share of retention prompts answered by
@@ -253,7 +260,8 @@ class Surgery:
             answers = generate(self.model, self.tokenizer, prompts, cfg.retention_max_new_tokens,
                                cfg.batch_size, desc="retention answers", progress=self.progress)
             kept = [(m, a) for m, a in zip(prompts, answers) if a]
-            write_json_atomic(saved, [[m, a] for m, a in kept])
+            if self.writer:
+                write_json_atomic(saved, [[m, a] for m, a in kept])
         retained = [sft_example(self.tokenizer, m, a, cfg.max_length, cfg.truncation, index=i)
                     for i, (m, a) in enumerate(kept)]
         jailbreak = batches(self.data["sft_examples"], cfg.batch_size)
@@ -342,14 +350,15 @@ class Surgery:
     def checkpoint(self, r: int) -> Path:
         t0, state = time.time(), self._round.pop(r)
         path = inside(self.out, f"round_{r}")
-        save_checkpoint_atomic(self.model, self.tokenizer, path)
+        if self.writer:
+            save_checkpoint_atomic(self.model, self.tokenizer, path)
         timings = state["timings"]
         timings["save_s"] = time.time() - t0
         timings["round_s"] = time.time() - state["started"]
         timings["peak_memory_mb"] = _peak_memory_mb(self.device)
         self.meta["identified_experts_per_round"][str(r)] = state["identified"]
         self.meta["timings"][f"round_{r}"] = timings
-        write_json_atomic(self.out / METADATA, self.meta)
+        self._save_meta()
         self.echo(_round_summary(r, state["selection"], self.meta["training_logs"], state["identified"]))
         return path
 
@@ -357,19 +366,26 @@ class Surgery:
         """Marks the run failed in its metadata; completed rounds stay on disk as they are."""
         self.meta["status"] = "failed"
         self.meta["error"] = f"{type(error).__name__}: {error}"
-        write_json_atomic(self.out / METADATA, self.meta)
-        self.lock.release()
+        self._save_meta()
+        if self.writer:  # no barrier: the other ranks may not be failing with it
+            self.lock.release()
+
+    def _save_meta(self) -> None:
+        if self.writer:
+            write_json_atomic(self.out / METADATA, self.meta)
 
     def finish(self) -> dict:
-        save_checkpoint_atomic(self.model, self.tokenizer, inside(self.out, "final_model"))
-        rounds = {int(r): {"experts": v["experts"], "gradients": v.get("gradients", v["scores"])}
-                  for r, v in self.meta["identified_experts_per_round"].items()}
-        # written for the research scripts' readers; this project never loads a pickle
-        write_bytes_atomic(self.out / "expert_gradients.pkl", pickle.dumps(rounds))
         self.meta["status"] = "completed"
         self.meta["timings"]["total_s"] = time.time() - self.started
-        write_json_atomic(self.out / METADATA, self.meta)
-        self.lock.release()
+        if self.writer:
+            save_checkpoint_atomic(self.model, self.tokenizer, inside(self.out, "final_model"))
+            rounds = {int(r): {"experts": v["experts"], "gradients": v.get("gradients", v["scores"])}
+                      for r, v in self.meta["identified_experts_per_round"].items()}
+            # written for the research scripts' readers; this project never loads a pickle
+            write_bytes_atomic(self.out / "expert_gradients.pkl", pickle.dumps(rounds))
+            write_json_atomic(self.out / METADATA, self.meta)
+            self.lock.release()
+        barrier()  # no rank leaves before the outputs are complete
         return self.meta
 
 
