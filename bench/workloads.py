@@ -11,7 +11,7 @@ import time
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from unsafe_experts.adapters import moe_layers
+from unsafe_experts.adapters import moe_layers  # noqa: F401  (re-exported for bench.__main__)
 from unsafe_experts.phases import expert_params, lm_loss, masked_sft, score_pass, set_trainable  # noqa: F401
 from unsafe_experts.scoring import expert_grad_scores, top_k
 

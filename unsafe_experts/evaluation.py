@@ -47,12 +47,3 @@ def evaluate(model, tokenizer, eval_set: dict, max_new_tokens: int = 48, batch_s
     model.train(was_training)
     return {"metrics": metrics, "samples": shown}
 
-
-def flat(metrics: dict) -> dict[str, float]:
-    """{name: value, name_n: n, name_ci_low, name_ci_high} for trackers that take scalars."""
-    out = {}
-    for name, m in metrics.items():
-        out[name] = m["value"]
-        out[f"{name}_n"] = m["n"]
-        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = m["ci95"]
-    return out

@@ -8,7 +8,6 @@ parts, with jailbreaks in flip modes of their own.
 """
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import asdict, dataclass
