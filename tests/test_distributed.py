@@ -59,12 +59,18 @@ def test_two_gloo_processes_match_one_process(tiny_dir, records, tmp_path):
     assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in weights)  # ranks never drift apart
 
 
-
-
-def test_train_under_torchrun_matches_one_process(tiny_dir, records_path, tmp_path):
+def test_pipeline_under_torchrun_with_fsdp_matches_one_process(tiny_dir, records_path, tmp_path,
+                                                               tracking_dir):
+    """`torchrun ... unsafe_experts train --sharding fsdp`: rank 0 runs the Prefect flow and
+    MLflow tracking, rank 1 the same engine phases; each holds half of every layer's experts.
+    It selects the same experts and reaches the same weights as one process with the whole
+    model."""
     import subprocess
     import sys
     from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+    from prefect.settings import PREFECT_API_URL
 
     from unsafe_experts.cli import main
 
@@ -72,20 +78,30 @@ def test_train_under_torchrun_matches_one_process(tiny_dir, records_path, tmp_pa
         return ["train", "--model_name", str(tiny_dir), "--dataset_path", str(records_path),
                 "--output_dir", str(out), "--num_rounds", "2", "--top_k_experts", "3",
                 "--batch_size", "4", "--max_samples", "12", "--expert_lr", "1e-2",
-                "--router_lr", "1e-3", "--quiet", "--engine_only"]
+                "--router_lr", "1e-3", "--quiet"]
 
-    assert main(args(tmp_path / "single")) == 0
+    assert main([*args(tmp_path / "single"), "--engine_only"]) == 0
     torchrun = Path(sys.executable).parent / "torchrun"
-    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m",
-                           "unsafe_experts", *args(tmp_path / "ddp")], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "unsafe_experts",
+         *args(tmp_path / "fsdp"), "--sharding", "fsdp", "--metrics", str(tmp_path / "metrics.json")],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_API_URL": PREFECT_API_URL.value()})
     assert done.returncode == 0, done.stderr[-3000:]
     single = json.loads((tmp_path / "single" / "training_metadata.json").read_text())
-    ddp = json.loads((tmp_path / "ddp" / "training_metadata.json").read_text())
-    assert ddp["status"] == "completed"
-    assert ([r["experts"] for r in ddp["identified_experts_per_round"].values()]
+    fsdp = json.loads((tmp_path / "fsdp" / "training_metadata.json").read_text())
+    assert fsdp["status"] == "completed" and fsdp["locality"]["ok"]
+    assert ([r["experts"] for r in fsdp["identified_experts_per_round"].values()]
             == [r["experts"] for r in single["identified_experts_per_round"].values()])
     a = load_file(tmp_path / "single" / "final_model" / "model.safetensors")
-    b = load_file(tmp_path / "ddp" / "final_model" / "model.safetensors")
+    b = load_file(tmp_path / "fsdp" / "final_model" / "model.safetensors")
+    assert a.keys() == b.keys()
     for name in a:  # six Adam steps of 1e-2: rounding differences stay under 1% of one step
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-4, msg=name)
+    # tracked once, by rank 0
+    run_id = done.stdout.split("MLflow run ")[1].split(";")[0]
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["sharding"] == "fsdp"
+    assert run.data.metrics["rounds"] == 2
+    assert json.loads((tmp_path / "metrics.json").read_text())["locality_ok"] == 1
+    assert done.stdout.count("MLflow run ") == 1

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from .adapters import UnsupportedModelError
-from .config import DTYPES, METHODS, SCORE_MODES, ConfigError, TrainConfig
+from .config import DTYPES, METHODS, SCORE_MODES, SHARDING, ConfigError, TrainConfig
+from .distributed import launched_world
 from .examples import ExampleError
 from .outputs import OutputDirBusyError
 from .phases import NonFiniteLossError
@@ -52,6 +53,8 @@ def _train_parser(sub) -> None:
                    help="keep records with judge_success_gpt4 == 0")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's")
+    p.add_argument("--sharding", choices=SHARDING, help="none (default): each torchrun rank holds "
+                   "the whole model; fsdp: experts sharded across the ranks (models too big for one device)")
     p.add_argument("--experts_implementation", choices=("grouped_mm", "batched_mm", "eager"),
                    help="fused-experts kernel (default: transformers'); pick by `python -m bench`")
     p.add_argument("--trust_remote_code", action="store_true")
@@ -109,13 +112,18 @@ def _train(args) -> None:
     cfg = TrainConfig(**options).validate()
     if quiet:
         hf_logging.disable_progress_bar()
-    if engine_only:
+    if evaluation.get("eval_set") and (engine_only or cfg.sharding == "fsdp"):
+        why = "runs inside the pipeline; drop --engine_only" if engine_only else \
+            "runs on rank 0 alone, which a sharded model cannot do"
+        raise ConfigError(f"--eval_set {why} or run `unsafe-experts evaluate` on the checkpoints")
+    if engine_only or launched_world() > 1 and int(os.environ.get("RANK", "0")) != 0:
+        # under torchrun the pipeline runs on rank 0, which orchestrates and tracks; every other
+        # rank runs the same engine phases in step with it
         from .surgery import run_surgery
 
-        if evaluation.get("eval_set"):
-            raise ConfigError("--eval_set runs inside the pipeline; drop --engine_only or run "
-                              "`unsafe-experts evaluate` on the checkpoints")
         total = run_surgery(cfg, progress=not quiet)["timings"]["total_s"]
+        if not engine_only:
+            return
     else:
         from flows.surgery import surgery_flow
         from schemas.dataset import validate_file

@@ -11,6 +11,7 @@ SCORE_MODES = ("accumulate", "per_batch")
 # router_only: the controls any ranking must beat
 METHODS = ("gradient", "routing", "random", "all_experts", "router_only")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SHARDING = ("none", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,9 @@ class TrainConfig:
     # fused-experts kernel: grouped_mm, batched_mm or eager (None: transformers' default).
     # Which is fastest depends on device, shape and threads: see `python -m bench`.
     experts_implementation: str | None = None
+    # none: every rank (under torchrun) holds the whole model; fsdp: the model is sharded by
+    # expert across the ranks, for models that do not fit one device (see README)
+    sharding: str = "none"
     trust_remote_code: bool = False
     overwrite: bool = False
 
@@ -79,13 +83,16 @@ class TrainConfig:
         choices = {"method": METHODS, "kl_type": KL_TYPES, "score_mode": SCORE_MODES, "dtype": DTYPES,
                    "score_memory": ("exact", "streamed"),
                    "experts_implementation": (None, "grouped_mm", "batched_mm", "eager"),
-                   "truncation": ("middle", "left")}
+                   "truncation": ("middle", "left"), "sharding": SHARDING}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 bad(key, f"must be one of {', '.join(map(str, allowed))}, got {getattr(self, key)!r}")
         if self.retention_path and self.score_mode != "accumulate":
             bad("retention_path", "works with score_mode accumulate (per_batch scores every "
                 "batch it trains on, which would mix retention into identification)")
+        if self.sharding == "fsdp" and (self.score_memory, self.score_mode) != ("exact", "accumulate"):
+            bad("sharding", "fsdp needs score_memory exact and score_mode accumulate (the others "
+                "reduce per rank, before the ranks' gradients are summed)")
         if not self.refusals or not all(isinstance(r, str) and r.strip() for r in self.refusals):
             bad("refusals", "needs at least one non-empty refusal text")
         return self

@@ -5,6 +5,7 @@ one process on the whole batch. Outside a process group every helper is the iden
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -16,12 +17,20 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def launched_world() -> int:
+    """The number of processes this run was launched with (torchrun sets WORLD_SIZE), known
+    before the process group is joined."""
+    return world()[1] if world()[1] > 1 else int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def join_process_group(device: str | None) -> int:
     """Under torchrun (WORLD_SIZE > 1 in the environment) join its process group: gloo on CPU,
     nccl on GPUs. Returns this process's rank (0 when alone)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-        dist.init_process_group("nccl" if gpu else "gloo")
+        # the pipeline evaluates on rank 0 between rounds while the other ranks wait in the
+        # next collective: allow hours, not the default 10-30 minutes
+        dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(hours=6))
     return world()[0]
 
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .examples import IGNORE, batches, collate, sft_example
+from .sharding import is_sharded
 
 
 def _prompt_ids(tokenizer, messages) -> list[int]:
@@ -27,7 +28,9 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=model.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device)
         generated = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
-                                   max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+                                   max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+                                   # sharded: every rank must run every forward, even when done
+                                   synced_gpus=is_sharded(model))
         out.extend(tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in generated)
     return out
 

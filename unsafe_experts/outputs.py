@@ -27,12 +27,13 @@ def write_json_atomic(path: str | Path, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def save_checkpoint_atomic(model, tokenizer, path: str | Path) -> None:
-    """save_pretrained into a hidden sibling, then rename it into place."""
+def save_checkpoint_atomic(model, tokenizer, path: str | Path, state_dict=None) -> None:
+    """save_pretrained (of `state_dict` when given: a sharded model's gathered weights) into a
+    hidden sibling, then rename it into place."""
     path = Path(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")

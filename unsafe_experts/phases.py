@@ -15,8 +15,9 @@ from tqdm.auto import tqdm
 from .adapters import MoELayer
 from .distributed import shard, sum_, world
 from .examples import IGNORE
-from .router_kl import captured_router_outputs, router_kl, routing_distribution
+from .router_kl import captured_router_outputs, route, router_kl, routing_distribution
 from .scoring import expert_grad_scores, per_expert_numel, streamed_l1, top_k
+from .sharding import is_sharded
 from .sparse_adamw import SparseRowAdamW
 
 Batch = dict[str, torch.Tensor]
@@ -104,9 +105,10 @@ def score_pass(model, layers, batches: list[Batch], log: Log, desc="score", prog
         numel = torch.tensor([per_expert_numel(layer) for layer in layers], device=sums.device)
         scores = sums / numel[:, None]
     else:
-        for p in expert_params(layers):
-            if p.grad is not None:
-                sum_(p.grad)
+        if not is_sharded(model):  # fully_shard's reduce-scatter has already summed them
+            for p in expert_params(layers):
+                if p.grad is not None:
+                    sum_(p.grad)
         scores = expert_grad_scores(layers)
     set_trainable(model, [])
     log("score", sum_(torch.stack(losses)).tolist())
@@ -127,13 +129,15 @@ def masked_sft(model, layers, batches, selection, lr, weight_decay, epochs, log:
     for p, experts in _selected_rows(layers, selection):
         opt.add_rows(p, experts)
     device = model.device
+    sharded = is_sharded(model)  # gradients arrive summed and cut to this rank's experts
     losses = []
-    with opt.compact_grads():
+    with nullcontext() if sharded else opt.compact_grads():
         for epoch in range(epochs):
             for batch in _bar(batches, f"{desc} epoch {epoch + 1}", progress):
                 loss = _finite(lm_loss(model, _on(batch, device)), desc, len(losses), len(batches))
                 loss.backward()
-                opt.sum_grads_across_ranks()
+                if not sharded:
+                    opt.sum_grads_across_ranks()
                 opt.step()
                 opt.zero_grad()
                 losses.append(loss.detach())
@@ -182,14 +186,15 @@ def align_router(model, layers, safe_batches, unsafe_batches, kl_type, lr, weigh
     """Train only the routers so routing on jailbreak prompts matches routing on the same goals
     asked plainly. The plain-prompt routing is measured once, before any router step, and held
     fixed as the target. Returns the KL before and after alignment."""
-    decoder = model.model
     device = model.device
+    # every rank computes the same whole-batch loss; fully_shard sums the ranks' gradients
+    copies = world()[1] if is_sharded(model) else 1
     set_trainable(model, [])
     with torch.no_grad(), captured_router_outputs(layers) as captured:
         targets = []
         for batch in safe_batches:
             batch = _whole(batch, device)
-            decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            route(model, batch)
             targets.append(routing_distribution(captured, batch["content_mask"]))
 
     def mean_kl() -> float:
@@ -197,7 +202,7 @@ def align_router(model, layers, safe_batches, unsafe_batches, kl_type, lr, weigh
             total = torch.zeros((), device=device)
             for target, batch in zip(targets, unsafe_batches):
                 batch = _whole(batch, device)
-                decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                route(model, batch)
                 total += router_kl(target, routing_distribution(cap, batch["content_mask"]), kl_type)
         return float(total / len(targets))
 
@@ -213,9 +218,9 @@ def align_router(model, layers, safe_batches, unsafe_batches, kl_type, lr, weigh
             pairs = list(zip(targets, unsafe_batches))
             for target, batch in _bar(pairs, f"{desc} epoch {epoch + 1}", progress):
                 batch = _whole(batch, device)
-                decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                tie = route(model, batch)
                 loss = router_kl(target, routing_distribution(captured, batch["content_mask"]), kl_type)
-                _finite(loss, desc, len(kls), len(pairs)).backward()
+                (_finite(loss, desc, len(kls), len(pairs)) / copies + tie).backward()
                 opt.step()
                 opt.zero_grad()
                 kls.append(loss.detach())

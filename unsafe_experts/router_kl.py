@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 
 from .adapters import MoELayer
+from .sharding import is_sharded
 
 KL_TYPES = ("forward", "reverse", "symmetric")
 
@@ -34,6 +35,20 @@ def captured_router_outputs(layers: list[MoELayer]):
     finally:
         for h in handles:
             h.remove()
+
+
+def route(model, batch: dict[str, torch.Tensor]):
+    """A forward for the routing only: the decoder alone, without the LM head. Returns a zero
+    to add to a loss on the router outputs. A sharded model runs whole, because fully_shard
+    gathers weights in the forwards of the modules it wraps, and its zero hangs on the logits:
+    fully_shard gathers a layer's weights for backward only when a gradient reaches the layer's
+    output, which a loss on router outputs alone never sends."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "use_cache": False}
+    if not is_sharded(model):
+        model.model(**inputs)
+        return 0.0
+    return model(**inputs).logits[..., :1].sum() * 0
 
 
 def routing_distribution(captured: dict[int, tuple], mask: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .adapters import MoELayer
-from .router_kl import captured_router_outputs
+from .router_kl import captured_router_outputs, route
 
 
 @torch.no_grad()
@@ -25,8 +25,7 @@ def routing_stats(model, layers: list[MoELayer], batches) -> tuple[torch.Tensor,
     with captured_router_outputs(layers) as captured:
         for batch in batches:
             batch = {k: v.to(model.device) for k, v in batch.items()}
-            model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        use_cache=False)
+            route(model, batch)
             mask = batch["content_mask"].flatten().float()
             tokens += mask.sum()
             for i in range(len(layers)):

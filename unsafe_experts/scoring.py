@@ -6,6 +6,7 @@ from contextlib import contextmanager
 import torch
 
 from .adapters import MoELayer
+from .sharding import gather_rows, local
 
 
 def expert_grad_scores(layers: list[MoELayer]) -> torch.Tensor:
@@ -19,7 +20,8 @@ def expert_grad_scores(layers: list[MoELayer]) -> torch.Tensor:
         for p in params:
             if p.grad is None:
                 continue
-            l1 = torch.linalg.vector_norm(p.grad.flatten(1), ord=1, dim=1, dtype=torch.float32)
+            l1 = torch.linalg.vector_norm(local(p.grad).flatten(1), ord=1, dim=1, dtype=torch.float32)
+            l1 = gather_rows(l1, p)  # sharded: each rank reduced its own experts
             total = l1 if total is None else total + l1
         per_expert = sum(p[0].numel() for p in params)
         device = next(iter(params)).device

@@ -3,7 +3,9 @@
 Rows are dim-0 slices: experts of a fused expert tensor, or all rows of a router weight. An
 unselected row is never written, so unselected experts stay bit-identical whatever the weight
 decay or momentum; optimizer memory scales with the number of selected experts; and bf16
-models still receive updates that would round away if applied in bf16 state.
+models still receive updates that would round away if applied in bf16 state. A parameter
+sharded by fully_shard is handled on this rank's own rows: the state of a selected expert lives
+on the rank that holds it.
 """
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ from dataclasses import dataclass
 import torch
 
 from .distributed import sum_
+from .sharding import local, local_rows
 
 
 @dataclass
 class _RowState:
     param: torch.nn.Parameter
-    rows: torch.Tensor  # indices into dim 0 of param
+    rows: torch.Tensor  # indices into dim 0 of this rank's part of param
+    start: int  # the global row index of this rank's first row
     master: torch.Tensor  # fp32 copy of param[rows]
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
@@ -33,19 +37,22 @@ class SparseRowAdamW:
 
     def add_rows(self, param: torch.nn.Parameter, rows) -> None:
         """Start tracking `rows` of `param` (rows already tracked keep their state)."""
-        rows = torch.as_tensor(sorted(set(int(r) for r in rows)), dtype=torch.long)
+        start, stop = local_rows(param)
+        rows = torch.as_tensor(sorted(set(int(r) - start for r in rows if start <= int(r) < stop)),
+                               dtype=torch.long)
         old = self.state.get(id(param))
         if old is not None:
             rows = rows[~torch.isin(rows, old.rows.cpu())]
         if not len(rows):
             return
         rows = rows.to(param.device)
-        master = param.detach()[rows].float()
-        new = _RowState(param, rows, master, torch.zeros_like(master), torch.zeros_like(master),
+        master = local(param.detach())[rows].float()
+        new = _RowState(param, rows, start, master, torch.zeros_like(master), torch.zeros_like(master),
                         torch.zeros(len(rows), device=param.device))
         if old is not None:
-            new = _RowState(param, *(torch.cat([getattr(old, f), getattr(new, f)])
-                                     for f in ("rows", "master", "exp_avg", "exp_avg_sq", "step")))
+            new = _RowState(param, torch.cat([old.rows, new.rows]), start,
+                            *(torch.cat([getattr(old, f), getattr(new, f)])
+                              for f in ("master", "exp_avg", "exp_avg_sq", "step")))
         self.state[id(param)] = new
 
     def state_bytes(self) -> int:
@@ -63,11 +70,11 @@ class SparseRowAdamW:
             if active is None:
                 pos = torch.arange(len(s.rows), device=s.rows.device)
             else:
-                wanted = torch.as_tensor(active.get(key, []), dtype=torch.long, device=s.rows.device)
+                wanted = torch.as_tensor(active.get(key, []), dtype=torch.long, device=s.rows.device) - s.start
                 pos = torch.isin(s.rows, wanted).nonzero().flatten()
                 if not len(pos):
                     continue
-            grad = compact[pos] if compact is not None else s.param.grad[s.rows[pos]].float()
+            grad = compact[pos] if compact is not None else local(s.param.grad)[s.rows[pos]].float()
             w, m, v = s.master[pos], s.exp_avg[pos], s.exp_avg_sq[pos]
             t = s.step[pos] + 1
             shape = (-1,) + (1,) * (w.dim() - 1)
@@ -78,7 +85,7 @@ class SparseRowAdamW:
             denom = (v.sqrt() / (1 - beta2 ** t).sqrt().view(shape)).add_(self.eps)
             w.addcdiv_(m * step_size, denom, value=-1)
             s.master[pos], s.exp_avg[pos], s.exp_avg_sq[pos], s.step[pos] = w, m, v, t
-            s.param.index_copy_(0, s.rows[pos], w.to(s.param.dtype))
+            local(s.param).index_copy_(0, s.rows[pos], w.to(s.param.dtype))
 
     def sum_grads_across_ranks(self) -> None:
         """Data parallelism: the (compact) gradients of the tracked rows, summed over ranks."""

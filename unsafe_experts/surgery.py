@@ -26,12 +26,13 @@ from .examples import batches, collate, plain_prompt, router_example, sft_exampl
 from .outputs import (DirectoryLock, inside, save_checkpoint_atomic, write_bytes_atomic,
                       write_json_atomic)
 from .phases import align_router, masked_sft, per_batch_sft, score_pass
-from .distributed import barrier, join_process_group, local_device
+from .distributed import barrier, join_process_group, launched_world, local_device
 from .generation import generate
 from .records import (DatasetError, file_digest, load_records, messages_problem,
                       read_json_records, select_records)
 from .routing import routing_scores
 from .scoring import score_table, top_k
+from .sharding import full_state_dict, shard_model
 
 METADATA = "training_metadata.json"
 
@@ -90,6 +91,9 @@ def check_inputs(cfg: TrainConfig) -> dict:
     parameters, the dataset (and what is left after filtering), the model family, top-k and
     the output directory. Returns the model's MoE layout."""
     cfg.validate()
+    if cfg.sharding == "fsdp" and launched_world() < 2:
+        raise ConfigError("sharding: fsdp splits the model across processes; launch with "
+                          "`torchrun --nproc_per_node N -m unsafe_experts train ...` (N >= 2)")
     select_records(load_records(cfg.dataset_path), cfg.max_samples, cfg.seed, cfg.require_judge_success)
     if cfg.retention_path:
         load_prompts(cfg.retention_path)
@@ -123,9 +127,11 @@ def _load_model(cfg: TrainConfig, device: torch.device, source: str | Path | Non
     )
     if cfg.experts_implementation:
         model.set_experts_implementation(cfg.experts_implementation)
+    # loaded on the CPU: with fsdp only this rank's shard moves to its device
+    model = shard_model(model, device) if cfg.sharding == "fsdp" else model.to(device)
     # eval mode: no dropout and no router jitter (PhiMoE), so scores are reproducible;
     # backward works the same
-    return model.to(device).eval()
+    return model.eval()
 
 
 def prepare_data(cfg: TrainConfig, tokenizer) -> dict:
@@ -350,8 +356,9 @@ class Surgery:
     def checkpoint(self, r: int) -> Path:
         t0, state = time.time(), self._round.pop(r)
         path = inside(self.out, f"round_{r}")
+        weights = full_state_dict(self.model)  # sharded: every rank sends its part to rank 0
         if self.writer:
-            save_checkpoint_atomic(self.model, self.tokenizer, path)
+            save_checkpoint_atomic(self.model, self.tokenizer, path, weights)
         timings = state["timings"]
         timings["save_s"] = time.time() - t0
         timings["round_s"] = time.time() - state["started"]
@@ -377,8 +384,9 @@ class Surgery:
     def finish(self) -> dict:
         self.meta["status"] = "completed"
         self.meta["timings"]["total_s"] = time.time() - self.started
+        weights = full_state_dict(self.model)
         if self.writer:
-            save_checkpoint_atomic(self.model, self.tokenizer, inside(self.out, "final_model"))
+            save_checkpoint_atomic(self.model, self.tokenizer, inside(self.out, "final_model"), weights)
             rounds = {int(r): {"experts": v["experts"], "gradients": v.get("gradients", v["scores"])}
                       for r, v in self.meta["identified_experts_per_round"].items()}
             # written for the research scripts' readers; this project never loads a pickle
