@@ -7,44 +7,32 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 
 import torch
 
 from . import workloads as w
-from .memory import peak_mb
 
 
 def scoring(args, figures, m, layers, batch):
-    plain = w.timed(lambda: w.plain_fwd_bwd(m, layers, batch), args.repeats)
-    ours = w.timed(lambda: w.our_scoring_step(m, layers, batch), args.repeats)
-    research = w.timed(lambda: w.research_scoring_step(m, layers, batch), max(1, args.repeats // 2))
+    # interleaved, so a slow spell of the machine falls on all three alike
+    plain, ours, research = w.timed_together(
+        [lambda: w.plain_fwd_bwd(m, layers, batch), lambda: w.our_scoring_step(m, layers, batch),
+         lambda: w.research_scoring_step(m, layers, batch)], args.repeats)
     print(f"scoring step (median of {args.repeats}): plain fwd+bwd {plain * 1e3:.1f} ms, "
           f"ours {ours * 1e3:.1f} ms, research .item() loop {research * 1e3:.1f} ms")
     figures["scoring_time_ratio_vs_plain_fwd_bwd"] = ours / plain
     figures["scoring_time_ratio_vs_research_loop"] = ours / research
 
 
-def sft_peak_mb(step, k: int, seq_len: int, batch_size: int) -> float:
-    """One masked-SFT step on a fresh model, so no variant inherits another's buffers."""
-    m = w.model()
-    layers = w.moe_layers(m)
-    batch = w.batches(1, batch_size, seq_len)[0]
-    selection = w.selection_for(m, layers, batch, k)
-    w.set_trainable(m, [])
-    mb, _ = peak_mb(lambda: step(m, layers, batch, selection))
-    return mb
-
-
-def streamed_vs_exact(args, figures, batches_n: int):
+def streamed_vs_exact(args, figures, pool, batches_n: int):
     """A full accumulate pass over several batches, exact vs streamed, on fresh models."""
     results = {}
     for name, streamed in (("exact", False), ("streamed", True)):
         m = w.model()
         layers = w.moe_layers(m)
-        data = w.batches(batches_n, 1, 32)  # short: the gradients, not activations, dominate
+        data = w.batches(batches_n, 1, 32)
         run = lambda: w.score_pass(m, layers, data, lambda *a: None, progress=False, streamed=streamed)
-        mb, _ = peak_mb(run)
+        mb = pool.submit(w.scoring_pass_peak_mb, streamed, batches_n).result()
         results[name] = (mb, w.timed(run, max(1, args.repeats // 2)))
     print(f"accumulate scoring over {batches_n} batches of 1 x 32 tokens: exact {results['exact'][0]:.1f} MB "
           f"{results['exact'][1]:.2f} s, streamed {results['streamed'][0]:.1f} MB "
@@ -72,52 +60,48 @@ def kernels_and_threads(args, figures, batch):
 
 
 def main() -> None:
-    # glibc would otherwise keep freed tensors in its heap (its mmap threshold grows after
-    # each large free), so resident memory would not show a phase's own peak: fix the
-    # threshold so every large tensor is mapped and unmapped, then start again with it
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        os.execv(sys.executable, [sys.executable, "-m", "bench", *sys.argv[1:]])
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes (< 5 min)")
     args = parser.parse_args()
-    args.repeats = 3 if args.quick else 7
+    args.repeats = 5 if args.quick else 9
     torch.manual_seed(0)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}; model: OLMoE-shaped {w.SHAPE}")
     figures: dict[str, float] = {}
 
-    m = w.model()
-    layers = w.moe_layers(m)
-    total = sum(l.num_experts for l in layers)
-    batch = w.batches(1, 4, 128)[0]
-    scoring(args, figures, m, layers, batch)
+    with w.measuring_process() as pool:
+        m = w.model()
+        layers = w.moe_layers(m)
+        total = sum(l.num_experts for l in layers)
+        batch = w.batches(1, 4, 128)[0]
+        scoring(args, figures, m, layers, batch)
 
-    k = total // 10
-    # one short sequence: at this scaled-down hidden size activations would otherwise dwarf
-    # the weights, gradients and optimizer state, unlike at OLMoE's real size
-    dense, ours = (sft_peak_mb(step, k, 32, 1) for step in (w.dense_adamw_step, w.our_sft_step))
-    print(f"masked SFT step peak memory at k = {k} of {total} experts (1 x 32 tokens): dense "
-          f"AdamW {dense:.1f} MB, ours {ours:.1f} MB")
-    figures["sft_peak_memory_ratio_vs_dense_adamw"] = ours / dense
-    expert_bytes = sum(p.numel() * 4 for p in w.expert_params(layers))
-    ours_state = k * sum(p[0].numel() for p in layers[0].expert_params.values()) * 4 * 3
-    print(f"optimizer state: dense AdamW {2 * expert_bytes / 2**20:.1f} MB (two moments of every "
-          f"expert), ours {ours_state / 2**20:.1f} MB (fp32 master and two moments of k experts)")
-    figures["sft_optimizer_state_ratio_vs_dense_adamw"] = ours_state / (2 * expert_bytes)
-    streamed_vs_exact(args, figures, 3 if args.quick else 6)
+        k = total // 10
+        # one short sequence: at this scaled-down hidden size activations would otherwise dwarf
+        # the weights, gradients and optimizer state, unlike at OLMoE's real size
+        dense, ours = (pool.submit(w.sft_peak_mb, step, k, 32, 1).result()
+                       for step in ("dense_adamw_step", "our_sft_step"))
+        print(f"masked SFT step peak memory at k = {k} of {total} experts (1 x 32 tokens): dense "
+              f"AdamW {dense:.1f} MB, ours {ours:.1f} MB")
+        figures["sft_peak_memory_ratio_vs_dense_adamw"] = ours / dense
+        expert_bytes = sum(p.numel() * 4 for p in w.expert_params(layers))
+        ours_state = k * sum(p[0].numel() for p in layers[0].expert_params.values()) * 4 * 3
+        print(f"optimizer state: dense AdamW {2 * expert_bytes / 2**20:.1f} MB (two moments of every "
+              f"expert), ours {ours_state / 2**20:.1f} MB (fp32 master and two moments of k experts)")
+        figures["sft_optimizer_state_ratio_vs_dense_adamw"] = ours_state / (2 * expert_bytes)
+        streamed_vs_exact(args, figures, pool, 3 if args.quick else 6)
 
-    kernels_and_threads(args, figures, batch)
+        kernels_and_threads(args, figures, batch)
 
-    print("\ngrowth (ours): scoring step time and masked-SFT peak memory")
-    print(f"{'batch':>5} {'seq':>5} {'k':>5} {'score ms':>9} {'sft MB':>8}")
-    sizes = [(2, 64, k), (4, 64, k), (4, 128, k), (4, 128, 2 * k)] if args.quick else \
-        [(2, 64, k), (4, 64, k), (8, 64, k), (4, 128, k), (4, 256, k), (4, 128, 2 * k), (4, 128, 4 * k)]
-    for batch_size, seq_len, kk in sizes:
-        b = w.batches(1, batch_size, seq_len)[0]
-        t = w.timed(lambda: w.our_scoring_step(m, layers, b), args.repeats)
-        sft = sft_peak_mb(w.our_sft_step, kk, seq_len, batch_size)
-        print(f"{batch_size:>5} {seq_len:>5} {kk:>5} {t * 1e3:>9.1f} {sft:>8.1f}")
+        print("\ngrowth (ours): scoring step time and masked-SFT peak memory")
+        print(f"{'batch':>5} {'seq':>5} {'k':>5} {'score ms':>9} {'sft MB':>8}")
+        sizes = [(2, 64, k), (4, 64, k), (4, 128, k), (4, 128, 2 * k)] if args.quick else \
+            [(2, 64, k), (4, 64, k), (8, 64, k), (4, 128, k), (4, 256, k), (4, 128, 2 * k), (4, 128, 4 * k)]
+        for batch_size, seq_len, kk in sizes:
+            b = w.batches(1, batch_size, seq_len)[0]
+            t = w.timed(lambda: w.our_scoring_step(m, layers, b), args.repeats)
+            sft = pool.submit(w.sft_peak_mb, "our_sft_step", kk, seq_len, batch_size).result()
+            print(f"{batch_size:>5} {seq_len:>5} {kk:>5} {t * 1e3:>9.1f} {sft:>8.1f}")
 
     print()
     for name, value in figures.items():

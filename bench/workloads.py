@@ -6,10 +6,17 @@ and top-k as in OLMoE; hidden : intermediate 2 : 1 as in OLMoE).
 """
 from __future__ import annotations
 
+import gc
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+
+from unsafe_experts.memory import peak_mb, phase_peak_mb, reset_peak
 
 from unsafe_experts.adapters import moe_layers  # noqa: F401  (re-exported for bench.__main__)
 from unsafe_experts.phases import expert_params, lm_loss, masked_sft, score_pass, set_trainable  # noqa: F401
@@ -17,6 +24,25 @@ from unsafe_experts.scoring import expert_grad_scores, top_k
 
 SHAPE = dict(hidden_size=128, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, num_experts=64, num_experts_per_tok=8, vocab_size=4096)
+
+
+@contextmanager
+def measuring_process():
+    """A fresh process for CPU peak-memory phases (run them with `.submit(fn, *args).result()`),
+    in which glibc maps and unmaps every tensor of 64 KiB or more. With glibc's defaults freed
+    tensors stay in its heap (its mmap threshold grows after large frees), so resident memory
+    would not show a phase's own peak; but that setting makes every allocation fault pages in,
+    so times are measured here, without it."""
+    previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            yield pool
+    finally:
+        if previous is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
 
 
 def model(seed: int = 0, **overrides):
@@ -45,6 +71,19 @@ def timed(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
+
+
+def timed_together(fns, repeats: int) -> list[float]:
+    """Median seconds of each fn over repeats, the fns taking turns (after one warm-up each)."""
+    times = [[] for _ in fns]
+    for fn in fns:
+        fn()
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - t)
+    return [sorted(t)[len(t) // 2] for t in times]
 
 
 def plain_fwd_bwd(m, layers, batch):
@@ -95,3 +134,73 @@ def our_sft_step(m, layers, batch, selection, lr=1e-4):
 
 def selection_for(m, layers, batch, k):
     return top_k(our_scoring_step(m, layers, batch), k, layers)
+
+
+# memory phases: run in the measuring process, on a fresh model each
+
+def sft_peak_mb(step: str, k: int, seq_len: int, batch_size: int) -> float:
+    """One masked-SFT step (`step` names it in bench.workloads) on a fresh model, so no variant
+    inherits another's buffers. Runs in the measuring process."""
+    step = globals()[step]
+    m = model()
+    layers = moe_layers(m)
+    batch = batches(1, batch_size, seq_len)[0]
+    selection = selection_for(m, layers, batch, k)
+    set_trainable(m, [])
+    mb, _ = phase_peak_mb(lambda: step(m, layers, batch, selection))
+    return mb
+
+
+def scoring_pass_peak_mb(streamed: bool, batches_n: int) -> float:
+    """A full accumulate scoring pass on a fresh model. Runs in the measuring process."""
+    m = model()
+    layers = moe_layers(m)
+    data = batches(batches_n, 1, 32)  # short: the gradients, not activations, dominate
+    mb, _ = phase_peak_mb(lambda: score_pass(m, layers, data, lambda *a: None, progress=False,
+                                               streamed=streamed))
+    return mb
+
+
+# OLMoE-1B-7B's real shape (bench.full_size)
+
+OLMOE_1B_7B = dict(hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+                   num_attention_heads=16, num_key_value_heads=16, num_experts=64,
+                   num_experts_per_tok=8, vocab_size=50304)
+FULL_SIZE_PHASES = {
+    "scoring_ours": lambda m, layers, batch, selection: our_scoring_step(m, layers, batch),
+    "scoring_research": lambda m, layers, batch, selection: research_scoring_step(m, layers, batch),
+    "sft_ours": our_sft_step,
+    "sft_research": dense_adamw_step,
+}
+
+
+def full_size_setup(device: str, layers_n: int, batch_size: int, seq_len: int):
+    """The model, its MoE layers, one batch and the k = 10% experts it selects."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("olmoe", **{**OLMOE_1B_7B, "num_hidden_layers": layers_n})
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    layers = moe_layers(model)
+    batch = {k: v.to(device) for k, v in
+             batches(1, batch_size, seq_len, vocab=config.vocab_size)[0].items()}
+    selection = selection_for(model, layers, batch, sum(l.num_experts for l in layers) // 10)
+    set_trainable(model, [])
+    return model, layers, batch, selection
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def full_size_peak_mb(phase: str, device: str, layers_n: int, batch_size: int, seq_len: int) -> float:
+    """Peak MB above the model's own memory of one run of `phase` on a fresh model."""
+    model, layers, batch, selection = full_size_setup(device, layers_n, batch_size, seq_len)
+    device = torch.device(device)
+    gc.collect()
+    reset_peak(device)
+    before = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else peak_mb(device)
+    FULL_SIZE_PHASES[phase](model, layers, batch, selection)
+    sync(device)
+    return peak_mb(device) - before

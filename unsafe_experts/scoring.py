@@ -1,12 +1,41 @@
 """Per-expert gradient magnitude and the global top-k over all (layer, expert) pairs."""
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import torch
 
 from .adapters import MoELayer
 from .sharding import gather_rows, local
+
+
+def row_l1(grad: torch.Tensor) -> torch.Tensor:
+    """[rows] fp32 L1 norm of each dim-0 row (expert) of a gradient. One reduction along the
+    rows of a 2-D tensor adds each row's terms one after another on a CPU: 1.3e-3 relative error
+    measured on OLMoE-1B-7B's expert rows (4 M elements), enough to reorder near-tied experts.
+    Both ways below stay near 1e-7."""
+    flat = grad.flatten(1)
+    if flat.device.type == "cpu" and flat.shape[1] >= 2 ** 16:
+        return row_l1_per_row(flat)
+    return row_l1_blocked(flat)
+
+
+def row_l1_per_row(flat: torch.Tensor) -> torch.Tensor:
+    """One whole-row sum per row: on a CPU a whole-tensor sum is pairwise, and it reads bf16
+    without an fp32 copy (measured 5x faster than blocks on bf16 rows of 4 M elements)."""
+    return torch.stack([row.abs().sum(dtype=torch.float32) for row in flat])
+
+
+def row_l1_blocked(flat: torch.Tensor, max_elements: int = 2 ** 24) -> torch.Tensor:
+    """Two levels, blocks of up to 4096 elements, then the blocks' sum: few kernels for a GPU.
+    Rows go through in groups of at most `max_elements`, because a bf16 gradient is upcast to
+    fp32 for the reduction: 64 MB at a time, not a copy of the tensor."""
+    block = math.gcd(flat.shape[1], 4096)
+    group = max(1, max_elements // flat.shape[1])
+    return torch.cat([torch.linalg.vector_norm(rows.unflatten(1, (-1, block)), ord=1, dim=2,
+                                               dtype=torch.float32).sum(1)
+                      for rows in flat.split(group)])
 
 
 def expert_grad_scores(layers: list[MoELayer]) -> torch.Tensor:
@@ -20,8 +49,7 @@ def expert_grad_scores(layers: list[MoELayer]) -> torch.Tensor:
         for p in params:
             if p.grad is None:
                 continue
-            l1 = torch.linalg.vector_norm(local(p.grad).flatten(1), ord=1, dim=1, dtype=torch.float32)
-            l1 = gather_rows(l1, p)  # sharded: each rank reduced its own experts
+            l1 = gather_rows(row_l1(local(p.grad)), p)  # sharded: each rank reduced its own experts
             total = l1 if total is None else total + l1
         per_expert = sum(p[0].numel() for p in params)
         device = next(iter(params)).device
@@ -61,7 +89,7 @@ def streamed_l1(layers: list[MoELayer]):
 
     def hook_for(i):
         def hook(param):
-            sums[i] += torch.linalg.vector_norm(param.grad.flatten(1), ord=1, dim=1, dtype=torch.float32)
+            sums[i] += row_l1(param.grad)
             param.grad = None
         return hook
 

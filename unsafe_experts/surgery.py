@@ -11,7 +11,6 @@ import pickle
 import random
 import shutil
 import platform
-import resource
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,6 +27,7 @@ from .outputs import (DirectoryLock, inside, save_checkpoint_atomic, write_bytes
 from .phases import align_router, masked_sft, per_batch_sft, score_pass
 from .distributed import barrier, join_process_group, launched_world, local_device
 from .generation import generate
+from .memory import peak_mb, reset_peak
 from .records import (DatasetError, file_digest, load_records, messages_problem,
                       read_json_records, select_records)
 from .routing import routing_scores
@@ -112,12 +112,6 @@ def load_prompts(path: str | Path) -> list[list[dict]]:
     if not prompts:
         raise DatasetError(f"{path}: no prompts")
     return prompts
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def _load_model(cfg: TrainConfig, device: torch.device, source: str | Path | None = None):
@@ -291,8 +285,7 @@ class Surgery:
         """Score and select this round's experts by the configured method (per_batch gradient
         mode also trains here, batch by batch)."""
         cfg, t0 = self.cfg, time.time()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        reset_peak(self.device)  # the round's peaks are measured from here
         extra = {}
         if cfg.method == "gradient" and cfg.score_mode == "per_batch":
             counts, score_sum, picks, state_bytes = per_batch_sft(
@@ -315,7 +308,7 @@ class Surgery:
         self._round[r] = {"identified": identified, "selection": selection, "started": t0,
                           "timings": {}}
         self._timed(r, "identify_s", t0)
-        self._round[r]["timings"]["identify_peak_memory_mb"] = _peak_memory_mb(self.device)
+        self._round[r]["timings"]["identify_peak_memory_mb"] = peak_mb(self.device)
         return selection
 
     def _scores(self, r: int) -> tuple[torch.Tensor, dict]:
@@ -362,7 +355,7 @@ class Surgery:
         timings = state["timings"]
         timings["save_s"] = time.time() - t0
         timings["round_s"] = time.time() - state["started"]
-        timings["peak_memory_mb"] = _peak_memory_mb(self.device)
+        timings["peak_memory_mb"] = peak_mb(self.device)
         self.meta["identified_experts_per_round"][str(r)] = state["identified"]
         self.meta["timings"][f"round_{r}"] = timings
         self._save_meta()
