@@ -10,6 +10,7 @@ import platform
 
 import torch
 
+from . import sharded
 from . import workloads as w
 
 
@@ -39,6 +40,19 @@ def streamed_vs_exact(args, figures, pool, batches_n: int):
           f"{results['streamed'][1]:.2f} s")
     figures["streamed_scoring_peak_memory_ratio"] = results["streamed"][0] / results["exact"][0]
     figures["streamed_scoring_time_ratio"] = results["streamed"][1] / results["exact"][1]
+
+
+def fsdp_per_rank(figures) -> None:
+    """At OLMoE's 16 layers: with few layers, the layers fully_shard gathers at a time (the one
+    running and the next) would be a large share of the model."""
+    layers, k = 16, 16 * w.SHAPE["num_experts"] // 10
+    whole, split = sharded.per_rank_mb(1, k, layers), sharded.per_rank_mb(2, k, layers)
+    print(f"--sharding fsdp at {layers} layers, k = {k}, 2 gloo processes vs 1 (MB per rank): "
+          f"weights held {split['weights_mb']:.1f} "
+          f"vs {whole['weights_mb']:.1f}; scoring pass peak {split['scoring_mb']:.1f} vs "
+          f"{whole['scoring_mb']:.1f}; masked SFT peak {split['sft_mb']:.1f} vs {whole['sft_mb']:.1f}")
+    for key in ("weights", "scoring", "sft"):
+        figures[f"fsdp2_{key}_memory_ratio_per_rank"] = split[f"{key}_mb"] / whole[f"{key}_mb"]
 
 
 def kernels_and_threads(args, figures, batch):
@@ -90,6 +104,7 @@ def main() -> None:
               f"expert), ours {ours_state / 2**20:.1f} MB (fp32 master and two moments of k experts)")
         figures["sft_optimizer_state_ratio_vs_dense_adamw"] = ours_state / (2 * expert_bytes)
         streamed_vs_exact(args, figures, pool, 3 if args.quick else 6)
+        fsdp_per_rank(figures)
 
         kernels_and_threads(args, figures, batch)
 

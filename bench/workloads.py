@@ -16,9 +16,8 @@ from contextlib import contextmanager
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from unsafe_experts.memory import peak_mb, phase_peak_mb, reset_peak
-
 from unsafe_experts.adapters import moe_layers  # noqa: F401  (re-exported for bench.__main__)
+from unsafe_experts.memory import peak_mb, phase_peak_mb, reset_peak
 from unsafe_experts.phases import expert_params, lm_loss, masked_sft, score_pass, set_trainable  # noqa: F401
 from unsafe_experts.scoring import expert_grad_scores, top_k
 
@@ -27,22 +26,29 @@ SHAPE = dict(hidden_size=128, intermediate_size=64, num_hidden_layers=4, num_att
 
 
 @contextmanager
-def measuring_process():
-    """A fresh process for CPU peak-memory phases (run them with `.submit(fn, *args).result()`),
-    in which glibc maps and unmaps every tensor of 64 KiB or more. With glibc's defaults freed
-    tensors stay in its heap (its mmap threshold grows after large frees), so resident memory
-    would not show a phase's own peak; but that setting makes every allocation fault pages in,
-    so times are measured here, without it."""
+def unmapped_frees_in_children():
+    """Processes started inside (spawned, so glibc reads its environment anew) map and unmap
+    every tensor of 64 KiB or more. With glibc's defaults freed tensors stay in its heap (its
+    mmap threshold grows after large frees), so resident memory would not show a phase's own
+    peak; but that setting makes every allocation fault pages in, so times are measured in
+    this process, without it."""
     previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     try:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            yield pool
+        yield
     finally:
         if previous is None:
             del os.environ["MALLOC_MMAP_THRESHOLD_"]
         else:
             os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
+
+
+@contextmanager
+def measuring_process():
+    """A fresh process for CPU peak-memory phases: `.submit(fn, *args).result()`."""
+    with unmapped_frees_in_children(), \
+            ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
 
 
 def model(seed: int = 0, **overrides):

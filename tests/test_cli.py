@@ -149,7 +149,7 @@ def llama_dir(tmp_path, tokenizer):
     ("lr", "expert_lr: must not be negative"),
     ("invalid", "2 problems in the dataset: "),
     ("fsdp_alone", "sharding: fsdp splits the model across processes; launch with `torchrun"),
-    ("fsdp_streamed", "sharding: fsdp needs score_memory exact and score_mode accumulate"),
+    ("fsdp_per_batch", "sharding: fsdp needs score_mode accumulate"),
 ])
 def test_bad_input_is_one_clear_line_and_writes_nothing(case, message, tiny_dir, llama_dir, records,
                                                         records_path, tmp_path, capsys, tracking_dir):
@@ -165,7 +165,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(case, message, tiny_dir,
     elif case == "lr":
         extra = ["--expert_lr", "-1"]
     elif case.startswith("fsdp"):
-        extra = ["--sharding", "fsdp"] + (["--score_memory", "streamed"] if case == "fsdp_streamed" else [])
+        extra = ["--sharding", "fsdp"] + (["--score_mode", "per_batch"] if case == "fsdp_per_batch" else [])
     elif case == "invalid":
         data = tmp_path / "invalid.json"
         data.write_text(json.dumps([records[0], {"goal": ""}]))

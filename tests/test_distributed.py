@@ -1,5 +1,5 @@
-"""Data parallelism on CPU: 2 gloo processes select the same experts and reach the same
-weights as 1 process on the same global batch."""
+"""Data parallelism and FSDP on CPU: 2 gloo processes select the same experts and reach the
+same weights as 1 process on the same global batch."""
 import json
 import os
 
@@ -14,26 +14,32 @@ from conftest import sft_batches
 from unsafe_experts.adapters import moe_layers
 from unsafe_experts.phases import masked_sft, score_pass
 from unsafe_experts.scoring import top_k
+from unsafe_experts.sharding import shard_model
 
 
-def surgery_step(model_dir, records, out=None):
+def surgery_step(model_dir, records, sharded=False, streamed=False):
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if sharded:
+        model = shard_model(model, torch.device("cpu"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     layers = moe_layers(model)
     batches = sft_batches(tokenizer, records, batch_size=4)
     logs = {}
-    scores = score_pass(model, layers, batches, lambda k, v: logs.setdefault(k, v), progress=False)
+    scores = score_pass(model, layers, batches, lambda k, v: logs.setdefault(k, v), progress=False,
+                        streamed=streamed)
     selection = top_k(scores, 3, layers)
     masked_sft(model, layers, batches, selection, lr=1e-2, weight_decay=0.1, epochs=2,
                log=lambda k, v: logs.setdefault(k, v), progress=False)
-    return scores, selection, {n: p.detach().contiguous() for n, p in model.named_parameters()}, logs
+    weights = {n: (p.full_tensor() if sharded else p).detach().contiguous()
+               for n, p in model.named_parameters()}
+    return scores, selection, weights, logs
 
 
-def _rank(rank, store, model_dir, records, out):
+def _rank(rank, store, model_dir, records, out, sharded, streamed):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        scores, selection, weights, logs = surgery_step(model_dir, records)
+        scores, selection, weights, logs = surgery_step(model_dir, records, sharded, streamed)
         save_file({"scores": scores, **weights}, f"{out}/rank{rank}.safetensors")
         with open(f"{out}/rank{rank}.json", "w") as f:
             json.dump({"selection": selection, "logs": logs}, f)
@@ -41,11 +47,16 @@ def _rank(rank, store, model_dir, records, out):
         dist.destroy_process_group()
 
 
-def test_two_gloo_processes_match_one_process(tiny_dir, records, tmp_path):
+@pytest.mark.parametrize("sharded, streamed", [(False, False), (True, True)],
+                         ids=["data-parallel-exact", "fsdp-streamed"])
+def test_two_gloo_processes_match_one_process(sharded, streamed, tiny_dir, records, tmp_path):
+    """Plain data parallelism with exact scoring; FSDP (half of every layer's experts on each
+    rank) with streamed scoring, whose per-batch magnitudes are taken after fully_shard has
+    summed the ranks' gradients, and with gradients cut to the selected rows in the SFT."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_rank, args=(str(tmp_path / "store"), str(tiny_dir), records[:12], str(tmp_path)),
-             nprocs=2, join=True)
-    scores, selection, weights, logs = surgery_step(str(tiny_dir), records[:12])
+    mp.spawn(_rank, args=(str(tmp_path / "store"), str(tiny_dir), records[:12], str(tmp_path),
+                          sharded, streamed), nprocs=2, join=True)
+    scores, selection, weights, logs = surgery_step(str(tiny_dir), records[:12], streamed=streamed)
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
     meta = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in (0, 1):

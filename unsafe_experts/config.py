@@ -90,9 +90,8 @@ class TrainConfig:
         if self.retention_path and self.score_mode != "accumulate":
             bad("retention_path", "works with score_mode accumulate (per_batch scores every "
                 "batch it trains on, which would mix retention into identification)")
-        if self.sharding == "fsdp" and (self.score_memory, self.score_mode) != ("exact", "accumulate"):
-            bad("sharding", "fsdp needs score_memory exact and score_mode accumulate (the others "
-                "reduce per rank, before the ranks' gradients are summed)")
+        if self.sharding == "fsdp" and self.score_mode != "accumulate":
+            bad("sharding", "fsdp needs score_mode accumulate (per_batch runs in one process)")
         if not self.refusals or not all(isinstance(r, str) and r.strip() for r in self.refusals):
             bad("refusals", "needs at least one non-empty refusal text")
         return self

@@ -90,6 +90,10 @@ def score_pass(model, layers, batches: list[Batch], log: Log, desc="score", prog
     """Gradients of the mean batch loss over all batches -> [layers, experts] mean |grad|.
     exact: |sum of gradients|, all layers' expert gradients held until the end; streamed:
     sum of per-batch |gradients|, each layer's freed as soon as backward produces it."""
+    sharded = is_sharded(model)
+    if streamed and world()[1] > 1 and not sharded:
+        raise ValueError("streamed scoring under data parallelism would sum per-rank magnitudes; "
+                         "use exact scoring, or --sharding fsdp (whose gradients arrive summed)")
     set_trainable(model, expert_params(layers))
     device = model.device
     losses = []
@@ -99,13 +103,12 @@ def score_pass(model, layers, batches: list[Batch], log: Log, desc="score", prog
             loss.backward()
             losses.append(loss.detach() * len(batches))
     if streamed:
-        if world()[1] > 1:
-            raise ValueError("streamed scoring sums per-rank magnitudes; use exact scoring with "
-                             "data parallelism")
+        if sharded:  # each rank summed the experts it holds
+            sum_(sums)
         numel = torch.tensor([per_expert_numel(layer) for layer in layers], device=sums.device)
         scores = sums / numel[:, None]
     else:
-        if not is_sharded(model):  # fully_shard's reduce-scatter has already summed them
+        if not sharded:  # fully_shard's reduce-scatter has already summed them
             for p in expert_params(layers):
                 if p.grad is not None:
                     sum_(p.grad)
@@ -131,7 +134,7 @@ def masked_sft(model, layers, batches, selection, lr, weight_decay, epochs, log:
     device = model.device
     sharded = is_sharded(model)  # gradients arrive summed and cut to this rank's experts
     losses = []
-    with nullcontext() if sharded else opt.compact_grads():
+    with opt.compact_grads():
         for epoch in range(epochs):
             for batch in _bar(batches, f"{desc} epoch {epoch + 1}", progress):
                 loss = _finite(lm_loss(model, _on(batch, device)), desc, len(losses), len(batches))

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import torch
 
 from .adapters import MoELayer
-from .sharding import gather_rows, local
+from .sharding import gather_rows, local, local_rows
 
 
 def row_l1(grad: torch.Tensor) -> torch.Tensor:
@@ -88,8 +88,9 @@ def streamed_l1(layers: list[MoELayer]):
     sums = torch.zeros(len(layers), layers[0].num_experts, device=device)
 
     def hook_for(i):
-        def hook(param):
-            sums[i] += row_l1(param.grad)
+        def hook(param):  # sharded: this rank's experts, summed over the ranks by fully_shard
+            start, stop = local_rows(param)
+            sums[i, start:stop] += row_l1(local(param.grad))
             param.grad = None
         return hook
 

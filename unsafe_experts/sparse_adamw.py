@@ -34,6 +34,8 @@ class SparseRowAdamW:
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.state: dict[int, _RowState] = {}
         self._rows_grad: dict[int, torch.Tensor] = {}  # compact gradients (see compact_grads)
+        # sharded parameters none of whose tracked rows this rank holds: gradients only dropped
+        self._idle: dict[int, torch.nn.Parameter] = {}
 
     def add_rows(self, param: torch.nn.Parameter, rows) -> None:
         """Start tracking `rows` of `param` (rows already tracked keep their state)."""
@@ -44,7 +46,10 @@ class SparseRowAdamW:
         if old is not None:
             rows = rows[~torch.isin(rows, old.rows.cpu())]
         if not len(rows):
+            if old is None:
+                self._idle[id(param)] = param
             return
+        self._idle.pop(id(param), None)
         rows = rows.to(param.device)
         master = local(param.detach())[rows].float()
         new = _RowState(param, rows, start, master, torch.zeros_like(master), torch.zeros_like(master),
@@ -94,24 +99,31 @@ class SparseRowAdamW:
             if grad is not None:
                 sum_(grad)
 
+    def _params(self) -> list[torch.nn.Parameter]:
+        return [s.param for s in self.state.values()] + list(self._idle.values())
+
     def zero_grad(self) -> None:
         self._rows_grad.clear()
-        for s in self.state.values():
-            s.param.grad = None
+        for param in self._params():
+            param.grad = None
 
     @contextmanager
     def compact_grads(self):
         """While active, each tracked parameter's gradient is cut down to the tracked rows (in
         fp32) the moment backward produces it, and the full gradient is freed: gradient memory
-        scales with the selected experts, not with every expert of every layer."""
+        scales with the selected experts, not with every expert of every layer. A sharded
+        parameter's hook runs after fully_shard has summed its gradient across the ranks."""
         def hook_for(key, rows):
             def hook(param):
-                self._rows_grad[key] = param.grad.index_select(0, rows).float()
+                if rows is not None:
+                    self._rows_grad[key] = local(param.grad).index_select(0, rows).float()
                 param.grad = None
             return hook
 
         handles = [s.param.register_post_accumulate_grad_hook(hook_for(key, s.rows))
                    for key, s in self.state.items()]
+        handles += [p.register_post_accumulate_grad_hook(hook_for(key, None))
+                    for key, p in self._idle.items()]
         try:
             yield self
         finally:
