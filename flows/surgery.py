@@ -13,6 +13,7 @@ from tasks import surgery as steps
 from tasks import tracking
 from tasks.digests import dvc_md5, git_commit
 from unsafe_experts.config import TrainConfig
+from unsafe_experts.distributed import launched_world
 from unsafe_experts.outputs import write_json_atomic
 
 # retries only where they can help: the tracking server may blip; model steps are deterministic
@@ -69,7 +70,8 @@ def surgery_flow(train: dict, experiment: str = "unsafe-experts", log_model: boo
     evaluation = {**EVALUATION_DEFAULTS, **(evaluation or {})}
     evaluating = bool(evaluation.get("eval_set"))
     tags = {"method": cfg.method, "git_commit": git_commit(), "data_dvc_md5": dvc_md5(cfg.dataset_path),
-            "prefect_flow_run_id": runtime.flow_run.id or "none"}
+            "prefect_flow_run_id": runtime.flow_run.id or "none",
+            "world_size": launched_world()}  # processes under torchrun; 1 alone
     run_id = tracking.start_run(experiment, f"{cfg.method}-{Path(cfg.output_dir).name}",
                                 {**asdict(cfg), **({"evaluation": evaluation} if evaluating else {})}, tags)
     key = None

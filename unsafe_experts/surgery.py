@@ -213,7 +213,7 @@ class Surgery:
             "seed": cfg.seed,
             "dataset": self.data["summary"],
             "model": {**self.model_info, "dtype": str(next(self.model.parameters()).dtype),
-                      "device": str(self.device)},
+                      "device": str(self.device), "world_size": launched_world()},
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__},
             "identified_experts_per_round": {},
