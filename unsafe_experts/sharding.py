@@ -19,9 +19,23 @@ from torch.distributed.tensor import DTensor
 from .distributed import world
 
 
-def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Shards a model loaded on the CPU across all ranks; each rank's shard moves to `device`."""
+def load_sharded(load, device: torch.device) -> torch.nn.Module:
+    """`load()` (a model on the CPU) sharded across all ranks, each rank's shard on `device`.
+    The ranks load in turn, each dropping the rest of the model before the next starts, so
+    host memory holds one whole model and the shards at a time, not one whole model per rank
+    (fully_shard's set-up exchanges nothing between ranks)."""
     mesh = init_device_mesh(device.type, (world()[1],))
+    model = None
+    for turn in range(world()[1]):
+        if turn == world()[0]:
+            model = shard_model(load(), device, mesh)
+        dist.barrier()
+    return model
+
+
+def shard_model(model: torch.nn.Module, device: torch.device, mesh=None) -> torch.nn.Module:
+    """Shards a model loaded on the CPU across all ranks; each rank's shard moves to `device`."""
+    mesh = mesh or init_device_mesh(device.type, (world()[1],))
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)

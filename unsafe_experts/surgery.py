@@ -32,7 +32,7 @@ from .records import (DatasetError, file_digest, load_records, messages_problem,
                       read_json_records, select_records)
 from .routing import routing_scores
 from .scoring import score_table, top_k
-from .sharding import full_state_dict, shard_model
+from .sharding import full_state_dict, load_sharded
 
 METADATA = "training_metadata.json"
 
@@ -115,14 +115,17 @@ def load_prompts(path: str | Path) -> list[list[dict]]:
 
 
 def _load_model(cfg: TrainConfig, device: torch.device, source: str | Path | None = None):
-    dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        source or cfg.model_name, dtype=dtype, trust_remote_code=cfg.trust_remote_code
-    )
-    if cfg.experts_implementation:
-        model.set_experts_implementation(cfg.experts_implementation)
+    def load():
+        dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            source or cfg.model_name, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+        )
+        if cfg.experts_implementation:
+            model.set_experts_implementation(cfg.experts_implementation)
+        return model
+
     # loaded on the CPU: with fsdp only this rank's shard moves to its device
-    model = shard_model(model, device) if cfg.sharding == "fsdp" else model.to(device)
+    model = load_sharded(load, device) if cfg.sharding == "fsdp" else load().to(device)
     # eval mode: no dropout and no router jitter (PhiMoE), so scores are reproducible;
     # backward works the same
     return model.eval()
