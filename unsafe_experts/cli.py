@@ -53,8 +53,9 @@ def _train_parser(sub) -> None:
                    help="keep records with judge_success_gpt4 == 0")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's")
-    p.add_argument("--sharding", choices=SHARDING, help="none (default): each torchrun rank holds "
-                   "the whole model; fsdp: experts sharded across the ranks (models too big for one device)")
+    p.add_argument("--sharding", choices=SHARDING,
+                   help="none (default): each torchrun rank holds the whole model; fsdp: experts "
+                        "sharded across the ranks (models too big for one device)")
     p.add_argument("--experts_implementation", choices=("grouped_mm", "batched_mm", "eager"),
                    help="fused-experts kernel (default: transformers'); pick by `python -m bench`")
     p.add_argument("--trust_remote_code", action="store_true")

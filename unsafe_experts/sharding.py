@@ -35,7 +35,8 @@ def load_sharded(load, device: torch.device) -> torch.nn.Module:
 
 def shard_model(model: torch.nn.Module, device: torch.device, mesh=None) -> torch.nn.Module:
     """Shards a model loaded on the CPU across all ranks; each rank's shard moves to `device`."""
-    mesh = mesh or init_device_mesh(device.type, (world()[1],))
+    if mesh is None:
+        mesh = init_device_mesh(device.type, (world()[1],))
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)

@@ -75,7 +75,8 @@ class SparseRowAdamW:
             if active is None:
                 pos = torch.arange(len(s.rows), device=s.rows.device)
             else:
-                wanted = torch.as_tensor(active.get(key, []), dtype=torch.long, device=s.rows.device) - s.start
+                wanted = torch.as_tensor(active.get(key, []), dtype=torch.long,
+                                         device=s.rows.device) - s.start
                 pos = torch.isin(s.rows, wanted).nonzero().flatten()
                 if not len(pos):
                     continue
@@ -99,12 +100,9 @@ class SparseRowAdamW:
             if grad is not None:
                 sum_(grad)
 
-    def _params(self) -> list[torch.nn.Parameter]:
-        return [s.param for s in self.state.values()] + list(self._idle.values())
-
     def zero_grad(self) -> None:
         self._rows_grad.clear()
-        for param in self._params():
+        for param in [s.param for s in self.state.values()] + list(self._idle.values()):
             param.grad = None
 
     @contextmanager
