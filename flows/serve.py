@@ -8,14 +8,12 @@ of 1): two never fight over an output directory or DVC's lock.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow
 from prefect.events import DeploymentEventTrigger
 
-from schemas.params import load_params
-from unsafe_experts.config import TrainConfig
+from schemas.params import load_params, resolve_run
 
 from flows.surgery import surgery_flow
 
@@ -28,14 +26,14 @@ def pipeline_run(params_path: str, dataset_path: str | None = None,
                  dataset_digest: str | None = None) -> dict:
     """The surgery with the parameters of a params.yaml; a triggered run takes the new dataset
     and writes to `<train.output_dir>-<digest>` so runs on different data never collide."""
-    params = load_params(params_path)
-    train = params.train.model_dump()
+    overrides = {}
     if dataset_path:
-        train["dataset_path"] = dataset_path
-        train["output_dir"] = f"{train['output_dir']}-{(dataset_digest or 'new')[:12]}"
-    cfg = TrainConfig(**train).validate()
-    return surgery_flow(asdict(cfg), params.tracking.experiment, params.tracking.log_model,
-                        evaluation=params.evaluation.model_dump(), progress=False)
+        base = load_params(params_path, check=False).train.output_dir
+        overrides = {"dataset_path": dataset_path,
+                     "output_dir": f"{base}-{(dataset_digest or 'new')[:12]}"}
+    run = resolve_run(params_path, overrides)
+    return surgery_flow(run.train, run.experiment, run.log_model, evaluation=run.evaluation,
+                        progress=False)
 
 
 def serve(params_path: str) -> None:

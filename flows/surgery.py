@@ -2,7 +2,6 @@
 run per round) and versioned by DVC through `dvc.yaml`."""
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -14,16 +13,17 @@ from tasks import tracking
 from tasks.digests import dvc_md5, git_commit
 from unsafe_experts.config import TrainConfig
 from unsafe_experts.distributed import launched_world
+from unsafe_experts.evaluation import EvaluationConfig
 from unsafe_experts.outputs import write_json_atomic
+from unsafe_experts.run_records import ROUNDS, RunRecord
 
 # retries only where they can help: the tracking server may blip; model steps are deterministic
 track = task(tracking.log_round, name="track-round", retries=2, retry_delay_seconds=2)
-EVALUATION_DEFAULTS = {"max_new_tokens": 48, "batch_size": 16, "limit": None, "samples": 5}
 
 
 def _summary(metadata: dict, final: dict) -> dict[str, float]:
     """The run's figures from its metadata (so a resumed run counts the rounds done before)."""
-    per_round = metadata["identified_experts_per_round"]
+    per_round = metadata[ROUNDS]
     rounds = sorted(per_round, key=int)
     timings = [metadata["timings"][f"round_{r}"] for r in rounds]
     last = per_round[rounds[-1]]
@@ -60,20 +60,21 @@ def _write_evaluations(run_id, evaluations, evaluation_path):
 
 
 @flow(name="unsafe-expert-surgery")
-def surgery_flow(train: dict, experiment: str = "unsafe-experts", log_model: bool = False,
-                     metrics_path: str | None = None, progress: bool = True,
-                     evaluation: dict | None = None, evaluation_path: str | None = None) -> dict:
+def surgery_flow(cfg: TrainConfig, experiment: str = "unsafe-experts", log_model: bool = False,
+                 metrics_path: str | None = None, progress: bool = True,
+                 evaluation: EvaluationConfig | None = None, evaluation_path: str | None = None) -> dict:
     """validate -> [evaluate before] -> per round: score -> masked SFT -> router alignment ->
-    checkpoint [-> evaluate] -> final model. `evaluation` (with an `eval_set`) turns on the
-    safety evaluation; its results go to `evaluation_path` (DVC) and MLflow."""
-    cfg = TrainConfig(**train).validate()
-    evaluation = {**EVALUATION_DEFAULTS, **(evaluation or {})}
-    evaluating = bool(evaluation.get("eval_set"))
+    checkpoint [-> evaluate] -> final model. `cfg` and `evaluation` come resolved and validated
+    (schemas.params.resolve_run); an `evaluation.eval_set` turns on the safety evaluation,
+    whose results go to `evaluation_path` (DVC) and MLflow."""
+    cfg.validate()  # a no-op for a resolved config; a deployment's parameters arrive rebuilt
+    evaluation = (evaluation or EvaluationConfig()).validate()
+    evaluating = bool(evaluation.eval_set)
     tags = {"method": cfg.method, "git_commit": git_commit(), "data_dvc_md5": dvc_md5(cfg.dataset_path),
             "prefect_flow_run_id": runtime.flow_run.id or "none",
             "world_size": launched_world()}  # processes under torchrun; 1 alone
     run_id = tracking.start_run(experiment, f"{cfg.method}-{Path(cfg.output_dir).name}",
-                                {**asdict(cfg), **({"evaluation": evaluation} if evaluating else {})}, tags)
+                                {**asdict(cfg), **({"evaluation": asdict(evaluation)} if evaluating else {})}, tags)
     key = None
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -82,7 +83,7 @@ def surgery_flow(train: dict, experiment: str = "unsafe-experts", log_model: boo
             except steps.DatasetValidationError as e:
                 tracking.log_file(run_id, e.failures_csv, "validation")
                 raise
-        prepared = steps.prepare(train, progress)
+        prepared = steps.prepare(cfg, progress)
         key = prepared["key"]
         tracking.log_dataset(run_id, cfg.dataset_path, prepared["records"], tags["data_dvc_md5"])
         tracking.log_tags(run_id, {f"dataset_{k}": v for k, v in prepared["dataset"].items()})
@@ -110,8 +111,8 @@ def surgery_flow(train: dict, experiment: str = "unsafe-experts", log_model: boo
             previous = done["identified"]["experts"]
         final = steps.finish(key)
         key = None
-        metadata = json.loads(Path(final["metadata"]).read_text())
-        selected = [x for r in metadata["identified_experts_per_round"].values() for x in r["experts"]]
+        record = RunRecord.load(final["output_dir"])
+        metadata, selected = record.data, [list(x) for x in record.selected()]
         locality = steps.check_locality(cfg.model_name, final["final_model"], selected,
                                         not cfg.skip_router_training)
         if evaluating:
@@ -132,7 +133,7 @@ def surgery_flow(train: dict, experiment: str = "unsafe-experts", log_model: boo
         tracking.write_and_log_metrics(run_id, metrics, metrics_path)
         tracking.end_run(run_id)
         return {**final, "mlflow_run_id": run_id, "metrics": metrics, "evaluation": evaluations,
-                "experts_per_round": [r["experts"] for r in metadata["identified_experts_per_round"].values()]}
+                "experts_per_round": [r.experts for r in record.rounds().values()]}
     except BaseException as error:
         tracking.end_run(run_id, "FAILED")
         if key:

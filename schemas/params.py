@@ -1,7 +1,12 @@
 """params.yaml: the single source of run parameters for the CLI, the flow and DVC.
 
-The `train` section is exactly the engine's TrainConfig (types and defaults come from it, so
-they cannot drift); unknown keys anywhere are errors that name the key.
+The `train` section is exactly the engine's TrainConfig and `evaluation` its EvaluationConfig
+(types and defaults come from them, so they cannot drift); unknown keys anywhere are errors
+that name the key. `resolve_run` is the one place a run's configuration is put together:
+
+    dataclass defaults  <  params.yaml section  <  command-line flags
+
+and validated once; the CLI, the flows and the engine all take its result as is.
 """
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from unsafe_experts.config import ConfigError, TrainConfig
+from unsafe_experts.config import METHODS, ConfigError, TrainConfig
+from unsafe_experts.evaluation import EvaluationConfig
 from unsafe_experts.organism import OrganismConfig
 
 FORBID = ConfigDict(extra="forbid")
@@ -34,16 +40,7 @@ def _from_dataclass(cls, name: str) -> type[BaseModel]:
 
 TrainParams = _from_dataclass(TrainConfig, "TrainParams")
 OrganismParams = _from_dataclass(OrganismConfig, "OrganismParams")
-
-
-class EvaluationParams(BaseModel):
-    """Safety evaluation before surgery and after every round (None: no evaluation)."""
-    model_config = FORBID
-    eval_set: str | None = None
-    max_new_tokens: int = Field(48, ge=1)
-    batch_size: int = Field(16, ge=1)
-    limit: int | None = Field(None, ge=1)  # first N prompts of each set (None: all)
-    samples: int = Field(5, ge=0)  # prompts and responses per set kept as an MLflow table
+EvaluationParams = _from_dataclass(EvaluationConfig, "EvaluationParams")
 
 
 class TrackingParams(BaseModel):
@@ -54,7 +51,7 @@ class TrackingParams(BaseModel):
 
 class ComparisonRun(BaseModel):
     model_config = FORBID
-    method: typing.Literal["gradient", "routing", "random", "all_experts", "router_only"]
+    method: typing.Literal[METHODS]
     k: int = Field(ge=1)
     seed: int = 42
 
@@ -83,28 +80,37 @@ class Params(BaseModel):
     schedule: ScheduleParams = ScheduleParams()
 
     def train_config(self) -> TrainConfig:
-        cfg = TrainConfig(**self.train.model_dump())
-        try:
-            return cfg.validate()
-        except ConfigError as e:
-            raise ConfigError(f"train.{e}") from None
+        return _checked("train", TrainConfig(**self.train.model_dump()))
+
+    def evaluation_config(self) -> EvaluationConfig:
+        return _checked("evaluation", EvaluationConfig(**self.evaluation.model_dump()))
 
 
-def parse_params(data: dict, source: str = "params") -> Params:
+def _checked(section: str, cfg):
+    try:
+        return cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{section}.{e}") from None
+
+
+def parse_params(data: dict, source: str = "params", check: bool = True) -> Params:
+    """Types and unknown keys always; with `check`, also the values of each section."""
     try:
         params = Params.model_validate(data)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}"
                              for err in e.errors())
         raise ConfigError(f"{source}: {problems}") from None
-    try:
-        params.train_config()
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+    if check:
+        try:
+            params.train_config()
+            params.evaluation_config()
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
     return params
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path = "params.yaml", check: bool = True) -> Params:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -112,4 +118,32 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path}: cannot read params ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections")
-    return parse_params(data, str(path))
+    return parse_params(data, str(path), check)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """A resolved, validated run: what the CLI hands to the flow and the engine."""
+    train: TrainConfig
+    evaluation: EvaluationConfig
+    experiment: str = "unsafe-experts"
+    log_model: bool = False
+
+
+def resolve_run(params_path: str | Path | None = None, train: dict | None = None,
+                evaluation: dict | None = None, experiment: str | None = None,
+                log_model: bool | None = None) -> RunConfig:
+    """Dataclass defaults < the params.yaml sections (`train`, `evaluation`, `tracking`) <
+    the given overrides (command-line flags: only the ones the user gave). Validated once."""
+    params = load_params(params_path, check=False) if params_path else None
+    train = {**(params.train.model_dump() if params else {}), **(train or {})}
+    missing = [k for k in ("model_name", "dataset_path", "output_dir") if k not in train]
+    if missing:
+        raise ConfigError(f"{', '.join('--' + k for k in missing)} required (or --params FILE)")
+    evaluation = {**(params.evaluation.model_dump() if params else {}), **(evaluation or {})}
+    tracking = params.tracking if params else TrackingParams()
+    return RunConfig(
+        train=_checked("train", TrainConfig(**train)),
+        evaluation=_checked("evaluation", EvaluationConfig(**evaluation)),
+        experiment=experiment or tracking.experiment,
+        log_model=tracking.log_model if log_model is None else log_model)

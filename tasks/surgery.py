@@ -14,10 +14,11 @@ from prefect.artifacts import create_table_artifact
 
 from schemas.dataset import validate_file
 from unsafe_experts.config import TrainConfig
-from unsafe_experts.evaluation import evaluate, load_eval_set
+from unsafe_experts.evaluation import EvaluationConfig, evaluate, load_eval_set
 from unsafe_experts.locality import locality_report
-from unsafe_experts.records import DatasetError, read_json_records
-from unsafe_experts.surgery import METADATA, Surgery
+from unsafe_experts.records import DatasetError
+from unsafe_experts.run_records import METADATA, ROUNDS, RoundRecord, expert_key
+from unsafe_experts.surgery import Surgery
 
 _RUNS: dict[str, Surgery] = {}
 
@@ -40,22 +41,21 @@ def validate_dataset(path: str, failures_csv: str) -> dict:
 
 
 @task(name="prepare")
-def prepare(train: dict, progress: bool = True) -> dict:
+def prepare(cfg: TrainConfig, progress: bool = True) -> dict:
     """Checks the model and parameters, tokenizes the data, loads the model. Returns a run key."""
-    cfg = TrainConfig(**train)
     surgery = Surgery(cfg, progress=progress)
-    surgery.start()
+    try:
+        surgery.start()
+    except BaseException as error:  # a long-lived (served) process must not keep the lock
+        surgery.fail(error)
+        raise
     key = str(Path(cfg.output_dir).resolve())
     _RUNS[key] = surgery
-    done = surgery.meta["identified_experts_per_round"]
+    done = surgery.meta[ROUNDS]
     return {"key": key, "dataset": surgery.data["summary"], "model": surgery.meta["model"],
-            "records": [{"goal": r} for r in _goals(cfg)], "first_round": surgery.first_round,
+            "records": [{"goal": r.get("goal")} for r in surgery.data["loaded"]], "first_round": surgery.first_round,
             "previous_experts": done[str(surgery.first_round - 1)]["experts"] if done else None,
             "evaluation": surgery.meta.get("evaluation", {})}
-
-
-def _goals(cfg: TrainConfig) -> list[str]:
-    return [r.get("goal") for r in read_json_records(cfg.dataset_path) if isinstance(r, dict)]
 
 
 @task(task_run_name="score-round-{r}")
@@ -79,11 +79,12 @@ def checkpoint(key: str, r: int) -> dict:
     surgery = _RUNS[key]
     path = surgery.checkpoint(r)
     meta = json.loads((surgery.out / METADATA).read_text())
-    identified = meta["identified_experts_per_round"][str(r)]
+    identified = meta[ROUNDS][str(r)]
+    record = RoundRecord.from_dict(r, identified)
     create_table_artifact(
         key=f"experts-round-{r}",
-        table=[{"rank": i + 1, "layer": l, "expert": e, "score": identified["scores"][f"L{l}_E{e}"]}
-               for i, (l, e) in enumerate(identified["experts"])],
+        table=[{"rank": i + 1, "layer": l, "expert": e, "score": record.scores[expert_key(l, e)]}
+               for i, (l, e) in enumerate(record.experts)],
         description=f"Unsafe experts identified in round {r} by the {surgery.cfg.method} method",
     )
     return {"round": r, "path": str(path), "identified": identified, "timings": meta["timings"][f"round_{r}"],
@@ -91,12 +92,11 @@ def checkpoint(key: str, r: int) -> dict:
 
 
 @task(task_run_name="evaluate-{stage}")
-def evaluate_stage(key: str, stage: str, evaluation: dict) -> dict:
+def evaluate_stage(key: str, stage: str, evaluation: EvaluationConfig) -> dict:
     """Safety and utility of the live model now: {"metrics": {...}, "samples": [...]}"""
     surgery = _RUNS[key]
-    result = evaluate(surgery.model, surgery.tokenizer, load_eval_set(evaluation["eval_set"]),
-                      evaluation["max_new_tokens"], evaluation["batch_size"], evaluation["limit"],
-                      evaluation["samples"], progress=surgery.progress)
+    result = evaluate(surgery.model, surgery.tokenizer, load_eval_set(evaluation.eval_set),
+                      evaluation, progress=surgery.progress)
     surgery.record("evaluation", stage, result["metrics"])  # kept if the run is resumed
     return result
 

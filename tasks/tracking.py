@@ -22,6 +22,8 @@ import pandas as pd  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
 
+from unsafe_experts.run_records import parse_expert_key  # noqa: E402
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 METRIC_KEYS = {"score": "score_loss", "sft": "sft_loss", "router": "router_kl"}
 
@@ -138,7 +140,7 @@ def expert_frame(identified: dict, r: int) -> pd.DataFrame:
     picked = {tuple(x) for x in identified["experts"]}
     rows = []
     for rank, (name, score) in enumerate(identified["scores"].items(), 1):
-        layer, expert = (int(x[1:]) for x in name.split("_"))
+        layer, expert = parse_expert_key(name)
         rows.append({"round": r, "layer": layer, "expert": expert, "score": score, "rank": rank,
                      "selected": (layer, expert) in picked})
     return pd.DataFrame(rows)

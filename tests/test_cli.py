@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from unsafe_experts.adapters import moe_layers
-from unsafe_experts.cli import main
+from cli.main import main
 
 
 def train(tiny_dir, records_path, out, *extra):

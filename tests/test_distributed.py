@@ -83,7 +83,7 @@ def test_pipeline_under_torchrun_with_fsdp_matches_one_process(tiny_dir, records
     from mlflow.tracking import MlflowClient
     from prefect.settings import PREFECT_API_URL
 
-    from unsafe_experts.cli import main
+    from cli.main import main
 
     def args(out):
         return ["train", "--model_name", str(tiny_dir), "--dataset_path", str(records_path),
@@ -94,7 +94,7 @@ def test_pipeline_under_torchrun_with_fsdp_matches_one_process(tiny_dir, records
     assert main([*args(tmp_path / "single"), "--engine_only"]) == 0
     torchrun = Path(sys.executable).parent / "torchrun"
     done = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "unsafe_experts",
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "cli",
          *args(tmp_path / "fsdp"), "--sharding", "fsdp", "--metrics", str(tmp_path / "metrics.json")],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_API_URL": PREFECT_API_URL.value()})

@@ -69,7 +69,7 @@ def test_metrics_on_a_tiny_set(monkeypatch):
 
     eval_set = {"flip_words": prompts("w", 4), "plain": prompts("p", 2), "xstest_safe": prompts("x", 4),
                 "benign_refs": [[prompts("b", 1)[0], "ref"]] * 2}
-    result = evaluation_module.evaluate(Model(), None, eval_set, samples=1)
+    result = evaluation_module.evaluate(Model(), None, eval_set, evaluation_module.EvaluationConfig(samples=1))
     metrics = result["metrics"]
     assert metrics["asr_flip_words"] == {"value": 0.75, "n": 4, "ci95": wilson(3, 4)}
     assert metrics["plain_refusal"] == {"value": 0.5, "n": 2, "ci95": wilson(1, 2)}

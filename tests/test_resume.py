@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from unsafe_experts.cli import main
+from cli.main import main
 
 
 def command(tiny_dir, records_path, out):
@@ -48,7 +48,7 @@ def rounds_recorded(out):
 def test_killed_run_resumes_to_the_same_result(sig, when, tiny_dir, records_path, tmp_path, reference):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "unsafe_experts", *command(tiny_dir, records_path, out)],
+    process = subprocess.Popen([sys.executable, "-m", "cli", *command(tiny_dir, records_path, out)],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if when == "inside round 2":
         wait_for(lambda: rounds_recorded(out) >= 1, process)

@@ -6,7 +6,7 @@ from conftest import REAL_FLIPATTACK
 from schemas.dataset import validate_file, validate_records
 from schemas.params import load_params, parse_params
 from unsafe_experts.bundled import advbench_goals
-from unsafe_experts.cli import main
+from cli.main import main
 from unsafe_experts.config import ConfigError
 from unsafe_experts.flip import MODES, flip_records
 

@@ -10,7 +10,10 @@ Each figure comes with its n and a 95% interval (Wilson for shares, normal for m
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+
+from .config import ConfigError, option
 
 from .generation import generate, response_logliks
 from .refusal import is_refusal
@@ -20,13 +23,37 @@ GENERATED = {"asr_flip_words": ("flip_words", False), "asr_flip_chars": ("flip_c
              "plain_refusal": ("plain", True), "over_refusal": ("xstest_safe", True)}
 
 
+@dataclass
+class EvaluationConfig:
+    """The one source of evaluation defaults (params.yaml `evaluation`, the CLI and the flow)."""
+    eval_set: str | None = option(None, flag="--eval_set", help="evaluate before surgery and after "
+                                  "every round on this eval_set.json (from `unsafe-experts organism`)")
+    max_new_tokens: int = option(48, flag="--eval_max_new_tokens", help="tokens generated per prompt")
+    batch_size: int = option(16, flag="--eval_batch_size", help="prompts generated at once")
+    limit: int | None = option(None, flag="--eval_limit", help="first N prompts of each set (none: all)")
+    samples: int = option(5, flag="--eval_samples",
+                          help="prompts and responses per set kept as an MLflow table")
+
+    def validate(self) -> "EvaluationConfig":
+        for key in ("max_new_tokens", "batch_size", "limit"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key}: must be at least 1, got {value}")
+        if self.samples < 0:
+            raise ConfigError(f"samples: must not be negative, got {self.samples}")
+        return self
+
+
 def load_eval_set(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def evaluate(model, tokenizer, eval_set: dict, max_new_tokens: int = 48, batch_size: int = 16,
-             limit: int | None = None, samples: int = 5, progress: bool = False) -> dict:
+def evaluate(model, tokenizer, eval_set: dict, config: EvaluationConfig | None = None,
+             progress: bool = False) -> dict:
     """{"metrics": {name: {"value", "n", "ci95"}}, "samples": [{set, prompt, response, refusal}]}"""
+    config = config or EvaluationConfig()
+    max_new_tokens, batch_size, limit, samples = (config.max_new_tokens, config.batch_size,
+                                                  config.limit, config.samples)
     was_training = model.training
     model.eval()
     metrics, shown = {}, []

@@ -52,12 +52,15 @@ class OutputDirBusyError(RuntimeError):
     pass
 
 
+LOCK_NAME = ".unsafe-experts.lock"
+
+
 class DirectoryLock:
     """An exclusive lock on an output directory for the length of a run. flock is released by
     the kernel when the process dies, so a killed run never leaves a stale lock behind."""
 
     def __init__(self, directory: str | Path):
-        self.path = Path(directory) / ".unsafe-experts.lock"
+        self.path = Path(directory) / LOCK_NAME
         self.fd: int | None = None
 
     def acquire(self) -> "DirectoryLock":

@@ -7,7 +7,6 @@ checked before the model is loaded and before `output_dir` is touched.
 from __future__ import annotations
 
 import json
-import pickle
 import random
 import shutil
 import platform
@@ -22,8 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from .adapters import moe_layers
 from .config import ConfigError, TrainConfig
 from .examples import batches, collate, plain_prompt, router_example, sft_example
-from .outputs import (DirectoryLock, inside, save_checkpoint_atomic, write_bytes_atomic,
-                      write_json_atomic)
+from .outputs import LOCK_NAME, DirectoryLock, inside, save_checkpoint_atomic, write_json_atomic
 from .phases import align_router, masked_sft, per_batch_sft, score_pass
 from .distributed import barrier, join_process_group, launched_world, local_device
 from .generation import generate
@@ -31,10 +29,10 @@ from .memory import peak_mb, reset_peak
 from .records import (DatasetError, file_digest, load_records, messages_problem,
                       read_json_records, select_records)
 from .routing import routing_scores
+from .run_records import (METADATA, ROUNDS, SCHEMA_VERSION, expert_key, research_round,
+                          write_research_outputs)
 from .scoring import score_table, top_k
 from .sharding import full_state_dict, load_sharded
-
-METADATA = "training_metadata.json"
 
 
 def _count_experts(cfg: TrainConfig) -> dict:
@@ -58,7 +56,9 @@ def _check_output_dir(cfg: TrainConfig) -> Path:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite and resume_point(cfg) is None:
+    # a lock left by a run that died before its first metadata write is not content
+    content = out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir())
+    if content and not cfg.overwrite and resume_point(cfg) is None:
         raise ConfigError(f"output_dir: {out} is not empty; pass --overwrite to replace its outputs")
     return out
 
@@ -67,23 +67,35 @@ def _comparable(parameters: dict) -> dict:
     return {k: v for k, v in parameters.items() if k != "overwrite"}
 
 
-def resume_point(cfg: TrainConfig) -> dict | None:
-    """The metadata of an unfinished run in output_dir with these same parameters and data,
-    which this run then continues after its last completed round; None otherwise. A round
-    counts as completed once it is in the metadata: that is written after its checkpoint has
-    been renamed into place."""
+def _same_run(cfg: TrainConfig) -> dict | None:
+    """The metadata in output_dir when it is of a run with these parameters and data."""
     path = Path(cfg.output_dir) / METADATA
     if not path.is_file():
         return None
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    if (meta.get("status") == "completed"
-            or _comparable(meta.get("parameters", {})) != _comparable(asdict(cfg))
+    if (_comparable(meta.get("parameters", {})) != _comparable(asdict(cfg))
             or meta.get("dataset", {}).get("sha256") != file_digest(cfg.dataset_path)):
         return None
     return meta
+
+
+def resume_point(cfg: TrainConfig) -> dict | None:
+    """The metadata of an unfinished run in output_dir with these same parameters and data,
+    which this run then continues after its last completed round; None otherwise. A round
+    counts as completed once it is in the metadata: that is written after its checkpoint has
+    been renamed into place."""
+    meta = _same_run(cfg)
+    return None if meta is None or meta.get("status") == "completed" else meta
+
+
+def completed_run(cfg: TrainConfig) -> dict | None:
+    """The metadata of a finished run in output_dir with these same parameters and data."""
+    meta = _same_run(cfg)
+    done = meta is not None and meta.get("status") == "completed"
+    return meta if done and (Path(cfg.output_dir) / "final_model").is_dir() else None
 
 
 def check_inputs(cfg: TrainConfig) -> dict:
@@ -93,7 +105,7 @@ def check_inputs(cfg: TrainConfig) -> dict:
     cfg.validate()
     if cfg.sharding == "fsdp" and launched_world() < 2:
         raise ConfigError("sharding: fsdp splits the model across processes; launch with "
-                          "`torchrun --nproc_per_node N -m unsafe_experts train ...` (N >= 2)")
+                          "`torchrun --nproc_per_node N -m cli train ...` (N >= 2)")
     select_records(load_records(cfg.dataset_path), cfg.max_samples, cfg.seed, cfg.require_judge_success)
     if cfg.retention_path:
         load_prompts(cfg.retention_path)
@@ -145,6 +157,7 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> dict:
               for r in records]
     pad = tokenizer.pad_token_id
     return {
+        "loaded": loaded,
         "sft_examples": sft,
         "sft": [collate(b, pad) for b in batches(sft, cfg.batch_size)],
         "safe": [collate(b, pad) for b in batches(safe, cfg.batch_size)],
@@ -159,7 +172,7 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> dict:
 
 
 def _round_summary(r: int, selection, logs, identified, shown: int = 20) -> str:
-    names = " ".join(f"L{l}_E{e}" for l, e in selection[:shown])
+    names = " ".join(expert_key(l, e) for l, e in selection[:shown])
     more = f" (+{len(selection) - shown} more)" if len(selection) > shown else ""
     sft = [x["loss"] for x in logs if x["round"] == r and x["kind"] == "sft"]
     line = f"round {r}: {len(selection)} experts: {names}{more}"
@@ -191,9 +204,9 @@ class Surgery:
         self.data = prepare_data(cfg, self.tokenizer)
         truncated = self.data["summary"]["truncated_sft_examples"]
         if truncated:
-            echo(f"truncated the prompt of {truncated} of {self.data['summary']['records_used']} "
+            self.echo(f"truncated the prompt of {truncated} of {self.data['summary']['records_used']} "
                  f"examples to fit max_length={cfg.max_length}")
-        self.model = None
+        self.model, self.meta, self.lock = None, None, None
 
     def start(self) -> None:
         cfg = self.cfg
@@ -204,12 +217,13 @@ class Surgery:
             self.out.mkdir(parents=True, exist_ok=True)
             self.lock = DirectoryLock(self.out).acquire()
         resume = resume_point(cfg)
-        done = sorted(int(r) for r in resume["identified_experts_per_round"]) if resume else []
+        done = sorted(int(r) for r in resume[ROUNDS]) if resume else []
         self.first_round = (done[-1] if done else 0) + 1
         source = self.out / f"round_{done[-1]}" if done else None
         self.model = _load_model(cfg, self.device, source)
         self.layers = moe_layers(self.model)
         self.meta = {
+            "schema_version": SCHEMA_VERSION,
             "method": cfg.method,
             "status": "running",
             "parameters": asdict(cfg),
@@ -219,7 +233,7 @@ class Surgery:
                       "device": str(self.device), "world_size": launched_world()},
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__},
-            "identified_experts_per_round": {},
+            ROUNDS: {},
             "training_logs": [],
             "timings": {},
         }
@@ -232,7 +246,7 @@ class Surgery:
     def _continue(self, previous: dict, done: list[int]) -> None:
         """Keeps what the interrupted run completed; drops half-written leftovers."""
         last = done[-1] if done else 0
-        for key in ("identified_experts_per_round", "evaluation"):
+        for key in (ROUNDS, "evaluation"):
             if key in previous:
                 self.meta[key] = previous[key]
         self.meta["training_logs"] = [x for x in previous["training_logs"] if x["round"] <= last]
@@ -304,10 +318,8 @@ class Surgery:
             scores, extra = self._scores(r)
             k = sum(l.num_experts for l in self.layers) if cfg.method == "all_experts" else cfg.top_k_experts
             selection = [] if cfg.method == "router_only" else top_k(scores, k, self.layers)
-        identified = {"method": cfg.method, "experts": [list(x) for x in selection],
-                      "scores": score_table(scores, self.layers), **extra}
-        if cfg.method == "gradient":
-            identified["gradients"] = identified["scores"]  # the research scripts' name
+        identified = research_round({"method": cfg.method, "experts": [list(x) for x in selection],
+                                     "scores": score_table(scores, self.layers), **extra}, cfg.method)
         self._round[r] = {"identified": identified, "selection": selection, "started": t0,
                           "timings": {}}
         self._timed(r, "identify_s", t0)
@@ -359,18 +371,20 @@ class Surgery:
         timings["save_s"] = time.time() - t0
         timings["round_s"] = time.time() - state["started"]
         timings["peak_memory_mb"] = peak_mb(self.device)
-        self.meta["identified_experts_per_round"][str(r)] = state["identified"]
+        self.meta[ROUNDS][str(r)] = state["identified"]
         self.meta["timings"][f"round_{r}"] = timings
         self._save_meta()
         self.echo(_round_summary(r, state["selection"], self.meta["training_logs"], state["identified"]))
         return path
 
     def fail(self, error: BaseException) -> None:
-        """Marks the run failed in its metadata; completed rounds stay on disk as they are."""
-        self.meta["status"] = "failed"
-        self.meta["error"] = f"{type(error).__name__}: {error}"
-        self._save_meta()
-        if self.writer:  # no barrier: the other ranks may not be failing with it
+        """Marks the run failed in its metadata (when it got as far as writing one) and
+        releases the output directory; completed rounds stay on disk as they are."""
+        if self.meta is not None:
+            self.meta["status"] = "failed"
+            self.meta["error"] = f"{type(error).__name__}: {error}"
+            self._save_meta()
+        if self.lock is not None:  # no barrier: the other ranks may not be failing with it
             self.lock.release()
 
     def _save_meta(self) -> None:
@@ -383,10 +397,7 @@ class Surgery:
         weights = full_state_dict(self.model)
         if self.writer:
             save_checkpoint_atomic(self.model, self.tokenizer, inside(self.out, "final_model"), weights)
-            rounds = {int(r): {"experts": v["experts"], "gradients": v.get("gradients", v["scores"])}
-                      for r, v in self.meta["identified_experts_per_round"].items()}
-            # written for the research scripts' readers; this project never loads a pickle
-            write_bytes_atomic(self.out / "expert_gradients.pkl", pickle.dumps(rounds))
+            write_research_outputs(self.out, self.meta)
             write_json_atomic(self.out / METADATA, self.meta)
             self.lock.release()
         barrier()  # no rank leaves before the outputs are complete
@@ -395,8 +406,8 @@ class Surgery:
 
 def run_surgery(cfg: TrainConfig, progress: bool = True, echo=print) -> dict:
     surgery = Surgery(cfg, progress, echo)
-    surgery.start()
     try:
+        surgery.start()  # inside: a failure after the lock is taken must release it
         for r in range(surgery.first_round, cfg.num_rounds + 1):
             surgery.identify(r)
             surgery.repair(r)

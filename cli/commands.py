@@ -1,0 +1,190 @@
+"""The commands besides `train`: organism, evaluate, validate, compare, serve, report and the
+offline test inputs (tiny-model, flip-dataset)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from unsafe_experts.config import ConfigError
+from unsafe_experts.evaluation import EvaluationConfig
+
+from .flags import add_fields
+from .tables import evaluation_table
+
+
+def add_parsers(sub) -> dict:
+    """Adds every command's parser; returns command -> handler."""
+    tiny = sub.add_parser("tiny-model", help="build a tiny random MoE + tokenizer offline")
+    tiny.add_argument("out")
+    tiny.add_argument("--family", default="olmoe")
+    tiny.add_argument("--seed", type=int, default=0)
+    flip = sub.add_parser("flip-dataset", help="FlipAttack-style records from AdvBench goals")
+    flip.add_argument("out")
+    flip.add_argument("--mode", default="chars", choices=("words", "chars", "sentence"))
+    flip.add_argument("--n", type=int, default=None, help="first N goals (default all 520)")
+    validate = sub.add_parser("validate", help="check jailbreak datasets; every bad record is listed")
+    validate.add_argument("paths", nargs="+")
+    validate.add_argument("--metrics", help="write record and problem counts here (JSON, for DVC)")
+    organism = sub.add_parser("organism", help="build the jailbroken demo MoE and its data offline")
+    organism.add_argument("out")
+    organism.add_argument("--small", action="store_true", help="the test-sized organism")
+    organism.add_argument("--seed", type=int, default=0)
+    organism.add_argument("--params", help="take the `organism` section of this params.yaml")
+    organism.add_argument("--quiet", action="store_true")
+    ev = sub.add_parser("evaluate", help="ASR, refusal, over-refusal and benign log-likelihood")
+    ev.add_argument("--model", required=True)
+    # absent flags stay absent, so EvaluationConfig's defaults apply
+    add_fields(ev.add_argument_group("evaluation", argument_default=argparse.SUPPRESS),
+               EvaluationConfig, dest="eval__")
+    ev.add_argument("--out", help="write metrics and samples here (JSON)")
+    ev.add_argument("--trust_remote_code", action="store_true")
+    ev.add_argument("--quiet", action="store_true")
+    compare = sub.add_parser("compare", help="one table of methods, k and seeds from MLflow runs")
+    compare.add_argument("--params", help="take the experiment and the runs from this params.yaml")
+    compare.add_argument("--experiment", help="MLflow experiment (default: unsafe-experts)")
+    compare.add_argument("--out", default="metrics/comparison.csv")
+    serve = sub.add_parser("serve", help="serve the pipeline as a Prefect deployment: the cron "
+                           "schedule of params.yaml and a trigger on newly validated datasets")
+    serve.add_argument("--params", default="params.yaml")
+    report = sub.add_parser("report", help="the identified experts per round of a finished run")
+    report.add_argument("output_dir")
+    return {"tiny-model": tiny_model, "flip-dataset": flip_dataset, "validate": validate_files,
+            "organism": build_organism, "evaluate": evaluate_model, "compare": compare_runs,
+            "serve": serve_pipeline, "report": report_run}
+
+
+def build_organism(args) -> None:
+    from unsafe_experts.organism import OrganismConfig, build_organism as build
+
+    if args.params:
+        from schemas.params import load_params
+
+        cfg = OrganismConfig(**load_params(args.params).organism.model_dump())
+    else:
+        cfg = OrganismConfig.small(seed=args.seed) if args.small else OrganismConfig(seed=args.seed)
+    out = build(args.out, cfg, progress=not args.quiet)
+    info = json.loads((out / "build.json").read_text())
+    print(f"organism written to {out}: {info['examples']} examples, loss "
+          f"{info['first_loss']:.3f} -> {info['last_loss']:.3f}, {info['seconds']:.0f}s")
+
+
+def evaluate_model(args) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from unsafe_experts.evaluation import evaluate, load_eval_set
+    from unsafe_experts.outputs import write_json_atomic
+
+    from .flags import field_values
+
+    cfg = EvaluationConfig(**field_values(args, EvaluationConfig, "eval__")).validate()
+    if not cfg.eval_set:
+        raise ConfigError("--eval_set is required")
+    eval_set = load_eval_set(cfg.eval_set)
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    result = evaluate(model, tokenizer, eval_set, cfg, progress=not args.quiet)
+    print(evaluation_table({Path(args.model).name: result["metrics"]}))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.out, result)
+
+
+def tiny_model(args) -> None:
+    from unsafe_experts.bundled import advbench_goals
+    from unsafe_experts.tiny import save_tiny
+
+    out = save_tiny(args.family, args.out, advbench_goals(), seed=args.seed)
+    print(f"tiny {args.family} model and tokenizer written to {out}")
+
+
+def flip_dataset(args) -> None:
+    from unsafe_experts.bundled import advbench_goals
+    from unsafe_experts.flip import flip_records
+
+    goals = advbench_goals()[: args.n]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(flip_records(goals, args.mode), indent=1) + "\n")
+    print(f"{len(goals)} FlipAttack-style records ({args.mode} flip) written to {args.out}")
+
+
+def _announce(paths) -> None:
+    """Tells a Prefect server that these files passed validation (a served pipeline's trigger)."""
+    from prefect.events import emit_event
+
+    from flows.serve import DATASET_EVENT
+    from unsafe_experts.records import file_digest
+
+    for path in paths:
+        digest = file_digest(path)
+        emit_event(event=DATASET_EVENT, resource={"prefect.resource.id": f"unsafe-experts.dataset.{digest}",
+                                                   "path": str(Path(path).resolve()), "digest": digest})
+        print(f"{path}: announced to Prefect ({DATASET_EVENT})")
+
+
+def serve_pipeline(args) -> None:
+    from flows.serve import serve
+
+    serve(args.params)
+
+
+def validate_files(args) -> int:
+    from schemas.dataset import validate_file
+
+    failed, summary = 0, {}
+    for path in args.paths:
+        report = validate_file(path)
+        summary[str(path)] = {"records": report.rows, "problems": len(report.failures)}
+        if report.ok:
+            print(f"{path}: OK, {report.rows} records")
+        else:
+            failed += 1
+            print(f"{path}: {len(report.failures)} problems in {report.rows} records")
+            for line in report.lines():
+                print(f"  {line}")
+    if not failed and os.environ.get("PREFECT_API_URL"):
+        _announce(args.paths)
+    if args.metrics:
+        from unsafe_experts.outputs import write_json_atomic
+
+        Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.metrics, summary[str(args.paths[0])] if len(args.paths) == 1 else summary)
+    return 1 if failed else 0
+
+
+def compare_runs(args) -> None:
+    from flows.compare import compare_flow
+
+    experiment, runs = args.experiment, None
+    if args.params:
+        from schemas.params import load_params
+
+        comparison = load_params(args.params).comparison
+        experiment, runs = experiment or comparison.experiment, [r.model_dump() for r in comparison.runs]
+    result = compare_flow(experiment or "unsafe-experts", args.out, runs)
+    print(Path(result["markdown"]).read_text())
+    print(f"{result['runs']} runs compared: {result['csv']}, {result['markdown']}; "
+          f"MLflow run {result['mlflow_run_id']}")
+
+
+def report_run(args) -> None:
+    from unsafe_experts.run_records import RunRecord, expert_key
+
+    record = RunRecord.load(args.output_dir)
+    meta = record.data
+    print(f"{record.path} ({meta['status']}, {meta['parameters']['score_mode']} scoring, "
+          f"model {meta['model']['class']})")
+    print(f"{'round':>5}  {'k':>4}  {'jaccard':>7}  {'router KL':>19}  experts (highest score first)")
+    previous = None
+    for r, info in record.rounds().items():
+        experts = set(info.experts)
+        jaccard = f"{len(experts & previous) / len(experts | previous):.2f}" if previous else "-"
+        kl = info.router_kl_before_after
+        kl = f"{kl[0]:.2e} -> {kl[1]:.2e}" if kl else "-"
+        print(f"{r:>5}  {len(experts):>4}  {jaccard:>7}  {kl:>19}  "
+              f"{' '.join(expert_key(l, e) for l, e in info.experts)}")
+        previous = experts
+    if meta.get("evaluation"):
+        print()
+        print(evaluation_table(meta["evaluation"]))

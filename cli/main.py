@@ -1,0 +1,42 @@
+"""`unsafe-experts`: train, validate, evaluate, compare, serve, report, and the offline demo
+inputs (organism, tiny-model, flip-dataset). Every failure the user can fix is one `error:`
+line and exit status 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from unsafe_experts.adapters import UnsupportedModelError
+from unsafe_experts.config import ConfigError
+from unsafe_experts.examples import ExampleError
+from unsafe_experts.outputs import OutputDirBusyError
+from unsafe_experts.phases import NonFiniteLossError
+from unsafe_experts.records import DatasetError
+
+from . import commands, train
+
+USER_ERRORS = (ConfigError, DatasetError, ExampleError, UnsupportedModelError, OSError,
+               NonFiniteLossError, OutputDirBusyError)
+
+
+def parser() -> tuple[argparse.ArgumentParser, dict]:
+    p = argparse.ArgumentParser(prog="unsafe-experts", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    train.add_parser(sub)
+    handlers = {"train": train.run, **commands.add_parsers(sub)}
+    return p, handlers
+
+
+def main(argv=None) -> int:
+    p, handlers = parser()
+    args = p.parse_args(argv)
+    handler = handlers[args.__dict__.pop("command")]
+    try:
+        return handler(args) or 0
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""`unsafe-experts train`: resolve the run's configuration, then run the Prefect pipeline (or
+the engine alone with --engine_only, or this rank's share under torchrun)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from unsafe_experts.config import ConfigError, TrainConfig
+from unsafe_experts.distributed import launched_world
+from unsafe_experts.evaluation import EvaluationConfig
+
+from .flags import add_fields, field_values
+from .tables import evaluation_table
+
+EVAL = "eval__"  # prefix of the evaluation flags' parsed names
+
+
+def add_parser(sub) -> None:
+    # no defaults on the parser: an absent flag leaves the value to --params or the dataclass
+    p = sub.add_parser("train", argument_default=argparse.SUPPRESS,
+                       help="identify unsafe experts and repair them (the Prefect pipeline)")
+    p.add_argument("--params", help="a params.yaml whose train, evaluation and tracking sections "
+                   "give the values that flags do not (flags win)")
+    add_fields(p.add_argument_group("surgery (TrainConfig)"), TrainConfig)
+    p.add_argument("--no_judge_filter", action="store_false", dest="require_judge_success",
+                   help="keep records with judge_success_gpt4 == 0 (= --no-require_judge_success)")
+    add_fields(p.add_argument_group("evaluation (EvaluationConfig)"), EvaluationConfig, dest=EVAL)
+    run = p.add_argument_group("this run")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--engine_only", action="store_true",
+                     help="run the engine directly: no Prefect flow, no MLflow tracking")
+    run.add_argument("--metrics", help="also write the run's summary metrics here (JSON, for DVC)")
+    run.add_argument("--evaluation_metrics", help="write the evaluation per round here (JSON, for DVC)")
+    run.add_argument("--local_tracking", action="store_true",
+                     help="if the MLflow server is unreachable, track in ./mlflow.db instead of failing")
+    run.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment or unsafe-experts)")
+    run.add_argument("--log_model", action="store_true", default=None,
+                     help="log the final model's bytes as an MLflow artifact (default: path and md5)")
+
+
+def run(args) -> int:
+    from schemas.params import resolve_run
+    from transformers.utils import logging as hf_logging
+
+    options = vars(args)
+    quiet, engine_only = options.get("quiet", False), options.get("engine_only", False)
+    spec = resolve_run(options.get("params"), field_values(args, TrainConfig),
+                       field_values(args, EvaluationConfig, EVAL),
+                       options.get("experiment"), options.get("log_model"))
+    cfg = spec.train
+    if quiet:
+        hf_logging.disable_progress_bar()
+    if spec.evaluation.eval_set and (engine_only or cfg.sharding == "fsdp"):
+        why = "runs inside the pipeline; drop --engine_only" if engine_only else \
+            "runs on rank 0 alone, which a sharded model cannot do"
+        raise ConfigError(f"--eval_set {why} or run `unsafe-experts evaluate` on the checkpoints")
+    completed = _already_completed(cfg)
+    if completed:
+        print(f"{cfg.output_dir}: already completed with these parameters and data; nothing to do "
+              "(pass --overwrite to run it again)")
+        return 0
+    if engine_only or launched_world() > 1 and int(os.environ.get("RANK", "0")) != 0:
+        # under torchrun the pipeline runs on rank 0, which orchestrates and tracks; every other
+        # rank runs the same engine phases in step with it
+        from unsafe_experts.surgery import run_surgery
+
+        total = run_surgery(cfg, progress=not quiet)["timings"]["total_s"]
+        if not engine_only:
+            return 0
+        print(f"done: {cfg.output_dir}/final_model, {cfg.output_dir}/training_metadata.json ({total:.1f}s)")
+        return 0
+    from flows.surgery import surgery_flow
+    from schemas.dataset import validate_file
+    from tasks.tracking import ensure_reachable
+    from unsafe_experts.surgery import check_inputs
+
+    report = validate_file(cfg.dataset_path)  # every bad record, before a flow starts
+    if not report.ok:
+        raise report.error()
+    check_inputs(cfg)
+    ensure_reachable(options.get("local_tracking", False))
+    result = surgery_flow(cfg, spec.experiment, spec.log_model, options.get("metrics"), not quiet,
+                          spec.evaluation, options.get("evaluation_metrics"))
+    print(f"MLflow run {result['mlflow_run_id']}; browse with: "
+          "mlflow ui --backend-store-uri sqlite:///mlflow.db")
+    print(f"done: {cfg.output_dir}/final_model, {cfg.output_dir}/training_metadata.json "
+          f"({result['total_s']:.1f}s)")
+    if result["evaluation"]:
+        print(evaluation_table(result["evaluation"]))
+    return 0
+
+
+def _already_completed(cfg: TrainConfig) -> bool:
+    """A finished run of these same parameters and data is in output_dir (like make or dvc,
+    the same command again has nothing to do), unless --overwrite asks for a fresh one."""
+    from unsafe_experts.surgery import completed_run
+
+    return not cfg.overwrite and completed_run(cfg) is not None
