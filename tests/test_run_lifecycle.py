@@ -1,0 +1,62 @@
+"""A run's lifecycle around its output directory: the lock, a finished run asked again, and
+which rank speaks."""
+import shutil
+
+import pytest
+
+from cli.main import main
+from unsafe_experts import surgery as surgery_module
+from unsafe_experts.config import TrainConfig
+from unsafe_experts.outputs import LOCK_NAME, DirectoryLock
+
+SMALL = dict(num_rounds=1, top_k_experts=2, batch_size=4, max_samples=4, seed=0)
+
+
+def flags(tiny_dir, records_path, out):
+    return ["train", "--model_name", str(tiny_dir), "--dataset_path", str(records_path),
+            "--output_dir", str(out), "--num_rounds", "1", "--top_k_experts", "2",
+            "--batch_size", "4", "--max_samples", "4", "--quiet", "--engine_only"]
+
+
+def test_a_failure_after_the_lock_is_taken_releases_it(tiny_dir, records_path, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # loads fail after the inputs check passes
+    out = tmp_path / "out"
+    cfg = TrainConfig(model_name=str(broken), dataset_path=str(records_path), output_dir=str(out), **SMALL)
+    with pytest.raises(Exception):
+        surgery_module.run_surgery(cfg, progress=False)
+    assert not (out / LOCK_NAME).exists()
+    DirectoryLock(out).acquire().release()  # a long-lived process could take it again
+
+
+def test_a_lock_left_alone_in_the_directory_is_not_content(tiny_dir, records_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_NAME).write_text("12345")  # a run killed right after taking the lock
+    assert main(flags(tiny_dir, records_path, out)) == 0
+    assert (out / "final_model").is_dir()
+
+
+def test_the_same_command_after_a_finished_run_has_nothing_to_do(tiny_dir, records_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(flags(tiny_dir, records_path, out)) == 0
+    stamp = (out / "training_metadata.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(flags(tiny_dir, records_path, out)) == 0
+    assert "already completed" in capsys.readouterr().out
+    assert (out / "training_metadata.json").stat().st_mtime_ns == stamp
+    # other parameters on the same directory still need --overwrite
+    assert main([*flags(tiny_dir, records_path, out), "--seed", "7"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rank, speaks", [(0, True), (1, False)])
+def test_only_rank_zero_speaks(tiny_dir, records_path, tmp_path, monkeypatch, rank, speaks):
+    monkeypatch.setattr(surgery_module, "join_process_group", lambda device: rank)
+    said = []
+    cfg = TrainConfig(model_name=str(tiny_dir), dataset_path=str(records_path),
+                      output_dir=str(tmp_path / "out"), max_length=64, **SMALL)  # prompts truncated
+    surgery_module.Surgery(cfg, progress=False, echo=said.append)
+    assert bool(said) == speaks
