@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: setup test demo compare clean
+.PHONY: setup test test-fast demo compare clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,13 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# everything (CI runs this); test-fast leaves out the tests marked slow (real servers,
+# torchrun, kill-and-resume, DVC repro, whole flows)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The pipeline on the built-in demo: a tiny OLMoE and FlipAttack-style records, both built
 # offline by DVC stages; Prefect runs in-process, MLflow writes to ./mlflow.db.

@@ -82,7 +82,11 @@ def evaluate_model(args) -> None:
     if not cfg.eval_set:
         raise ConfigError("--eval_set is required")
     eval_set = load_eval_set(cfg.eval_set)
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    from unsafe_experts.surgery import check_weights
+
+    check_weights(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code,
+                                                 use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     result = evaluate(model, tokenizer, eval_set, cfg, progress=not args.quiet)
     print(evaluation_table({Path(args.model).name: result["metrics"]}))

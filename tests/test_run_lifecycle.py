@@ -60,3 +60,19 @@ def test_only_rank_zero_speaks(tiny_dir, records_path, tmp_path, monkeypatch, ra
                       output_dir=str(tmp_path / "out"), max_length=64, **SMALL)  # prompts truncated
     surgery_module.Surgery(cfg, progress=False, echo=said.append)
     assert bool(said) == speaks
+
+
+def test_pickle_weights_are_refused_before_anything_is_written(tiny_dir, records_path, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_dir, pickled)
+    weights = pickled / "model.safetensors"
+    torch.save(load_file(weights), pickled / "pytorch_model.bin")
+    weights.unlink()
+    out = tmp_path / "out"
+    assert main(flags(pickled, records_path, out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model_name:") and "pytorch_model.bin" in err and "safetensors" in err
+    assert not out.exists()

@@ -35,6 +35,16 @@ from .scoring import score_table, top_k
 from .sharding import full_state_dict, load_sharded
 
 
+def check_weights(model: str | Path) -> None:
+    """Weights load from safetensors only: a local checkpoint with pickle weights alone
+    (pytorch_model.bin) is refused, since unpickling can run code."""
+    path = Path(model)
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.glob("*.bin")) or ["no weights file"]
+        raise ConfigError(f"model_name: {path} has no safetensors weights ({', '.join(pickles)}); "
+                          "pickle weights are never loaded: convert them to safetensors first")
+
+
 def _count_experts(cfg: TrainConfig) -> dict:
     """Lay the model out on the meta device (no weights) to count its experts."""
     config = AutoConfig.from_pretrained(cfg.model_name, trust_remote_code=cfg.trust_remote_code)
@@ -110,6 +120,7 @@ def check_inputs(cfg: TrainConfig) -> dict:
     if cfg.retention_path:
         load_prompts(cfg.retention_path)
     info = _count_experts(cfg)
+    check_weights(cfg.model_name)
     _check_output_dir(cfg)
     return info
 
@@ -130,8 +141,8 @@ def _load_model(cfg: TrainConfig, device: torch.device, source: str | Path | Non
     def load():
         dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
         model = AutoModelForCausalLM.from_pretrained(
-            source or cfg.model_name, dtype=dtype, trust_remote_code=cfg.trust_remote_code
-        )
+            source or cfg.model_name, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True)
         if cfg.experts_implementation:
             model.set_experts_implementation(cfg.experts_implementation)
         return model
