@@ -59,6 +59,50 @@ def _write_evaluations(run_id, evaluations, evaluation_path):
         write_json_atomic(Path(evaluation_path).with_name("evaluation_rounds.json"), rows)
 
 
+def _round(cfg, key, r, experiment, run_id, tags, previous, evaluation, evaluations) -> list:
+    """One round's tasks under its nested MLflow run; returns the round's experts."""
+    round_run = tracking.start_run(experiment, f"round-{r}", {"round": r}, tags, parent=run_id)
+    steps.identify(key, r)
+    steps.repair(key, r)
+    if not cfg.skip_router_training:
+        steps.align(key, r)
+    done = steps.checkpoint(key, r)
+    track.with_options(task_run_name=f"track-round-{r}")(
+        round_run, r, done["identified"], done["timings"], done["logs"], previous)
+    tracking.log_tags(round_run, {"checkpoint": done["path"],
+                                  "checkpoint_dvc_md5": dvc_md5(done["path"])})
+    if evaluation.eval_set:
+        _evaluate(key, f"round_{r}", evaluation, [run_id, round_run], r, evaluations)
+    tracking.end_run(round_run)
+    return done["identified"]["experts"]
+
+
+def _conclude(cfg, final, run_id, evaluations, evaluation_path, metrics_path, log_model) -> dict:
+    """After the last round: locality, the evaluation files, summary metrics and tags."""
+    record = RunRecord.load(final["output_dir"])
+    metadata, selected = record.data, [list(x) for x in record.selected()]
+    locality = steps.check_locality(cfg.model_name, final["final_model"], selected,
+                                    not cfg.skip_router_training)
+    if evaluations is not None:
+        _write_evaluations(run_id, evaluations, evaluation_path)
+    if evaluations is not None or locality:
+        metadata.update({"evaluation": evaluations} if evaluations is not None else {})
+        metadata["locality"] = locality
+        write_json_atomic(final["metadata"], metadata)
+    tracking.log_file(run_id, final["metadata"])
+    tracking.log_tags(run_id, {"final_model": final["final_model"],
+                               "final_model_dvc_md5": dvc_md5(final["final_model"])})
+    if log_model:
+        tracking.log_file(run_id, final["final_model"], "final_model")
+    metrics = _summary(metadata, final)
+    if locality:
+        metrics.update(locality_ok=int(locality["ok"]), experts_changed=len(locality["experts"]),
+                       routers_changed=len(locality["routers"]))
+    tracking.write_and_log_metrics(run_id, metrics, metrics_path)
+    return {**final, "mlflow_run_id": run_id, "metrics": metrics, "evaluation": evaluations or {},
+            "experts_per_round": [r.experts for r in record.rounds().values()]}
+
+
 @flow(name="unsafe-expert-surgery")
 def surgery_flow(cfg: TrainConfig, experiment: str = "unsafe-experts", log_model: bool = False,
                  metrics_path: str | None = None, progress: bool = True,
@@ -95,45 +139,13 @@ def surgery_flow(cfg: TrainConfig, experiment: str = "unsafe-experts", log_model
             _evaluate(key, "before", evaluation, [run_id], 0, evaluations)
         previous = prepared["previous_experts"]
         for r in range(first, cfg.num_rounds + 1):
-            round_run = tracking.start_run(experiment, f"round-{r}", {"round": r}, tags, parent=run_id)
-            steps.identify(key, r)
-            steps.repair(key, r)
-            if not cfg.skip_router_training:
-                steps.align(key, r)
-            done = steps.checkpoint(key, r)
-            track.with_options(task_run_name=f"track-round-{r}")(
-                round_run, r, done["identified"], done["timings"], done["logs"], previous)
-            tracking.log_tags(round_run, {"checkpoint": done["path"],
-                                          "checkpoint_dvc_md5": dvc_md5(done["path"])})
-            if evaluating:
-                _evaluate(key, f"round_{r}", evaluation, [run_id, round_run], r, evaluations)
-            tracking.end_run(round_run)
-            previous = done["identified"]["experts"]
+            previous = _round(cfg, key, r, experiment, run_id, tags, previous, evaluation, evaluations)
         final = steps.finish(key)
         key = None
-        record = RunRecord.load(final["output_dir"])
-        metadata, selected = record.data, [list(x) for x in record.selected()]
-        locality = steps.check_locality(cfg.model_name, final["final_model"], selected,
-                                        not cfg.skip_router_training)
-        if evaluating:
-            _write_evaluations(run_id, evaluations, evaluation_path)
-        if evaluating or locality:
-            metadata.update({"evaluation": evaluations} if evaluating else {})
-            metadata["locality"] = locality
-            write_json_atomic(final["metadata"], metadata)
-        tracking.log_file(run_id, final["metadata"])
-        tracking.log_tags(run_id, {"final_model": final["final_model"],
-                                   "final_model_dvc_md5": dvc_md5(final["final_model"])})
-        if log_model:
-            tracking.log_file(run_id, final["final_model"], "final_model")
-        metrics = _summary(metadata, final)
-        if locality:
-            metrics.update(locality_ok=int(locality["ok"]), experts_changed=len(locality["experts"]),
-                           routers_changed=len(locality["routers"]))
-        tracking.write_and_log_metrics(run_id, metrics, metrics_path)
+        result = _conclude(cfg, final, run_id, evaluations if evaluating else None,
+                           evaluation_path, metrics_path, log_model)
         tracking.end_run(run_id)
-        return {**final, "mlflow_run_id": run_id, "metrics": metrics, "evaluation": evaluations,
-                "experts_per_round": [r.experts for r in record.rounds().values()]}
+        return result
     except BaseException as error:
         tracking.end_run(run_id, "FAILED")
         if key:

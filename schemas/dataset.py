@@ -30,8 +30,8 @@ class JailbreakRecords(pa.DataFrameModel):
         return goal_problem(goal) is None
 
     @pa.check("judge_success_gpt4", element_wise=True, name="zero_or_one")
-    def _judge(cls, judged) -> bool:
-        return judge_problem(None if pd.isna(judged) else judged) is None
+    def _judge(cls, problem) -> bool:
+        return problem is None  # the column holds judge_problem's verdict (see records_frame)
 
     class Config:
         strict = False  # extra fields pass
@@ -62,16 +62,46 @@ class ValidationReport:
         return DatasetError(f"{len(lines)} problems in the dataset: " + "; ".join(lines[:shown]) + more)
 
 
+class _Unencodable:
+    """Stands in the frame for a string with a lone surrogate: pandera prints failing values
+    through Arrow strings, which reject them. Not a str, so the text checks fail on it; the
+    reported problem is worked out from the original value."""
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def __str__(self) -> str:
+        return ascii(self.value)
+
+
+def _frame_value(value):
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return _Unencodable(value)
+    return value
+
+
 def records_frame(records: list) -> tuple[pd.DataFrame, list[dict]]:
     """Objects go into the frame (original index kept); anything else is a fault of its own."""
     faults = [{"record": i, "field": "(record)", "problem": f"expected an object, got {type(r).__name__}"}
               for i, r in enumerate(records) if not isinstance(r, dict)]
-    rows = {i: r for i, r in enumerate(records) if isinstance(r, dict)}
-    frame = pd.DataFrame.from_dict(rows, orient="index") if rows else pd.DataFrame()
+    rows = {i: {k: _frame_value(v) for k, v in r.items()}
+            for i, r in enumerate(records) if isinstance(r, dict)}
+    # object columns: pandas would infer Arrow strings, which reject lone surrogates
+    frame = pd.DataFrame.from_dict(rows, orient="index", dtype=object) if rows else pd.DataFrame()
     for column in REQUIRED:  # a field missing everywhere is reported per record
         if column not in frame.columns:
             frame[column] = None
-    return frame.astype(object), faults
+    frame = frame.astype(object)
+    if "judge_success_gpt4" in frame.columns:
+        # pandera skips nulls in a nullable column, and pandas reads an explicit NaN (bad) like
+        # an absent field (fine): so the column carries the verdict on the original value
+        frame["judge_success_gpt4"] = pd.Series(
+            [judge_problem(rows[i].get("judge_success_gpt4")) for i in frame.index],
+            index=frame.index, dtype=object)
+    return frame, faults
 
 
 def validate_records(records: list, path: str = "<records>") -> ValidationReport:

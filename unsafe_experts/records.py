@@ -22,26 +22,48 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
     return h.hexdigest()
 
 
+def _decode(path: Path) -> str:
+    """The file as UTF-8 text; invalid bytes are an error naming the line and byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DatasetError(f"{path}: not UTF-8 text (byte {e.start}, line {line}: "
+                           f"{raw[e.start:e.start + 1]!r})") from None
+
+
+def _parse(text: str):
+    """json.loads, with the other ways it can fail (nesting deeper than Python's recursion
+    limit, integers over Python's digit limit) turned into JSONDecodeError-like errors."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def read_json_records(path: str | Path) -> list:
     """The file's records, unchecked: a JSON list (or one object), or JSON Lines."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    text = _decode(path)
     try:
-        data = json.loads(text)
+        data = _parse(text)
     except json.JSONDecodeError as first_error:
         data = []
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                data.append(json.loads(line))
-            except json.JSONDecodeError:
+                data.append(_parse(line))
+            except (json.JSONDecodeError, ValueError):
                 raise DatasetError(
                     f"{path}: not valid JSON (line {first_error.lineno}, column "
                     f"{first_error.colno}: {first_error.msg}) nor JSONL (line {lineno})"
                 ) from None
+    except ValueError as e:  # too deep, or an integer with too many digits
+        raise DatasetError(f"{path}: not usable JSON ({e})") from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
@@ -68,17 +90,32 @@ def messages_problem(messages) -> str | None:
             return f"message {j}: role must be one of {', '.join(ROLES)}, got {role!r}"
         if not isinstance(m.get("content"), str) or not m["content"].strip():
             return f"message {j}: `content` must be a non-empty string"
+        if _unencodable(m["content"]):
+            return f"message {j}: `content` {_unencodable(m['content'])}"
     if not any(m["role"] == "user" for m in messages):
         return "has no user message"
     return None
 
 
+def _unencodable(text: str) -> str | None:
+    """JSON can carry a lone surrogate ("\\ud83d") that no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return f"holds a lone surrogate ({text[e.start]!r} at character {e.start}), not text"
+
+
 def goal_problem(goal) -> str | None:
-    return None if isinstance(goal, str) and goal.strip() else "must be a non-empty string"
+    if not isinstance(goal, str) or not goal.strip():
+        return "must be a non-empty string"
+    return _unencodable(goal)
 
 
 def judge_problem(judged) -> str | None:
-    return None if judged is None or judged in (0, 1) else f"must be 0 or 1, got {judged!r}"
+    """None (not judged) or 0/1; NaN, inf, 2, "1" and lists are not (bool is an int here)."""
+    ok = judged is None or (isinstance(judged, (int, float)) and judged in (0, 1))
+    return None if ok else f"must be 0 or 1, got {judged!r}"
 
 
 def check_record(record, index: int) -> None:
