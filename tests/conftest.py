@@ -32,6 +32,16 @@ FIXTURES = Path(__file__).parent / "fixtures"
 REAL_FLIPATTACK = Path(__file__).resolve().parents[2] / "shared/data/flipattack_mixtral-8x22b.json"
 
 
+# a test that runs a whole flow (a Prefect server) or builds the organism is slow by nature
+SLOW_FIXTURES = {"prefect_harness", "tracking_dir", "prefect_server", "small_organism"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One Prefect test server for the whole session (starting one costs 10-20 s)."""

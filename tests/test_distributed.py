@@ -16,6 +16,8 @@ from unsafe_experts.phases import masked_sft, score_pass
 from unsafe_experts.scoring import top_k
 from unsafe_experts.sharding import shard_model
 
+pytestmark = pytest.mark.slow  # torchrun and gloo process groups
+
 
 def surgery_step(model_dir, records, sharded=False, streamed=False):
     torch.set_num_threads(1)

@@ -11,6 +11,8 @@ from mlflow import MlflowClient
 from flows.surgery import surgery_flow
 from tasks.surgery import DatasetValidationError
 
+pytestmark = pytest.mark.slow  # DVC repro in a fresh clone, whole flows
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from cli.main import main
 
+pytestmark = pytest.mark.slow  # runs killed in a subprocess and resumed
+
 
 def command(tiny_dir, records_path, out):
     return ["train", "--model_name", str(tiny_dir), "--dataset_path", str(records_path),
