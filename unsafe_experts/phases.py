@@ -156,7 +156,8 @@ def per_batch_sft(model, layers, batches, k, lr, weight_decay, epochs, log: Log,
     state but do not move). Returns (selection frequency, summed scores, per-batch picks)."""
     if world()[1] > 1:
         raise ValueError("per_batch scoring runs in one process; use accumulate with data parallelism")
-    set_trainable(model, expert_params(layers))
+    trainable = expert_params(layers)
+    set_trainable(model, trainable)
     opt = SparseRowAdamW(lr=lr, weight_decay=weight_decay)
     device = model.device
     counts = torch.zeros(len(layers), layers[0].num_experts)
@@ -173,7 +174,10 @@ def per_batch_sft(model, layers, batches, k, lr, weight_decay, epochs, log: Log,
             for p, experts in rows:
                 opt.add_rows(p, experts)
             opt.step({id(p): experts for p, experts in rows})
-            opt.zero_grad()
+            # every expert's gradient, not just the rows the optimizer tracks: a layer with no
+            # pick yet would otherwise carry this batch's gradient into the next batch's top-k
+            for p in trainable:
+                p.grad = None
             for layer_index, expert in selection:
                 counts[position[layer_index], expert] += 1
             score_sum += scores.cpu()
