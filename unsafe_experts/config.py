@@ -4,12 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .examples import DEFAULT_REFUSAL
+from .methods import METHODS as METHOD_TABLE
 from .router_kl import KL_TYPES
 
 SCORE_MODES = ("accumulate", "per_batch")
-# gradient: the user's method; routing: the older routing-based one; random, all_experts and
-# router_only: the controls any ranking must beat
-METHODS = ("gradient", "routing", "random", "all_experts", "router_only")
+# the method names, from the one table that describes them (methods.py)
+METHODS = tuple(METHOD_TABLE)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SHARDING = ("none", "fsdp")
 
@@ -48,6 +48,8 @@ class TrainConfig:
     retention_path: str | None = None
     retention_samples: int = 256
     retention_max_new_tokens: int = 48
+    # routing: greedy tokens generated per jailbreak and per plain prompt, whose routing is scored
+    routing_max_new_tokens: int = 48
     require_judge_success: bool = True
     seed: int = 42
     device: str | None = None
@@ -66,7 +68,7 @@ class TrainConfig:
             raise ConfigError(f"{key}: {why}")
 
         for key in ("num_rounds", "top_k_experts", "batch_size", "sft_epochs", "router_epochs",
-                    "retention_samples", "retention_max_new_tokens"):
+                    "retention_samples", "retention_max_new_tokens", "routing_max_new_tokens"):
             if getattr(self, key) < 1:
                 bad(key, f"must be at least 1, got {getattr(self, key)}")
         if self.max_samples is not None and self.max_samples < 1:
@@ -78,8 +80,10 @@ class TrainConfig:
             bad("max_length", f"must be at least 16, got {self.max_length}")
         if self.method == "router_only" and self.skip_router_training:
             bad("skip_router_training", "router_only trains nothing else; it needs router training")
-        if self.method != "gradient" and self.score_mode != "accumulate":
-            bad("score_mode", "per_batch exists for the gradient method only")
+        if (self.score_mode != "accumulate" and self.method in METHOD_TABLE
+                and not METHOD_TABLE[self.method].per_batch):
+            per_batch = ", ".join(m.name for m in METHOD_TABLE.values() if m.per_batch)
+            bad("score_mode", f"per_batch exists for {per_batch} only, not {self.method}")
         choices = {"method": METHODS, "kl_type": KL_TYPES, "score_mode": SCORE_MODES, "dtype": DTYPES,
                    "score_memory": ("exact", "streamed"),
                    "experts_implementation": (None, "grouped_mm", "batched_mm", "eager"),
