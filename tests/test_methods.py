@@ -57,8 +57,9 @@ def test_routing_stats_on_every_family(family, make_model, tokenizer, records):
 
 
 def run(tiny_dir, records_path, out, **kw):
+    kw = {"num_rounds": 2, **kw}
     cfg = TrainConfig(model_name=str(tiny_dir), dataset_path=str(records_path), output_dir=str(out),
-                      num_rounds=2, top_k_experts=3, batch_size=4, max_samples=8, expert_lr=1e-3,
+                      top_k_experts=3, batch_size=4, max_samples=8, expert_lr=1e-3,
                       router_lr=1e-3, **kw)
     return run_surgery(cfg, progress=False, echo=lambda *a: None)
 
@@ -164,3 +165,31 @@ def test_routing_method_on_the_organism(small_organism, tmp_path):
     saved = json.loads((tmp_path / "out" / "routing_responses.json").read_text())
     assert len(saved) == 8 and all(len(x["jailbreak_ids"]) <= 12 for x in saved)
     assert meta["identified_experts_per_round"]["2"]["routing_pairs"]["kept"] == pairs["kept"]
+
+
+def test_the_method_table_drives_validation():
+    from unsafe_experts.config import METHODS, ConfigError
+    from unsafe_experts.methods import METHODS as TABLE
+
+    assert METHODS == tuple(TABLE) and {m.kind for m in TABLE.values()} == {"gradient", "routing", "control"}
+    base = dict(model_name="m", dataset_path="d", output_dir="o")
+    TrainConfig(**base, method="gradient", score_mode="per_batch").validate()
+    for method in ("fisher", "routing", "random"):
+        with pytest.raises(ConfigError, match=f"score_mode: per_batch exists for gradient only, not {method}"):
+            TrainConfig(**base, method=method, score_mode="per_batch").validate()
+    with pytest.raises(ConfigError, match="method: must be one of gradient, gradient_per_token, fisher"):
+        TrainConfig(**base, method="grad").validate()
+    with pytest.raises(ConfigError, match="routing_max_new_tokens: must be at least 1"):
+        TrainConfig(**base, method="routing", routing_max_new_tokens=0).validate()
+
+
+@pytest.mark.parametrize("method", ["fisher", "snip"])
+def test_gradient_variants_end_to_end(method, tiny_dir, records_path, tmp_path):
+    meta = run(tiny_dir, records_path, tmp_path / method, method=method, num_rounds=1,
+               skip_router_training=True, score_memory="streamed")
+    first = meta["identified_experts_per_round"]["1"]
+    assert first["method"] == method and len(first["experts"]) == 3
+    assert [f"L{l}_E{e}" for l, e in first["experts"]] == list(first["scores"])[:3]
+    assert first["gradients"] == first["scores"]
+    changed = weight_changes(tiny_dir, tmp_path / method / "final_model")["experts"]
+    assert sorted(map(tuple, changed)) == sorted(map(tuple, first["experts"]))
