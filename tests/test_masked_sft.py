@@ -186,3 +186,18 @@ def test_joined_output_paths_cannot_escape(tmp_path):
     (tmp_path / "link").symlink_to("/tmp")
     with pytest.raises(ValueError, match="outside"):
         inside(tmp_path, "link/x")
+
+
+def test_per_batch_top_k_comes_from_that_batch_alone(make_model, tokenizer, records):
+    """The same batch four times at learning rate 0: nothing changes, so every batch must pick
+    the same experts. Before the fix, layers with no pick kept summing gradients across
+    batches and took over the later top-k (reproduced on qwen3_moe with k = 1)."""
+    model = make_model("qwen3_moe")
+    layers = moe_layers(model)
+    batch = sft_batches(tokenizer, records[:4])[0]
+    counts, score_sum, picks, _ = per_batch_sft(
+        model, layers, [batch] * 4, k=1, lr=0.0, weight_decay=0.0, epochs=1,
+        log=lambda *a: None, progress=False)
+    assert picks == [picks[0]] * 4
+    assert counts.sum() == 4 and counts.max() == 4
+    assert all(p.grad is None for p in model.parameters())

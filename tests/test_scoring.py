@@ -116,3 +116,78 @@ def test_streamed_scoring_equals_exact_on_one_batch_and_bounds_it_on_more(family
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
     assert all(not p._post_accumulate_grad_hooks for layer in layers
                for p in layer.expert_params.values())
+
+
+def _expert_grads(layers):
+    for layer in layers:
+        for p in layer.expert_params.values():
+            p.requires_grad_(True)
+            p.grad = None
+
+
+def slow_variant_reference(model, layers, batches, score):
+    """The new scores by their definitions, one parameter row and one token at a time."""
+    from unsafe_experts.phases import lm_loss
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _expert_grads(layers)
+    keys = [(layer.index, e) for layer in layers for e in range(layer.num_experts)]
+    if score == "fisher":
+        squares = {key: 0.0 for key in keys}
+        for b in batches:
+            _expert_grads(layers)
+            lm_loss(model, b).backward()
+            for layer in layers:
+                for e in range(layer.num_experts):
+                    rows = [p.grad[e].double().flatten() for p in layer.expert_params.values()]
+                    squares[(layer.index, e)] += float(torch.cat(rows).square().mean()) / len(batches)
+        return squares
+    routed = {key: 0 for key in keys}
+    picks = {}
+    handles = [layer.router.register_forward_hook(
+        lambda m, i, out, n=n: picks.__setitem__(n, out[-1].tolist())) for n, layer in enumerate(layers)]
+    for b in batches:
+        (lm_loss(model, b) / len(batches)).backward()
+        width = b["labels"].shape[1]
+        for n, layer in enumerate(layers):
+            for row in range(b["labels"].shape[0]):
+                for t in range(width - 1):
+                    if b["labels"][row, t + 1] != -100:
+                        for e in picks[n][row * width + t]:
+                            routed[(layer.index, e)] += 1
+    for h in handles:
+        h.remove()
+    table = {}
+    for layer in layers:
+        for e in range(layer.num_experts):
+            params = layer.expert_params.values()
+            if score == "snip":
+                value = torch.cat([(p.grad[e].double() * p[e].detach().double()).abs().flatten()
+                                   for p in params]).mean()
+            else:
+                value = torch.cat([p.grad[e].double().abs().flatten() for p in params]).mean()
+                value = value / max(routed[(layer.index, e)], 1)
+            table[(layer.index, e)] = float(value)
+    return table
+
+
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("score", ["gradient_per_token", "fisher", "snip"])
+def test_score_variants_match_their_definitions(score, family, make_model, tokenizer, records):
+    model = make_model(family)
+    layers = moe_layers(model)
+    batches = sft_batches(tokenizer, records[:8], batch_size=3)
+    fast = score_pass(model, layers, batches, lambda *a: None, progress=False, score=score)
+    gradient = score_pass(model, layers, batches, lambda *a: None, progress=False)
+    assert not torch.allclose(fast, gradient)  # a different score, not the seed's under a new name
+    reference = slow_variant_reference(model, layers, batches, score)
+    for i, layer in enumerate(layers):
+        for e in range(layer.num_experts):
+            assert float(fast[i, e]) == pytest.approx(reference[(layer.index, e)], rel=1e-4, abs=1e-15)
+    lean = score_pass(model, layers, batches, lambda *a: None, progress=False, score=score, streamed=True)
+    if score == "fisher":  # per-batch squares either way
+        torch.testing.assert_close(lean, fast, rtol=1e-5, atol=1e-15)
+    else:  # per-batch magnitudes summed: an upper bound
+        assert (lean >= fast * (1 - 1e-5)).all() and (lean > fast).any()
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())

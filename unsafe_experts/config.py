@@ -5,12 +5,12 @@ import math
 from dataclasses import MISSING, astuple, dataclass, field, fields
 
 from .examples import DEFAULT_REFUSAL
+from .methods import METHODS as METHOD_TABLE
 from .router_kl import KL_TYPES
 
 SCORE_MODES = ("accumulate", "per_batch")
-# gradient: the user's method; routing: the older routing-based one; random, all_experts and
-# router_only: the controls any ranking must beat
-METHODS = ("gradient", "routing", "random", "all_experts", "router_only")
+# the method names, from the one table that describes them (methods.py)
+METHODS = tuple(METHOD_TABLE)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SHARDING = ("none", "fsdp")
 SCORE_MEMORY = ("exact", "streamed")
@@ -35,9 +35,8 @@ class TrainConfig:
     model_name: str = option(help="hub id or local directory of the MoE model")
     dataset_path: str = option(help="JSON list or JSONL of jailbreak records")
     output_dir: str = option(help="where checkpoints and training_metadata.json go")
-    method: str = option("gradient", choices=METHODS, help="how each round chooses its experts: "
-                         "gradient (default), the routing-based baseline, or a control: random, "
-                         "all_experts, router_only")
+    method: str = option("gradient", choices=METHODS, help="how each round chooses its experts "
+                         "(unsafe_experts/methods.py): " + ", ".join(METHODS))
     num_rounds: int = option(3, help="rounds of score -> select -> repair -> align")
     top_k_experts: int = option(100, help="experts selected per round")
     batch_size: int = option(8)
@@ -68,6 +67,8 @@ class TrainConfig:
                                         "before surgery and mixed into the masked SFT; '' for none")
     retention_samples: int = option(256, help="retention prompts used at most")
     retention_max_new_tokens: int = option(48, help="length of the model's retention answers")
+    routing_max_new_tokens: int = option(48, help="routing method: greedy tokens generated per "
+                                         "jailbreak and per plain prompt, whose routing is scored")
     require_judge_success: bool = option(True, help="keep only records with judge_success_gpt4 == 1 "
                                          "(--no_judge_filter keeps every record)")
     seed: int = option(42)
@@ -99,7 +100,7 @@ class TrainConfig:
             raise ConfigError(f"{key}: {why}")
 
         for key in ("num_rounds", "top_k_experts", "batch_size", "sft_epochs", "router_epochs",
-                    "retention_samples", "retention_max_new_tokens"):
+                    "retention_samples", "retention_max_new_tokens", "routing_max_new_tokens"):
             if getattr(self, key) < 1:
                 bad(key, f"must be at least 1, got {getattr(self, key)}")
         if self.max_samples is not None and self.max_samples < 1:
@@ -111,8 +112,10 @@ class TrainConfig:
             bad("max_length", f"must be at least 16, got {self.max_length}")
         if self.method == "router_only" and self.skip_router_training:
             bad("skip_router_training", "router_only trains nothing else; it needs router training")
-        if self.method != "gradient" and self.score_mode != "accumulate":
-            bad("score_mode", "per_batch exists for the gradient method only")
+        if (self.score_mode != "accumulate" and self.method in METHOD_TABLE
+                and not METHOD_TABLE[self.method].per_batch):
+            per_batch = ", ".join(m.name for m in METHOD_TABLE.values() if m.per_batch)
+            bad("score_mode", f"per_batch exists for {per_batch} only, not {self.method}")
         for f in fields(self):
             value, allowed = getattr(self, f.name), f.metadata.get("choices")
             if allowed and value not in allowed and not (value is None and f.default is None):

@@ -15,10 +15,11 @@ def _prompt_ids(tokenizer, messages) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 48,
-             batch_size: int = 16, max_prompt_tokens: int = 512, desc: str = "generate",
-             progress: bool = False) -> list[str]:
-    """Greedy continuations of chat prompts, left-padded in batches; special tokens dropped."""
+def generate_ids(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 48,
+                 batch_size: int = 16, max_prompt_tokens: int = 512, desc: str = "generate",
+                 progress: bool = False) -> list[tuple[list[int], list[int]]]:
+    """Greedy continuations of chat prompts, left-padded in batches: per prompt, its (possibly
+    left-truncated) token ids and the generated ids up to and including the first end token."""
     pad = tokenizer.pad_token_id
     eos = tokenizer.eos_token_id
     out = []
@@ -31,8 +32,19 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 
                                    max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
                                    # sharded: every rank must run every forward, even when done
                                    synced_gpus=is_sharded(model))
-        out.extend(tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in generated)
+        for prompt, row in zip(ids, generated[:, width:].tolist()):
+            # a finished row is filled with padding, which may be the end token itself
+            out.append((prompt, row[:row.index(eos) + 1] if eos in row else row))
     return out
+
+
+def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 48,
+             batch_size: int = 16, max_prompt_tokens: int = 512, desc: str = "generate",
+             progress: bool = False) -> list[str]:
+    """Greedy continuations of chat prompts as text; special tokens dropped."""
+    return [tokenizer.decode(gen, skip_special_tokens=True).strip()
+            for _, gen in generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size,
+                                       max_prompt_tokens, desc, progress)]
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from .adapters import MoELayer
 from .distributed import shard, sum_, world
 from .examples import IGNORE
 from .router_kl import captured_router_outputs, route, router_kl, routing_distribution
-from .scoring import expert_grad_scores, per_expert_numel, streamed_l1, top_k
+from .scoring import expert_grad_scores, expert_row_sums, per_expert_numel, streamed_rows, top_k
 from .sharding import is_sharded
 from .sparse_adamw import SparseRowAdamW
 
@@ -85,34 +85,76 @@ def _bar(items, desc: str, progress: bool):
     return tqdm(items, desc=desc, leave=False, disable=not progress)
 
 
+# gradient score -> the per-tensor reduction of scoring.REDUCERS it sums per expert
+SCORE_REDUCTION = {"gradient": "l1", "gradient_per_token": "l1", "fisher": "sq",
+                   "snip": "l1_times_weight"}
+
+
+def routed_response_tokens(captured: dict[int, tuple], batch: Batch, num_experts: int) -> torch.Tensor:
+    """[layers, experts]: how many loss-bearing positions (those whose next token is a response
+    token) the router sent to each expert, by its own top-k choices."""
+    mask = F.pad(batch["labels"][:, 1:] != IGNORE, (0, 1)).flatten()
+    return torch.stack([torch.bincount(captured[i][-1][mask].flatten(), minlength=num_experts)
+                        for i in sorted(captured)]).float()
+
+
 def score_pass(model, layers, batches: list[Batch], log: Log, desc="score", progress=True,
-               streamed: bool = False):
-    """Gradients of the mean batch loss over all batches -> [layers, experts] mean |grad|.
-    exact: |sum of gradients|, all layers' expert gradients held until the end; streamed:
-    sum of per-batch |gradients|, each layer's freed as soon as backward produces it."""
+               streamed: bool = False, score: str = "gradient"):
+    """Gradients of the mean batch loss over all batches -> [layers, experts] scores.
+
+    gradient: mean |grad|; gradient_per_token: that divided by the routed loss-bearing tokens
+    (an expert with none counts as one); snip: mean |grad x weight|; fisher: mean over batches
+    of each batch's squared gradient, mean over parameters. exact: the gradient of the whole
+    pass (|sum of gradients|), all layers' expert gradients held until the end (fisher: one
+    batch's); streamed: per-batch reductions summed, each layer's gradient freed as soon as
+    backward produces it (an upper bound for the absolute scores, the same value for fisher)."""
     sharded = is_sharded(model)
     if streamed and world()[1] > 1 and not sharded:
         raise ValueError("streamed scoring under data parallelism would sum per-rank magnitudes; "
                          "use exact scoring, or --sharding fsdp (whose gradients arrive summed)")
-    set_trainable(model, expert_params(layers))
+    reduce = SCORE_REDUCTION[score]
+    # the Fisher squares each batch's own gradient, so exact mode reduces after every batch
+    each_batch = score == "fisher" and not streamed
+    trainable = expert_params(layers)
+    set_trainable(model, trainable)
     device = model.device
     losses = []
-    with streamed_l1(layers) if streamed else nullcontext() as sums:
+    counts = torch.zeros(len(layers), layers[0].num_experts, device=device)
+    squares = torch.zeros_like(counts)
+    counting = captured_router_outputs(layers) if score == "gradient_per_token" else nullcontext()
+    with streamed_rows(layers, reduce) if streamed else nullcontext() as sums, counting as captured:
         for i, batch in enumerate(_bar(batches, desc, progress)):
-            loss = _finite(lm_loss(model, _on(batch, device)), desc, i, len(batches)) / len(batches)
+            batch = _on(batch, device)
+            loss = _finite(lm_loss(model, batch), desc, i, len(batches)) / len(batches)
             loss.backward()
             losses.append(loss.detach() * len(batches))
+            if captured is not None:
+                counts += routed_response_tokens(captured, batch, layers[0].num_experts)
+            if each_batch:
+                if not sharded:
+                    for p in trainable:
+                        if p.grad is not None:
+                            sum_(p.grad)
+                squares += expert_row_sums(layers, reduce)
+                for p in trainable:
+                    p.grad = None
+    numel = torch.tensor([per_expert_numel(layer) for layer in layers], device=device)[:, None]
     if streamed:
         if sharded:  # each rank summed the experts it holds
             sum_(sums)
-        numel = torch.tensor([per_expert_numel(layer) for layer in layers], device=sums.device)
-        scores = sums / numel[:, None]
+        scores = sums / numel
+    elif each_batch:
+        scores = squares / numel
     else:
         if not sharded:  # fully_shard's reduce-scatter has already summed them
-            for p in expert_params(layers):
+            for p in trainable:
                 if p.grad is not None:
                     sum_(p.grad)
-        scores = expert_grad_scores(layers)
+        scores = expert_row_sums(layers, reduce) / numel
+    if score == "fisher":  # each batch's loss was divided by the number of batches, its square by n^2
+        scores = scores * len(batches)
+    if score == "gradient_per_token":
+        scores = scores / sum_(counts).clamp_min(1)
     set_trainable(model, [])
     log("score", sum_(torch.stack(losses)).tolist())
     return scores
@@ -156,7 +198,8 @@ def per_batch_sft(model, layers, batches, k, lr, weight_decay, epochs, log: Log,
     state but do not move). Returns (selection frequency, summed scores, per-batch picks)."""
     if world()[1] > 1:
         raise ValueError("per_batch scoring runs in one process; use accumulate with data parallelism")
-    set_trainable(model, expert_params(layers))
+    trainable = expert_params(layers)
+    set_trainable(model, trainable)
     opt = SparseRowAdamW(lr=lr, weight_decay=weight_decay)
     device = model.device
     counts = torch.zeros(len(layers), layers[0].num_experts)
@@ -173,7 +216,10 @@ def per_batch_sft(model, layers, batches, k, lr, weight_decay, epochs, log: Log,
             for p, experts in rows:
                 opt.add_rows(p, experts)
             opt.step({id(p): experts for p, experts in rows})
-            opt.zero_grad()
+            # every expert's gradient, not just the rows the optimizer tracks: a layer with no
+            # pick yet would otherwise carry this batch's gradient into the next batch's top-k
+            for p in trainable:
+                p.grad = None
             for layer_index, expert in selection:
                 counts[position[layer_index], expert] += 1
             score_sum += scores.cpu()

@@ -38,26 +38,49 @@ def row_l1_blocked(flat: torch.Tensor, max_elements: int = 2 ** 24) -> torch.Ten
                       for rows in flat.split(group)])
 
 
-def expert_grad_scores(layers: list[MoELayer]) -> torch.Tensor:
-    """[moe_layers, experts] fp32 on the model's device: the mean |grad| over every parameter
-    of each expert (gate, up, down and any per-expert bias). One reduction per fused tensor, no
-    host sync; an expert that received no token scores exactly 0."""
+def row_sq(flat: torch.Tensor) -> torch.Tensor:
+    """[rows] fp32 sum of squares of each row, one row upcast at a time (as row_l1_per_row)."""
+    return torch.stack([row.float().square().sum() for row in flat])
+
+
+def row_l1_product(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[rows] fp32 sum of |grad x weight| of each row, one row upcast at a time."""
+    return torch.stack([(g.float() * w.float()).abs().sum() for g, w in zip(flat, weight.flatten(1))])
+
+
+# how each gradient score reduces one fused tensor's (local) gradient to per-expert sums;
+# the parameter is there for scores that also read the weights
+REDUCERS = {
+    "l1": lambda grad, param: row_l1(grad),
+    "sq": lambda grad, param: row_sq(grad.flatten(1)),
+    "l1_times_weight": lambda grad, param: row_l1_product(grad.flatten(1), local(param.detach())),
+}
+
+
+def expert_row_sums(layers: list[MoELayer], reduce: str = "l1") -> torch.Tensor:
+    """[moe_layers, experts] fp32 on the model's device: per expert, the sum over all its
+    parameters (gate, up, down, any per-expert bias) of the reduction of their gradients. One
+    reduction per fused tensor, no host sync; an expert that received no token sums to 0."""
+    fn = REDUCERS[reduce]
     rows = []
     for layer in layers:
-        params = layer.expert_params.values()
         total = None
-        for p in params:
+        for p in layer.expert_params.values():
             if p.grad is None:
                 continue
-            l1 = gather_rows(row_l1(local(p.grad)), p)  # sharded: each rank reduced its own experts
-            total = l1 if total is None else total + l1
-        per_expert = sum(p[0].numel() for p in params)
-        device = next(iter(params)).device
-        rows.append(
-            total / per_expert if total is not None
-            else torch.zeros(layer.num_experts, device=device)
-        )
+            part = gather_rows(fn(local(p.grad), p), p)  # sharded: each rank reduced its own experts
+            total = part if total is None else total + part
+        device = next(iter(layer.expert_params.values())).device
+        rows.append(total if total is not None else torch.zeros(layer.num_experts, device=device))
     return torch.stack(rows)
+
+
+def expert_grad_scores(layers: list[MoELayer], reduce: str = "l1") -> torch.Tensor:
+    """[moe_layers, experts]: the mean over every parameter of each expert of the reduction
+    (by default |grad|, the seed's score)."""
+    numel = torch.tensor([per_expert_numel(layer) for layer in layers])
+    sums = expert_row_sums(layers, reduce)
+    return sums / numel.to(sums.device)[:, None]
 
 
 def top_k(scores: torch.Tensor, k: int, layers: list[MoELayer]) -> list[tuple[int, int]]:
@@ -77,20 +100,23 @@ def score_table(scores: torch.Tensor, layers: list[MoELayer]) -> dict[str, float
 
 
 @contextmanager
-def streamed_l1(layers: list[MoELayer]):
+def streamed_rows(layers: list[MoELayer], reduce: str = "l1"):
     """Lean scoring: as backward produces each fused expert tensor's gradient, add its
-    per-expert L1 norm to a running [layers, experts] sum and free the gradient, so at most
-    about one layer's expert gradients are alive at once (instead of every layer's).
+    per-expert reduction (by default the L1 norm) to a running [layers, experts] sum and free
+    the gradient, so at most about one layer's expert gradients are alive at once (instead of
+    every layer's).
 
     Over several backward passes this sums per-batch magnitudes, sum_b |g_b|, an upper bound
-    of the exact mode's |sum_b g_b|; with one batch the two are equal."""
+    of the exact mode's |sum_b g_b|; with one batch the two are equal. Squares (fisher) are
+    per batch in both modes, so for them the two modes agree."""
+    fn = REDUCERS[reduce]
     device = next(iter(layers[0].expert_params.values())).device
     sums = torch.zeros(len(layers), layers[0].num_experts, device=device)
 
     def hook_for(i):
         def hook(param):  # sharded: this rank's experts, summed over the ranks by fully_shard
             start, stop = local_rows(param)
-            sums[i, start:stop] += row_l1(local(param.grad))
+            sums[i, start:stop] += fn(local(param.grad), param)
             param.grad = None
         return hook
 

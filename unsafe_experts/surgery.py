@@ -24,15 +24,18 @@ from .examples import batches, collate, plain_prompt, router_example, sft_exampl
 from .outputs import LOCK_NAME, DirectoryLock, inside, save_checkpoint_atomic, write_json_atomic
 from .phases import align_router, masked_sft, per_batch_sft, score_pass
 from .distributed import barrier, join_process_group, launched_world, local_device
-from .generation import generate
+from .generation import generate, generate_ids
 from .memory import peak_mb, reset_peak
 from .records import (DatasetError, file_digest, load_records, messages_problem,
                       read_json_records, select_records)
-from .routing import routing_scores
+from .methods import METHODS
+from .routing import generated_routing_scores, keep_pairs, routing_scores
 from .run_records import (METADATA, ROUNDS, SCHEMA_VERSION, expert_key, research_round,
                           write_research_outputs)
 from .scoring import score_table, top_k
 from .sharding import full_state_dict, load_sharded
+
+ROUTING_RESPONSES = "routing_responses.json"
 
 
 def check_weights(model: str | Path) -> None:
@@ -169,6 +172,9 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> dict:
     pad = tokenizer.pad_token_id
     return {
         "loaded": loaded,
+        # the routing method generates responses to these (see routing.py)
+        "jailbreak_prompts": [r["all_prompt"] for r in records],
+        "plain_prompts": [plain_prompt(r["goal"]) for r in records],
         "sft_examples": sft,
         "sft": [collate(b, pad) for b in batches(sft, cfg.batch_size)],
         "safe": [collate(b, pad) for b in batches(safe, cfg.batch_size)],
@@ -315,7 +321,8 @@ class Surgery:
         cfg, t0 = self.cfg, time.time()
         reset_peak(self.device)  # the round's peaks are measured from here
         extra = {}
-        if cfg.method == "gradient" and cfg.score_mode == "per_batch":
+        method = METHODS[cfg.method]
+        if cfg.score_mode == "per_batch":
             counts, score_sum, picks, state_bytes = per_batch_sft(
                 self.model, self.layers, self.data["sft"], cfg.top_k_experts, cfg.expert_lr,
                 cfg.weight_decay, cfg.sft_epochs, self._log(r), f"round {r} per-batch sft",
@@ -327,10 +334,11 @@ class Surgery:
                      "optimizer_state_bytes": state_bytes}
         else:
             scores, extra = self._scores(r)
-            k = sum(l.num_experts for l in self.layers) if cfg.method == "all_experts" else cfg.top_k_experts
-            selection = [] if cfg.method == "router_only" else top_k(scores, k, self.layers)
+            k = sum(l.num_experts for l in self.layers) if method.selects == "all" else cfg.top_k_experts
+            selection = [] if method.selects == "none" else top_k(scores, k, self.layers)
         identified = research_round({"method": cfg.method, "experts": [list(x) for x in selection],
-                                     "scores": score_table(scores, self.layers), **extra}, cfg.method)
+                                     "scores": score_table(scores, self.layers), **extra},
+                                    method.kind)
         self._round[r] = {"identified": identified, "selection": selection, "started": t0,
                           "timings": {}}
         self._timed(r, "identify_s", t0)
@@ -340,18 +348,55 @@ class Surgery:
     def _scores(self, r: int) -> tuple[torch.Tensor, dict]:
         """[moe layers, experts] scores of the method, highest = most unsafe."""
         cfg = self.cfg
-        if cfg.method == "gradient":
+        method = METHODS[cfg.method]
+        if method.kind == "gradient":
             return score_pass(self.model, self.layers, self.data["sft"], self._log(r),
                               f"round {r} score", self.progress,
-                              streamed=cfg.score_memory == "streamed"), {}
-        if cfg.method == "routing":
+                              streamed=cfg.score_memory == "streamed", score=cfg.method), {}
+        if cfg.method == "routing_prompt":
             parts = routing_scores(self.model, self.layers, self.data["safe"], self.data["unsafe"])
-            return parts["score"], {f"routing_{k}": score_table(v, self.layers)
-                                    for k, v in parts.items() if k != "score"}
+            return parts["score"], self._routing_tables(parts)
+        if cfg.method == "routing":
+            responses = self._routing_responses()
+            kept, pairs = keep_pairs([x["jailbreak_text"] for x in responses],
+                                     [x["plain_text"] for x in responses])
+            parts, counted = generated_routing_scores(
+                self.model, self.layers, [(x["jailbreak_prompt_ids"], x["jailbreak_ids"]) for x in responses],
+                [(x["plain_prompt_ids"], x["plain_ids"]) for x in responses], kept, cfg.batch_size,
+                self.tokenizer.pad_token_id)
+            return parts["score"], {"routing_pairs": {**pairs, **counted}, **self._routing_tables(parts)}
         # random draws (seeded per round) as scores; all_experts / router_only rank nothing
         shape = (len(self.layers), self.layers[0].num_experts)
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + r)
         return torch.rand(shape, generator=generator), {}
+
+    def _routing_tables(self, parts: dict) -> dict:
+        return {f"routing_{k}": score_table(v, self.layers) for k, v in parts.items() if k != "score"}
+
+    def _routing_responses(self) -> list[dict]:
+        """Greedy responses to every jailbreak prompt and its plain request, generated once per
+        run on the model before surgery (a resumed run reads them back from output_dir), so
+        every round measures the routing of the same complied jailbreaks and refusals."""
+        if "routing_responses" in self.data:
+            return self.data["routing_responses"]
+        cfg = self.cfg
+        saved = self.out / ROUTING_RESPONSES
+        if self.first_round > 1 and saved.is_file():
+            responses = json.loads(saved.read_text())
+        else:
+            def respond(prompts, desc):
+                return generate_ids(self.model, self.tokenizer, prompts, cfg.routing_max_new_tokens,
+                                    cfg.batch_size, cfg.max_length, desc, self.progress)
+            jailbreak = respond(self.data["jailbreak_prompts"], "routing: jailbreak responses")
+            plain = respond(self.data["plain_prompts"], "routing: plain responses")
+            decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            responses = [{"jailbreak_prompt_ids": jp, "jailbreak_ids": jg, "jailbreak_text": decode(jg),
+                          "plain_prompt_ids": pp, "plain_ids": pg, "plain_text": decode(pg)}
+                         for (jp, jg), (pp, pg) in zip(jailbreak, plain)]
+            if self.writer:
+                write_json_atomic(saved, responses)
+        self.data["routing_responses"] = responses
+        return responses
 
     def repair(self, r: int) -> None:
         """Masked SFT of the selected experts (per_batch mode already trained in identify)."""
