@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from unsafe_experts.ablation import ExpertSetError
 from unsafe_experts.adapters import UnsupportedModelError
 from unsafe_experts.config import ConfigError
 from unsafe_experts.examples import ExampleError
@@ -13,17 +14,18 @@ from unsafe_experts.outputs import OutputDirBusyError
 from unsafe_experts.phases import NonFiniteLossError
 from unsafe_experts.records import DatasetError
 
-from . import commands, train
+from . import ablate, commands, train
 
 USER_ERRORS = (ConfigError, DatasetError, ExampleError, UnsupportedModelError, OSError,
-               NonFiniteLossError, OutputDirBusyError)
+               NonFiniteLossError, OutputDirBusyError, ExpertSetError)
 
 
 def parser() -> tuple[argparse.ArgumentParser, dict]:
     p = argparse.ArgumentParser(prog="unsafe-experts", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     train.add_parser(sub)
-    handlers = {"train": train.run, **commands.add_parsers(sub)}
+    ablate.add_parser(sub)
+    handlers = {"train": train.run, "ablate": ablate.run, **commands.add_parsers(sub)}
     return p, handlers
 
 

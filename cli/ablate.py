@@ -1,0 +1,83 @@
+"""`unsafe-experts ablate`: evaluate a model with given experts switched off (their router
+logits at -inf before top-k), to ask whether a method's experts are causally needed for the
+jailbreak and whether they also carry benign capability."""
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+from unsafe_experts.config import ConfigError
+from unsafe_experts.evaluation import EvaluationConfig
+
+from .flags import add_fields, field_values
+from .tables import evaluation_table
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("ablate", help="evaluate with experts switched off (causal check)")
+    p.add_argument("--model", required=True, help="the model to evaluate (usually the unrepaired one)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--experts", help="JSON list of [layer, expert] pairs, or {\"experts\": [...]}")
+    which.add_argument("--run", help="a run's output_dir: ablate the experts of one of its rounds")
+    p.add_argument("--round", type=int, help="with --run: which round (default: the last)")
+    p.add_argument("--random", type=int, metavar="SEED",
+                   help="instead, as many experts drawn at random with this seed (the control)")
+    p.add_argument("--with_baseline", action="store_true", help="also evaluate without ablation")
+    add_fields(p.add_argument_group("evaluation", argument_default=argparse.SUPPRESS),
+               EvaluationConfig, dest="eval__")
+    p.add_argument("--out", help="write experts, metrics and samples here (JSON)")
+    p.add_argument("--trust_remote_code", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+
+def random_like(experts: list, layers, seed: int) -> list[tuple[int, int]]:
+    """As many (layer, expert) pairs, drawn uniformly with the seed, leaving every layer at
+    least its router's top-k live experts."""
+    pool = [(layer.index, e) for layer in layers for e in range(layer.num_experts)]
+    room = {layer.index: layer.num_experts - layer.top_k for layer in layers}
+    rng, drawn = random.Random(seed), []
+    for pair in rng.sample(pool, len(pool)):
+        if len(drawn) == len(experts):
+            break
+        if room[pair[0]] > 0:
+            drawn.append(pair)
+            room[pair[0]] -= 1
+    return sorted(drawn)
+
+
+def run(args) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from unsafe_experts.ablation import ablated, load_expert_set
+    from unsafe_experts.adapters import moe_layers
+    from unsafe_experts.evaluation import evaluate, load_eval_set
+    from unsafe_experts.outputs import write_json_atomic
+    from unsafe_experts.run_records import expert_key
+    from unsafe_experts.surgery import check_weights
+
+    cfg = EvaluationConfig(**field_values(args, EvaluationConfig, "eval__")).validate()
+    if not cfg.eval_set:
+        raise ConfigError("--eval_set is required")
+    if args.round is not None and not args.run:
+        raise ConfigError("--round goes with --run")
+    eval_set = load_eval_set(cfg.eval_set)
+    check_weights(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code,
+                                                 use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    layers = moe_layers(model)
+    experts = load_expert_set(args.experts or args.run, args.round, layers)
+    if args.random is not None:
+        experts = random_like(experts, layers, args.random)
+    results = {}
+    if args.with_baseline:
+        results["baseline"] = evaluate(model, tokenizer, eval_set, cfg, progress=not args.quiet)
+    with ablated(model, layers, experts):
+        results["ablated"] = evaluate(model, tokenizer, eval_set, cfg, progress=not args.quiet)
+    print(f"ablated {len(experts)} experts: " + " ".join(expert_key(l, e) for l, e in experts))
+    print(evaluation_table({k: v["metrics"] for k, v in results.items()}))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.out, {"experts": [list(x) for x in experts],
+                                     "random_seed": args.random, **results})
