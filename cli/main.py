@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     try:
         return handler(args) or 0
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        # one line, even when a library's message spans several
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
 
 

@@ -79,8 +79,14 @@ def run(args) -> int:
         raise report.error()
     check_inputs(cfg)
     ensure_reachable(options.get("local_tracking", False))
-    result = surgery_flow(cfg, spec.experiment, spec.log_model, options.get("metrics"), not quiet,
-                          spec.evaluation, options.get("evaluation_metrics"))
+    from mlflow.exceptions import MlflowException
+
+    try:
+        result = surgery_flow(cfg, spec.experiment, spec.log_model, options.get("metrics"), not quiet,
+                              spec.evaluation, options.get("evaluation_metrics"))
+    except MlflowException as e:
+        raise ConfigError(f"MLflow tracking failed ({e}); completed rounds are kept: run the same "
+                          "command again once the tracking server answers") from None
     print(f"MLflow run {result['mlflow_run_id']}; browse with: "
           "mlflow ui --backend-store-uri sqlite:///mlflow.db")
     print(f"done: {cfg.output_dir}/final_model, {cfg.output_dir}/training_metadata.json "

@@ -3,6 +3,7 @@ run per round) and versioned by DVC through `dvc.yaml`."""
 from __future__ import annotations
 
 import tempfile
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -147,7 +148,10 @@ def surgery_flow(cfg: TrainConfig, experiment: str = "unsafe-experts", log_model
         tracking.end_run(run_id)
         return result
     except BaseException as error:
-        tracking.end_run(run_id, "FAILED")
-        if key:
+        if key:  # first the run's own record: a tracking outage must not leave it "running"
             steps.discard(key, error)
+        try:
+            tracking.end_run(run_id, "FAILED")
+        except Exception as tracking_error:  # the tracking server may be what failed
+            warnings.warn(f"could not mark MLflow run {run_id} failed: {tracking_error}")
         raise

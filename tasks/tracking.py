@@ -11,6 +11,12 @@ import warnings
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# a tracking outage fails a call in seconds, not minutes (MLflow's defaults: 7 retries with
+# exponential backoff and a 120 s timeout each, which stalled a run for over 8 minutes); the
+# run then fails, its metadata says so, and the same command resumes it once tracking is back
+for _key, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}.items():
+    os.environ.setdefault(_key, _value)
 
 import matplotlib  # noqa: E402
 

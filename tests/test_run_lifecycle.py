@@ -18,14 +18,13 @@ def flags(tiny_dir, records_path, out):
             "--batch_size", "4", "--max_samples", "4", "--quiet", "--engine_only"]
 
 
-def test_a_failure_after_the_lock_is_taken_releases_it(tiny_dir, records_path, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_dir, broken)
-    weights = broken / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])  # loads fail after the inputs check passes
+def test_a_failure_after_the_lock_is_taken_releases_it(tiny_dir, records_path, tmp_path, monkeypatch):
+    def load_fails(*args):
+        raise MemoryError("no room for the weights")  # after the inputs check and the lock
+    monkeypatch.setattr(surgery_module, "_load_model", load_fails)
     out = tmp_path / "out"
-    cfg = TrainConfig(model_name=str(broken), dataset_path=str(records_path), output_dir=str(out), **SMALL)
-    with pytest.raises(Exception):
+    cfg = TrainConfig(model_name=str(tiny_dir), dataset_path=str(records_path), output_dir=str(out), **SMALL)
+    with pytest.raises(MemoryError):
         surgery_module.run_surgery(cfg, progress=False)
     assert not (out / LOCK_NAME).exists()
     DirectoryLock(out).acquire().release()  # a long-lived process could take it again
@@ -76,3 +75,52 @@ def test_pickle_weights_are_refused_before_anything_is_written(tiny_dir, records
     err = capsys.readouterr().err
     assert err.startswith("error: model_name:") and "pytorch_model.bin" in err and "safetensors" in err
     assert not out.exists()
+
+
+def _broken_copy(tiny_dir, tmp_path, how):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    weights, config = model / "model.safetensors", model / "config.json"
+    if how == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif how == "bad header":
+        weights.write_bytes(b"\xff" * 64)
+    elif how == "unknown model_type":
+        config.write_text(config.read_text().replace('"olmoe"', '"no_such_moe"'))
+    elif how == "no model_type":
+        config.write_text(config.read_text().replace('"model_type": "olmoe",', ""))
+    elif how == "a file":
+        return weights
+    return model
+
+
+@pytest.mark.parametrize("how, message", [
+    ("truncated weights", "is not a readable safetensors file"),
+    ("bad header", "is not a readable safetensors file"),
+    ("unknown model_type", "no_such_moe"),
+    ("no model_type", "model_name: "),
+    ("a file", "is a file; expected a checkpoint directory"),
+])
+def test_broken_checkpoints_are_one_error_line_and_leave_nothing(tiny_dir, records_path, tmp_path,
+                                                                 capsys, how, message):
+    out = tmp_path / "out"
+    assert main(flags(_broken_copy(tiny_dir, tmp_path, how), records_path, out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_cuda_without_a_gpu_is_one_error_line(tiny_dir, records_path, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main([*flags(tiny_dir, records_path, tmp_path / "out"), "--device", "cuda"]) == 2
+    assert "device: cuda asked for, but torch sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_overwrite_with_fewer_rounds_clears_the_old_rounds(tiny_dir, records_path, tmp_path):
+    out = tmp_path / "out"
+    assert main([*flags(tiny_dir, records_path, out), "--num_rounds", "2"]) == 0
+    (out / "notes.txt").write_text("mine")
+    (out / ".training_metadata.json.abc.tmp").write_text("{")
+    assert main([*flags(tiny_dir, records_path, out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "expert_gradients.pkl", "final_model", "notes.txt", "round_1", "training_metadata.json"]

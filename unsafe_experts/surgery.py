@@ -36,21 +36,48 @@ from .scoring import score_table, top_k
 from .sharding import full_state_dict, load_sharded
 
 ROUTING_RESPONSES = "routing_responses.json"
+# what a run writes into output_dir (besides round_N/), cleared when a fresh run replaces it
+OUTPUT_FILES = {METADATA, "final_model", "expert_gradients.pkl", "retention_answers.json",
+                ROUTING_RESPONSES}
 
 
 def check_weights(model: str | Path) -> None:
     """Weights load from safetensors only: a local checkpoint with pickle weights alone
-    (pytorch_model.bin) is refused, since unpickling can run code."""
+    (pytorch_model.bin) is refused, since unpickling can run code; a truncated or corrupt
+    safetensors file is named before anything loads (only its header is read)."""
+    from safetensors import safe_open
+
     path = Path(model)
-    if path.is_dir() and not any(path.glob("*.safetensors")):
+    if path.is_file():
+        raise ConfigError(f"model_name: {path} is a file; expected a checkpoint directory or a hub id")
+    if not path.is_dir():
+        return  # a hub id: from_pretrained resolves it
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
         pickles = sorted(p.name for p in path.glob("*.bin")) or ["no weights file"]
         raise ConfigError(f"model_name: {path} has no safetensors weights ({', '.join(pickles)}); "
                           "pickle weights are never loaded: convert them to safetensors first")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own error types for a bad header
+            raise ConfigError(f"model_name: {file} is not a readable safetensors file "
+                              f"({type(e).__name__}: {e})") from None
+
+
+def check_device(device: str | None) -> None:
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device} asked for, but torch sees no CUDA GPU here")
 
 
 def _count_experts(cfg: TrainConfig) -> dict:
     """Lay the model out on the meta device (no weights) to count its experts."""
-    config = AutoConfig.from_pretrained(cfg.model_name, trust_remote_code=cfg.trust_remote_code)
+    check_weights(cfg.model_name)
+    try:
+        config = AutoConfig.from_pretrained(cfg.model_name, trust_remote_code=cfg.trust_remote_code)
+    except (ValueError, KeyError) as e:  # no or an unknown model_type, a config that is not JSON
+        raise ConfigError(f"model_name: {cfg.model_name}: {e}") from None
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
     layers = moe_layers(skeleton)
@@ -122,8 +149,8 @@ def check_inputs(cfg: TrainConfig) -> dict:
     select_records(load_records(cfg.dataset_path), cfg.max_samples, cfg.seed, cfg.require_judge_success)
     if cfg.retention_path:
         load_prompts(cfg.retention_path)
+    check_device(cfg.device)
     info = _count_experts(cfg)
-    check_weights(cfg.model_name)
     _check_output_dir(cfg)
     return info
 
@@ -234,6 +261,8 @@ class Surgery:
             self.out.mkdir(parents=True, exist_ok=True)
             self.lock = DirectoryLock(self.out).acquire()
         resume = resume_point(cfg)
+        if self.writer and not resume:
+            self._clear_outputs()
         done = sorted(int(r) for r in resume[ROUNDS]) if resume else []
         self.first_round = (done[-1] if done else 0) + 1
         source = self.out / f"round_{done[-1]}" if done else None
@@ -260,6 +289,17 @@ class Surgery:
         self.data["repair"] = self._retention_batches() if cfg.retention_path else self.data["sft"]
         self._save_meta()
 
+    def _clear_outputs(self) -> None:
+        """A fresh run (--overwrite) removes what an earlier run wrote here, so a longer earlier
+        run's round_3/ never sits beside metadata that says two rounds; other files stay."""
+        for path in self.out.iterdir():
+            ours = (path.name.startswith(("round_", ".round_", ".final_model"))
+                    or path.name in OUTPUT_FILES or path.name.endswith(".tmp"))
+            if ours and path.is_dir():
+                shutil.rmtree(path)
+            elif ours:
+                path.unlink()
+
     def _continue(self, previous: dict, done: list[int]) -> None:
         """Keeps what the interrupted run completed; drops half-written leftovers."""
         last = done[-1] if done else 0
@@ -274,6 +314,8 @@ class Surgery:
         for leftover in self.out.glob(".*"):
             if leftover.is_dir():  # a checkpoint that was being written when the run died
                 shutil.rmtree(leftover)
+            elif leftover.name.endswith(".tmp"):  # a file write the kill cut short
+                leftover.unlink()
 
     def record(self, key: str, stage: str, value) -> None:
         """Adds a result of the workflow (an evaluation) to the metadata, written at once."""
