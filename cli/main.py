@@ -4,7 +4,9 @@ line and exit status 2."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from unsafe_experts.ablation import ExpertSetError
 from unsafe_experts.adapters import UnsupportedModelError
@@ -29,9 +31,18 @@ def parser() -> tuple[argparse.ArgumentParser, dict]:
     return p, handlers
 
 
+def _exit_on_sigterm(signum, frame):
+    # SIGTERM's default action ends the process at once: no `finally`, no atexit, so Prefect's
+    # temporary API server (a child process) lived on and the metadata stayed "running".
+    # As an exception, the run records its failure and the server is stopped on the way out.
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> int:
     p, handlers = parser()
     args = p.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     handler = handlers[args.__dict__.pop("command")]
     try:
         return handler(args) or 0

@@ -71,3 +71,39 @@ def test_killed_run_resumes_to_the_same_result(sig, when, tiny_dir, records_path
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert [x for x in meta["training_logs"] if x["round"] == 3] == \
         [x for x in expected["training_logs"] if x["round"] == 3]
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found |= {int(x) for x in f.read().split()}
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_sigterm_stops_the_temporary_prefect_server_and_records_the_failure(tiny_dir, records_path, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_HOME": str(tmp_path / "prefect"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("PREFECT_API_URL", None)
+    args = [a for a in command(tiny_dir, records_path, out) if a != "--engine_only"]
+    process = subprocess.Popen([sys.executable, "-m", "cli", *args], env=env, cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: rounds_recorded(out) >= 1, process, timeout=300)  # the flow is running
+    servers = _children(process.pid)
+    assert servers, "no temporary server process was found"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    deadline = time.time() + 30
+    while any(_alive(p) for p in servers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in servers), "the temporary Prefect server outlived the run"
+    assert json.loads((out / "training_metadata.json").read_text())["status"] == "failed"
