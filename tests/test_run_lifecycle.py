@@ -124,3 +124,19 @@ def test_overwrite_with_fewer_rounds_clears_the_old_rounds(tiny_dir, records_pat
     assert main([*flags(tiny_dir, records_path, out), "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "expert_gradients.pkl", "final_model", "notes.txt", "round_1", "training_metadata.json"]
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_error_line(tiny_dir, records_path, tmp_path, capsys,
+                                                           monkeypatch):
+    import errno
+    import json
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(surgery_module, "save_checkpoint_atomic", full)
+    out = tmp_path / "out"
+    assert main(flags(tiny_dir, records_path, out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "No space left on device" in err and err.count("\n") == 1
+    assert json.loads((out / "training_metadata.json").read_text())["status"] == "failed"
+    assert not (out / LOCK_NAME).exists()
