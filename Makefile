@@ -44,7 +44,8 @@ demo: $(STAMP)
 	@echo "Metrics: $(BIN)/dvc metrics show"
 	@echo "Runs:    $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
-# The methods side by side (17 surgeries on the demo organism, about 25 minutes on 2 cores).
+# The methods side by side: 25 surgeries and 5 ablations on the demo organism (params.yaml
+# comparison; 17 surgeries took about 25 minutes on 2 cores before per-family evaluation).
 compare: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro compare
 	@cat metrics/comparison.md

@@ -53,7 +53,7 @@ def run(args) -> None:
     from unsafe_experts.adapters import moe_layers
     from unsafe_experts.evaluation import evaluate, load_eval_set
     from unsafe_experts.outputs import write_json_atomic
-    from unsafe_experts.run_records import expert_key
+    from unsafe_experts.run_records import RunRecord, expert_key
     from unsafe_experts.surgery import check_weights
 
     cfg = EvaluationConfig(**field_values(args, EvaluationConfig, "eval__")).validate()
@@ -68,8 +68,13 @@ def run(args) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     layers = moe_layers(model)
     experts = load_expert_set(args.experts or args.run, args.round, layers)
+    source = {"model": args.model, "experts": args.experts, "run": args.run, "round": args.round}
+    if args.run:
+        params = RunRecord.load(args.run).data["parameters"]
+        source.update(method=params["method"], seed=params["seed"])
     if args.random is not None:
         experts = random_like(experts, layers, args.random)
+        source.update(method="random", seed=args.random)
     results = {}
     if args.with_baseline:
         results["baseline"] = evaluate(model, tokenizer, eval_set, cfg, progress=not args.quiet)
@@ -79,5 +84,5 @@ def run(args) -> None:
     print(evaluation_table({k: v["metrics"] for k, v in results.items()}))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(args.out, {"experts": [list(x) for x in experts],
-                                     "random_seed": args.random, **results})
+        write_json_atomic(args.out, {"experts": [list(x) for x in experts], "source": source,
+                                     **results})

@@ -160,13 +160,14 @@ def validate_files(args) -> int:
 def compare_runs(args) -> None:
     from flows.compare import compare_flow
 
-    experiment, runs = args.experiment, None
+    experiment, runs, ablation_dir = args.experiment, None, None
     if args.params:
         from schemas.params import load_params
 
         comparison = load_params(args.params).comparison
         experiment, runs = experiment or comparison.experiment, [r.model_dump() for r in comparison.runs]
-    result = compare_flow(experiment or "unsafe-experts", args.out, runs)
+        ablation_dir = comparison.ablation_dir
+    result = compare_flow(experiment or "unsafe-experts", args.out, runs, ablation_dir)
     print(Path(result["markdown"]).read_text())
     print(f"{result['runs']} runs compared: {result['csv']}, {result['markdown']}; "
           f"MLflow run {result['mlflow_run_id']}")

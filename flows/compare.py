@@ -11,5 +11,5 @@ compare_task = task(write_comparison, name="compare-methods", retries=2, retry_d
 
 @flow(name="compare-methods")
 def compare_flow(experiment: str, out_csv: str = "metrics/comparison.csv",
-                 runs: list[dict] | None = None) -> dict:
-    return compare_task(experiment, out_csv, runs)
+                 runs: list[dict] | None = None, ablation_dir: str | None = None) -> dict:
+    return compare_task(experiment, out_csv, runs, ablation_dir)

@@ -56,12 +56,26 @@ class ComparisonRun(BaseModel):
     seed: int = 42
 
 
+class AblationRun(BaseModel):
+    """The unrepaired organism with the experts of a compared run's round switched off (the
+    compare_ablate stage), or with as many random experts drawn with `seed`
+    (compare_ablate_random)."""
+    model_config = FORBID
+    run: str  # a folder under outputs/compare, e.g. gradient-k4-s42
+    round: int = Field(1, ge=1)
+    seed: int = 0
+
+
 class ComparisonParams(BaseModel):
     """Runs of `dvc repro compare`: each a full surgery with evaluation, then one table."""
     model_config = FORBID
     experiment: str = "unsafe-experts-comparison"
     eval_limit: int | None = Field(None, ge=1)
     runs: list[ComparisonRun] = []
+    # `unsafe-experts ablate --out` files read as `ablated` rows (the compare_ablate stages)
+    ablation_dir: str | None = "outputs/ablation"
+    ablations: list[AblationRun] = []
+    random_ablations: list[AblationRun] = []
 
 
 class ScheduleParams(BaseModel):

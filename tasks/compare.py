@@ -1,9 +1,11 @@
-"""The side-by-side comparison of methods, read back from MLflow.
+"""The side-by-side comparison of methods, read back from MLflow and the ablation files.
 
-One row per (method, k, seed): the latest finished parent run of each, with its final
-evaluation, identification time and peak memory. Random controls are also summarised as
-mean and spread over seeds; the gradient and routing expert sets are compared per round
-(Jaccard overlap, Spearman rank correlation of their scores).
+One row per (method, k, seed, organism): the latest finished parent run of each, its final
+evaluation taken from the run's own training_metadata.json (so every metric, per attack family
+included, comes with it whatever the MLflow metric layout), identification time and peak
+memory; and one row per ablation file (`unsafe-experts ablate --out`), `ablated` true. Groups
+get mean, spread and a 95% interval over seeds; gradient and routing are compared paired on
+the seeds both ran; their expert sets are compared per round (Jaccard, Spearman).
 """
 from __future__ import annotations
 
@@ -17,54 +19,89 @@ import numpy as np
 import pandas as pd
 
 from unsafe_experts.config import ConfigError
+from unsafe_experts.run_records import METADATA, RunRecord
 
 from . import tracking
+from .compare_stats import group_summary, paired
 
-COLUMNS = ["method", "k", "seed", "rounds", "asr_flip_words", "asr_flip_chars", "plain_refusal",
-           "over_refusal", "benign_loglik", "identification_s", "peak_memory_mb"]
-METRICS = {"asr_flip_words": "final/asr_flip_words", "asr_flip_chars": "final/asr_flip_chars",
-           "plain_refusal": "final/plain_refusal", "over_refusal": "final/over_refusal",
-           "benign_loglik": "final/benign_loglik", "identification_s": "identify_s",
-           "peak_memory_mb": "identify_peak_memory_mb"}
-SUMMARY = ["asr_flip_words", "asr_flip_chars", "plain_refusal", "over_refusal", "benign_loglik"]
+KEYS = ["method", "k", "seed", "organism_seed", "ablated"]
+FIXED = ["plain_refusal", "over_refusal", "benign_loglik"]
+
+
+def organism_seed(model_name: str) -> float:
+    """The seed in build.json beside an organism's model/ (NaN for any other model)."""
+    build = Path(model_name).parent / "build.json"
+    try:
+        return json.loads(build.read_text())["config"]["seed"]
+    except (OSError, ValueError, KeyError):
+        return np.nan
+
+
+def _finals(evaluation: dict, stage: str) -> dict:
+    return {name: m["value"] for name, m in evaluation.get(stage, {}).items()}
+
+
+def run_row(run_id: str, meta: dict) -> dict | None:
+    evaluation = meta.get("evaluation") or {}
+    if "final" not in evaluation:
+        return None
+    params, rounds = meta["parameters"], list(meta["identified_experts_per_round"].values())
+    k = 0 if meta["method"] == "router_only" else len(rounds[0]["experts"]) if rounds else 0
+    timings = [t for key, t in meta["timings"].items() if key.startswith("round_")]
+    return {"run_id": run_id, "method": meta["method"], "k": k, "seed": params["seed"],
+            "organism_seed": organism_seed(params["model_name"]), "ablated": False,
+            "rounds": len(rounds), **_finals(evaluation, "final"),
+            **{f"before_{m}": v for m, v in _finals(evaluation, "before").items()},
+            "identify_s": sum(t["identify_s"] for t in timings),
+            "peak_memory_mb": max((t["identify_peak_memory_mb"] for t in timings), default=np.nan)}
+
+
+def _metadata(run_id: str) -> dict | None:
+    try:
+        path = tracking.client().download_artifacts(run_id, METADATA, tempfile.mkdtemp())
+    except Exception:  # a run without the artifact (failed early, or not a surgery run)
+        return None
+    return json.loads(Path(path).read_text())
 
 
 def latest_runs(experiment: str, wanted: list[dict] | None = None) -> pd.DataFrame:
-    """Finished parent runs, newest per (method, k, seed); only `wanted` ones when given."""
+    """Finished, evaluated parent runs, newest per (method, k, seed, organism)."""
     mlflow.set_tracking_uri(tracking.tracking_uri())
     runs = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"])
     if runs.empty:
         raise ConfigError(f"no finished runs in MLflow experiment {experiment!r}")
     runs = runs[runs.get("tags.mlflow.parentRunId", pd.Series(index=runs.index)).isna()]
-    runs = runs[runs["metrics.final/asr_flip_words"].notna()] if "metrics.final/asr_flip_words" in runs else runs.iloc[:0]
-    before = {m: runs.get(f"metrics.before/{m}") for m in SUMMARY}
-    table = pd.DataFrame({
-        "run_id": runs["run_id"], **{f"before_{m}": v for m, v in before.items() if v is not None}, "method": runs["tags.method"],
-        "k": runs["params.top_k_experts"].astype(int), "seed": runs["params.seed"].astype(int),
-        "rounds": runs["params.num_rounds"].astype(int),
-        **{col: runs[f"metrics.{key}"] for col, key in METRICS.items()},
-    })
-    # controls whose k means nothing are reported with the k they really trained
-    table.loc[table["method"] == "router_only", "k"] = 0
-    table = table.drop_duplicates(["method", "k", "seed"])
+    rows = [row for run_id in runs["run_id"]
+            if (meta := _metadata(run_id)) and (row := run_row(run_id, meta))]
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    table = table.drop_duplicates(["method", "k", "seed", "organism_seed"])
     if wanted:
         keys = {(w["method"], 0 if w["method"] == "router_only" else w["k"], w["seed"]) for w in wanted}
         table = table[[(m, k, s) in keys for m, k, s in zip(table["method"], table["k"], table["seed"])]]
-    return table.sort_values(["method", "k", "seed"], ignore_index=True)
+    return table
 
 
-def summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard deviation over seeds per (method, k)."""
-    grouped = table.groupby(["method", "k"])[SUMMARY]
-    out = grouped.mean().add_suffix("_mean").join(grouped.std(ddof=0).add_suffix("_sd"))
-    out["seeds"] = table.groupby(["method", "k"]).size()
-    return out.reset_index()
+def ablation_rows(folder: str | Path | None) -> pd.DataFrame:
+    """One row per `unsafe-experts ablate --out` file in `folder`."""
+    rows = []
+    for path in sorted(Path(folder).glob("*.json")) if folder and Path(folder).is_dir() else []:
+        data = json.loads(path.read_text())
+        source = data.get("source", {})
+        rows.append({"run_id": path.name, "method": source.get("method", "file"),
+                     "k": len(data["experts"]), "seed": source.get("seed", np.nan),
+                     "organism_seed": organism_seed(source.get("model", "")), "ablated": True,
+                     **_finals({"ablated": data["ablated"]["metrics"]}, "ablated")})
+    return pd.DataFrame(rows)
 
 
-def _metadata(run_id: str) -> dict:
-    path = tracking.client().download_artifacts(run_id, "training_metadata.json", tempfile.mkdtemp())
-    return json.loads(Path(path).read_text())
+def metric_columns(table: pd.DataFrame) -> list[str]:
+    """ASR per attack family, benign refusal per family, then the fixed figures."""
+    asr = sorted(c for c in table if c.startswith("asr_"))
+    fmt = sorted(c for c in table if c.startswith("over_refusal_"))
+    return asr + fmt + [c for c in FIXED if c in table]
 
 
 def spearman(a: dict[str, float], b: dict[str, float]) -> float:
@@ -76,33 +113,35 @@ def spearman(a: dict[str, float], b: dict[str, float]) -> float:
 
 def overlap(table: pd.DataFrame) -> pd.DataFrame:
     """Per k and round: Jaccard of the gradient and routing expert sets, rank correlation of
-    their scores over all experts (same seed; the first seed present when several)."""
-    rows = []
-    for k in sorted(set(table.loc[table.method == "gradient", "k"]) & set(table.loc[table.method == "routing", "k"])):
-        grad = _metadata(table[(table.method == "gradient") & (table.k == k)].iloc[0]["run_id"])
-        rout = _metadata(table[(table.method == "routing") & (table.k == k)].iloc[0]["run_id"])
-        for r, g in grad["identified_experts_per_round"].items():
-            o = rout["identified_experts_per_round"].get(r)
-            if o:
-                rows.append({"k": k, "round": int(r), "jaccard": tracking.jaccard(g["experts"], o["experts"]),
-                             "spearman": spearman(g["scores"], o["scores"])})
+    their scores over all experts (the first seed both ran)."""
+    rows, runs = [], table[~table["ablated"]]
+    for k in sorted(set(runs.loc[runs.method == "gradient", "k"]) & set(runs.loc[runs.method == "routing", "k"])):
+        grad = RunRecord(Path(), _metadata(runs[(runs.method == "gradient") & (runs.k == k)].iloc[0]["run_id"]))
+        rout = RunRecord(Path(), _metadata(runs[(runs.method == "routing") & (runs.k == k)].iloc[0]["run_id"]))
+        theirs = rout.rounds()
+        for r, g in grad.rounds().items():
+            if r in theirs:
+                rows.append({"k": k, "round": r, "jaccard": tracking.jaccard(g.experts, theirs[r].experts),
+                             "spearman": spearman(g.scores, theirs[r].scores)})
     return pd.DataFrame(rows, columns=["k", "round", "jaccard", "spearman"])
 
 
 def asr_plot(table: pd.DataFrame, path: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
-    ranked = table[~table.method.isin(["router_only", "all_experts"])]
-    for ax, metric in zip(axes, ("asr_flip_words", "asr_flip_chars")):
+    asr = [c for c in metric_columns(table) if c.startswith("asr_")]
+    fig, axes = plt.subplots(1, len(asr), figsize=(3.2 * len(asr) + 1, 3.5), sharey=True, squeeze=False)
+    runs = table[~table["ablated"]]
+    ranked = runs[~runs.method.isin(["router_only", "all_experts"])]
+    for ax, metric in zip(axes[0], asr):
         for method, rows in ranked.groupby("method"):
             stats = rows.groupby("k")[metric].agg(["mean", "std"]).fillna(0)
             ax.errorbar(stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=3, label=method)
         for method, style in (("router_only", ":"), ("all_experts", "--")):
-            value = table.loc[table.method == method, metric]
+            value = runs.loc[runs.method == method, metric]
             if len(value):
                 ax.axhline(value.mean(), linestyle=style, color="grey", label=method)
-        ax.set(xlabel="k (experts repaired per round)", title=metric, xscale="log")
-    axes[0].set_ylabel("attack success rate after surgery")
-    axes[1].legend(fontsize=7)
+        ax.set(xlabel="k (experts per round)", title=metric, xscale="log")
+    axes[0][0].set_ylabel("attack success after surgery")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -110,41 +149,56 @@ def asr_plot(table: pd.DataFrame, path: Path) -> Path:
 
 
 def before_line(table: pd.DataFrame) -> str:
-    """The organism before surgery (every run evaluates the same model on the same prompts)."""
-    cols = [f"before_{m}" for m in SUMMARY if f"before_{m}" in table]
+    """The organisms before surgery (every run of one organism evaluates the same model)."""
+    cols = [c for c in table if c.startswith("before_")]
     if not cols:
         return "(no evaluation before surgery recorded)"
-    values = table[cols].mean()
-    return "Before surgery: " + ", ".join(f"{c[7:]} {values[c]:.3f}" for c in cols)
+    values = table[~table["ablated"]].groupby("organism_seed", dropna=False)[cols].mean()
+    return "\n\n".join(f"Before surgery (organism seed {seed}): " + ", ".join(
+        f"{c[7:]} {row[c]:.3f}" for c in cols) for seed, row in values.iterrows())
 
 
-def markdown(table: pd.DataFrame, means: pd.DataFrame, overlaps: pd.DataFrame) -> str:
+def markdown(table, columns, means, tests, overlaps) -> str:
     def fmt(df):
-        return df.to_markdown(index=False, floatfmt=".3f")
+        return df.to_markdown(index=False, floatfmt=".3f") if len(df) else "(none)"
     return "\n\n".join([
         before_line(table),
-        "## Every run (latest per method, k, seed)", fmt(table[COLUMNS]),
-        "## Mean and spread over seeds", fmt(means),
-        "## Gradient vs routing expert sets", fmt(overlaps) if len(overlaps) else "(no pair)",
+        "## Every run (latest per method, k, seed, organism; ablated = the unrepaired model "
+        "with those experts switched off)", fmt(table[columns]),
+        "## Mean, sd and 95% t interval over seeds", fmt(means),
+        "## Gradient vs routing, paired on seeds (sign-flip p)", fmt(tests),
+        "## Gradient vs routing expert sets", fmt(overlaps),
     ]) + "\n"
 
 
-def write_comparison(experiment: str, out_csv: str | Path, wanted: list[dict] | None = None) -> dict:
-    """comparison.csv, comparison.md, overlap.csv and asr_vs_k.png beside `out_csv`, and the
-    same files on an MLflow run named `comparison`."""
+def write_comparison(experiment: str, out_csv: str | Path, wanted: list[dict] | None = None,
+                     ablation_dir: str | Path | None = None) -> dict:
+    """comparison.csv, comparison.md, comparison_summary.csv, paired.csv, overlap.csv and
+    asr_vs_k.png beside `out_csv`, and the same files on an MLflow run named `comparison`."""
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    table = latest_runs(experiment, wanted)
-    if table.empty:
+    table = pd.concat([latest_runs(experiment, wanted), ablation_rows(ablation_dir)], ignore_index=True)
+    if table.empty or table["ablated"].all():
         raise ConfigError(f"no evaluated runs to compare in MLflow experiment {experiment!r}")
-    means, overlaps = summary(table), overlap(table)
-    table[COLUMNS].to_csv(out_csv, index=False)
-    md = out_csv.with_suffix(".md")
-    md.write_text(markdown(table, means, overlaps))
-    overlaps.to_csv(out_csv.with_name("overlap.csv"), index=False)
-    plot = asr_plot(table, out_csv.with_name("asr_vs_k.png"))
+    table["ablated"] = table["ablated"].astype(bool)
+    table = table.sort_values(KEYS, ignore_index=True)
+    metrics = metric_columns(table)
+    columns = [*KEYS, "rounds", *metrics, "identify_s"]
+    table = table.reindex(columns=list(dict.fromkeys([*columns, *table.columns])))
+    means = group_summary(table, ["method", "k", "organism_seed", "ablated"], metrics)
+    tests = paired(table, "gradient", "routing", metrics)
+    overlaps = overlap(table)
+    files = {"csv": out_csv, "summary": out_csv.with_name("comparison_summary.csv"),
+             "paired": out_csv.with_name("paired.csv"), "overlap": out_csv.with_name("overlap.csv"),
+             "markdown": out_csv.with_suffix(".md")}
+    table[columns].to_csv(files["csv"], index=False)
+    means.to_csv(files["summary"], index=False)
+    tests.to_csv(files["paired"], index=False)
+    overlaps.to_csv(files["overlap"], index=False)
+    files["markdown"].write_text(markdown(table, columns, means, tests, overlaps))
+    files["plot"] = asr_plot(table, out_csv.with_name("asr_vs_k.png"))
     run_id = tracking.start_run(experiment, "comparison", {"runs": len(table)}, {"method": "comparison"})
-    for path in (out_csv, md, out_csv.with_name("overlap.csv"), plot):
+    for path in files.values():
         tracking.log_file(run_id, path)
     tracking.end_run(run_id)
-    return {"runs": len(table), "csv": str(out_csv), "markdown": str(md), "mlflow_run_id": run_id}
+    return {"runs": len(table), "mlflow_run_id": run_id, **{k: str(v) for k, v in files.items()}}

@@ -4,60 +4,101 @@ import pandas as pd
 import pytest
 
 from tasks import tracking
-from tasks.compare import COLUMNS, spearman, write_comparison
+from tasks.compare import spearman, write_comparison
+from tasks.compare_stats import paired, sign_flip_p, t_interval
 
 
-def seed_run(experiment, tmp_path, method, k, seed, asr, meta=None, parent=None):
-    params = {"top_k_experts": k, "seed": seed, "num_rounds": 2}
-    run_id = tracking.start_run(experiment, f"{method}-{k}-{seed}", params, {"method": method}, parent)
-    metrics = {"final/asr_flip_words": asr, "final/asr_flip_chars": asr / 2,
-               "final/plain_refusal": 0.9, "final/over_refusal": 0.05, "final/benign_loglik": -5.0,
-               "identify_s": 1.5, "identify_peak_memory_mb": 700.0}
-    tracking.log_metrics(run_id, metrics)
-    if meta:
-        path = tmp_path / f"{method}{k}" / "training_metadata.json"
-        path.parent.mkdir()
-        path.write_text(json.dumps(meta))
-        tracking.log_file(run_id, path)
+def evaluation(asr, over_fmt=0.05):
+    def m(v):
+        return {"value": v, "n": 64, "ci95": [0, 1]}
+    final = {"asr_flip_words": m(asr), "asr_flip_chars": m(asr / 2), "asr_persona": m(asr),
+             "over_refusal_persona": m(over_fmt), "plain_refusal": m(0.9), "over_refusal": m(0.05),
+             "benign_loglik": m(-5.0)}
+    return {"before": {k: m(1.0) for k in final}, "final": final}
+
+
+def seed_run(experiment, tmp_path, organism, method, k, seed, asr, experts=None, scores=None, parent=None):
+    experts = experts or [[0, i] for i in range(k)]
+    scores = scores or {f"L0_E{i}": 1.0 / (i + 1) for i in range(8)}
+    meta = {"method": method, "parameters": {"seed": seed, "model_name": str(organism / "model"),
+                                             "top_k_experts": k},
+            "identified_experts_per_round": {"1": {"experts": [] if method == "router_only" else experts,
+                                                   "scores": scores}},
+            "timings": {"round_1": {"identify_s": 1.5, "identify_peak_memory_mb": 700.0}},
+            "evaluation": evaluation(asr)}
+    run_id = tracking.start_run(experiment, f"{method}-k{k}-s{seed}", {"seed": seed}, {"method": method}, parent)
+    path = tmp_path / run_id / "training_metadata.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(meta))
+    tracking.log_file(run_id, path)
     tracking.end_run(run_id)
     return run_id
 
 
-def meta(experts, scores):
-    return {"identified_experts_per_round": {"1": {"experts": experts, "scores": scores}}}
-
-
 def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
     exp = "seeded-comparison"
+    organism = tmp_path / "organism"
+    organism.mkdir()
+    (organism / "build.json").write_text(json.dumps({"config": {"seed": 7}}))
     scores_g = {"L0_E0": 0.9, "L0_E1": 0.5, "L1_E0": 0.1, "L1_E1": 0.3}
     scores_r = {"L0_E0": 0.2, "L0_E1": 0.8, "L1_E0": 0.1, "L1_E1": 0.4}
-    seed_run(exp, tmp_path, "gradient", 2, 42, 0.9)  # older: superseded by the next one
-    seed_run(exp, tmp_path, "gradient", 2, 42, 0.10, meta([[0, 0], [0, 1]], scores_g))
-    seed_run(exp, tmp_path, "routing", 2, 42, 0.40, meta([[0, 1], [1, 1]], scores_r))
+    seed_run(exp, tmp_path, organism, "gradient", 2, 42, 0.9)  # older: superseded by the next one
+    seed_run(exp, tmp_path, organism, "gradient", 2, 42, 0.10, [[0, 0], [0, 1]], scores_g)
+    seed_run(exp, tmp_path, organism, "gradient", 2, 43, 0.20, [[0, 0], [0, 1]], scores_g)
+    seed_run(exp, tmp_path, organism, "routing", 2, 42, 0.40, [[0, 1], [1, 1]], scores_r)
+    seed_run(exp, tmp_path, organism, "routing", 2, 43, 0.60, [[0, 1], [1, 1]], scores_r)
     for seed, asr in ((1, 0.6), (2, 0.8), (3, 1.0)):
-        seed_run(exp, tmp_path, "random", 2, seed, asr)
-    seed_run(exp, tmp_path, "router_only", 1, 42, 0.7)
-    parent = seed_run(exp, tmp_path, "gradient", 8, 42, 0.0)
-    seed_run(exp, tmp_path, "gradient", 8, 42, 0.5, parent=parent)  # a round run: not a row
+        seed_run(exp, tmp_path, organism, "random", 2, seed, asr)
+    seed_run(exp, tmp_path, organism, "router_only", 1, 42, 0.7)
+    parent = seed_run(exp, tmp_path, organism, "gradient", 8, 42, 0.0)
+    seed_run(exp, tmp_path, organism, "gradient", 8, 42, 0.5, parent=parent)  # a round run: not a row
+    ablations = tmp_path / "ablation"
+    ablations.mkdir()
+    (ablations / "gradient-k2-s42.json").write_text(json.dumps({
+        "experts": [[0, 0], [0, 1]], "source": {"method": "gradient", "seed": 42, "model": str(organism / "model")},
+        "ablated": {"metrics": evaluation(0.3)["final"]}}))
 
-    result = write_comparison(exp, tmp_path / "metrics" / "comparison.csv")
+    result = write_comparison(exp, tmp_path / "metrics" / "comparison.csv", ablation_dir=ablations)
     table = pd.read_csv(tmp_path / "metrics" / "comparison.csv")
-    assert list(table.columns) == COLUMNS and result["runs"] == 7
-    rows = {(m, k, s): a for m, k, s, a in zip(table.method, table.k, table.seed, table.asr_flip_words)}
-    assert rows == {("gradient", 2, 42): 0.10, ("gradient", 8, 42): 0.0, ("routing", 2, 42): 0.40,
-                    ("random", 2, 1): 0.6, ("random", 2, 2): 0.8, ("random", 2, 3): 1.0,
-                    ("router_only", 0, 42): 0.7}
-    md = (tmp_path / "metrics" / "comparison.md").read_text()
-    means = md.split("## Mean and spread over seeds")[1]
-    random_row = next(line for line in means.splitlines() if line.startswith("| random"))
-    assert "0.800" in random_row and "0.163" in random_row and random_row.rstrip(" |").endswith("3")
+    assert list(table.columns[:5]) == ["method", "k", "seed", "organism_seed", "ablated"]
+    assert {"asr_flip_words", "asr_persona", "over_refusal_persona", "plain_refusal", "over_refusal",
+            "benign_loglik", "identify_s"} <= set(table.columns)
+    assert result["runs"] == 10 and set(table.organism_seed) == {7}
+    rows = {(m, k, s, a): v for m, k, s, a, v in zip(table.method, table.k, table.seed, table.ablated,
+                                                     table.asr_flip_words)}
+    assert rows == {("gradient", 2, 42, False): 0.10, ("gradient", 2, 43, False): 0.20,
+                    ("gradient", 8, 42, False): 0.0, ("routing", 2, 42, False): 0.40,
+                    ("routing", 2, 43, False): 0.60, ("random", 2, 1, False): 0.6,
+                    ("random", 2, 2, False): 0.8, ("random", 2, 3, False): 1.0,
+                    ("router_only", 0, 42, False): 0.7, ("gradient", 2, 42, True): 0.3}
+    summary = pd.read_csv(tmp_path / "metrics" / "comparison_summary.csv")
+    rand = summary[(summary.method == "random") & ~summary.ablated].iloc[0]
+    assert rand.seeds == 3 and rand.asr_flip_words_mean == pytest.approx(0.8)
+    assert rand.asr_flip_words_sd == pytest.approx(0.2)
+    assert rand.asr_flip_words_ci_low == pytest.approx(0.8 - 4.302653 * 0.2 / 3 ** 0.5, abs=1e-4)
+    tests = pd.read_csv(tmp_path / "metrics" / "paired.csv")
+    words = tests[tests.metric == "asr_flip_words"].iloc[0]
+    assert words.seeds == 2 and words.mean_diff == pytest.approx(-0.35) and words.sign_flip_p == 0.5
     overlap = pd.read_csv(tmp_path / "metrics" / "overlap.csv")
     assert overlap.to_dict("records") == [{"k": 2, "round": 1, "jaccard": pytest.approx(1 / 3),
                                            "spearman": pytest.approx(0.4)}]
-    client = tracking.client()
-    files = {a.path for a in client.list_artifacts(result["mlflow_run_id"])}
-    assert files == {"comparison.csv", "comparison.md", "overlap.csv", "asr_vs_k.png"}
+    files = {a.path for a in tracking.client().list_artifacts(result["mlflow_run_id"])}
+    assert files == {"comparison.csv", "comparison.md", "comparison_summary.csv", "paired.csv",
+                     "overlap.csv", "asr_vs_k.png"}
 
 
 def test_spearman_by_hand():
     assert spearman({"a": 1, "b": 2, "c": 3}, {"a": 3, "b": 2, "c": 1}) == pytest.approx(-1.0)
+
+
+def test_sign_flip_test_by_hand():
+    assert sign_flip_p([1.0, 2.0, 3.0]) == pytest.approx(2 / 8)  # all-positive and all-negative
+    assert sign_flip_p([1.0, -1.0]) == 1.0
+    low, high = t_interval(pd.Series([1.0, 2.0, 3.0]))
+    assert (low, high) == pytest.approx((2 - 4.302653 * 1 / 3 ** 0.5, 2 + 4.302653 / 3 ** 0.5), abs=1e-5)
+
+
+def test_paired_needs_two_shared_seeds():
+    table = pd.DataFrame({"method": ["gradient", "routing", "gradient"], "k": 2, "organism_seed": 0,
+                          "seed": [1, 1, 2], "ablated": False, "asr": [0.1, 0.5, 0.2]})
+    assert paired(table, "gradient", "routing", ["asr"]).empty
