@@ -73,7 +73,7 @@ def main(argv=None) -> None:
         out = build_organism(args.paths[0], cfg, progress=False)
         build = json.loads((out / "build.json").read_text())
         print(f"built {out}: {build['examples']} examples, training {build['train_seconds']:.0f}s, "
-              f"total {build['seconds']:.0f}s")
+              f"total {build['seconds']:.0f}s wall, {build['cpu_seconds']:.0f}s CPU")
         return
     if args.command == "evaluate":
         results = {"model": _evaluate(args.paths[0], args.paths[1], args.limit)}
