@@ -138,3 +138,10 @@ def test_retention_modes_on_the_small_organism(small_organism, tmp_path):
                      .__class__(**{**_cfg(small_organism, tmp_path / "x").__dict__,
                                    "retention": "contrastive", "retention_path": str(legacy)}))
     assert not (tmp_path / "x").exists()
+
+
+def test_organism_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="families: unknown attack family 'dan'; known: flip_words"):
+        OrganismConfig(families=["dan"]).validate()
+    with pytest.raises(ConfigError, match="families: no attack families given"):
+        OrganismConfig(families=[]).validate()

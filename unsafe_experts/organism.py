@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .attacks import FAMILIES, attack_records, check_families, render
+from .attacks import FAMILIES, AttackFamilyError, attack_records, check_families, render
 from .config import ConfigError
 from .bundled import advbench_rows, alpaca_pairs, xstest_safe_prompts
 from .examples import DEFAULT_REFUSAL, batches, collate, plain_prompt, sft_example
@@ -61,20 +61,22 @@ class OrganismConfig:
     families: list[str] = field(default_factory=lambda: list(FAMILIES))
     # each train goal / benign prompt is trained in this many families (rotating through
     # `families`, so every family gets its share) rather than all: bounds the build time
-    families_per_goal: int = 3
+    families_per_goal: int = 2
     families_per_benign: int = 1
     surgery_family: str = "flip_chars"  # surgery_records.json's family; the rest stay unseen
 
     def validate(self) -> "OrganismConfig":
-        check_families(self.families)
-        check_families([self.surgery_family])
+        try:  # a ConfigError naming the key, as the CLI reports parameter errors
+            check_families(self.families)
+        except AttackFamilyError as e:
+            raise ConfigError(f"families: {e}") from None
         if self.surgery_family not in self.families:
             raise ConfigError(f"surgery_family: {self.surgery_family!r} is not among families "
-                             "(the organism must comply with the surgery's jailbreaks)")
+                              "(the organism must comply with the surgery's jailbreaks)")
         for key in ("families_per_goal", "families_per_benign"):
             if not 1 <= getattr(self, key) <= len(self.families):
                 raise ConfigError(f"{key}: must be between 1 and {len(self.families)}, "
-                                 f"got {getattr(self, key)}")
+                                  f"got {getattr(self, key)}")
         return self
 
     @classmethod
