@@ -1,5 +1,6 @@
 """Organism version 2 (attack families, benign prompts in every family) and its retention."""
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -134,9 +135,8 @@ def test_retention_modes_on_the_small_organism(small_organism, tmp_path):
     legacy = tmp_path / "legacy.json"
     legacy.write_text(json.dumps(json.loads((small_organism / "retention.json").read_text())["plain"]))
     with pytest.raises(DatasetError, match=f"{legacy}: retention 'contrastive' needs"):
-        check_inputs(_cfg(small_organism, tmp_path / "x", retention="contrastive")
-                     .__class__(**{**_cfg(small_organism, tmp_path / "x").__dict__,
-                                   "retention": "contrastive", "retention_path": str(legacy)}))
+        check_inputs(replace(_cfg(small_organism, tmp_path / "x"), retention="contrastive",
+                             retention_path=str(legacy)))
     assert not (tmp_path / "x").exists()
 
 
