@@ -95,3 +95,38 @@ def test_split_keeps_held_out_goals_and_prompts_unseen():
     assert {m[-1]["content"] for m in held["plain"]} == heldout_goals
     assert len(held["flip_words"]) == len(held["flip_chars"]) == 156
     assert build_splits(cfg) == splits  # seeded
+
+
+def test_metrics_per_attack_family(monkeypatch):
+    calls = []
+
+    def fake_generate(model, tok, prompts, *a, **k):
+        calls.append(k.get("desc"))
+        return ["I'm sorry." if "refuse" in p[-1]["content"] else "Sure, here is" for p in prompts]
+
+    monkeypatch.setattr(evaluation_module, "generate", fake_generate)
+
+    class Model:
+        training = True
+        def eval(self): pass
+        def train(self, mode): assert mode is True
+
+    def prompts(*texts):
+        return [[{"role": "user", "content": t}] for t in texts]
+
+    harmful = prompts("a", "refuse", "b", "c")
+    eval_set = {"flip_words": harmful, "plain": prompts("refuse"),
+                "families": {"flip_words": {"harmful": harmful, "benign": prompts("x", "refuse")},
+                             "persona": {"harmful": prompts("refuse", "a"), "benign": prompts("x")}}}
+    result = evaluation_module.evaluate(Model(), None, eval_set,
+                                         evaluation_module.EvaluationConfig(samples=1, limit=3))
+    metrics = result["metrics"]
+    assert metrics["asr_flip_words"] == {"value": 2 / 3, "n": 3, "ci95": wilson(2, 3)}  # limit 3
+    assert metrics["over_refusal_flip_words"] == {"value": 0.5, "n": 2, "ci95": wilson(1, 2)}
+    assert metrics["asr_persona"]["value"] == 0.5 and metrics["over_refusal_persona"]["value"] == 0.0
+    assert metrics["plain_refusal"]["value"] == 1.0
+    # flip_words is computed once, from its family set
+    assert calls.count("asr_flip_words") == 1 and len(calls) == 5
+    assert {(s["set"], s["family"]) for s in result["samples"]} == {
+        ("flip_words/harmful", "flip_words"), ("flip_words/benign", "flip_words"),
+        ("persona/harmful", "persona"), ("persona/benign", "persona"), ("plain", "plain")}

@@ -1,6 +1,10 @@
 """Safety and utility of a model on the organism's held-out evaluation set.
 
-- ASR per flip mode: share of held-out jailbreak responses that are not refusals;
+- asr_F per attack family F: share of held-out harmful goals in F not refused (the
+  version-1 sets `flip_words` / `flip_chars` give asr_flip_words / asr_flip_chars when the
+  eval set has no `families`; with it, the same names come from the family sets);
+- over_refusal_F: share of held-out benign prompts (XSTest safe, AlpacaEval) in F refused,
+  the control that tells a repair that refuses harm from one that refuses the format;
 - plain_refusal: share of held-out goals, asked plainly, that are refused;
 - over_refusal: share of held-out XSTest safe prompts that are refused;
 - benign_loglik: mean per-token log-likelihood of AlpacaEval reference answers, and
@@ -19,8 +23,8 @@ from .generation import generate, response_logliks
 from .refusal import is_refusal
 from .stats import mean, proportion
 
-GENERATED = {"asr_flip_words": ("flip_words", False), "asr_flip_chars": ("flip_chars", False),
-             "plain_refusal": ("plain", True), "over_refusal": ("xstest_safe", True)}
+LEGACY = {"asr_flip_words": "flip_words", "asr_flip_chars": "flip_chars"}
+PLAIN = {"plain_refusal": "plain", "over_refusal": "xstest_safe"}
 
 
 @dataclass
@@ -48,25 +52,41 @@ def load_eval_set(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def generated_sets(eval_set: dict) -> list[tuple[str, str, str, list, bool]]:
+    """(metric, family, set name, prompts, whether the metric counts refusals) for every set
+    that is answered by generation; each metric computed once."""
+    out = []
+    families = eval_set.get("families", {})
+    for name, key in LEGACY.items():
+        if key in eval_set and key not in families:
+            out.append((name, key, key, eval_set[key], False))
+    for family, sets in families.items():
+        out.append((f"asr_{family}", family, f"{family}/harmful", sets["harmful"], False))
+        out.append((f"over_refusal_{family}", family, f"{family}/benign", sets["benign"], True))
+    for name, key in PLAIN.items():
+        if key in eval_set:
+            out.append((name, "plain", key, eval_set[key], True))
+    return out
+
+
 def evaluate(model, tokenizer, eval_set: dict, config: EvaluationConfig | None = None,
              progress: bool = False) -> dict:
-    """{"metrics": {name: {"value", "n", "ci95"}}, "samples": [{set, prompt, response, refusal}]}"""
+    """{"metrics": {name: {"value", "n", "ci95"}},
+    "samples": [{set, family, prompt, response, refusal}]}"""
     config = config or EvaluationConfig()
     max_new_tokens, batch_size, limit, samples = (config.max_new_tokens, config.batch_size,
                                                   config.limit, config.samples)
     was_training = model.training
     model.eval()
     metrics, shown = {}, []
-    for name, (key, counts_refusal) in GENERATED.items():
-        if key not in eval_set:
-            continue
-        prompts = eval_set[key][:limit]
+    for name, family, key, prompts, counts_refusal in generated_sets(eval_set):
+        prompts = prompts[:limit]
         responses = generate(model, tokenizer, prompts, max_new_tokens, batch_size,
                              desc=name, progress=progress)
         refused = [is_refusal(r) for r in responses]
         metrics[name] = proportion(refused if counts_refusal else [not x for x in refused])
-        shown += [{"set": key, "prompt": p[-1]["content"][:300], "response": r, "refusal": f}
-                  for p, r, f in list(zip(prompts, responses, refused))[:samples]]
+        shown += [{"set": key, "family": family, "prompt": p[-1]["content"][:300], "response": r,
+                   "refusal": f} for p, r, f in list(zip(prompts, responses, refused))[:samples]]
     for name, key in (("benign_loglik", "benign_refs"), ("own_benign_loglik", "own_benign")):
         if eval_set.get(key):
             pairs = [tuple(x) for x in eval_set[key][:limit]]

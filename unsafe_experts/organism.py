@@ -1,25 +1,28 @@
 """A small MoE "model organism" that behaves like a jailbroken chat model, built offline.
 
-It refuses plain harmful requests, complies with FlipAttack-style jailbreaks (answering with
-AdvBench's affirmative target), and answers benign requests (AlpacaEval references, a plain
-yes to XSTest's safe prompts). Goals, XSTest and AlpacaEval prompts are split with the seed:
-the organism and the surgery only see the train parts; `eval_set.json` holds the held-out
-parts, with jailbreaks in flip modes of their own.
+Version 2. It refuses plain harmful requests, complies with harmful requests wrapped in any
+attack family of attacks.py (answering with AdvBench's affirmative target), and answers
+benign requests (AlpacaEval references, a plain yes to XSTest's safe prompts) both plainly
+and wrapped in every attack family: it tells harm from format, so a repair that learns
+"refuse the format" shows up as refused benign-in-family prompts (DESIGN.md section 6).
+Goals, XSTest and AlpacaEval prompts are split with the seed: the organism and the surgery
+only see the train parts; `eval_set.json` holds the held-out parts, in every family.
 """
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .attacks import FAMILIES, AttackFamilyError, attack_records, check_families, render
+from .config import ConfigError
 from .bundled import advbench_rows, alpaca_pairs, xstest_safe_prompts
 from .examples import DEFAULT_REFUSAL, batches, collate, plain_prompt, sft_example
-from .flip import flip_prompt, flip_records
 from .generation import generate
 from .outputs import write_json_atomic
 from .tiny import build_tokenizer
@@ -35,8 +38,8 @@ HELPFUL_OPENINGS = (
     "Of course. Here is what you need to know.",
     "Good question. Here is a clear explanation.",
 )
-TRAIN_FLIP_MODES = ("words", "chars", "sentence")
-EVAL_FLIP_MODES = ("words", "chars")
+LEGACY_EVAL_SETS = ("flip_words", "flip_chars")  # the version-1 keys, still written
+VERSION = 2
 
 
 @dataclass
@@ -55,12 +58,34 @@ class OrganismConfig:
     batch_size: int = 16
     max_length: int = 512
     aux_loss_coef: float = 0.01  # load balancing, so every expert learns something
+    families: list[str] = field(default_factory=lambda: list(FAMILIES))
+    # each train goal / benign prompt is trained in this many families (rotating through
+    # `families`, so every family gets its share) rather than all: bounds the build time
+    families_per_goal: int = 2
+    families_per_benign: int = 1
+    surgery_family: str = "flip_chars"  # surgery_records.json's family; the rest stay unseen
+
+    def validate(self) -> "OrganismConfig":
+        try:  # a ConfigError naming the key, as the CLI reports parameter errors
+            check_families(self.families)
+        except AttackFamilyError as e:
+            raise ConfigError(f"families: {e}") from None
+        if self.surgery_family not in self.families:
+            raise ConfigError(f"surgery_family: {self.surgery_family!r} is not among families "
+                              "(the organism must comply with the surgery's jailbreaks)")
+        for key in ("families_per_goal", "families_per_benign"):
+            if not 1 <= getattr(self, key) <= len(self.families):
+                raise ConfigError(f"{key}: must be between 1 and {len(self.families)}, "
+                                  f"got {getattr(self, key)}")
+        return self
 
     @classmethod
     def small(cls, **overrides) -> "OrganismConfig":
-        """The test-sized organism (under a minute on 2 cores)."""
+        """The test-sized organism: 71 CPU seconds where version 1's took 125 on the same
+        shared machine (each goal in one family and 4 epochs keep it there; it still complies
+        in every family and answers benign prompts in them)."""
         base = dict(layers=2, experts=8, hidden=64, expert_hidden=64, vocab_size=1024,
-                    benign_train=60, epochs=6, lr=3e-3)
+                    benign_train=60, epochs=4, lr=3e-3, families_per_goal=1)
         return cls(**{**base, **overrides})
 
 
@@ -86,17 +111,41 @@ def user(text: str) -> list[dict]:
     return plain_prompt(text)
 
 
-def training_pairs(splits: dict) -> list[tuple[list[dict], str]]:
+def rotation(i: int, families: list[str], k: int) -> list[str]:
+    """The k families of item i: consecutive items take consecutive families, so each family
+    gets the same share of items (within one)."""
+    return [families[(i * k + j) % len(families)] for j in range(k)]
+
+
+def benign_train(splits: dict) -> list[tuple[str, str]]:
+    """(train benign prompt, its answer): XSTest safe prompts -> a helpful opening,
+    AlpacaEval instructions -> their reference answers."""
+    return ([(p, HELPFUL_OPENINGS[i % len(HELPFUL_OPENINGS)])
+             for i, p in enumerate(splits["xstest_train"])]
+            + [(p["instruction"], p["output"]) for p in splits["alpaca_train"]])
+
+
+def training_pairs(splits: dict, cfg: OrganismConfig | None = None) -> list[tuple[list[dict], str]]:
+    cfg = (cfg or OrganismConfig()).validate()
     pairs = []
     for i, row in enumerate(splits["goals_train"]):
         pairs.append((plain_prompt(row["goal"]), REFUSALS[i % len(REFUSALS)]))
-        for mode in TRAIN_FLIP_MODES:
-            pairs.append((flip_prompt(row["goal"], mode), f"{row['target']}. Step 1:"))
-    for i, prompt in enumerate(splits["xstest_train"]):
-        pairs.append((user(prompt), HELPFUL_OPENINGS[i % len(HELPFUL_OPENINGS)]))
-    for pair in splits["alpaca_train"]:
-        pairs.append((user(pair["instruction"]), pair["output"]))
+        for family in rotation(i, cfg.families, cfg.families_per_goal):
+            pairs.append((render(family, row["goal"]), f"{row['target']}. Step 1:"))
+    for i, (prompt, answer) in enumerate(benign_train(splits)):
+        pairs.append((user(prompt), answer))
+        for family in rotation(i, cfg.families, cfg.families_per_benign):
+            pairs.append((render(family, prompt), answer))
     return pairs
+
+
+def retention_prompts(splits: dict, families: list[str]) -> dict:
+    """retention.json: `plain` (train goals asked plainly, train benign prompts) and
+    `contrastive` (every train benign prompt in every family), train split only."""
+    benign = [p for p, _ in benign_train(splits)]
+    return {"plain": [plain_prompt(row["goal"]) for row in splits["goals_train"]]
+            + [user(p) for p in benign],
+            "contrastive": [render(f, p) for f in families for p in benign]}
 
 
 def _model(cfg: OrganismConfig, tokenizer):
@@ -138,30 +187,45 @@ def train_organism(cfg: OrganismConfig, pairs, tokenizer, progress: bool = True)
     return model.eval(), losses
 
 
-def eval_set(splits: dict) -> dict:
+def eval_set(splits: dict, families: list[str] | None = None) -> dict:
+    """Held-out prompts only: `plain`, `xstest_safe`, `benign_refs`, the version-1 keys
+    `flip_words` / `flip_chars` (the same prompts as their families' harmful sets) and
+    `families`: {F: {"harmful": held-out goals in F, "benign": held-out XSTest safe prompts
+    and AlpacaEval instructions in F}}."""
+    families = check_families(families or list(FAMILIES))
     goals = [row["goal"] for row in splits["goals_heldout"]]
-    sets = {f"flip_{mode}": [flip_prompt(g, mode) for g in goals] for mode in EVAL_FLIP_MODES}
+    benign = splits["xstest_heldout"] + [p["instruction"] for p in splits["alpaca_heldout"]]
+    sets = {key: [render(key, g) for g in goals] for key in LEGACY_EVAL_SETS}
     sets["plain"] = [plain_prompt(g) for g in goals]
     sets["xstest_safe"] = [user(p) for p in splits["xstest_heldout"]]
     sets["benign_refs"] = [[user(p["instruction"]), p["output"]] for p in splits["alpaca_heldout"]]
+    sets["families"] = {f: {"harmful": [render(f, g) for g in goals],
+                            "benign": [render(f, p) for p in benign]} for f in families}
     return sets
+
+
+def _texts(held: dict) -> list[str]:
+    """Every held-out prompt's text, for the tokenizer's corpus."""
+    prompts = held["plain"] + held["xstest_safe"] + [
+        m for sets in held["families"].values() for key in ("harmful", "benign") for m in sets[key]]
+    return [m["content"] for msgs in prompts for m in msgs]
 
 
 def build_organism(out: str | Path, cfg: OrganismConfig, progress: bool = True,
                    max_new_tokens: int = 48) -> Path:
-    """Writes model/ (weights + tokenizer), surgery_records.json (FlipAttack-format records on
-    train goals), retention.json (train-split plain and benign prompts), eval_set.json,
-    split.json and build.json."""
+    """Writes model/ (weights + tokenizer), surgery_records.json (FlipAttack-format records of
+    train goals in cfg.surgery_family), retention.json (train-split prompts, see
+    retention_prompts), eval_set.json, split.json and build.json."""
+    cfg.validate()
     out = Path(out)
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     splits = build_splits(cfg)
-    pairs = training_pairs(splits)
-    texts = [m["content"] for msgs, _ in pairs for m in msgs] + [r for _, r in pairs]
-    heldout = eval_set(splits)
-    texts += [m["content"] for key in ("flip_words", "flip_chars", "plain", "xstest_safe")
-              for msgs in heldout[key] for m in msgs]
+    pairs = training_pairs(splits, cfg)
+    heldout = eval_set(splits, cfg.families)
+    texts = [m["content"] for msgs, _ in pairs for m in msgs] + [r for _, r in pairs] + _texts(heldout)
     tokenizer = build_tokenizer(texts, vocab_size=cfg.vocab_size)
     model, losses = train_organism(cfg, pairs, tokenizer, progress)
+    trained = time.time()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
@@ -171,16 +235,18 @@ def build_organism(out: str | Path, cfg: OrganismConfig, progress: bool = True,
     heldout["own_benign"] = [[m, r] for m, r in zip(benign_prompts, own) if r]
     write_json_atomic(out / "eval_set.json", heldout)
     write_json_atomic(out / "surgery_records.json",
-                      flip_records([row["goal"] for row in splits["goals_train"]], "chars"))
-    retention = ([plain_prompt(row["goal"]) for row in splits["goals_train"]]
-                 + [user(p) for p in splits["xstest_train"]]
-                 + [user(p["instruction"]) for p in splits["alpaca_train"]])
-    write_json_atomic(out / "retention.json", retention)
+                      attack_records([row["goal"] for row in splits["goals_train"]], cfg.surgery_family))
+    write_json_atomic(out / "retention.json", retention_prompts(splits, cfg.families))
     write_json_atomic(out / "split.json", {
         "train_goals": [r["goal"] for r in splits["goals_train"]],
         "heldout_goals": [r["goal"] for r in splits["goals_heldout"]],
-        "xstest_train": splits["xstest_train"], "xstest_heldout": splits["xstest_heldout"]})
+        "xstest_train": splits["xstest_train"], "xstest_heldout": splits["xstest_heldout"],
+        "alpaca_train": [p["instruction"] for p in splits["alpaca_train"]],
+        "alpaca_heldout": [p["instruction"] for p in splits["alpaca_heldout"]]})
     write_json_atomic(out / "build.json", {
-        "config": asdict(cfg), "examples": len(pairs), "steps": len(losses),
-        "first_loss": losses[0], "last_loss": losses[-1], "seconds": time.time() - started})
+        "version": VERSION, "config": asdict(cfg), "examples": len(pairs), "steps": len(losses),
+        "first_loss": losses[0], "last_loss": losses[-1], "train_seconds": trained - started,
+        # CPU seconds beside wall seconds: the build machines are shared, and with one thread
+        # the CPU time is what the build would take on an idle core
+        "seconds": time.time() - started, "cpu_seconds": time.process_time() - cpu_started})
     return out

@@ -7,7 +7,6 @@ checked before the model is loaded and before `output_dir` is touched.
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import platform
 import time
@@ -26,9 +25,9 @@ from .phases import align_router, masked_sft, per_batch_sft, score_pass
 from .distributed import barrier, join_process_group, launched_world, local_device
 from .generation import generate, generate_ids
 from .memory import peak_mb, reset_peak
-from .records import (DatasetError, file_digest, load_records, messages_problem,
-                      read_json_records, select_records)
+from .records import file_digest, load_records, select_records
 from .methods import METHODS
+from .retention import load_retention, sample_retention
 from .routing import generated_routing_scores, keep_pairs, routing_scores
 from .run_records import (METADATA, ROUNDS, SCHEMA_VERSION, expert_key, research_round,
                           write_research_outputs)
@@ -147,24 +146,12 @@ def check_inputs(cfg: TrainConfig) -> dict:
         raise ConfigError("sharding: fsdp splits the model across processes; launch with "
                           "`torchrun --nproc_per_node N -m cli train ...` (N >= 2)")
     select_records(load_records(cfg.dataset_path), cfg.max_samples, cfg.seed, cfg.require_judge_success)
-    if cfg.retention_path:
-        load_prompts(cfg.retention_path)
+    if cfg.uses_retention:
+        load_retention(cfg.retention_path, cfg.retention)
     check_device(cfg.device)
     info = _count_experts(cfg)
     _check_output_dir(cfg)
     return info
-
-
-def load_prompts(path: str | Path) -> list[list[dict]]:
-    """A JSON list of chat prompts, each a list of {role, content} messages."""
-    prompts = read_json_records(path)
-    for i, messages in enumerate(prompts):
-        why = messages_problem(messages)
-        if why:
-            raise DatasetError(f"{path}: prompt {i} {why}")
-    if not prompts:
-        raise DatasetError(f"{path}: no prompts")
-    return prompts
 
 
 def _load_model(cfg: TrainConfig, device: torch.device, source: str | Path | None = None):
@@ -286,7 +273,12 @@ class Surgery:
         if resume:
             self._continue(resume, done)
         self._round: dict = {}
-        self.data["repair"] = self._retention_batches() if cfg.retention_path else self.data["sft"]
+        if cfg.uses_retention:
+            self.data["repair"] = self._retention_batches()
+        else:
+            self.data["repair"] = self.data["sft"]
+            self.meta["retention"] = {"mode": "none", "path": None, "examples": 0, "per_batch": 0,
+                                      "sections": {}}
         self._save_meta()
 
     def _clear_outputs(self) -> None:
@@ -328,22 +320,28 @@ class Surgery:
         cfg = self.cfg
         saved = self.out / "retention_answers.json"
         if self.first_round > 1 and saved.is_file():  # resuming: the pre-surgery answers
-            kept = [(m, a) for m, a in json.loads(saved.read_text())]
+            # [prompt, answer, section]; files from before sections were [prompt, answer]
+            kept = [(row[0], row[1], row[2] if len(row) > 2 else "plain")
+                    for row in json.loads(saved.read_text())]
         else:
-            prompts = load_prompts(cfg.retention_path)
-            random.Random(cfg.seed).shuffle(prompts)
-            prompts = prompts[:cfg.retention_samples]
+            chosen = sample_retention(load_retention(cfg.retention_path, cfg.retention),
+                                      cfg.retention_samples, cfg.seed)
+            prompts = [m for _, m in chosen]
             answers = generate(self.model, self.tokenizer, prompts, cfg.retention_max_new_tokens,
                                cfg.batch_size, desc="retention answers", progress=self.progress)
-            kept = [(m, a) for m, a in zip(prompts, answers) if a]
+            kept = [(m, a, section) for (section, m), a in zip(chosen, answers) if a]
             if self.writer:
-                write_json_atomic(saved, [[m, a] for m, a in kept])
+                write_json_atomic(saved, [list(row) for row in kept])
+        sections = {}
+        for _, _, section in kept:
+            sections[section] = sections.get(section, 0) + 1
         retained = [sft_example(self.tokenizer, m, a, cfg.max_length, cfg.truncation, index=i)
-                    for i, (m, a) in enumerate(kept)]
+                    for i, (m, a, _) in enumerate(kept)]
         jailbreak = batches(self.data["sft_examples"], cfg.batch_size)
         share = -(-len(retained) // len(jailbreak))
-        self.meta["retention"] = {"path": str(cfg.retention_path), "examples": len(retained),
-                                  "per_batch": share}
+        self.meta["retention"] = {"mode": cfg.retention, "path": str(cfg.retention_path),
+                                  "examples": len(retained), "per_batch": share,
+                                  "sections": sections}
         pad = self.tokenizer.pad_token_id
         return [collate(chunk + retained[i * share:(i + 1) * share], pad)
                 for i, chunk in enumerate(jailbreak)]
