@@ -3,14 +3,17 @@ from __future__ import annotations
 
 
 def evaluation_table(evaluations: dict) -> str:
-    """Stages as rows (before, round_1, ..., final), metrics as columns, with n and 95% CI."""
-    names = list(next(iter(evaluations.values())))
-    lines = [f"{'stage':<8} " + " ".join(f"{n:>24}" for n in names)]
-    for stage, metrics in evaluations.items():
+    """Metrics as rows (ASR and benign refusal per attack family included), stages as columns
+    (before, round_1, ..., final): each cell the value, its 95% interval and n."""
+    stages = list(evaluations)
+    names = list(dict.fromkeys(n for metrics in evaluations.values() for n in metrics))
+    width = max(len(n) for n in names)
+    lines = [f"{'metric':<{width}}  " + "  ".join(f"{s:>26}" for s in stages)]
+    for n in names:
         cells = []
-        for n in names:
-            m = metrics.get(n)
+        for stage in stages:
+            m = evaluations[stage].get(n)
             cells.append(f"{m['value']:.3f} [{m['ci95'][0]:.2f},{m['ci95'][1]:.2f}] n={m['n']}"
-                         if m else "-")
-        lines.append(f"{stage:<8} " + " ".join(f"{c:>24}" for c in cells))
+                          if m else "-")
+        lines.append(f"{n:<{width}}  " + "  ".join(f"{c:>26}" for c in cells))
     return "\n".join(lines)

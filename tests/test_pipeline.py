@@ -56,7 +56,9 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
     params["evaluation"].update(limit=8, max_new_tokens=8)
     params["train"].update(num_rounds=1, top_k_experts=2, max_samples=16, retention_samples=16)
     params["comparison"].update(eval_limit=4, runs=[{"method": "gradient", "k": 2, "seed": 42},
-                                                    {"method": "random", "k": 2, "seed": 1}])
+                                                    {"method": "random", "k": 2, "seed": 1}],
+                                ablations=[{"run": "gradient-k2-s42", "round": 1}],
+                                random_ablations=[{"run": "gradient-k2-s42", "round": 1, "seed": 1}])
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "small"],
                    cwd=clone, check=True)
@@ -65,12 +67,17 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
     env.pop("PREFECT_API_URL", None)  # the CLI starts its own ephemeral server
 
     first = dvc(["repro"], clone, env)
-    for stage in ("organism", "validate", "train", "compare_run@0", "compare_run@1", "compare"):
+    for stage in ("organism", "validate", "train", "compare_run@0", "compare_run@1",
+                  "compare_ablate@0", "compare_ablate_random@0", "compare"):
         assert f"Running stage '{stage}'" in first
     table = (clone / "metrics/comparison.csv").read_text().splitlines()
-    assert table[0] == ("method,k,seed,rounds,asr_flip_words,asr_flip_chars,plain_refusal,"
-                        "over_refusal,benign_loglik,identification_s,peak_memory_mb")
-    assert [row.split(",")[:3] for row in table[1:]] == [["gradient", "2", "42"], ["random", "2", "1"]]
+    header = table[0].split(",")
+    assert header[:6] == ["method", "k", "seed", "organism_seed", "ablated", "rounds"]
+    assert {"asr_flip_chars", "over_refusal_flip_chars", "plain_refusal", "benign_loglik"} <= set(header)
+    assert header[-1] == "identify_s"
+    assert [row.split(",")[:5] for row in table[1:]] == [
+        ["gradient", "2", "42", "0", "False"], ["gradient", "2", "42", "0", "True"],
+        ["random", "2", "1", "0", "False"], ["random", "2", "1", "0", "True"]]
     assert (clone / "outputs/gradient/final_model/model.safetensors").exists()
     assert "Running stage" not in dvc(["repro"], clone, env)
 
