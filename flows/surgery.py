@@ -15,6 +15,7 @@ from tasks.digests import dvc_md5, git_commit
 from unsafe_experts.config import TrainConfig
 from unsafe_experts.distributed import launched_world
 from unsafe_experts.evaluation import EvaluationConfig
+from unsafe_experts.model_card import write_model_card
 from unsafe_experts.outputs import write_json_atomic
 from unsafe_experts.run_records import ROUNDS, RunRecord
 
@@ -90,6 +91,7 @@ def _conclude(cfg, final, run_id, evaluations, evaluation_path, metrics_path, lo
         metadata.update({"evaluation": evaluations} if evaluations is not None else {})
         metadata["locality"] = locality
         write_json_atomic(final["metadata"], metadata)
+        write_model_card(final["output_dir"])  # now with the before/after figures
     tracking.log_file(run_id, final["metadata"])
     tracking.log_tags(run_id, {"final_model": final["final_model"],
                                "final_model_dvc_md5": dvc_md5(final["final_model"])})

@@ -27,6 +27,7 @@ from .generation import generate, generate_ids
 from .memory import peak_mb, reset_peak
 from .records import file_digest, load_records, select_records
 from .methods import METHODS
+from .model_card import write_model_card
 from .retention import load_retention, sample_retention
 from .routing import generated_routing_scores, keep_pairs, routing_scores
 from .run_records import (METADATA, ROUNDS, SCHEMA_VERSION, expert_key, research_round,
@@ -495,6 +496,7 @@ class Surgery:
             save_checkpoint_atomic(self.model, self.tokenizer, inside(self.out, "final_model"), weights)
             write_research_outputs(self.out, self.meta)
             write_json_atomic(self.out / METADATA, self.meta)
+            write_model_card(self.out)  # the pipeline rewrites it once the evaluation is in
             self.lock.release()
         barrier()  # no rank leaves before the outputs are complete
         return self.meta
