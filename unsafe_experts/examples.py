@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .chat import render
+
 DEFAULT_REFUSAL = "I cannot assist with that request as it may be harmful or unsafe."
 SAFE_SYSTEM_PROMPT = "You are a helpful assistant."
 IGNORE = -100
@@ -46,10 +48,9 @@ def sft_example(
 ) -> Example:
     """Prompt + assistant response; only response tokens carry labels. Cuts the prompt, never
     the response, when the example is longer than `max_length`."""
-    prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    full_text = tokenizer.apply_chat_template(
-        list(messages) + [{"role": "assistant", "content": response}], tokenize=False
-    )
+    prompt_text = render(tokenizer, messages, add_generation_prompt=True)
+    full_text = render(tokenizer, list(messages) + [{"role": "assistant", "content": response}],
+                       add_generation_prompt=False)
     if not full_text.startswith(prompt_text):
         raise ExampleError(
             f"record {index}: the chat template renders the prompt differently once the "
@@ -72,7 +73,7 @@ def sft_example(
 def router_example(tokenizer, messages, max_length: int, truncation: str = "middle") -> Example:
     """A prompt with a mask over the tokens of the messages' own text, so routing statistics
     skip chat-template scaffolding and padding."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = render(tokenizer, messages, add_generation_prompt=True)
     spans, cursor = [], 0
     for m in messages:
         start = text.find(m["content"], cursor)

@@ -5,12 +5,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .chat import render
 from .examples import IGNORE, batches, collate, sft_example
 from .sharding import is_sharded
 
 
 def _prompt_ids(tokenizer, messages) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = render(tokenizer, messages, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

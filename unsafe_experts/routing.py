@@ -18,8 +18,8 @@ batch left with no pair is skipped, and within a batch the generated tokens of a
 responses are pooled. Deviations: it samples at temperature 1 with a seed where we decode
 greedily (reproducible without a seed); it judges refusals with GPT-4o-mini where we use
 refusal.is_refusal; vLLM never feeds back the last sampled token, so it routes one token fewer
-per response than we do; it renders Qwen3 prompts with enable_thinking=False, where we use the
-tokenizer's chat template as every other phase does; and responses are generated once per run, on the model before
+per response than we do; both render Qwen3 prompts with enable_thinking=False (chat.py, as
+every phase does); and responses are generated once per run, on the model before
 surgery (kept in output_dir for a resumed run), with each round re-measuring their routing on
 the current model - the research code detects once, and after a repair the jailbreaks would
 no longer be complied with, leaving no pair to score.
