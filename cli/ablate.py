@@ -10,7 +10,8 @@ from pathlib import Path
 from unsafe_experts.config import ConfigError
 from unsafe_experts.evaluation import EvaluationConfig
 
-from .flags import add_fields, field_values
+from .flags import add_fields
+from .loading import evaluation_config, load_model
 from .tables import evaluation_table
 
 
@@ -47,25 +48,17 @@ def random_like(experts: list, layers, seed: int) -> list[tuple[int, int]]:
 
 
 def run(args) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from unsafe_experts.ablation import ablated, load_expert_set
     from unsafe_experts.adapters import moe_layers
     from unsafe_experts.evaluation import evaluate, load_eval_set
     from unsafe_experts.outputs import write_json_atomic
     from unsafe_experts.run_records import RunRecord, expert_key
-    from unsafe_experts.surgery import check_weights
 
-    cfg = EvaluationConfig(**field_values(args, EvaluationConfig, "eval__")).validate()
-    if not cfg.eval_set:
-        raise ConfigError("--eval_set is required")
+    cfg = evaluation_config(args)
     if args.round is not None and not args.run:
         raise ConfigError("--round goes with --run")
     eval_set = load_eval_set(cfg.eval_set)
-    check_weights(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code,
-                                                 use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model(args.model, args.trust_remote_code)
     layers = moe_layers(model)
     experts = load_expert_set(args.experts or args.run, args.round, layers)
     source = {"model": args.model, "experts": args.experts, "run": args.run, "round": args.round}

@@ -7,7 +7,6 @@ import json
 import os
 from pathlib import Path
 
-from unsafe_experts.config import ConfigError
 from unsafe_experts.evaluation import EvaluationConfig
 
 from .flags import add_fields
@@ -71,23 +70,14 @@ def build_organism(args) -> None:
 
 
 def evaluate_model(args) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from unsafe_experts.evaluation import evaluate, load_eval_set
     from unsafe_experts.outputs import write_json_atomic
 
-    from .flags import field_values
+    from .loading import evaluation_config, load_model
 
-    cfg = EvaluationConfig(**field_values(args, EvaluationConfig, "eval__")).validate()
-    if not cfg.eval_set:
-        raise ConfigError("--eval_set is required")
+    cfg = evaluation_config(args)
     eval_set = load_eval_set(cfg.eval_set)
-    from unsafe_experts.surgery import check_weights
-
-    check_weights(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code,
-                                                 use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model(args.model, args.trust_remote_code)
     result = evaluate(model, tokenizer, eval_set, cfg, progress=not args.quiet)
     print(evaluation_table({Path(args.model).name: result["metrics"]}))
     if args.out:
