@@ -55,3 +55,21 @@ def test_alignment_lowers_kl_and_trains_only_routers(family, make_model, tokeniz
         else:
             assert torch.equal(p, before[name]), name
     assert all(not layer.router._forward_hooks for layer in layers)
+
+
+def test_sigmoid_routers_are_aligned_on_what_they_route_by():
+    logits = torch.tensor([[[0.0, 2.0, -1.0], [4.0, 0.0, 0.0]]])  # one prompt, two tokens
+    mask = torch.tensor([[1, 1]])
+    bias = torch.tensor([0.5, 0.0, -0.2])
+    dist = routing_distribution({0: (logits.view(2, 3),)}, mask, {0: bias})
+    choice = (logits[0].sigmoid() + bias).mean(0)
+    torch.testing.assert_close(dist[0], choice / choice.sum())
+    softmax = routing_distribution({0: (logits.view(2, 3),)}, mask)  # what it would be without
+    assert not torch.allclose(dist[0], softmax[0], atol=1e-3)
+
+
+def test_deepseek_layers_carry_their_correction_bias(make_model):
+    from unsafe_experts.router_kl import choice_biases
+
+    assert set(choice_biases(moe_layers(make_model("deepseek_v3")))) == {0, 1}
+    assert choice_biases(moe_layers(make_model("olmoe"))) == {}

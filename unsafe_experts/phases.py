@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from .adapters import MoELayer
 from .distributed import shard, sum_, world
 from .examples import IGNORE
-from .router_kl import captured_router_outputs, route, router_kl, routing_distribution
+from .router_kl import (captured_router_outputs, choice_biases, route, router_kl,
+                        routing_distribution)
 from .scoring import expert_grad_scores, expert_row_sums, per_expert_numel, streamed_rows, top_k
 from .sharding import is_sharded
 from .sparse_adamw import SparseRowAdamW
@@ -238,13 +239,14 @@ def align_router(model, layers, safe_batches, unsafe_batches, kl_type, lr, weigh
     device = model.device
     # every rank computes the same whole-batch loss; fully_shard sums the ranks' gradients
     copies = world()[1] if is_sharded(model) else 1
+    biases = choice_biases(layers)
     set_trainable(model, [])
     with torch.no_grad(), captured_router_outputs(layers) as captured:
         targets = []
         for batch in safe_batches:
             batch = _whole(batch, device)
             route(model, batch)
-            targets.append(routing_distribution(captured, batch["content_mask"]))
+            targets.append(routing_distribution(captured, batch["content_mask"], biases))
 
     def mean_kl() -> float:
         with torch.no_grad(), captured_router_outputs(layers) as cap:
@@ -252,7 +254,8 @@ def align_router(model, layers, safe_batches, unsafe_batches, kl_type, lr, weigh
             for target, batch in zip(targets, unsafe_batches):
                 batch = _whole(batch, device)
                 route(model, batch)
-                total += router_kl(target, routing_distribution(cap, batch["content_mask"]), kl_type)
+                total += router_kl(target, routing_distribution(cap, batch["content_mask"], biases),
+                                  kl_type)
         return float(total / len(targets))
 
     before = mean_kl()
@@ -268,7 +271,8 @@ def align_router(model, layers, safe_batches, unsafe_batches, kl_type, lr, weigh
             for target, batch in _bar(pairs, f"{desc} epoch {epoch + 1}", progress):
                 batch = _whole(batch, device)
                 tie = route(model, batch)
-                loss = router_kl(target, routing_distribution(captured, batch["content_mask"]), kl_type)
+                loss = router_kl(target, routing_distribution(captured, batch["content_mask"], biases),
+                                 kl_type)
                 (_finite(loss, desc, len(kls), len(pairs)) / copies + tie).backward()
                 opt.step()
                 opt.zero_grad()

@@ -1,7 +1,11 @@
 """Routing distributions per MoE layer and the KL that aligns jailbreak routing to plain routing.
 
-Per layer: router logits averaged over a prompt's message tokens (not padding, not template
-scaffolding), softmax, then averaged over the batch: one distribution over experts per layer.
+Per layer, the distribution the family routes by, over a prompt's message tokens (not padding,
+not template scaffolding), then averaged over the batch: one distribution over experts per
+layer. Softmax routers (OLMoE, Qwen, Mixtral, PhiMoE, GPT-OSS, Granite): the softmax of the
+token-mean of the router logits, as the research code did. Sigmoid routers with a correction
+bias (DeepSeek-V3, which picks experts by sigmoid(logit) + bias): the token-mean of those
+choice scores, normalised over the experts; a softmax of its logits is not what it routes by.
 The KL is the plain sum over experts, p * (log p - log q) (the research code's
 `kl_div(reduction="batchmean")` on 1-D tensors divided it by the number of experts), then the
 mean over layers.
@@ -51,15 +55,30 @@ def route(model, batch: dict[str, torch.Tensor]):
     return model(**inputs).logits[..., :1].sum() * 0
 
 
-def routing_distribution(captured: dict[int, tuple], mask: torch.Tensor) -> torch.Tensor:
-    """[layers, experts]: batch mean of softmax(masked token-mean of router logits)."""
+def choice_biases(layers: list[MoELayer]) -> dict[int, torch.Tensor]:
+    """Position -> correction bias, for the layers whose router picks by sigmoid + bias."""
+    return {i: layer.router.e_score_correction_bias for i, layer in enumerate(layers)
+            if getattr(layer.router, "e_score_correction_bias", None) is not None}
+
+
+def routing_distribution(captured: dict[int, tuple], mask: torch.Tensor,
+                         biases: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """[layers, experts]: per prompt the routing distribution over its masked tokens (softmax of
+    the mean logit; for a layer in `biases`, the normalised mean of sigmoid(logit) + bias),
+    averaged over the batch."""
     batch, seq = mask.shape
     weights = mask.float().unsqueeze(-1)
+    tokens = weights.sum(1).clamp_min(1.0)
     dists = []
     for i in sorted(captured):
         logits = captured[i][0].float().view(batch, seq, -1)
-        mean_logits = (logits * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        dists.append(mean_logits.softmax(-1).mean(0))
+        if biases and i in biases:
+            # bias-corrected scores can dip below 0; the choice only ranks them, so clamp
+            choice = (logits.sigmoid() + biases[i].float()).clamp_min(1e-6)
+            mean = (choice * weights).sum(1) / tokens
+            dists.append((mean / mean.sum(-1, keepdim=True)).mean(0))
+        else:
+            dists.append(((logits * weights).sum(1) / tokens).softmax(-1).mean(0))
     return torch.stack(dists)
 
 
