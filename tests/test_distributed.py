@@ -19,7 +19,7 @@ from unsafe_experts.sharding import shard_model
 pytestmark = pytest.mark.slow  # torchrun and gloo process groups
 
 
-def surgery_step(model_dir, records, sharded=False, streamed=False):
+def surgery_step(model_dir, records, sharded=False, memory="exact"):
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     if sharded:
@@ -29,7 +29,7 @@ def surgery_step(model_dir, records, sharded=False, streamed=False):
     batches = sft_batches(tokenizer, records, batch_size=4)
     logs = {}
     scores = score_pass(model, layers, batches, lambda k, v: logs.setdefault(k, v), progress=False,
-                        streamed=streamed)
+                        streamed=memory == "streamed", offload=memory == "offload")
     selection = top_k(scores, 3, layers)
     masked_sft(model, layers, batches, selection, lr=1e-2, weight_decay=0.1, epochs=2,
                log=lambda k, v: logs.setdefault(k, v), progress=False)
@@ -38,10 +38,10 @@ def surgery_step(model_dir, records, sharded=False, streamed=False):
     return scores, selection, weights, logs
 
 
-def _rank(rank, store, model_dir, records, out, sharded, streamed):
+def _rank(rank, store, model_dir, records, out, sharded, memory):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        scores, selection, weights, logs = surgery_step(model_dir, records, sharded, streamed)
+        scores, selection, weights, logs = surgery_step(model_dir, records, sharded, memory)
         save_file({"scores": scores, **weights}, f"{out}/rank{rank}.safetensors")
         with open(f"{out}/rank{rank}.json", "w") as f:
             json.dump({"selection": selection, "logs": logs}, f)
@@ -49,16 +49,17 @@ def _rank(rank, store, model_dir, records, out, sharded, streamed):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("sharded, streamed", [(False, False), (True, True)],
-                         ids=["data-parallel-exact", "fsdp-streamed"])
-def test_two_gloo_processes_match_one_process(sharded, streamed, tiny_dir, records, tmp_path):
+@pytest.mark.parametrize("sharded, memory", [(False, "exact"), (True, "streamed"), (True, "offload")],
+                         ids=["data-parallel-exact", "fsdp-streamed", "fsdp-offload"])
+def test_two_gloo_processes_match_one_process(sharded, memory, tiny_dir, records, tmp_path):
     """Plain data parallelism with exact scoring; FSDP (half of every layer's experts on each
     rank) with streamed scoring, whose per-batch magnitudes are taken after fully_shard has
-    summed the ranks' gradients, and with gradients cut to the selected rows in the SFT."""
+    summed the ranks' gradients, and with offloaded exact scoring (each rank's rows summed in
+    host memory, then gathered); gradients cut to the selected rows in the SFT."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_rank, args=(str(tmp_path / "store"), str(tiny_dir), records[:12], str(tmp_path),
-                          sharded, streamed), nprocs=2, join=True)
-    scores, selection, weights, logs = surgery_step(str(tiny_dir), records[:12], streamed=streamed)
+                          sharded, memory), nprocs=2, join=True)
+    scores, selection, weights, logs = surgery_step(str(tiny_dir), records[:12], memory=memory)
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
     meta = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in (0, 1):

@@ -191,3 +191,30 @@ def test_score_variants_match_their_definitions(score, family, make_model, token
     else:  # per-batch magnitudes summed: an upper bound
         assert (lean >= fast * (1 - 1e-5)).all() and (lean > fast).any()
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("score", ["gradient", "snip", "gradient_per_token"])
+def test_offloaded_scoring_is_exact_and_frees_device_gradients(family, score, make_model, tokenizer,
+                                                               records):
+    from unsafe_experts.scoring import offloaded_rows
+
+    model = make_model(family)
+    layers = moe_layers(model)
+    three = sft_batches(tokenizer, records[:12])
+    exact = score_pass(model, layers, three, lambda *a: None, progress=False, score=score)
+    offload = score_pass(model, layers, three, lambda *a: None, progress=False, score=score,
+                         offload=True)
+    torch.testing.assert_close(offload, exact, rtol=1e-6, atol=1e-12)
+    assert all(p.grad is None for p in model.parameters())
+    # during backward the hook frees each expert gradient as soon as it is added to the host sum
+    held = []
+    for p in layers[0].expert_params.values():
+        p.requires_grad_(True)
+    with offloaded_rows(layers[:1]):
+        from unsafe_experts.phases import lm_loss
+        lm_loss(model, three[0]).backward()
+        held = [p.grad for p in layers[0].expert_params.values()]
+    assert all(g is None for g in held)
+    for p in model.parameters():
+        p.requires_grad_(False)

@@ -13,7 +13,7 @@ SCORE_MODES = ("accumulate", "per_batch")
 METHODS = tuple(METHOD_TABLE)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SHARDING = ("none", "fsdp")
-SCORE_MEMORY = ("exact", "streamed")
+SCORE_MEMORY = ("exact", "streamed", "offload")
 TRUNCATIONS = ("middle", "left")
 EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
 # none: no retention; plain: retention.json's `plain` section (train goals asked plainly,
@@ -53,10 +53,13 @@ class TrainConfig:
                              help="accumulate: one top-k from gradients summed over all batches, "
                                   "then masked SFT; per_batch: a fresh top-k and step on every batch")
     # exact: |sum of gradients| (every layer's expert gradients held at once); streamed: sum of
-    # per-batch |gradients|, each layer's reduced and freed during backward (see README)
+    # per-batch |gradients|, each layer's reduced and freed during backward; offload: exact,
+    # with the summed gradients in host memory (docs/scale.md)
     score_memory: str = option("exact", choices=SCORE_MEMORY,
-                               help="exact: |summed gradient|, all expert gradients held; streamed: "
-                                    "per-batch magnitudes reduced and freed layer by layer")
+                               help="exact: |summed gradient|, all expert gradients held on the "
+                                    "device; streamed: per-batch magnitudes reduced and freed layer "
+                                    "by layer (an upper bound); offload: exact, the sums kept in "
+                                    "host memory and each layer's gradients freed on the device")
     sft_epochs: int = option(1, help="masked-SFT epochs per round")
     router_epochs: int = option(1, help="router-alignment epochs per round")
     weight_decay: float = option(0.01)

@@ -17,7 +17,8 @@ from .distributed import shard, sum_, world
 from .examples import IGNORE
 from .router_kl import (captured_router_outputs, choice_biases, route, router_kl,
                         routing_distribution)
-from .scoring import expert_grad_scores, expert_row_sums, per_expert_numel, streamed_rows, top_k
+from .scoring import (expert_grad_scores, expert_row_sums, offloaded_rows, per_expert_numel,
+                      streamed_rows, top_k)
 from .sharding import is_sharded
 from .sparse_adamw import SparseRowAdamW
 
@@ -100,7 +101,7 @@ def routed_response_tokens(captured: dict[int, tuple], batch: Batch, num_experts
 
 
 def score_pass(model, layers, batches: list[Batch], log: Log, desc="score", progress=True,
-               streamed: bool = False, score: str = "gradient"):
+               streamed: bool = False, score: str = "gradient", offload: bool = False):
     """Gradients of the mean batch loss over all batches -> [layers, experts] scores.
 
     gradient: mean |grad|; gradient_per_token: that divided by the routed loss-bearing tokens
@@ -108,11 +109,16 @@ def score_pass(model, layers, batches: list[Batch], log: Log, desc="score", prog
     of each batch's squared gradient, mean over parameters. exact: the gradient of the whole
     pass (|sum of gradients|), all layers' expert gradients held until the end (fisher: one
     batch's); streamed: per-batch reductions summed, each layer's gradient freed as soon as
-    backward produces it (an upper bound for the absolute scores, the same value for fisher)."""
+    backward produces it (an upper bound for the absolute scores, the same value for fisher);
+    offload: exact, the sum of gradients kept in host memory, each layer's freed on the device
+    as backward produces it (fisher squares per batch, so it takes the streamed path)."""
     sharded = is_sharded(model)
-    if streamed and world()[1] > 1 and not sharded:
-        raise ValueError("streamed scoring under data parallelism would sum per-rank magnitudes; "
-                         "use exact scoring, or --sharding fsdp (whose gradients arrive summed)")
+    if offload and score == "fisher":
+        streamed, offload = True, False  # per-batch squares: streamed is already exact
+    if (streamed or offload) and world()[1] > 1 and not sharded:
+        raise ValueError("streamed or offloaded scoring under data parallelism would score each "
+                         "rank's gradients alone; use exact scoring, or --sharding fsdp (whose "
+                         "gradients arrive summed)")
     reduce = SCORE_REDUCTION[score]
     # the Fisher squares each batch's own gradient, so exact mode reduces after every batch
     each_batch = score == "fisher" and not streamed
@@ -123,7 +129,8 @@ def score_pass(model, layers, batches: list[Batch], log: Log, desc="score", prog
     counts = torch.zeros(len(layers), layers[0].num_experts, device=device)
     squares = torch.zeros_like(counts)
     counting = captured_router_outputs(layers) if score == "gradient_per_token" else nullcontext()
-    with streamed_rows(layers, reduce) if streamed else nullcontext() as sums, counting as captured:
+    lean = streamed_rows(layers, reduce) if streamed else offloaded_rows(layers, reduce) if offload else None
+    with lean or nullcontext() as sums, counting as captured:
         for i, batch in enumerate(_bar(batches, desc, progress)):
             batch = _on(batch, device)
             loss = _finite(lm_loss(model, batch), desc, i, len(batches)) / len(batches)
@@ -140,7 +147,9 @@ def score_pass(model, layers, batches: list[Batch], log: Log, desc="score", prog
                 for p in trainable:
                     p.grad = None
     numel = torch.tensor([per_expert_numel(layer) for layer in layers], device=device)[:, None]
-    if streamed:
+    if offload:  # gathered across ranks already
+        scores = sums / numel
+    elif streamed:
         if sharded:  # each rank summed the experts it holds
             sum_(sums)
         scores = sums / numel

@@ -129,5 +129,47 @@ def streamed_rows(layers: list[MoELayer], reduce: str = "l1"):
             h.remove()
 
 
+@contextmanager
+def offloaded_rows(layers: list[MoELayer], reduce: str = "l1"):
+    """Exact scoring with about one layer's expert gradients on the device: as backward
+    produces each fused expert tensor's gradient, it is added into an fp32 sum in host memory
+    (pinned when the model is on a GPU, so the copy can overlap) and freed on the device. On
+    exit the yielded [layers, experts] tensor is filled with the reduction of the summed
+    gradients: |sum of gradients|, as exact mode scores, not streamed mode's sum of |gradient|.
+    Host memory holds the fp32 sum of every expert tensor (this rank's rows when sharded)."""
+    fn = REDUCERS[reduce]
+    device = next(iter(layers[0].expert_params.values())).device
+    pin = device.type == "cuda"
+    host: dict[int, torch.Tensor] = {}
+
+    def hook(param):
+        grad = local(param.grad)
+        if id(param) not in host:
+            host[id(param)] = torch.zeros(grad.shape, dtype=torch.float32, pin_memory=pin)
+        host[id(param)].add_(grad.to("cpu", non_blocking=pin).float())
+        param.grad = None
+
+    handles = [p.register_post_accumulate_grad_hook(hook)
+               for layer in layers for p in layer.expert_params.values()]
+    sums = torch.zeros(len(layers), layers[0].num_experts, device=device)
+    try:
+        yield sums
+    finally:
+        for h in handles:
+            h.remove()
+    if pin:
+        torch.cuda.synchronize(device)  # the last non-blocking copies have landed
+    for i, layer in enumerate(layers):
+        for p in layer.expert_params.values():
+            # reduced on the host, one tensor's rows sent back at a time; every rank gathers
+            # every tensor (zeros where it got no gradient), so collectives stay in step
+            start, stop = local_rows(p)
+            rows = torch.zeros(stop - start)
+            if id(p) in host:
+                weight = local(p.detach()).to("cpu", torch.float32) if reduce == "l1_times_weight" else p
+                rows = fn(host.pop(id(p)), weight)
+            sums[i] += gather_rows(rows.to(device), p)
+
+
 def per_expert_numel(layer: MoELayer) -> int:
     return sum(p[0].numel() for p in layer.expert_params.values())

@@ -393,7 +393,8 @@ class Surgery:
         if method.kind == "gradient":
             return score_pass(self.model, self.layers, self.data["sft"], self._log(r),
                               f"round {r} score", self.progress,
-                              streamed=cfg.score_memory == "streamed", score=cfg.method), {}
+                              streamed=cfg.score_memory == "streamed", score=cfg.method,
+                              offload=cfg.score_memory == "offload"), {}
         if cfg.method == "routing_prompt":
             parts = routing_scores(self.model, self.layers, self.data["safe"], self.data["unsafe"])
             return parts["score"], self._routing_tables(parts)
