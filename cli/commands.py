@@ -11,7 +11,7 @@ from unsafe_experts.config import ConfigError
 from unsafe_experts.evaluation import EvaluationConfig
 
 from .flags import add_fields
-from .tables import evaluation_table
+from .tables import evaluation_table, metrics_table
 
 
 def add_parsers(sub) -> dict:
@@ -33,11 +33,15 @@ def add_parsers(sub) -> dict:
     organism.add_argument("--seed", type=int, default=0)
     organism.add_argument("--params", help="take the `organism` section of this params.yaml")
     organism.add_argument("--quiet", action="store_true")
-    ev = sub.add_parser("evaluate", help="ASR, refusal, over-refusal and benign log-likelihood")
+    ev = sub.add_parser("evaluate", help="ASR, refusal, over-refusal and benign log-likelihood, "
+                        "on an organism's eval_set.json or an evaluation suite")
     ev.add_argument("--model", required=True)
     # absent flags stay absent, so EvaluationConfig's defaults apply
     add_fields(ev.add_argument_group("evaluation", argument_default=argparse.SUPPRESS),
                EvaluationConfig, dest="eval__")
+    ev.add_argument("--suite", help="evaluate on this suite instead of --eval_set: a suite YAML "
+                    "file or a bundled suite's name (standard); --eval_max_new_tokens overrides "
+                    "the suite's max_new_tokens")
     ev.add_argument("--out", help="write metrics and samples here (JSON)")
     ev.add_argument("--trust_remote_code", action="store_true")
     ev.add_argument("--quiet", action="store_true")
@@ -70,26 +74,48 @@ def build_organism(args) -> None:
           f"{info['first_loss']:.3f} -> {info['last_loss']:.3f}, {info['seconds']:.0f}s")
 
 
-def evaluate_model(args) -> None:
+def load_target(path: str, trust_remote_code: bool = False):
+    """The model to evaluate or attack, from safetensors only, with its tokenizer; on the GPU
+    when there is one."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from unsafe_experts.surgery import check_weights
+
+    check_weights(path)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                 use_safetensors=True)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def evaluate_model(args) -> None:
     from unsafe_experts.evaluation import evaluate, load_eval_set
     from unsafe_experts.outputs import write_json_atomic
 
     from .flags import field_values
 
-    cfg = EvaluationConfig(**field_values(args, EvaluationConfig, "eval__")).validate()
-    if not cfg.eval_set:
-        raise ConfigError("--eval_set is required")
-    eval_set = load_eval_set(cfg.eval_set)
-    from unsafe_experts.surgery import check_weights
+    given = field_values(args, EvaluationConfig, "eval__")
+    cfg = EvaluationConfig(**given).validate()
+    if cfg.eval_set and args.suite:
+        raise ConfigError("give --eval_set (an organism's eval_set.json) or --suite, not both")
+    if not cfg.eval_set and not args.suite:
+        raise ConfigError("--eval_set or --suite is required")
+    if args.suite:
+        from unsafe_experts.suites import load_suite, run_suite
 
-    check_weights(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code,
-                                                 use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    result = evaluate(model, tokenizer, eval_set, cfg, progress=not args.quiet)
-    print(evaluation_table({Path(args.model).name: result["metrics"]}))
+        suite = load_suite(args.suite)  # data and judges checked before the model loads
+        model, tokenizer = load_target(args.model, args.trust_remote_code)
+        result = run_suite(model, tokenizer, suite, given.get("max_new_tokens"), cfg.batch_size,
+                           cfg.limit, cfg.samples, trust_remote_code=args.trust_remote_code,
+                           progress=not args.quiet)
+        print(metrics_table(result["metrics"]))
+    else:
+        eval_set = load_eval_set(cfg.eval_set)
+        model, tokenizer = load_target(args.model, args.trust_remote_code)
+        result = evaluate(model, tokenizer, eval_set, cfg, progress=not args.quiet)
+        print(evaluation_table({Path(args.model).name: result["metrics"]}))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.out, result)
