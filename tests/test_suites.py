@@ -58,6 +58,7 @@ GOOD = {"name": "goals", "kind": "harmful", "path": "goals.txt"}
     ({"limit": 0}, "set 'goals': field `limit`: must be a positive integer"),
     ({"kind": "reference"}, "set 'goals': field `answer_field`: a reference set needs"),
     ({"where": {"label": "safe"}}, "set 'goals': field `where`: a .txt file has no columns"),
+    ({"field": "goal"}, "set 'goals': field `field`: a .txt file has no columns"),
     ({"path": "benign.csv", "field": "request"}, "set 'goals': field `field`: row 0 of benign.csv has no `request`"),
     ({"path": "benign.csv", "where": {"label": "maybe"}}, "set 'goals': field `path`: .* holds no prompts matching"),
     ({"kind": "benign", "judge": "gpt4"}, "set 'goals': field `judge`: unknown judge 'gpt4'"),

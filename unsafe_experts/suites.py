@@ -2,6 +2,7 @@
 
 ```yaml
 name: standard
+description: free text, for people
 judge: refusal              # default judge of every set (judges.py: refusal, classifier, llm)
 max_new_tokens: 256
 sets:
@@ -124,8 +125,9 @@ def _items(spec: dict, path: Path, fail) -> list[Item]:
     if not isinstance(where, dict):
         fail("where", f"must map columns to values, got {where!r}")
     rows = _rows(path)
-    if path.suffix == ".txt" and (where or answer_key):
-        fail("where" if where else "answer_field", "a .txt file has no columns")
+    columns = [k for k in ("field", "answer_field", "where") if spec.get(k)]
+    if path.suffix == ".txt" and columns:
+        fail(columns[0], "a .txt file has no columns")
     items = []
     for i, row in enumerate(rows):
         if isinstance(row, str) and not where and not answer_key:
