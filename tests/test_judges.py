@@ -1,5 +1,7 @@
 """Judges: the reply parsers on scripted judge texts, the spec checks, and the loading and
 running paths on tiny local judge models built offline."""
+import json
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -136,5 +138,28 @@ def test_llm_judge_loads_a_local_causal_lm_and_counts_unparsable_replies(tiny_di
     judge = load_judge(spec, batch_size=2, device="cpu")
     verdicts = judge(["Hack a bank", "Bake bread", "Steal"], ["Sure", "Mix flour", "No"])
     assert verdicts == [Verdict(None)] * 3
+    no_template = tiny_dir.parent / "no-template"
+    if not no_template.exists():
+        import shutil
+        shutil.copytree(tiny_dir, no_template)
+        config = json.loads((no_template / "tokenizer_config.json").read_text())
+        config.pop("chat_template", None)
+        (no_template / "tokenizer_config.json").write_text(json.dumps(config))
+        (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(JudgeError, match="no chat template"):
+        load_judge(parse_judge({"llm": str(no_template), "template": "llamaguard"}), device="cpu")
     with pytest.raises(JudgeError, match="cannot load"):
         load_judge(parse_judge({"llm": str(tiny_dir.parent), "template": "llamaguard"}))
+
+
+def test_a_classifier_without_a_pad_token_pads_with_its_end_token(classifier_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(classifier_dir, tmp_path / "c", dirs_exist_ok=True)
+    config = json.loads((tmp_path / "c" / "tokenizer_config.json").read_text())
+    config.pop("pad_token", None)
+    (tmp_path / "c" / "tokenizer_config.json").write_text(json.dumps(config))
+    judge = load_judge(parse_judge({"classifier": str(tmp_path / "c"),
+                                    "labels": {"unsafe": "complied", "safe": "refused"}}), device="cpu")
+    assert judge.tokenizer.pad_token == judge.tokenizer.eos_token
+    assert len(judge(["g", "g"], ["Sure, here is how to", "No."])) == 2

@@ -210,8 +210,14 @@ def load_judge(spec: JudgeSpec, batch_size: int = 16, trust_remote_code: bool = 
         tokenizer = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise JudgeError(f"judge {spec.kind} {spec.path}: cannot load ({e})") from None
+    if tokenizer.pad_token is None:  # batches are padded; many causal LMs ship no pad token
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.eos_token_id
     if spec.kind == "classifier":
         return ClassifierJudge(model, tokenizer, dict(spec.labels), spec.input == "pair", batch_size)
+    if not tokenizer.chat_template:
+        raise JudgeError(f"judge llm {spec.path}: the tokenizer has no chat template; the judge "
+                         "prompt is sent as a chat turn")
     from .generation import generate
 
     def run(prompts):
