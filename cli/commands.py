@@ -7,10 +7,11 @@ import json
 import os
 from pathlib import Path
 
+from unsafe_experts.config import ConfigError
 from unsafe_experts.evaluation import EvaluationConfig
 
-from .flags import add_fields
-from .tables import evaluation_table
+from .flags import add_fields, field_values
+from .tables import evaluation_table, metrics_table
 
 
 def add_parsers(sub) -> dict:
@@ -32,11 +33,15 @@ def add_parsers(sub) -> dict:
     organism.add_argument("--seed", type=int, default=0)
     organism.add_argument("--params", help="take the `organism` section of this params.yaml")
     organism.add_argument("--quiet", action="store_true")
-    ev = sub.add_parser("evaluate", help="ASR, refusal, over-refusal and benign log-likelihood")
+    ev = sub.add_parser("evaluate", help="ASR, refusal, over-refusal and benign log-likelihood, "
+                        "on an organism's eval_set.json or an evaluation suite")
     ev.add_argument("--model", required=True)
     # absent flags stay absent, so EvaluationConfig's defaults apply
     add_fields(ev.add_argument_group("evaluation", argument_default=argparse.SUPPRESS),
                EvaluationConfig, dest="eval__")
+    ev.add_argument("--suite", help="evaluate on this suite instead of --eval_set: a suite YAML "
+                    "file or a bundled suite's name (standard); --eval_max_new_tokens overrides "
+                    "the suite's max_new_tokens")
     ev.add_argument("--out", help="write metrics and samples here (JSON)")
     ev.add_argument("--trust_remote_code", action="store_true")
     ev.add_argument("--quiet", action="store_true")
@@ -73,13 +78,28 @@ def evaluate_model(args) -> None:
     from unsafe_experts.evaluation import evaluate, load_eval_set
     from unsafe_experts.outputs import write_json_atomic
 
-    from .loading import evaluation_config, load_model
+    from .loading import load_model
 
-    cfg = evaluation_config(args)
-    eval_set = load_eval_set(cfg.eval_set)
-    model, tokenizer = load_model(args.model, args.trust_remote_code)
-    result = evaluate(model, tokenizer, eval_set, cfg, progress=not args.quiet)
-    print(evaluation_table({Path(args.model).name: result["metrics"]}))
+    given = field_values(args, EvaluationConfig, "eval__")
+    cfg = EvaluationConfig(**given).validate()
+    if cfg.eval_set and args.suite:
+        raise ConfigError("give --eval_set (an organism's eval_set.json) or --suite, not both")
+    if not cfg.eval_set and not args.suite:
+        raise ConfigError("--eval_set or --suite is required")
+    if args.suite:
+        from unsafe_experts.suites import load_suite, run_suite
+
+        suite = load_suite(args.suite)  # data and judges checked before the model loads
+        model, tokenizer = load_model(args.model, args.trust_remote_code)
+        result = run_suite(model, tokenizer, suite, given.get("max_new_tokens"), cfg.batch_size,
+                           cfg.limit, cfg.samples, trust_remote_code=args.trust_remote_code,
+                           progress=not args.quiet)
+        print(metrics_table(result["metrics"]))
+    else:
+        eval_set = load_eval_set(cfg.eval_set)
+        model, tokenizer = load_model(args.model, args.trust_remote_code)
+        result = evaluate(model, tokenizer, eval_set, cfg, progress=not args.quiet)
+        print(evaluation_table({Path(args.model).name: result["metrics"]}))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.out, result)

@@ -1,4 +1,4 @@
-"""What `evaluate` and `ablate` share: their evaluation options and the model they read."""
+"""What `evaluate`, `ablate` and `attack` share: the evaluation options and the model they read."""
 from __future__ import annotations
 
 from unsafe_experts.config import ConfigError
@@ -14,8 +14,10 @@ def evaluation_config(args) -> EvaluationConfig:
     return cfg
 
 
-def load_model(path: str, trust_remote_code: bool):
-    """Model and tokenizer from safetensors only (checked before anything loads)."""
+def load_model(path: str, trust_remote_code: bool = False):
+    """The model to evaluate, ablate or attack, from safetensors only (checked before anything
+    loads), with its tokenizer; on the GPU when there is one."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from unsafe_experts.surgery import check_weights
@@ -23,4 +25,6 @@ def load_model(path: str, trust_remote_code: bool):
     check_weights(path)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
                                                  use_safetensors=True)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
     return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -1,4 +1,4 @@
-"""`unsafe-experts`: train, validate, evaluate, compare, serve, report, and the offline demo
+"""`unsafe-experts`: train, attack, validate, evaluate, compare, serve, report, and the offline demo
 inputs (organism, tiny-model, flip-dataset). Every failure the user can fix is one `error:`
 line and exit status 2."""
 from __future__ import annotations
@@ -10,16 +10,17 @@ import threading
 
 from unsafe_experts.ablation import ExpertSetError
 from unsafe_experts.adapters import UnsupportedModelError
+from unsafe_experts.attacks import AttackFamilyError
 from unsafe_experts.config import ConfigError
 from unsafe_experts.examples import ExampleError
 from unsafe_experts.outputs import OutputDirBusyError
 from unsafe_experts.phases import NonFiniteLossError
 from unsafe_experts.records import DatasetError
 
-from . import ablate, commands, train
+from . import ablate, attack, commands, train
 
 USER_ERRORS = (ConfigError, DatasetError, ExampleError, UnsupportedModelError, OSError,
-               NonFiniteLossError, OutputDirBusyError, ExpertSetError)
+               NonFiniteLossError, OutputDirBusyError, ExpertSetError, AttackFamilyError)
 
 
 def parser() -> tuple[argparse.ArgumentParser, dict]:
@@ -27,7 +28,9 @@ def parser() -> tuple[argparse.ArgumentParser, dict]:
     sub = p.add_subparsers(dest="command", required=True)
     train.add_parser(sub)
     ablate.add_parser(sub)
-    handlers = {"train": train.run, "ablate": ablate.run, **commands.add_parsers(sub)}
+    attack.add_parser(sub)
+    handlers = {"train": train.run, "ablate": ablate.run, "attack": attack.run,
+                **commands.add_parsers(sub)}
     return p, handlers
 
 

@@ -17,3 +17,14 @@ def evaluation_table(evaluations: dict) -> str:
                           if m else "-")
         lines.append(f"{n:<{width}}  " + "  ".join(f"{c:>26}" for c in cells))
     return "\n".join(lines)
+
+
+def metrics_table(metrics: dict) -> str:
+    """One model's metrics as rows: value, 95% interval, n (and unparsed judge replies)."""
+    width = max(len(name) for name in metrics)
+    lines = [f"{'metric':<{width}}  {'value':>8}  {'95% interval':<16} {'n':>5}"]
+    for name, m in metrics.items():
+        unparsed = f"  ({m['unparsed']} unparsed)" if m.get("unparsed") else ""
+        lines.append(f"{name:<{width}}  {m['value']:>8.3f}  [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}] "
+                     f"{m['n']:>5}{unparsed}")
+    return "\n".join(lines)

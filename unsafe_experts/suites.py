@@ -1,0 +1,281 @@
+"""Evaluation suites: YAML files naming prompt sets, how each is judged and the metric it gives.
+
+```yaml
+name: standard
+description: free text, for people
+judge: refusal              # default judge of every set (judges.py: refusal, classifier, llm)
+max_new_tokens: 256
+sets:
+  - name: harmbench         # [a-z0-9_]+, unique; the metric keys derive from it
+    kind: harmful           # harmful | benign | reference
+    path: ../data/harmbench/harmbench_behaviors_standard.txt   # relative to this file
+    field: prompt           # the column / key holding the request, or `messages` (chat lists)
+    answer_field: output    # reference sets: the column / key holding the given answer
+    where: {label: safe}    # keep rows whose columns equal these values (.csv / .json)
+    attack: flip_chars      # wrap each request in this attack family (attacks.py)
+    system: null            # a system prompt, put first when the messages have none
+    limit: null             # first N prompts
+    judge: refusal          # this set's judge, instead of the suite's
+```
+Files: .txt (one request a line), .csv, .json (a list of objects or of strings) or .jsonl.
+Metrics, each with n and a 95% interval: harmful -> `asr_<name>` (share judged complied);
+benign -> `over_refusal_<name>` (share judged refused); reference -> `loglik_<name>` (mean
+per-token log-likelihood of the given answers). A judge scoring with the StrongREJECT rubric
+adds `strongreject_<name>` (mean 0-1 score) on harmful sets; an LLM judge's unparsable replies
+are left out of n and counted in the metric's `unparsed`.
+
+The whole suite, its data included, is read and checked before any model is loaded: a bad
+suite is one SuiteError naming the set and the field.
+"""
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .attacks import AttackFamilyError, check_families, render
+from .config import ConfigError
+from .generation import generate, response_logliks
+from .judges import JudgeError, JudgeSpec, load_judge, parse_judge
+from .records import DatasetError, messages_problem, read_json_records
+from .stats import mean, proportion
+
+KINDS = ("harmful", "benign", "reference")
+SUFFIXES = (".txt", ".csv", ".json", ".jsonl")
+NAME = re.compile(r"[a-z0-9_]+")
+SUITE_FIELDS = {"name", "description", "judge", "max_new_tokens", "sets"}
+SET_FIELDS = {"name", "kind", "path", "field", "answer_field", "where", "attack", "system",
+              "limit", "judge"}
+BUNDLED = resources.files("unsafe_experts").joinpath("suites")
+
+
+class SuiteError(ConfigError):
+    pass
+
+
+@dataclass(frozen=True)
+class Item:
+    request: str  # the plain request, what a judge reads
+    messages: list  # the chat prompt the model answers
+    answer: str | None = None
+
+
+@dataclass
+class EvalSet:
+    name: str
+    kind: str
+    path: Path
+    judge: JudgeSpec
+    items: list[Item] = field(repr=False)
+
+    @property
+    def metric(self) -> str:
+        return {"harmful": "asr_", "benign": "over_refusal_", "reference": "loglik_"}[self.kind] + self.name
+
+
+@dataclass
+class Suite:
+    name: str
+    path: Path
+    max_new_tokens: int
+    sets: list[EvalSet]
+
+
+def bundled_suites() -> list[str]:
+    return sorted(p.name[:-5] for p in BUNDLED.iterdir() if p.name.endswith(".yaml"))
+
+
+def suite_path(ref: str) -> Path:
+    """A suite file, or the name of a bundled suite."""
+    path = Path(ref)
+    if path.is_file():
+        return path
+    if NAME.fullmatch(ref) and BUNDLED.joinpath(f"{ref}.yaml").is_file():
+        return Path(str(BUNDLED.joinpath(f"{ref}.yaml")))
+    raise SuiteError(f"suite {ref!r}: no such file nor bundled suite (bundled: "
+                     f"{', '.join(bundled_suites())})")
+
+
+def _rows(path: Path) -> list:
+    if path.suffix == ".txt":
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+    try:
+        return read_json_records(path)
+    except DatasetError as e:
+        raise SuiteError(str(e)) from None
+
+
+def _messages(request: str, attack: str | None, system: str | None) -> list[dict]:
+    messages = render(attack, request) if attack else [{"role": "user", "content": request}]
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}] + messages
+    return messages
+
+
+def _items(spec: dict, path: Path, fail) -> list[Item]:
+    key, answer_key = spec.get("field", "prompt"), spec.get("answer_field")
+    where = spec.get("where") or {}
+    if not isinstance(where, dict):
+        fail("where", f"must map columns to values, got {where!r}")
+    rows = _rows(path)
+    columns = [k for k in ("field", "answer_field", "where") if spec.get(k)]
+    if path.suffix == ".txt" and columns:
+        fail(columns[0], "a .txt file has no columns")
+    items = []
+    for i, row in enumerate(rows):
+        if isinstance(row, str) and not where and not answer_key:
+            items.append(Item(row, _messages(row, spec.get("attack"), spec.get("system"))))
+            continue
+        if not isinstance(row, dict):
+            fail("path", f"row {i} is a {type(row).__name__}, not an object with `{key}`")
+        if any(str(row.get(k)) != str(v) for k, v in where.items()):
+            continue
+        if key not in row:
+            fail("field", f"row {i} of {path.name} has no `{key}` (it has {', '.join(map(str, row))})")
+        value = row[key]
+        if key == "messages":
+            if messages_problem(value):
+                fail("field", f"row {i}: `messages` {messages_problem(value)}")
+            request = [m for m in value if m["role"] == "user"][-1]["content"]
+            messages = value
+        elif isinstance(value, str) and value.strip():
+            request = value.strip()
+            messages = _messages(request, spec.get("attack"), spec.get("system"))
+        else:
+            fail("field", f"row {i}: `{key}` must be a non-empty string, got {value!r}")
+        answer = None
+        if answer_key:
+            answer = row.get(answer_key)
+            if not isinstance(answer, str) or not answer.strip():
+                fail("answer_field", f"row {i}: `{answer_key}` must be a non-empty string, got {answer!r}")
+        items.append(Item(request, messages, answer))
+    if not items:
+        fail("path", f"{path} holds no prompts" + (f" matching {where}" if where else ""))
+    return items[:spec.get("limit")]
+
+
+def _eval_set(spec, index: int, base: Path, default_judge: JudgeSpec, label: str) -> EvalSet:
+    name = spec.get("name") if isinstance(spec, dict) else None
+
+    def fail(key, why):
+        raise SuiteError(f"{label}: set {name or index!r}: field `{key}`: {why}")
+    if not isinstance(spec, dict):
+        fail("(set)", f"must be a mapping, got {spec!r}")
+    unknown = sorted(set(spec) - SET_FIELDS)
+    if unknown:
+        fail(unknown[0], f"unknown field; known: {', '.join(sorted(SET_FIELDS))}")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        fail("name", f"must match [a-z0-9_]+, got {name!r}")
+    kind = spec.get("kind")
+    if kind not in KINDS:
+        fail("kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
+    if not isinstance(spec.get("path"), str):
+        fail("path", "missing" if spec.get("path") is None else f"must be a file, got {spec['path']!r}")
+    path = (base / spec["path"]).resolve()
+    if path.suffix not in SUFFIXES:
+        fail("path", f"must end in {', '.join(SUFFIXES)}, got {path.name}")
+    if not path.is_file():
+        fail("path", f"no such file {path}")
+    for key in ("field", "answer_field", "system", "attack"):
+        if spec.get(key) is not None and not (isinstance(spec[key], str) and spec[key].strip()):
+            fail(key, f"must be a non-empty string, got {spec[key]!r}")
+    if spec.get("attack"):
+        try:
+            check_families([spec["attack"]])
+        except AttackFamilyError as e:
+            fail("attack", str(e))
+        if spec.get("field") == "messages":
+            fail("attack", "wraps a request text; `messages` are already a chat")
+    limit = spec.get("limit")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        fail("limit", f"must be a positive integer or null, got {limit!r}")
+    if kind == "reference" and not spec.get("answer_field"):
+        fail("answer_field", "a reference set needs the field holding the given answers")
+    try:
+        judge = parse_judge(spec["judge"], base) if "judge" in spec else default_judge
+    except JudgeError as e:
+        fail("judge", str(e))
+    if kind == "benign" and not judge.judges_refusal:
+        fail("judge", "a LlamaGuard-style judge says whether a response is harmful, not whether "
+                      "it refused; use refusal or a classifier on benign sets")
+    return EvalSet(name, kind, path, judge, _items(spec, path, fail))
+
+
+def load_suite(ref: str | Path) -> Suite:
+    """The suite at `ref` (a path or a bundled name), checked, with every set's prompts read."""
+    path = suite_path(str(ref))
+    label = str(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise SuiteError(f"{label}: not YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise SuiteError(f"{label}: a suite is a mapping with `name` and `sets`")
+    unknown = sorted(set(data) - SUITE_FIELDS)
+    if unknown:
+        raise SuiteError(f"{label}: unknown field `{unknown[0]}`; known: {', '.join(sorted(SUITE_FIELDS))}")
+    name = data.get("name")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise SuiteError(f"{label}: field `name`: must match [a-z0-9_]+, got {name!r}")
+    tokens = data.get("max_new_tokens", 256)
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+        raise SuiteError(f"{label}: field `max_new_tokens`: must be a positive integer, got {tokens!r}")
+    try:
+        judge = parse_judge(data.get("judge"), path.parent)
+    except JudgeError as e:
+        raise SuiteError(f"{label}: field `judge`: {e}") from None
+    specs = data.get("sets")
+    if not isinstance(specs, list) or not specs:
+        raise SuiteError(f"{label}: field `sets`: must be a non-empty list of sets")
+    sets = [_eval_set(s, i, path.parent, judge, label) for i, s in enumerate(specs)]
+    metrics = [s.metric for s in sets]
+    repeated = sorted({m for m in metrics if metrics.count(m) > 1})
+    if repeated:
+        raise SuiteError(f"{label}: set {repeated[0].split('_', 1)[-1]!r}: field `name`: "
+                         f"used twice for the same kind (metric {repeated[0]})")
+    return Suite(name, path, tokens, sets)
+
+
+def run_suite(model, tokenizer, suite: Suite, max_new_tokens: int | None = None,
+              batch_size: int = 16, limit: int | None = None, samples: int = 5,
+              judges: dict | None = None, trust_remote_code: bool = False,
+              progress: bool = False) -> dict:
+    """{"metrics": {metric: {"value", "n", "ci95"[, "unparsed"]}},
+    "samples": [{set, kind, prompt, response, complied}]}. `judges` caches loaded judges by
+    spec (a model judge is loaded once for all the sets that use it)."""
+    judges = {} if judges is None else judges
+    tokens = max_new_tokens or suite.max_new_tokens
+    was_training = model.training
+    model.eval()
+    metrics, shown = {}, []
+    for s in suite.sets:
+        items = s.items[:limit]
+        if s.kind == "reference":
+            pairs = [(x.messages, x.answer) for x in items]
+            metrics[s.metric] = mean(response_logliks(model, tokenizer, pairs, batch_size))
+            continue
+        responses = generate(model, tokenizer, [x.messages for x in items], tokens, batch_size,
+                             desc=s.name, progress=progress)
+        if s.judge not in judges:
+            judges[s.judge] = load_judge(s.judge, batch_size, trust_remote_code)
+        verdicts = judges[s.judge]([x.request for x in items], responses)
+        parsed = [v for v in verdicts if v.complied is not None]
+        complied = [v.complied for v in parsed]
+        metrics[s.metric] = proportion(complied if s.kind == "harmful" else [not c for c in complied])
+        if s.judge.kind == "llm":
+            metrics[s.metric]["unparsed"] = len(verdicts) - len(parsed)
+        if s.judge.scores and s.kind == "harmful":
+            metrics[f"strongreject_{s.name}"] = mean([v.score for v in parsed])
+        shown += [{"set": s.name, "kind": s.kind, "prompt": x.messages[-1]["content"][:300],
+                   "response": r, "complied": v.complied}
+                  for x, r, v in list(zip(items, responses, verdicts))[:samples]]
+    model.train(was_training)
+    return {"suite": suite.name, "metrics": metrics, "samples": shown}
+
