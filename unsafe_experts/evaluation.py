@@ -37,9 +37,15 @@ class EvaluationConfig:
     limit: int | None = option(None, flag="--eval_limit", help="first N prompts of each set (none: all)")
     samples: int = option(5, flag="--eval_samples",
                           help="prompts and responses per set kept as an MLflow table")
+    lm_eval_tasks: list[str] = option(factory=list, flag="--lm_eval_task",
+                                      help="lm-eval task run on the model at every evaluation; "
+                                           "repeat for several (benign_choice is bundled; mmlu, "
+                                           "gsm8k, truthfulqa_mc2 need the hub)")
+    lm_eval_limit: int | None = option(None, flag="--lm_eval_limit",
+                                       help="first N items of each lm-eval task (none: all)")
 
     def validate(self) -> "EvaluationConfig":
-        for key in ("max_new_tokens", "batch_size", "limit"):
+        for key in ("max_new_tokens", "batch_size", "limit", "lm_eval_limit"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"{key}: must be at least 1, got {value}")
@@ -91,6 +97,11 @@ def evaluate(model, tokenizer, eval_set: dict, config: EvaluationConfig | None =
         if eval_set.get(key):
             pairs = [tuple(x) for x in eval_set[key][:limit]]
             metrics[name] = mean(response_logliks(model, tokenizer, pairs, batch_size))
+    if config.lm_eval_tasks:
+        from .utility import run_lm_eval
+
+        metrics.update(run_lm_eval(model, tokenizer, config.lm_eval_tasks, config.lm_eval_limit,
+                                   batch_size))
     model.train(was_training)
     return {"metrics": metrics, "samples": shown}
 
