@@ -89,6 +89,19 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
     shown = dvc(["metrics", "show"], clone, env)
     assert "metrics/train.json" in shown and "final_sft_loss" in shown
     assert "metrics/validation.json" in shown and "final.asr_flip_words" in shown
+    # a team shares data and outputs through a DVC remote (a local folder here)
+    remote = tmp_path / "remote"
+    dvc(["remote", "add", "-d", "team", str(remote)], clone, env)
+    dvc(["push"], clone, env)
+    weights = (clone / "outputs/gradient/final_model/model.safetensors").read_bytes()
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "pushed"],
+                   cwd=clone, check=True)  # dvc.lock of what was pushed
+    other = tmp_path / "other"
+    subprocess.run(["git", "clone", "-q", str(clone), str(other)], check=True)
+    (other / ".dvc/config").write_text((clone / ".dvc/config").read_text())
+    dvc(["pull"], other, {**env, "DVC_SITE_CACHE_DIR": str(tmp_path / "site2")})
+    assert (other / "build/organism/model/model.safetensors").exists()
+    assert (other / "outputs/gradient/final_model/model.safetensors").read_bytes() == weights
     plots = dvc(["plots", "show", "--json"], clone, env)
     assert "asr_flip_words" in plots and "over_refusal" in plots
 
