@@ -67,6 +67,7 @@ def main(argv=None) -> None:
     p.add_argument("--retention", default="plain")
     p.add_argument("--out")
     p.add_argument("--before", help="the organism's metrics, from `evaluate --out`")
+    p.add_argument("--retention_path", help="instead of ORGANISM/retention.json")
     args = p.parse_args(argv)
     params = yaml.safe_load(Path(args.params).read_text()) if args.params else {}
     if args.command == "organism":
@@ -85,7 +86,8 @@ def main(argv=None) -> None:
         train = {k: v for k, v in params.get("train", {}).items() if k in known}
         train.update(model_name=str(org / "model"), dataset_path=str(org / "surgery_records.json"),
                      output_dir=str(out), retention=args.retention, overwrite=True,
-                     retention_path=None if args.retention == "none" else str(org / "retention.json"))
+                     retention_path=None if args.retention == "none"
+                     else args.retention_path or str(org / "retention.json"))
         t0 = time.time()
         meta = run_surgery(TrainConfig(**train), progress=False)
         print(f"surgery ({args.retention}) in {time.time() - t0:.0f}s; retention {meta.get('retention')}")

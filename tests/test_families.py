@@ -6,8 +6,8 @@ import pytest
 
 from unsafe_experts.attacks import FAMILIES
 from unsafe_experts.config import ConfigError, TrainConfig
-from unsafe_experts.organism import (OrganismConfig, build_splits, eval_set, retention_prompts,
-                                     rotation, training_pairs)
+from unsafe_experts.organism import (OrganismConfig, build_splits, eval_set, interleave,
+                                     retention_prompts, rotation, training_pairs)
 from unsafe_experts.records import DatasetError
 from unsafe_experts.retention import load_retention, sample_retention
 from unsafe_experts.surgery import check_inputs, run_surgery
@@ -62,6 +62,10 @@ def test_eval_set_has_harmful_and_benign_sets_per_family(splits):
         assert len(sets["harmful"]) == 156 and len(sets["benign"]) == 125 + 150
         assert not {json.dumps(m) for m in sets["harmful"]} & {json.dumps(m) for m in sets["benign"]}
     assert held["flip_words"] == held["families"]["flip_words"]["harmful"]
+    # alternating, so that the first N (an evaluation limit) hold both kinds of benign prompt
+    first = [m[-1]["content"] for m in held["families"]["persona"]["benign"][:4]]
+    assert [any(x in text for x in splits["xstest_heldout"]) for text in first] == [True, False] * 2
+    assert interleave([1, 2, 3], ["a"]) == [1, "a", 2, 3]
     assert held["flip_chars"] == held["families"]["flip_chars"]["harmful"]
 
 

@@ -187,14 +187,21 @@ def train_organism(cfg: OrganismConfig, pairs, tokenizer, progress: bool = True)
     return model.eval(), losses
 
 
+def interleave(a: list, b: list) -> list:
+    """a[0], b[0], a[1], b[1], ..., then the longer one's rest: the first N prompts of a
+    benign set (an evaluation `limit`) hold XSTest and AlpacaEval prompts alike."""
+    out = [x for pair in zip(a, b) for x in pair]
+    return out + a[len(b):] + b[len(a):]
+
+
 def eval_set(splits: dict, families: list[str] | None = None) -> dict:
     """Held-out prompts only: `plain`, `xstest_safe`, `benign_refs`, the version-1 keys
     `flip_words` / `flip_chars` (the same prompts as their families' harmful sets) and
     `families`: {F: {"harmful": held-out goals in F, "benign": held-out XSTest safe prompts
-    and AlpacaEval instructions in F}}."""
+    and AlpacaEval instructions in F, alternating}}."""
     families = check_families(families or list(FAMILIES))
     goals = [row["goal"] for row in splits["goals_heldout"]]
-    benign = splits["xstest_heldout"] + [p["instruction"] for p in splits["alpaca_heldout"]]
+    benign = interleave(splits["xstest_heldout"], [p["instruction"] for p in splits["alpaca_heldout"]])
     sets = {key: [render(key, g) for g in goals] for key in LEGACY_EVAL_SETS}
     sets["plain"] = [plain_prompt(g) for g in goals]
     sets["xstest_safe"] = [user(p) for p in splits["xstest_heldout"]]
