@@ -1,6 +1,9 @@
 """Unsafe-expert surgery (any method) as a Prefect flow, tracked in MLflow (one parent run, one nested
-run per round) and versioned by DVC through `dvc.yaml`."""
-from __future__ import annotations
+run per round) and versioned by DVC through `dvc.yaml`.
+
+No `from __future__ import annotations` here: Prefect validates a flow's parameters with a
+model built from its annotations, and a served deployment's run cannot resolve the string
+"TrainConfig" (it failed with "Surgery_FlowModel is not fully defined")."""
 
 import tempfile
 import warnings
