@@ -20,13 +20,19 @@ from unsafe_experts.config import ConfigError
 
 from . import tracking
 
-COLUMNS = ["method", "k", "seed", "rounds", "asr_flip_words", "asr_flip_chars", "plain_refusal",
-           "over_refusal", "benign_loglik", "identification_s", "peak_memory_mb"]
-METRICS = {"asr_flip_words": "final/asr_flip_words", "asr_flip_chars": "final/asr_flip_chars",
-           "plain_refusal": "final/plain_refusal", "over_refusal": "final/over_refusal",
-           "benign_loglik": "final/benign_loglik", "identification_s": "identify_s",
-           "peak_memory_mb": "identify_peak_memory_mb"}
+# a parent run's evaluation figures are metrics whose latest value is after the last round;
+# these come first, in this order, and any other attack family's asr_* / over_refusal_* after
 SUMMARY = ["asr_flip_words", "asr_flip_chars", "plain_refusal", "over_refusal", "benign_loglik"]
+OTHER = {"identification_s": "identify_s", "peak_memory_mb": "identify_peak_memory_mb"}
+COLUMNS = ["method", "k", "seed", "rounds", *SUMMARY, *OTHER]
+
+
+def evaluation_names(runs: pd.DataFrame) -> list[str]:
+    """SUMMARY's names, then every other evaluation figure the runs have, sorted."""
+    found = {c[len("metrics."):] for c in runs.columns if c.startswith("metrics.")}
+    extra = sorted(n for n in found if n.startswith(("asr_", "over_refusal")) and n not in SUMMARY
+                   and not n.endswith(("_before", "_change")))
+    return SUMMARY + extra
 
 
 def latest_runs(experiment: str, wanted: list[dict] | None = None) -> pd.DataFrame:
@@ -37,13 +43,18 @@ def latest_runs(experiment: str, wanted: list[dict] | None = None) -> pd.DataFra
     if runs.empty:
         raise ConfigError(f"no finished runs in MLflow experiment {experiment!r}")
     runs = runs[runs.get("tags.mlflow.parentRunId", pd.Series(index=runs.index)).isna()]
-    runs = runs[runs["metrics.final/asr_flip_words"].notna()] if "metrics.final/asr_flip_words" in runs else runs.iloc[:0]
-    before = {m: runs.get(f"metrics.before/{m}") for m in SUMMARY}
+    asr = [c for c in runs.columns if c.startswith("metrics.asr_") and not c.endswith("_before")]
+    runs = runs[runs[asr].notna().any(axis=1)] if asr else runs.iloc[:0]
+    names = evaluation_names(runs)
+    missing = pd.Series(np.nan, index=runs.index)
     table = pd.DataFrame({
-        "run_id": runs["run_id"], **{f"before_{m}": v for m, v in before.items() if v is not None}, "method": runs["tags.method"],
+        "run_id": runs["run_id"],
+        **{f"before_{m}": runs[f"metrics.{m}_before"] for m in names if f"metrics.{m}_before" in runs},
+        "method": runs["tags.method"],
         "k": runs["params.top_k_experts"].astype(int), "seed": runs["params.seed"].astype(int),
         "rounds": runs["params.num_rounds"].astype(int),
-        **{col: runs[f"metrics.{key}"] for col, key in METRICS.items()},
+        **{m: runs.get(f"metrics.{m}", missing) for m in names},
+        **{col: runs.get(f"metrics.{key}", missing) for col, key in OTHER.items()},
     })
     # controls whose k means nothing are reported with the k they really trained
     table.loc[table["method"] == "router_only", "k"] = 0
@@ -56,10 +67,18 @@ def latest_runs(experiment: str, wanted: list[dict] | None = None) -> pd.DataFra
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
     """Mean and standard deviation over seeds per (method, k)."""
-    grouped = table.groupby(["method", "k"])[SUMMARY]
+    figures = [c for c in columns(table)[4:] if c not in OTHER]
+    grouped = table.groupby(["method", "k"])[figures]
     out = grouped.mean().add_suffix("_mean").join(grouped.std(ddof=0).add_suffix("_sd"))
     out["seeds"] = table.groupby(["method", "k"]).size()
     return out.reset_index()
+
+
+def columns(table: pd.DataFrame) -> list[str]:
+    """COLUMNS, with any further attack family's figures before the timings."""
+    fixed = {"run_id", "method", "k", "seed", "rounds", *OTHER}
+    figures = [c for c in table.columns if c not in fixed and not c.startswith("before_")]
+    return ["method", "k", "seed", "rounds", *figures, *OTHER]
 
 
 def _metadata(run_id: str) -> dict:
@@ -90,9 +109,11 @@ def overlap(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def asr_plot(table: pd.DataFrame, path: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+    families = [c for c in columns(table) if c.startswith("asr_")]
+    fig, axes = plt.subplots(1, len(families), figsize=(4.5 * len(families), 3.5), sharey=True, squeeze=False)
+    axes = axes[0]
     ranked = table[~table.method.isin(["router_only", "all_experts"])]
-    for ax, metric in zip(axes, ("asr_flip_words", "asr_flip_chars")):
+    for ax, metric in zip(axes, families):
         for method, rows in ranked.groupby("method"):
             stats = rows.groupby("k")[metric].agg(["mean", "std"]).fillna(0)
             ax.errorbar(stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=3, label=method)
@@ -102,16 +123,15 @@ def asr_plot(table: pd.DataFrame, path: Path) -> Path:
                 ax.axhline(value.mean(), linestyle=style, color="grey", label=method)
         ax.set(xlabel="k (experts repaired per round)", title=metric, xscale="log")
     axes[0].set_ylabel("attack success rate after surgery")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
 def before_line(table: pd.DataFrame) -> str:
     """The organism before surgery (every run evaluates the same model on the same prompts)."""
-    cols = [f"before_{m}" for m in SUMMARY if f"before_{m}" in table]
+    cols = [c for c in table.columns if c.startswith("before_")]
     if not cols:
         return "(no evaluation before surgery recorded)"
     values = table[cols].mean()
@@ -123,7 +143,7 @@ def markdown(table: pd.DataFrame, means: pd.DataFrame, overlaps: pd.DataFrame) -
         return df.to_markdown(index=False, floatfmt=".3f")
     return "\n\n".join([
         before_line(table),
-        "## Every run (latest per method, k, seed)", fmt(table[COLUMNS]),
+        "## Every run (latest per method, k, seed)", fmt(table[columns(table)]),
         "## Mean and spread over seeds", fmt(means),
         "## Gradient vs routing expert sets", fmt(overlaps) if len(overlaps) else "(no pair)",
     ]) + "\n"
@@ -138,7 +158,7 @@ def write_comparison(experiment: str, out_csv: str | Path, wanted: list[dict] | 
     if table.empty:
         raise ConfigError(f"no evaluated runs to compare in MLflow experiment {experiment!r}")
     means, overlaps = summary(table), overlap(table)
-    table[COLUMNS].to_csv(out_csv, index=False)
+    table[columns(table)].to_csv(out_csv, index=False)
     md = out_csv.with_suffix(".md")
     md.write_text(markdown(table, means, overlaps))
     overlaps.to_csv(out_csv.with_name("overlap.csv"), index=False)

@@ -10,10 +10,11 @@ from tasks.compare import COLUMNS, spearman, write_comparison
 def seed_run(experiment, tmp_path, method, k, seed, asr, meta=None, parent=None):
     params = {"top_k_experts": k, "seed": seed, "num_rounds": 2}
     run_id = tracking.start_run(experiment, f"{method}-{k}-{seed}", params, {"method": method}, parent)
-    metrics = {"final/asr_flip_words": asr, "final/asr_flip_chars": asr / 2,
-               "final/plain_refusal": 0.9, "final/over_refusal": 0.05, "final/benign_loglik": -5.0,
+    tracking.log_metrics(run_id, {"asr_flip_words": 1.0, "asr_flip_chars": 1.0}, step=0)  # before
+    metrics = {"asr_flip_words": asr, "asr_flip_chars": asr / 2, "asr_flip_words_before": 1.0,
+               "plain_refusal": 0.9, "over_refusal": 0.05, "benign_loglik": -5.0,
                "identify_s": 1.5, "identify_peak_memory_mb": 700.0}
-    tracking.log_metrics(run_id, metrics)
+    tracking.log_metrics(run_id, metrics, step=2)  # after the last round: the latest value
     if meta:
         path = tmp_path / f"{method}{k}" / "training_metadata.json"
         path.parent.mkdir()
