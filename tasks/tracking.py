@@ -116,7 +116,7 @@ def source_tags() -> dict[str, str]:
         user = "unknown"
     tags = {"mlflow.source.name": "flows/surgery.py", "mlflow.source.type": "LOCAL",
             "mlflow.user": user, "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500]}
-    commit = git_commit()
+    commit = git_commit(Path(__file__).resolve().parents[1])  # the code that ran, whatever the cwd
     if commit != "unknown":
         tags["mlflow.source.git.commit"] = commit
     return tags
