@@ -178,7 +178,9 @@ def _conclude(cfg, final, run_id, evaluations, evaluation_path, metrics_path, lo
                        routers_changed=len(locality["routers"]))
     if evaluations:
         metrics.update(tracking.headline(evaluations))
-    tracking.write_and_log_metrics(run_id, metrics, metrics_path)
+    tracking.log_metrics(run_id, metrics)
+    # for `dvc metrics show`: the before values are in evaluation.json beside the after values
+    tracking.write_json(metrics_path, {k: v for k, v in metrics.items() if not k.endswith("_before")})
     name = _run_name(cfg)
     description = _description(name, metadata[ROUNDS], evaluations, metrics)
     tracking.log_tags(run_id, {"mlflow.note.content": description})

@@ -164,12 +164,6 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         client().log_batch(run_id, metrics=items[i:i + 900])
 
 
-def write_and_log_metrics(run_id: str, metrics: dict, path: str | Path | None) -> None:
-    """The one place a flat metrics dict goes to both DVC (a JSON file) and MLflow."""
-    write_json(path, metrics)
-    log_metrics(run_id, metrics)
-
-
 def write_json(path: str | Path | None, data) -> None:
     from unsafe_experts.outputs import write_json_atomic
 
