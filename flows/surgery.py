@@ -253,9 +253,18 @@ def surgery_flow(cfg: TrainConfig, experiment: str = "unsafe-experts", log_model
         raise
 
 
-def _stop(monitor) -> None:
-    if monitor is not None:
+def _stop(monitor, wait_s: float = 10) -> None:
+    """Stops MLflow's system-metrics thread; never waits long on a tracking server that is down."""
+    if monitor is None:
+        return
+    import threading
+
+    def finish():
         try:
             monitor.finish()
         except Exception as e:  # system metrics are a nicety, never a failure
             warnings.warn(f"stopping MLflow system metrics: {e}")
+
+    stopper = threading.Thread(target=finish, daemon=True, name="stop-system-metrics")
+    stopper.start()
+    stopper.join(wait_s)

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # log_table appends by downloading
 # a tracking outage fails a call in seconds, not minutes (MLflow's defaults: 7 retries with
 # exponential backoff and a 120 s timeout each, which stalled a run for over 8 minutes); the
 # run then fails, its metadata says so, and the same command resumes it once tracking is back
@@ -114,8 +115,10 @@ def source_tags() -> dict[str, str]:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = "unknown"
+    program = Path(sys.argv[0]).name
+    program = "unsafe-experts" if program in ("__main__.py", "unsafe-experts") else program
     tags = {"mlflow.source.name": "flows/surgery.py", "mlflow.source.type": "LOCAL",
-            "mlflow.user": user, "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500]}
+            "mlflow.user": user, "command": shlex.join([program, *sys.argv[1:]])[:500]}
     commit = git_commit(Path(__file__).resolve().parents[1])  # the code that ran, whatever the cwd
     if commit != "unknown":
         tags["mlflow.source.git.commit"] = commit
@@ -272,10 +275,10 @@ def heatmap_png(frames: list[pd.DataFrame], path: Path, title: str = "expert sco
         ax.set(xlabel="expert", title=f"round {int(f['round'].iloc[0])}")
         ax.set_xticks(range(0, width, max(1, width // 16)))
     axes[0][0].set(ylabel="MoE layer", yticks=range(len(layers)), yticklabels=layers)
-    fig.suptitle(title, fontsize=10)
-    fig.colorbar(im, ax=list(axes[0]), fraction=0.03, pad=0.02, label="score (one scale)")
+    fig.colorbar(im, ax=list(axes[0]), fraction=0.03, pad=0.02, label="score (one scale for all rounds)")
+    fig.text(0.01, 1.0, title, fontsize=10, ha="left", va="bottom")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower right", fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower right", bbox_to_anchor=(0.99, 0.99), fontsize=8, frameon=False)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -397,7 +400,9 @@ def safety_plot(rows: list[dict], path: Path) -> Path:
             values = [r.get(key, np.nan) for r in rows]
             if title.startswith("log-likelihood"):
                 values = [v - values[0] for v in values]
-            ax.plot(steps, values, marker=markers[i % len(markers)], linestyle=styles[i % len(styles)],
+            # identical values stay visible: each series is nudged sideways by a few pixels
+            dodge = (i - (len(keys) - 1) / 2) * 0.2 / max(len(keys), 1)
+            ax.plot([x + dodge for x in steps], values, marker=markers[i % len(markers)], linestyle=styles[i % len(styles)],
                     color=colours[i % len(colours)], markersize=6, linewidth=1.6, alpha=0.9,
                     label=key, clip_on=False)
         if title.startswith("log-likelihood"):
