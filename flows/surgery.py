@@ -139,7 +139,8 @@ def _markdown(name, run_id, experiment, rounds, evaluations, metrics, descriptio
     lines += ["", "## MLflow", "", f"Run `{run_id}` in experiment `{experiment}` "
               f"({tracking.tracking_uri()}); open it with", "",
               f"    mlflow ui --backend-store-uri {tracking.tracking_uri()}", "",
-              f"and go to `#/experiments/{tracking.experiment_id(experiment)}/runs/{run_id}`."]
+              f"and go to `#/experiments/{tracking.experiment_id(experiment)}/runs/{run_id}"
+              "?workflowType=machine_learning` (MLflow's model-training view)."]
     return "\n".join(lines)
 
 

@@ -91,7 +91,9 @@ def main(argv=None) -> int:
             pages["round_run"] = f"{base}/#/experiments/{exp}/runs/{first}"
             pages["round_metrics"] = f"{base}/#/experiments/{exp}/runs/{first}/model-metrics"
         for name, url in pages.items():
-            shoot(url, out / f"{name}.png", args.size, args.wait_ms)
+            # MLflow 3.17's UI takes the GenAI-or-model-training view from a global switch
+            # (default GenAI), not from the experiment's mlflow.experimentKind tag; the URL sets it
+            shoot(f"{url}?workflowType=machine_learning", out / f"{name}.png", args.size, args.wait_ms)
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and its workers, started above
         server.wait(timeout=30)

@@ -264,9 +264,9 @@ def heatmap_png(frames: list[pd.DataFrame], path: Path, title: str = "expert sco
     vmin = min(np.nanmin(g) for g in grids)
     vmax = max(np.nanmax(g) for g in grids)
     vmax = vmax if vmax > vmin else vmin + 1e-12
-    panel_w = min(1.0 + width * 0.28, 12)
+    panel_w = min(max(3.5, 1.0 + width * 0.28), 12)
     fig, axes = plt.subplots(1, len(frames), squeeze=False, sharey=True,
-                             figsize=(panel_w * len(frames) + 2.6, 1.4 + len(layers) * 0.38))
+                             figsize=(panel_w * len(frames) + 2.6, max(3.0, 1.4 + len(layers) * 0.38)))
     for ax, f, grid in zip(axes[0], frames, grids):
         im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
         sel = f[f["selected"]]
