@@ -204,7 +204,9 @@ def surgery_flow(cfg: TrainConfig, experiment: str = "unsafe-experts", log_model
     cfg.validate()  # a no-op for a resolved config; a deployment's parameters arrive rebuilt
     evaluation = (evaluation or EvaluationConfig()).validate()
     evaluating = bool(evaluation.eval_set)
-    tags = {"method": cfg.method, "git_commit": git_commit(), "data_dvc_md5": dvc_md5(cfg.dataset_path),
+    commit = git_commit()  # the working directory's (DVC) repository, else the code's
+    commit = commit if commit != "unknown" else git_commit(Path(__file__).resolve().parents[1])
+    tags = {"method": cfg.method, "git_commit": commit, "data_dvc_md5": dvc_md5(cfg.dataset_path),
             "prefect_flow_run_id": runtime.flow_run.id or "none", "output_dir": cfg.output_dir,
             "world_size": launched_world()}  # processes under torchrun; 1 alone
     run_id = tracking.start_run(experiment, _run_name(cfg),
