@@ -47,6 +47,8 @@ def _evaluate(key, stage, evaluation, run_ids, step, evaluations, logged):
     result = steps.evaluate_stage(key, stage, evaluation)
     for run_id in run_ids:
         tracking.log_evaluation(run_id, result, step, stage)
+    if len(run_ids) > 1:  # a round run: its samples in full, as text
+        tracking.log_samples_text(run_ids[-1], [{"stage": stage, **x} for x in result["samples"]])
     logged.add(stage)
     evaluations[stage] = result["metrics"]
 

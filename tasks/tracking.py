@@ -343,6 +343,24 @@ def log_evaluation(run_id: str, result: dict, step: int, stage: str) -> None:
         c.log_table(run_id, pd.DataFrame([{"stage": stage, **x} for x in result["samples"]]), SAMPLES_TABLE)
 
 
+def samples_markdown(samples: list[dict]) -> str:
+    """The sample answers in full (MLflow's table view cuts long cells), grouped by stage."""
+    lines, stage = ["# Sample answers", ""], None
+    for x in samples:
+        if x.get("stage") != stage:
+            stage = x.get("stage")
+            lines += [f"## {stage}", ""]
+        verdict = "refused" if x.get("refusal") else "answered"
+        lines += [f"### {x.get('set')} ({verdict})", "", "**prompt**", "", "```", str(x.get("prompt")), "```",
+                  "", "**response**", "", "```", str(x.get("response")), "```", ""]
+    return "\n".join(lines)
+
+
+def log_samples_text(run_id: str, samples: list[dict]) -> None:
+    if samples:
+        client().log_text(run_id, samples_markdown(samples), "eval_samples.md")
+
+
 def stage_step(stage: str) -> int:
     return 0 if stage == "before" else int(stage.split("_")[-1])
 

@@ -60,4 +60,4 @@ def test_evaluation_flow_on_the_test_organism(small_organism, tmp_path, tracking
     assert (tmp_path / "m/safety_per_round.png").exists() and (tmp_path / "m/expert_scores.png").exists()
     (first,) = client.search_runs([run.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.run_name = 'round-1'")
-    assert {"eval_samples.json", "evaluation.json"} <= {a.path for a in client.list_artifacts(first.info.run_id)}
+    assert {"eval_samples.json", "eval_samples.md", "evaluation.json"} <= {a.path for a in client.list_artifacts(first.info.run_id)}
