@@ -62,3 +62,18 @@ def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
 
 def test_spearman_by_hand():
     assert spearman({"a": 1, "b": 2, "c": 3}, {"a": 3, "b": 2, "c": 1}) == pytest.approx(-1.0)
+
+
+def test_comparison_takes_any_attack_family(tmp_path, tracking_dir):
+    exp = "seeded-families"
+    for method, asr in (("gradient", 0.1), ("random", 0.7)):
+        run_id = seed_run(exp, tmp_path, method, 2, 42, asr)
+        client = tracking.client()
+        client.log_metric(run_id, "asr_persona", asr / 4, step=2)
+        client.log_metric(run_id, "asr_persona_before", 0.8, step=0)
+        client.log_metric(run_id, "over_refusal_persona", 0.02, step=2)
+    write_comparison(exp, tmp_path / "out" / "comparison.csv")
+    table = pd.read_csv(tmp_path / "out" / "comparison.csv")
+    assert list(table.columns) == COLUMNS[:-2] + ["asr_persona", "over_refusal_persona"] + COLUMNS[-2:]
+    assert table.set_index("method").loc["gradient", "asr_persona"] == pytest.approx(0.025)
+    assert "asr_persona 0.800" in (tmp_path / "out" / "comparison.md").read_text()
