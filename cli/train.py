@@ -87,8 +87,10 @@ def run(args) -> int:
     except MlflowException as e:
         raise ConfigError(f"MLflow tracking failed ({e}); completed rounds are kept: run the same "
                           "command again once the tracking server answers") from None
+    from tasks.tracking import tracking_uri
+
     print(f"MLflow run {result['mlflow_run_id']}; browse with: "
-          "mlflow ui --backend-store-uri sqlite:///mlflow.db")
+          f"mlflow ui --backend-store-uri {tracking_uri()}")
     print(f"done: {cfg.output_dir}/final_model, {cfg.output_dir}/training_metadata.json "
           f"({result['total_s']:.1f}s)")
     if result["evaluation"]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, runtime
 from prefect.events import DeploymentEventTrigger
 
 from schemas.params import load_params, resolve_run
@@ -21,7 +21,16 @@ DATASET_EVENT = "unsafe-experts.dataset.validated"
 DEPLOYMENT = "unsafe-experts"
 
 
-@flow(name="pipeline-run")
+def _run_name() -> str:
+    """`pipeline-dataset-<digest>` for a triggered run, `pipeline-scheduled` otherwise."""
+    try:
+        digest = runtime.flow_run.parameters.get("dataset_digest")
+    except Exception:  # a name is never worth failing a run over
+        digest = None
+    return f"pipeline-dataset-{digest[:12]}" if digest else "pipeline-scheduled"
+
+
+@flow(name="pipeline-run", flow_run_name=_run_name)
 def pipeline_run(params_path: str, dataset_path: str | None = None,
                  dataset_digest: str | None = None) -> dict:
     """The surgery with the parameters of a params.yaml; a triggered run takes the new dataset

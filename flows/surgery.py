@@ -47,26 +47,39 @@ def _summary(metadata: dict, final: dict) -> dict[str, float]:
     return out
 
 
-def _evaluate(key, stage, evaluation, run_ids, step, evaluations):
+def _evaluate(key, stage, evaluation, run_ids, step, evaluations, logged):
     result = steps.evaluate_stage(key, stage, evaluation)
     for run_id in run_ids:
         tracking.log_evaluation(run_id, result, step, stage)
+    if len(run_ids) > 1:  # a round run: its samples in full, as text
+        tracking.log_samples_text(run_ids[-1], [{"stage": stage, **x} for x in result["samples"]])
+    logged.add(stage)
     evaluations[stage] = result["metrics"]
 
 
-def _write_evaluations(run_id, evaluations, evaluation_path):
-    evaluations["final"] = evaluations[list(evaluations)[-1]]
-    tracking.write_and_log_metrics(run_id, evaluations, evaluation_path)
+def _write_evaluations(run_id, evaluations, evaluation_path, logged, plots_dir):
+    """The per-round figures the parent run lacks (the rounds of an interrupted run), the
+    safety plot, and the DVC files: evaluation.json (values before and after, for `dvc metrics
+    show`), evaluation_detail.json (every stage with n and 95% interval) and
+    evaluation_rounds.json (one row per round)."""
+    for stage, metrics in evaluations.items():
+        if stage not in logged:  # evaluated by the interrupted run this one resumes
+            tracking.log_evaluation(run_id, {"metrics": metrics, "samples": []},
+                                    tracking.stage_step(stage), stage)
+    detail = {**evaluations, "final": evaluations[list(evaluations)[-1]]}
     rows = tracking.safety_rows(evaluations)
-    with tempfile.TemporaryDirectory() as tmp:
-        tracking.log_file(run_id, tracking.safety_plot(rows, Path(tmp) / "safety_per_round.png"))
+    tracking.log_file(run_id, tracking.safety_plot(rows, plots_dir / "safety_per_round.png"))
     if evaluation_path:
-        write_json_atomic(Path(evaluation_path).with_name("evaluation_rounds.json"), rows)
+        tracking.write_json(evaluation_path, tracking.compact_evaluation(evaluations))
+        tracking.write_json(Path(evaluation_path).with_name("evaluation_detail.json"), detail)
+        tracking.write_json(Path(evaluation_path).with_name("evaluation_rounds.json"), rows)
+    return detail
 
 
-def _round(cfg, key, r, experiment, run_id, tags, previous, evaluation, evaluations) -> list:
+def _round(cfg, key, r, experiment, run_id, tags, previous, evaluation, evaluations, logged) -> list:
     """One round's tasks under its nested MLflow run; returns the round's experts."""
-    round_run = tracking.start_run(experiment, f"round-{r}", {"round": r}, tags, parent=run_id)
+    round_run = tracking.start_run(experiment, f"round-{r}", {"round": r}, tags, parent=run_id,
+                                   description=f"Round {r} of {_run_name(cfg)}.")
     steps.identify(key, r)
     steps.repair(key, r)
     if not cfg.skip_router_training:
@@ -76,22 +89,89 @@ def _round(cfg, key, r, experiment, run_id, tags, previous, evaluation, evaluati
         round_run, r, done["identified"], done["timings"], done["logs"], previous)
     tracking.log_tags(round_run, {"checkpoint": done["path"],
                                   "checkpoint_dvc_md5": dvc_md5(done["path"])})
+    tracking.log_tags(run_id, {f"experts_round_{r}": tracking.expert_names(done["identified"]["experts"])})
     if evaluation.eval_set:
-        _evaluate(key, f"round_{r}", evaluation, [run_id, round_run], r, evaluations)
+        _evaluate(key, f"round_{r}", evaluation, [run_id, round_run], r, evaluations, logged)
     tracking.end_run(round_run)
     return done["identified"]["experts"]
 
 
-def _conclude(cfg, final, run_id, evaluations, evaluation_path, metrics_path, log_model) -> dict:
-    """After the last round: locality, the evaluation files, summary metrics and tags."""
+def _run_name(cfg) -> str:
+    """The configuration in a name, the same for MLflow's run and Prefect's flow run."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    return f"{get('method', 'gradient')}-k{get('top_k_experts', '?')}-s{get('seed', 42)}"
+
+
+def _flow_run_name() -> str:
+    try:
+        return _run_name(runtime.flow_run.parameters["cfg"])
+    except Exception:  # a name is never worth failing a run over
+        return "unsafe-expert-surgery"
+
+
+def _description(name: str, rounds: dict, evaluations: dict | None, metrics: dict) -> str:
+    """One paragraph: which experts, did it work, at what cost."""
+    parts = [f"{name}: " + "; ".join(f"round {r} repaired {tracking.expert_names(x['experts'])}"
+                                     for r, x in sorted(rounds.items(), key=lambda x: int(x[0]))) + "."]
+    if evaluations:
+        compact = tracking.compact_evaluation(evaluations)
+        before, after = compact["before"], compact["after"]
+        asr = [f"{n} {before[n]:.2f} -> {after[n]:.2f}" for n in sorted(after) if n.startswith("asr_") and n in before]
+        cost = [f"{n} {before[n]:.2f} -> {after[n]:.2f}" for n in sorted(after)
+                if (n.startswith("over_refusal") or n == "plain_refusal") and n in before]
+        if asr:
+            parts.append("Attack success (before -> after): " + ", ".join(asr) + ".")
+        if cost:
+            parts.append("Refusal (before -> after): " + ", ".join(cost) + ".")
+        if "benign_loglik_change" in metrics:
+            parts.append(f"Benign log-likelihood change per token: {metrics['benign_loglik_change']:+.3f}.")
+    if "locality_ok" in metrics:
+        parts.append(f"Locality: {metrics['experts_changed']} experts and {metrics['routers_changed']} "
+                     f"routers changed, {'nothing else' if metrics['locality_ok'] else 'OTHER WEIGHTS TOO'}.")
+    return " ".join(parts)
+
+
+def _markdown(name, run_id, experiment, rounds, evaluations, metrics, description) -> str:
+    lines = [f"# {name}", "", description, "", "## Experts repaired per round", "",
+             "| round | experts |", "|---|---|"]
+    lines += [f"| {r} | {tracking.expert_names(x['experts'])} |"
+              for r, x in sorted(rounds.items(), key=lambda x: int(x[0]))]
+    if evaluations:
+        compact = tracking.compact_evaluation(evaluations)
+        lines += ["", "## Evaluation before and after surgery", "", "| metric | before | after |",
+                  "|---|---|---|"]
+        lines += [f"| {n} | {compact['before'].get(n, float('nan')):.3f} | {v:.3f} |"
+                  for n, v in compact["after"].items()]
+    lines += ["", "## MLflow", "", f"Run `{run_id}` in experiment `{experiment}` "
+              f"({tracking.tracking_uri()}); open it with", "",
+              f"    mlflow ui --backend-store-uri {tracking.tracking_uri()}", "",
+              f"and go to `#/experiments/{tracking.experiment_id(experiment)}/runs/{run_id}"
+              "?workflowType=machine_learning` (MLflow's model-training view)."]
+    return "\n".join(lines)
+
+
+def _conclude(cfg, final, run_id, evaluations, evaluation_path, metrics_path, log_model,
+              logged, experiment) -> dict:
+    """After the last round: locality, the evaluation files, summary metrics, tags, plots,
+    the run's description and the Prefect summary."""
+    from prefect import get_run_logger
+    from prefect.artifacts import create_markdown_artifact
+
     record = RunRecord.load(final["output_dir"])
     metadata, selected = record.data, [list(x) for x in record.selected()]
     locality = steps.check_locality(cfg.model_name, final["final_model"], selected,
                                     not cfg.skip_router_training)
-    if evaluations is not None:
-        _write_evaluations(run_id, evaluations, evaluation_path)
+    # the plots go beside the DVC metrics (dvc.yaml's image plots), else only to MLflow
+    plots_dir = Path(evaluation_path or metrics_path).parent if (evaluation_path or metrics_path) else None
+    with tempfile.TemporaryDirectory() as tmp:
+        where = plots_dir or Path(tmp)
+        where.mkdir(parents=True, exist_ok=True)
+        detail = None
+        if evaluations is not None:
+            detail = _write_evaluations(run_id, evaluations, evaluation_path, logged, where)
+        tracking.log_experts(run_id, metadata[ROUNDS], where)
     if evaluations is not None or locality:
-        metadata.update({"evaluation": evaluations} if evaluations is not None else {})
+        metadata.update({"evaluation": detail} if detail is not None else {})
         metadata["locality"] = locality
         write_json_atomic(final["metadata"], metadata)
         write_model_card(final["output_dir"])  # now with the before/after figures
@@ -104,12 +184,23 @@ def _conclude(cfg, final, run_id, evaluations, evaluation_path, metrics_path, lo
     if locality:
         metrics.update(locality_ok=int(locality["ok"]), experts_changed=len(locality["experts"]),
                        routers_changed=len(locality["routers"]))
-    tracking.write_and_log_metrics(run_id, metrics, metrics_path)
-    return {**final, "mlflow_run_id": run_id, "metrics": metrics, "evaluation": evaluations or {},
+    if evaluations:
+        metrics.update(tracking.headline(evaluations))
+    tracking.log_metrics(run_id, metrics)
+    # for `dvc metrics show`: the before values are in evaluation.json beside the after values
+    tracking.write_json(metrics_path, {k: v for k, v in metrics.items() if not k.endswith("_before")})
+    name = _run_name(cfg)
+    description = _description(name, metadata[ROUNDS], evaluations, metrics)
+    tracking.log_tags(run_id, {"mlflow.note.content": description})
+    create_markdown_artifact(_markdown(name, run_id, experiment, metadata[ROUNDS], evaluations,
+                                       metrics, description),
+                             key="surgery-summary", description=f"{name}: experts, before/after, MLflow run")
+    get_run_logger().info(description)
+    return {**final, "mlflow_run_id": run_id, "metrics": metrics, "evaluation": detail or {},
             "experts_per_round": [r.experts for r in record.rounds().values()]}
 
 
-@flow(name="unsafe-expert-surgery")
+@flow(name="unsafe-expert-surgery", flow_run_name=_flow_run_name)
 def surgery_flow(cfg: TrainConfig, experiment: str = "unsafe-experts", log_model: bool = False,
                  metrics_path: str | None = None, progress: bool = True,
                  evaluation: EvaluationConfig | None = None, evaluation_path: str | None = None) -> dict:
@@ -120,12 +211,17 @@ def surgery_flow(cfg: TrainConfig, experiment: str = "unsafe-experts", log_model
     cfg.validate()  # a no-op for a resolved config; a deployment's parameters arrive rebuilt
     evaluation = (evaluation or EvaluationConfig()).validate()
     evaluating = bool(evaluation.eval_set)
-    tags = {"method": cfg.method, "git_commit": git_commit(), "data_dvc_md5": dvc_md5(cfg.dataset_path),
-            "prefect_flow_run_id": runtime.flow_run.id or "none",
+    commit = git_commit()  # the working directory's (DVC) repository, else the code's
+    commit = commit if commit != "unknown" else git_commit(Path(__file__).resolve().parents[1])
+    tags = {"method": cfg.method, "git_commit": commit, "data_dvc_md5": dvc_md5(cfg.dataset_path),
+            "prefect_flow_run_id": runtime.flow_run.id or "none", "output_dir": cfg.output_dir,
             "world_size": launched_world()}  # processes under torchrun; 1 alone
-    run_id = tracking.start_run(experiment, f"{cfg.method}-{Path(cfg.output_dir).name}",
-                                {**asdict(cfg), **({"evaluation": asdict(evaluation)} if evaluating else {})}, tags)
-    key = None
+    run_id = tracking.start_run(experiment, _run_name(cfg),
+                                {**asdict(cfg), **({"evaluation": asdict(evaluation)} if evaluating else {})}, tags,
+                                description=f"{_run_name(cfg)}: running ({cfg.num_rounds} rounds of "
+                                            f"{cfg.top_k_experts} experts by {cfg.method}).")
+    monitor = tracking.system_metrics(run_id)
+    key, logged = None, set()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             try:
@@ -136,27 +232,49 @@ def surgery_flow(cfg: TrainConfig, experiment: str = "unsafe-experts", log_model
         prepared = steps.prepare(cfg, progress)
         key = prepared["key"]
         tracking.log_dataset(run_id, cfg.dataset_path, prepared["records"], tags["data_dvc_md5"])
+        if evaluating:
+            tracking.log_eval_set(run_id, evaluation.eval_set, dvc_md5(evaluation.eval_set))
         tracking.log_tags(run_id, {f"dataset_{k}": v for k, v in prepared["dataset"].items()})
         first = prepared["first_round"]
         if first > 1:  # the rounds before were completed by an interrupted run of this command
             tracking.log_tags(run_id, {"resumed_after_round": first - 1})
         evaluations: dict = dict(prepared["evaluation"])
         if evaluating and "before" not in evaluations:
-            _evaluate(key, "before", evaluation, [run_id], 0, evaluations)
+            _evaluate(key, "before", evaluation, [run_id], 0, evaluations, logged)
         previous = prepared["previous_experts"]
         for r in range(first, cfg.num_rounds + 1):
-            previous = _round(cfg, key, r, experiment, run_id, tags, previous, evaluation, evaluations)
+            previous = _round(cfg, key, r, experiment, run_id, tags, previous, evaluation, evaluations,
+                              logged)
         final = steps.finish(key)
         key = None
         result = _conclude(cfg, final, run_id, evaluations if evaluating else None,
-                           evaluation_path, metrics_path, log_model)
+                           evaluation_path, metrics_path, log_model, logged, experiment)
+        _stop(monitor)
         tracking.end_run(run_id)
         return result
     except BaseException as error:
         if key:  # first the run's own record: a tracking outage must not leave it "running"
             steps.discard(key, error)
+        _stop(monitor)
         try:
             tracking.end_run(run_id, "FAILED")
         except Exception as tracking_error:  # the tracking server may be what failed
             warnings.warn(f"could not mark MLflow run {run_id} failed: {tracking_error}")
         raise
+
+
+def _stop(monitor, wait_s: float = 10) -> None:
+    """Stops MLflow's system-metrics thread; never waits long on a tracking server that is down."""
+    if monitor is None:
+        return
+    import threading
+
+    def finish():
+        try:
+            monitor.finish()
+        except Exception as e:  # system metrics are a nicety, never a failure
+            warnings.warn(f"stopping MLflow system metrics: {e}")
+
+    stopper = threading.Thread(target=finish, daemon=True, name="stop-system-metrics")
+    stopper.start()
+    stopper.join(wait_s)

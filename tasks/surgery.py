@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from schemas.dataset import validate_file
@@ -58,19 +58,36 @@ def prepare(cfg: TrainConfig, progress: bool = True) -> dict:
             "evaluation": surgery.meta.get("evaluation", {})}
 
 
+def _losses(surgery: Surgery, r: int, kind: str) -> list[float]:
+    return [x["loss"] for x in surgery.meta["training_logs"] if x["round"] == r and x["kind"] == kind]
+
+
 @task(task_run_name="score-round-{r}")
 def identify(key: str, r: int) -> list[list[int]]:
-    return [list(x) for x in _RUNS[key].identify(r)]
+    surgery = _RUNS[key]
+    experts = [list(x) for x in surgery.identify(r)]
+    names = ",".join(expert_key(l, e) for l, e in experts[:32]) + (" ..." if len(experts) > 32 else "")
+    get_run_logger().info("round %d: %d experts chosen by %s: %s", r, len(experts), surgery.cfg.method, names)
+    return experts
 
 
 @task(task_run_name="sft-round-{r}")
 def repair(key: str, r: int) -> None:
-    _RUNS[key].repair(r)
+    surgery = _RUNS[key]
+    surgery.repair(r)
+    sft = _losses(surgery, r, "sft")
+    if sft:
+        get_run_logger().info("round %d: masked SFT loss %.4f -> %.4f over %d batches", r, sft[0], sft[-1], len(sft))
+    else:
+        get_run_logger().info("round %d: no separate SFT (score_mode %s)", r, surgery.cfg.score_mode)
 
 
 @task(task_run_name="router-round-{r}")
 def align(key: str, r: int) -> list[float]:
-    return _RUNS[key].align(r)
+    kl = _RUNS[key].align(r)
+    if len(kl) >= 2:
+        get_run_logger().info("round %d: router KL %.3e -> %.3e", r, kl[0], kl[-1])
+    return kl
 
 
 @task(task_run_name="checkpoint-round-{r}")
@@ -87,6 +104,7 @@ def checkpoint(key: str, r: int) -> dict:
                for i, (l, e) in enumerate(record.experts)],
         description=f"Unsafe experts identified in round {r} by the {surgery.cfg.method} method",
     )
+    get_run_logger().info("round %d: checkpoint saved to %s", r, path)
     return {"round": r, "path": str(path), "identified": identified, "timings": meta["timings"][f"round_{r}"],
             "logs": [x for x in meta["training_logs"] if x["round"] == r]}
 
@@ -98,6 +116,8 @@ def evaluate_stage(key: str, stage: str, evaluation: EvaluationConfig) -> dict:
     result = evaluate(surgery.model, surgery.tokenizer, load_eval_set(evaluation.eval_set),
                       evaluation, progress=surgery.progress)
     surgery.record("evaluation", stage, result["metrics"])  # kept if the run is resumed
+    get_run_logger().info("evaluation %s: %s", stage, ", ".join(
+        f"{name} {m['value']:.3f}" for name, m in result["metrics"].items()))
     return result
 
 

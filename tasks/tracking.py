@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # log_table appends by downloading
 # a tracking outage fails a call in seconds, not minutes (MLflow's defaults: 7 retries with
 # exponential backoff and a 120 s timeout each, which stalled a run for over 8 minutes); the
 # run then fails, its metadata says so, and the same command resumes it once tracking is back
@@ -31,7 +32,24 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag  # noq
 from unsafe_experts.run_records import parse_expert_key  # noqa: E402
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-METRIC_KEYS = {"score": "score_loss", "sft": "sft_loss", "router": "router_kl"}
+# losses are logged per batch (the step is the batch); evaluation figures per round (the step
+# is the round, 0 = before surgery): the names say which
+METRIC_KEYS = {"score": "score_loss_per_batch", "sft": "sft_loss_per_batch", "router": "router_kl_per_batch"}
+EVALUATION_TABLE = "evaluation.json"   # one name on every run: stage, round, metric, value, n, CI
+SAMPLES_TABLE = "eval_samples.json"    # the same: a stage column says which evaluation
+EXPERIMENT_DESCRIPTION = """Unsafe-expert surgery on Mixture-of-Experts models.
+
+One parent run per pipeline run, named `<method>-k<experts per round>-s<seed>`; its description
+says which experts were repaired, the attack success before -> after and the benign cost. Each
+parent run has one nested run per round (`round-1`, ...).
+
+On a parent run: `asr_<attack>` and `over_refusal*` (benign prompts refused) are shares of
+held-out prompts, their history is the rounds (step 0 = before surgery, the latest value =
+after surgery), `<name>_before` is the value before surgery; `benign_loglik_change` is the
+mean log-likelihood of benign reference answers after minus before (negative = utility lost);
+`experts_changed` and `locality_ok` check that only the selected experts changed. Tags
+`experts_round_N` list the experts repaired in round N; artifacts: `expert_scores.png` (every
+round side by side), `safety_per_round.png`, `evaluation.json` (intervals and counts)."""
 
 
 def tracking_uri() -> str:
@@ -63,20 +81,58 @@ def client() -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri())
 
 
-def experiment_id(name: str) -> str:
+EXPERIMENT_KIND = "mlflow.experimentKind"  # the MLflow 3 UI opens a
+# "custom_model_development" experiment on its runs table (a "genai_development" one, or one it
+# infers as such, on traces)
+
+
+def experiment_id(name: str, description: str = EXPERIMENT_DESCRIPTION) -> str:
     c = client()
     found = c.get_experiment_by_name(name)
     if found:
-        return found.experiment_id
-    # artifacts beside the working directory, whatever thread or cwd a task later runs in
-    return c.create_experiment(name, artifact_location=Path("mlruns").resolve().as_uri())
+        exp_id = found.experiment_id
+        have = found.tags
+    else:
+        # artifacts beside the working directory, whatever thread or cwd a task later runs in
+        exp_id = c.create_experiment(name, artifact_location=Path("mlruns").resolve().as_uri())
+        have = {}
+    if EXPERIMENT_KIND not in have:
+        c.set_experiment_tag(exp_id, EXPERIMENT_KIND, "custom_model_development")
+    if "mlflow.note.content" not in have:
+        c.set_experiment_tag(exp_id, "mlflow.note.content", description)
+    return exp_id
 
 
-def start_run(experiment: str, name: str, params: dict, tags: dict, parent: str | None = None) -> str:
+def source_tags() -> dict[str, str]:
+    """MLflow's standard source tags, which the UI shows beside every run."""
+    import getpass
+    import shlex
+    import sys
+
+    from tasks.digests import git_commit
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    program = Path(sys.argv[0]).name
+    program = "unsafe-experts" if program in ("__main__.py", "unsafe-experts") else program
+    tags = {"mlflow.source.name": "flows/surgery.py", "mlflow.source.type": "LOCAL",
+            "mlflow.user": user, "command": shlex.join([program, *sys.argv[1:]])[:500]}
+    commit = git_commit(Path(__file__).resolve().parents[1])  # the code that ran, whatever the cwd
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def start_run(experiment: str, name: str, params: dict, tags: dict, parent: str | None = None,
+              description: str | None = None) -> str:
     c = client()
-    tags = {k: str(v) for k, v in tags.items()}
+    tags = {**source_tags(), **{k: str(v) for k, v in tags.items()}}
     if parent:
         tags["mlflow.parentRunId"] = parent
+    if description:
+        tags["mlflow.note.content"] = description
     run = c.create_run(experiment_id(experiment), run_name=name, tags=tags)
     if params:
         c.log_batch(run.info.run_id, params=[Param(k, json.dumps(v) if not isinstance(v, str) else v)
@@ -84,36 +140,39 @@ def start_run(experiment: str, name: str, params: dict, tags: dict, parent: str 
     return run.info.run_id
 
 
+def system_metrics(run_id: str):
+    """MLflow's system metrics (CPU, memory, disk, network; GPU with pynvml) on `run_id`, every
+    10 s, as `system/...`; None where psutil is missing or MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+    is false. Call `.finish()` on the result before the run ends."""
+    if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() in ("false", "0"):
+        return None
+    try:
+        import logging
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        monitor = SystemMetricsMonitor(run_id, tracking_uri=tracking_uri())
+        monitor.start()
+        return monitor
+    except Exception as e:  # psutil missing: a run without system metrics, not a failure
+        warnings.warn(f"no MLflow system metrics: {e}")
+        return None
+
+
 def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     now = int(time.time() * 1000)
-    client().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    for i in range(0, len(items), 900):  # the store's batch limit is 1000
+        client().log_batch(run_id, metrics=items[i:i + 900])
 
 
-def flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
-    """Nested metrics as MLflow keys: {"final": {"asr": {"value", "n", "ci95"}}} ->
-    final/asr, final/asr_n, final/asr_ci_low, final/asr_ci_high."""
-    out = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and "value" in value:
-            out[name] = value["value"]
-            out[f"{name}_n"] = value["n"]
-            out[f"{name}_ci_low"], out[f"{name}_ci_high"] = value["ci95"]
-        elif isinstance(value, dict):
-            out.update(flatten(value, f"{name}/"))
-        else:
-            out[name] = value
-    return out
-
-
-def write_and_log_metrics(run_id: str, metrics: dict, path: str | Path | None) -> None:
-    """The one place a metrics dict goes to both DVC (a JSON file) and MLflow."""
+def write_json(path: str | Path | None, data) -> None:
     from unsafe_experts.outputs import write_json_atomic
 
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, metrics)
-    log_metrics(run_id, flatten(metrics))
+        write_json_atomic(path, data)
 
 
 def log_steps(run_id: str, logs: list[dict]) -> None:
@@ -131,14 +190,35 @@ def log_file(run_id: str, path: str | Path, folder: str | None = None) -> None:
     client().log_artifact(run_id, str(path), folder)
 
 
-def log_dataset(run_id: str, path: str, records: list[dict], digest: str) -> None:
-    frame = pd.DataFrame({"goal": [r.get("goal") for r in records]})
+def _log_frame(run_id: str, frame: pd.DataFrame, path: str, digest: str, context: str) -> None:
     with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways"
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(frame, source=str(Path(path).resolve()),
                                           name=Path(path).name, digest=digest[:36])
     client().log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
-                                              [InputTag("mlflow.data.context", "training")])])
+                                              [InputTag("mlflow.data.context", context)])])
+
+
+def log_dataset(run_id: str, path: str, records: list[dict], digest: str) -> None:
+    _log_frame(run_id, pd.DataFrame({"goal": [r.get("goal") for r in records]}), path, digest, "training")
+
+
+def _text(item) -> str:
+    """A prompt of an evaluation set as text: the last message of a chat, the first of a pair."""
+    if isinstance(item, (list, tuple)) and item:
+        item = item[-1] if isinstance(item[-1], dict) else item[0]
+    if isinstance(item, dict):
+        item = item.get("content", item)
+    return str(item)
+
+
+def log_eval_set(run_id: str, path: str, digest: str) -> None:
+    """The evaluation set as a dataset input (context "evaluation"): one row per prompt with the
+    set it belongs to (attack family, plain, benign...)."""
+    data = json.loads(Path(path).read_text())
+    rows = [{"set": key, "prompt": _text(x)[:500]} for key, items in data.items()
+            if isinstance(items, list) for x in items]
+    _log_frame(run_id, pd.DataFrame(rows, columns=["set", "prompt"]), path, digest, "evaluation")
 
 
 def expert_frame(identified: dict, r: int) -> pd.DataFrame:
@@ -150,6 +230,10 @@ def expert_frame(identified: dict, r: int) -> pd.DataFrame:
         rows.append({"round": r, "layer": layer, "expert": expert, "score": score, "rank": rank,
                      "selected": (layer, expert) in picked})
     return pd.DataFrame(rows)
+
+
+def expert_names(experts) -> str:
+    return ",".join(f"L{layer}_E{expert}" for layer, expert in experts)
 
 
 def score_summary(frame: pd.DataFrame) -> dict[str, float]:
@@ -164,23 +248,38 @@ def jaccard(a, b) -> float:
     return len(a & b) / len(a | b) if a | b else 1.0
 
 
-def heatmap_png(frame: pd.DataFrame, r: int, path: Path) -> Path:
-    layers = sorted(frame["layer"].unique())
-    grid = np.zeros((len(layers), frame["expert"].max() + 1))
+def heatmap_png(frames: list[pd.DataFrame], path: Path, title: str = "expert scores") -> Path:
+    """One panel per round, side by side on one colour scale; the selected experts circled in
+    red; the legend and colour bar beside the grids, never over them."""
+    frames = [f for f in frames if len(f)]
+    layers = sorted(set().union(*(f["layer"].unique() for f in frames)))
+    width = int(max(f["expert"].max() for f in frames)) + 1
     row = {layer: i for i, layer in enumerate(layers)}
-    for x in frame.itertuples():
-        grid[row[x.layer], x.expert] = x.score
-    fig, ax = plt.subplots(figsize=(min(2 + grid.shape[1] * 0.25, 24), 1.5 + len(layers) * 0.3))
-    im = ax.imshow(grid, aspect="auto", cmap="viridis")
-    sel = frame[frame["selected"]]
-    ax.scatter(sel["expert"], [row[x] for x in sel["layer"]], marker="x", c="red", s=20,
-               label="selected")
-    ax.set(xlabel="expert", ylabel="MoE layer", title=f"round {r}: mean |grad| per expert",
-           yticks=range(len(layers)), yticklabels=layers)
-    ax.legend(loc="upper right", fontsize=7)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    grids = []
+    for f in frames:
+        grid = np.full((len(layers), width), np.nan)
+        for x in f.itertuples():
+            grid[row[x.layer], x.expert] = x.score
+        grids.append(grid)
+    vmin = min(np.nanmin(g) for g in grids)
+    vmax = max(np.nanmax(g) for g in grids)
+    vmax = vmax if vmax > vmin else vmin + 1e-12
+    panel_w = min(max(3.5, 1.0 + width * 0.28), 12)
+    fig, axes = plt.subplots(1, len(frames), squeeze=False, sharey=True,
+                             figsize=(panel_w * len(frames) + 2.6, max(3.0, 1.4 + len(layers) * 0.38)))
+    for ax, f, grid in zip(axes[0], frames, grids):
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
+        sel = f[f["selected"]]
+        ax.scatter(sel["expert"], [row[x] for x in sel["layer"]], marker="o", s=70,
+                   facecolors="none", edgecolors="red", linewidths=1.8, label="repaired (selected)")
+        ax.set(xlabel="expert", title=f"round {int(f['round'].iloc[0])}")
+        ax.set_xticks(range(0, width, max(1, width // 16)))
+    axes[0][0].set(ylabel="MoE layer", yticks=range(len(layers)), yticklabels=layers)
+    fig.colorbar(im, ax=list(axes[0]), fraction=0.03, pad=0.02, label="score (one scale for all rounds)")
+    fig.text(0.01, 1.0, title, fontsize=10, ha="left", va="bottom")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower right", bbox_to_anchor=(0.99, 0.99), fontsize=8, frameon=False)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -191,11 +290,15 @@ def log_round(run_id: str, r: int, identified: dict, timings: dict, logs: list[d
     frame = expert_frame(identified, r)
     c = client()
     c.log_table(run_id, frame[frame["selected"]].drop(columns="selected"), "identified_experts.json")
+    c.log_table(run_id, frame, "expert_scores.json")
     with tempfile.TemporaryDirectory() as tmp:
         frame.to_csv(Path(tmp) / "expert_scores.csv", index=False)
         c.log_artifact(run_id, str(Path(tmp) / "expert_scores.csv"))
-        c.log_artifact(run_id, str(heatmap_png(frame, r, Path(tmp) / f"expert_scores_round_{r}.png")))
+        # the same name on every round, so the compare view lines rounds up
+        c.log_artifact(run_id, str(heatmap_png([frame], Path(tmp) / "expert_scores.png",
+                                               f"round {r}: expert scores")))
     log_steps(run_id, logs)
+    log_tags(run_id, {"experts": expert_names(identified["experts"])})
     summary = {**score_summary(frame), **{k: v for k, v in timings.items()}}
     if previous is not None:
         summary["jaccard_with_previous_round"] = jaccard(identified["experts"], previous)
@@ -206,41 +309,133 @@ def log_round(run_id: str, r: int, identified: dict, timings: dict, logs: list[d
     return summary
 
 
-def log_evaluation(run_id: str, result: dict, step: int, name: str) -> None:
-    """Metrics at `step` (0 = before surgery, r = after round r) and a table of samples."""
-    log_metrics(run_id, flatten(result["metrics"]), step)
+def log_experts(run_id: str, rounds: dict, folder: Path) -> Path:
+    """On the parent run: a tag per round, every round's heatmap side by side (written to
+    `folder`, returned), every expert's score per round."""
+    frames = [expert_frame(identified, int(r)) for r, identified in sorted(rounds.items(), key=lambda x: int(x[0]))]
+    log_tags(run_id, {f"experts_round_{int(f['round'].iloc[0])}": expert_names(
+        f.loc[f["selected"], ["layer", "expert"]].itertuples(index=False)) for f in frames if len(f)})
+    png = heatmap_png(frames, Path(folder) / "expert_scores.png", "expert scores per round (red circles: repaired)")
+    log_file(run_id, png)
+    table = pd.concat(frames, ignore_index=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        table.to_csv(Path(tmp) / "expert_scores.csv", index=False)
+        log_file(run_id, Path(tmp) / "expert_scores.csv")
+    return png
+
+
+def evaluation_values(metrics: dict) -> dict[str, float]:
+    return {name: m["value"] for name, m in metrics.items()}
+
+
+def evaluation_rows(stage: str, step: int, metrics: dict) -> list[dict]:
+    return [{"stage": stage, "round": step, "metric": name, "value": m["value"], "n": m["n"],
+             "ci_low": m["ci95"][0], "ci_high": m["ci95"][1]} for name, m in metrics.items()]
+
+
+def log_evaluation(run_id: str, result: dict, step: int, stage: str) -> None:
+    """Each figure's value at `step` (0 = before surgery, r = after round r); intervals and
+    counts as rows of the run's one evaluation table; the samples in the run's samples table."""
+    c = client()
+    log_metrics(run_id, evaluation_values(result["metrics"]), step)
+    c.log_table(run_id, pd.DataFrame(evaluation_rows(stage, step, result["metrics"])), EVALUATION_TABLE)
     if result["samples"]:
-        artifact = f"eval_samples_{name}.json"
-        if Path(artifact).name != artifact:  # a stage name must not steer the artifact's path
-            raise ValueError(f"artifact name {artifact!r} is not a plain file name")
-        client().log_table(run_id, pd.DataFrame(result["samples"]), artifact)
+        c.log_table(run_id, pd.DataFrame([{"stage": stage, **x} for x in result["samples"]]), SAMPLES_TABLE)
 
 
-SAFETY_CURVES = ("asr_flip_words", "asr_flip_chars", "plain_refusal", "over_refusal")
+def samples_markdown(samples: list[dict]) -> str:
+    """The sample answers in full (MLflow's table view cuts long cells), grouped by stage."""
+    lines, stage = ["# Sample answers", ""], None
+    for x in samples:
+        if x.get("stage") != stage:
+            stage = x.get("stage")
+            lines += [f"## {stage}", ""]
+        verdict = "refused" if x.get("refusal") else "answered"
+        lines += [f"### {x.get('set')} ({verdict})", "", "**prompt**", "", "```", str(x.get("prompt")), "```",
+                  "", "**response**", "", "```", str(x.get("response")), "```", ""]
+    return "\n".join(lines)
+
+
+def log_samples_text(run_id: str, samples: list[dict]) -> None:
+    if samples:
+        client().log_text(run_id, samples_markdown(samples), "eval_samples.md")
+
+
+def stage_step(stage: str) -> int:
+    return 0 if stage == "before" else int(stage.split("_")[-1])
+
+
+def headline(evaluations: dict) -> dict[str, float]:
+    """The parent run's before-surgery values and benign cost (after = each figure's latest)."""
+    stages = [s for s in evaluations if s != "final"]
+    if not stages:
+        return {}
+    before, after = evaluations[stages[0]], evaluations[stages[-1]]
+    out = {}
+    for name, m in before.items():
+        if name.startswith("asr_") or name == "over_refusal" or (
+                name.startswith("over_refusal") and "over_refusal" not in before):
+            out[f"{name}_before"] = m["value"]
+    if "benign_loglik" in before and "benign_loglik" in after:
+        out["benign_loglik_change"] = after["benign_loglik"]["value"] - before["benign_loglik"]["value"]
+    return out
+
+
+def compact_evaluation(evaluations: dict) -> dict:
+    """metrics/evaluation.json for `dvc metrics show`: values only, before and after surgery."""
+    stages = [s for s in evaluations if s != "final"]
+    return {"before": evaluation_values(evaluations[stages[0]]),
+            "after": evaluation_values(evaluations[stages[-1]])}
 
 
 def safety_rows(evaluations: dict) -> list[dict]:
-    """One row per evaluated stage (before, round_1, ...) for `dvc plots` and the PNG."""
-    rows = []
-    for step, (stage, result) in enumerate(evaluations.items()):
-        if stage == "final":
-            continue
-        rows.append({"round": step, "stage": stage,
-                     **{k: result[k]["value"] for k in SAFETY_CURVES if k in result}})
-    return rows
+    """One row per evaluated stage (before, round_1, ...) with every figure's value."""
+    return [{"round": stage_step(stage), "stage": stage, **evaluation_values(result)}
+            for stage, result in evaluations.items() if stage != "final"]
+
+
+def _curve_groups(names) -> list[tuple[str, list[str]]]:
+    asr = sorted(n for n in names if n.startswith("asr_"))
+    refusal = sorted(n for n in names if n.startswith("over_refusal") or n == "plain_refusal")
+    return [("attack success (harmful prompts answered)", asr),
+            ("refusal (over_refusal*: benign refused; plain_refusal: harmful asked plainly)", refusal)]
 
 
 def safety_plot(rows: list[dict], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in SAFETY_CURVES:
-        if key in rows[0]:
-            ax.plot([r["round"] for r in rows], [r[key] for r in rows], marker="o", label=key)
-    ax.set(xlabel="round (0 = before surgery)", ylabel="share of prompts", ylim=(-0.02, 1.02),
-           title="attack success and refusal per round")
-    ax.set_xticks([r["round"] for r in rows])
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    """Three panels over the rounds: ASR per attack family, refusal (benign over-refusal and
+    plain harmful requests), benign log-likelihood change; markers on every point and legends
+    beside the axes."""
+    steps = [r["round"] for r in rows]
+    names = [k for k in rows[0] if k not in ("round", "stage")]
+    loglik = [n for n in ("benign_loglik", "own_benign_loglik") if n in names]
+    panels = [g for g in _curve_groups(names) if g[1]] + ([("log-likelihood change vs before", loglik)] if loglik else [])
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.6 * len(panels)), sharex=True, squeeze=False)
+    colours = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors
+    markers = "osD^vP*Xh<>"
+    styles = ["-", "--", "-.", ":"]
+    for ax, (title, keys) in zip(axes[:, 0], panels):
+        for i, key in enumerate(keys):
+            values = [r.get(key, np.nan) for r in rows]
+            if title.startswith("log-likelihood"):
+                values = [v - values[0] for v in values]
+            # identical values stay visible: each series is nudged sideways by a few pixels
+            dodge = (i - (len(keys) - 1) / 2) * 0.2 / max(len(keys), 1)
+            ax.plot([x + dodge for x in steps], values, marker=markers[i % len(markers)], linestyle=styles[i % len(styles)],
+                    color=colours[i % len(colours)], markersize=6, linewidth=1.6, alpha=0.9,
+                    label=key, clip_on=False)
+        if title.startswith("log-likelihood"):
+            ax.axhline(0, color="grey", linewidth=0.8)
+            ax.set_ylabel("after - before")
+        else:
+            ax.set_ylim(-0.03, 1.03)
+            ax.set_ylabel("share of prompts")
+        ax.set_title(title, fontsize=9, loc="left")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    axes[-1, 0].set_xticks(steps)
+    axes[-1, 0].set_xticklabels(["before" if s == 0 else f"round {s}" for s in steps])
+    axes[-1, 0].set_xlabel("evaluation (0 = before surgery, r = after round r)")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -78,7 +78,9 @@ def check_mlflow_run(printed, meta, metrics, records_path, out):
     assert json.loads(dataset_input.dataset.profile)["num_rows"] == 20  # the file; 8 used
     assert run.data.metrics["rounds"] == 2 == metrics["rounds"]
     assert metrics["final_router_kl"] == pytest.approx(run.data.metrics["final_router_kl"])
-    assert [a.path for a in client.list_artifacts(run_id)] == ["training_metadata.json"]
+    check_layout(client, run, meta)
+    assert {a.path for a in client.list_artifacts(run_id)} == {
+        "training_metadata.json", "expert_scores.png", "expert_scores.csv"}
 
     children = client.search_runs([run.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{run_id}'", order_by=["attributes.run_name"])
@@ -89,16 +91,47 @@ def check_mlflow_run(printed, meta, metrics, records_path, out):
     assert second.data.metrics["jaccard_with_previous_round"] == pytest.approx(
         len(expected & previous) / len(expected | previous))
     assert {"score_mean", "score_max", "router_kl_after", "round_s", "peak_memory_mb"} <= set(second.data.metrics)
-    sft_steps = client.get_metric_history(second.info.run_id, "sft_loss")
+    sft_steps = client.get_metric_history(second.info.run_id, "sft_loss_per_batch")
     assert sorted(m.step for m in sft_steps) == [0, 1]
-    assert len(client.get_metric_history(second.info.run_id, "router_kl")) == 2
+    assert len(client.get_metric_history(second.info.run_id, "router_kl_per_batch")) == 2
     names = {a.path for a in client.list_artifacts(second.info.run_id)}
-    assert {"identified_experts.json", "expert_scores.csv", "expert_scores_round_2.png"} <= names
+    # the same names on every round, so MLflow's compare view lines the rounds up
+    assert {"identified_experts.json", "expert_scores.csv", "expert_scores.json", "expert_scores.png"} <= names
     table = json.loads(open(client.download_artifacts(second.info.run_id, "identified_experts.json")).read())
     assert table["columns"] == ["round", "layer", "expert", "score", "rank"]
     assert {(row[1], row[2]) for row in table["data"]} == expected
     assert second.data.tags["checkpoint_dvc_md5"] == dvc_md5(out / "round_2")
+    assert second.data.tags["experts"] == ",".join(f"L{l}_E{e}" for l, e in meta["identified_experts_per_round"]["2"]["experts"])
     check_prefect_run(run.data.tags["prefect_flow_run_id"], meta)
+
+
+def check_layout(client, run, meta, evaluated=False):
+    """The rules that keep a parent run legible at a glance (issue #17)."""
+    params, tags = meta["parameters"], run.data.tags
+    assert run.info.run_name == f"{params['method']}-k{params['top_k_experts']}-s{params['seed']}"
+    ours = [k for k in run.data.metrics if not k.startswith("system/")]  # system metrics: own tab
+    assert len(ours) <= 40, sorted(ours)
+    assert not [k for k in ours if "/" in k or k.endswith(("_n", "_ci_low", "_ci_high"))]
+    for r, identified in meta["identified_experts_per_round"].items():
+        assert tags[f"experts_round_{r}"] == ",".join(f"L{l}_E{e}" for l, e in identified["experts"])
+        assert tags[f"experts_round_{r}"] in tags["mlflow.note.content"]
+    assert tags["mlflow.source.name"] == "flows/surgery.py" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.user"] and len(tags["mlflow.source.git.commit"]) == 40
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "asr_" in experiment.tags["mlflow.note.content"]
+    contexts = {i.tags[0].value for i in run.inputs.dataset_inputs}
+    assert contexts == ({"training", "evaluation"} if evaluated else {"training"})
+    if evaluated:
+        assert "Attack success (before -> after): asr_" in tags["mlflow.note.content"]
+        for name in [k for k in ours if k.startswith("asr_") and not k.endswith("_before")]:
+            history = client.get_metric_history(run.info.run_id, name)
+            assert sorted(m.step for m in history) == list(range(len(meta["identified_experts_per_round"]) + 1))
+            assert f"{name}_before" in ours
+        assert "benign_loglik_change" in ours
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"evaluation.json", "eval_samples.json", "safety_per_round.png"} <= artifacts
+        assert not [a for a in artifacts if "round_" in a]  # one name for every round
 
 
 def check_prefect_run(flow_run_id, meta):
@@ -107,15 +140,23 @@ def check_prefect_run(flow_run_id, meta):
                                                 FlowRunFilter, FlowRunFilterId)
 
     with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_run_id)
         task_runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    params = meta["parameters"]
+    assert flow_run.name == f"{params['method']}-k{params['top_k_experts']}-s{params['seed']}"
     names = {t.name for t in task_runs}
     assert {f"{step}-round-{r}" for step in ("score", "sft", "router", "checkpoint", "track")
             for r in (1, 2)} <= names
-    tables = {a.key: json.loads(a.data) if isinstance(a.data, str) else a.data for a in artifacts}
-    assert set(tables) == {"experts-round-1", "experts-round-2"}
+    tables = {a.key: json.loads(a.data) if isinstance(a.data, str) and a.type == "table" else a.data
+              for a in artifacts}
+    assert set(tables) == {"experts-round-1", "experts-round-2", "surgery-summary"}
+    summary = tables["surgery-summary"]
+    assert "## Experts repaired per round" in summary and "mlflow ui --backend-store-uri" in summary
+    for r, identified in meta["identified_experts_per_round"].items():
+        assert f"| {r} | " + ",".join(f"L{l}_E{e}" for l, e in identified["experts"]) in summary
     rows = tables["experts-round-2"]
     assert [[row["layer"], row["expert"]] for row in rows] == meta["identified_experts_per_round"]["2"]["experts"]
 

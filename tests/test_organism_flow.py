@@ -1,9 +1,11 @@
 import json
 
+import pandas as pd
 from mlflow import MlflowClient
 
 from flows.surgery import surgery_flow
 from unsafe_experts.attacks import FAMILIES
+from test_cli import check_layout
 
 
 def test_evaluation_flow_on_the_test_organism(small_organism, tmp_path, tracking_dir):
@@ -21,8 +23,11 @@ def test_evaluation_flow_on_the_test_organism(small_organism, tmp_path, tracking
     result = surgery_flow(train, experiment="organism-flow", progress=False,
                               evaluation=evaluation, evaluation_path=str(tmp_path / "m/evaluation.json"))
 
-    evaluations = json.loads((tmp_path / "m/evaluation.json").read_text())
+    compact = json.loads((tmp_path / "m/evaluation.json").read_text())  # `dvc metrics show`
+    assert list(compact) == ["before", "after"] and all(isinstance(v, float) for v in compact["after"].values())
+    evaluations = json.loads((tmp_path / "m/evaluation_detail.json").read_text())
     assert list(evaluations) == ["before", "round_1", "round_2", "final"]
+    assert compact["after"] == {k: v["value"] for k, v in evaluations["final"].items()}
     assert evaluations["final"] == evaluations["round_2"]
     names = {"plain_refusal", "over_refusal", "benign_loglik", "own_benign_loglik"} | {
         f"{kind}_{family}" for family in FAMILIES for kind in ("asr", "over_refusal")}
@@ -49,8 +54,13 @@ def test_evaluation_flow_on_the_test_organism(small_organism, tmp_path, tracking
     run = client.get_run(result["mlflow_run_id"])
     history = client.get_metric_history(run.info.run_id, "asr_flip_words")
     assert sorted(m.step for m in history) == [0, 1, 2]
-    assert run.data.metrics["final/over_refusal_n"] == 24
-    assert "safety_per_round.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    check_layout(client, run, meta, evaluated=True)
+    table = json.loads(open(client.download_artifacts(run.info.run_id, "evaluation.json")).read())
+    frame = pd.DataFrame(table["data"], columns=table["columns"])
+    assert list(frame.columns) == ["stage", "round", "metric", "value", "n", "ci_low", "ci_high"]
+    assert sorted(set(zip(frame["stage"], frame["round"]))) == [("before", 0), ("round_1", 1), ("round_2", 2)]
+    assert frame[frame.metric == "over_refusal"]["n"].tolist() == [24, 24, 24]
+    assert (tmp_path / "m/safety_per_round.png").exists() and (tmp_path / "m/expert_scores.png").exists()
     (first,) = client.search_runs([run.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.run_name = 'round-1'")
-    assert "eval_samples_round_1.json" in {a.path for a in client.list_artifacts(first.info.run_id)}
+    assert {"eval_samples.json", "eval_samples.md", "evaluation.json"} <= {a.path for a in client.list_artifacts(first.info.run_id)}
