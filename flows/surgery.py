@@ -1,6 +1,5 @@
 """Unsafe-expert surgery (any method) as a Prefect flow, tracked in MLflow (one parent run, one nested
 run per round) and versioned by DVC through `dvc.yaml`."""
-from __future__ import annotations
 
 import tempfile
 import warnings
