@@ -157,13 +157,15 @@ def sft_peak_mb(step: str, k: int, seq_len: int, batch_size: int) -> float:
     return mb
 
 
-def scoring_pass_peak_mb(streamed: bool, batches_n: int) -> float:
-    """A full accumulate scoring pass on a fresh model. Runs in the measuring process."""
+def scoring_pass_peak_mb(memory: str, batches_n: int) -> float:
+    """A full accumulate scoring pass on a fresh model (memory: exact, streamed or offload).
+    Runs in the measuring process."""
     m = model()
     layers = moe_layers(m)
     data = batches(batches_n, 1, 32)  # short: the gradients, not activations, dominate
     mb, _ = phase_peak_mb(lambda: score_pass(m, layers, data, lambda *a: None, progress=False,
-                                               streamed=streamed))
+                                               streamed=memory == "streamed",
+                                               offload=memory == "offload"))
     return mb
 
 
