@@ -110,6 +110,14 @@ def router_batches(tokenizer, records, batch_size=4, max_length=256):
             [collate(b, tokenizer.pad_token_id) for b in batches(unsafe, batch_size)])
 
 
+def one_error_line(capsys, message: str) -> str:
+    """What the CLI owes a user for bad input: one `error:` line on stderr that names the
+    problem (exit status 2 is checked by the caller)."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err, err
+    return err
+
+
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 

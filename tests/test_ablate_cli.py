@@ -5,6 +5,7 @@ import pytest
 
 from cli.ablate import random_like
 from cli.main import main
+from conftest import one_error_line
 from unsafe_experts.adapters import moe_layers
 
 
@@ -54,6 +55,5 @@ def test_bad_expert_sets_are_one_error_line(tiny_dir, eval_set, tmp_path, capsys
         (tmp_path / "run").mkdir()
         args = ["--run", str(tmp_path / "run")]
     assert ablate(tiny_dir, eval_set, *args, "--out", str(tmp_path / "o.json")) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    one_error_line(capsys, message)
     assert not (tmp_path / "o.json").exists()

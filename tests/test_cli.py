@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from unsafe_experts.adapters import moe_layers
 from cli.main import main
+from conftest import one_error_line
 
 
 def train(tiny_dir, records_path, out, *extra):
@@ -211,8 +212,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(case, message, tiny_dir,
         data = tmp_path / "invalid.json"
         data.write_text(json.dumps([records[0], {"goal": ""}]))
     assert train(model, data, out, *extra) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message in err and "\n" not in err
+    one_error_line(capsys, message)
     assert not out.exists()
 
 

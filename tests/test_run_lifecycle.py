@@ -5,6 +5,7 @@ import shutil
 import pytest
 
 from cli.main import main
+from conftest import one_error_line
 from unsafe_experts import surgery as surgery_module
 from unsafe_experts.config import TrainConfig
 from unsafe_experts.outputs import LOCK_NAME, DirectoryLock
@@ -105,8 +106,7 @@ def test_broken_checkpoints_are_one_error_line_and_leave_nothing(tiny_dir, recor
                                                                  capsys, how, message):
     out = tmp_path / "out"
     assert main(flags(_broken_copy(tiny_dir, tmp_path, how), records_path, out)) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    one_error_line(capsys, message)
     assert not out.exists()
 
 
@@ -136,7 +136,6 @@ def test_a_full_disk_during_a_checkpoint_is_one_error_line(tiny_dir, records_pat
     monkeypatch.setattr(surgery_module, "save_checkpoint_atomic", full)
     out = tmp_path / "out"
     assert main(flags(tiny_dir, records_path, out)) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "No space left on device" in err and err.count("\n") == 1
+    one_error_line(capsys, "No space left on device")
     assert json.loads((out / "training_metadata.json").read_text())["status"] == "failed"
     assert not (out / LOCK_NAME).exists()
