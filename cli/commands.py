@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from unsafe_experts.config import ConfigError
@@ -30,7 +31,8 @@ def add_parsers(sub) -> dict:
     organism = sub.add_parser("organism", help="build the jailbroken demo MoE and its data offline")
     organism.add_argument("out")
     organism.add_argument("--small", action="store_true", help="the test-sized organism")
-    organism.add_argument("--seed", type=int, default=0)
+    organism.add_argument("--seed", type=int, default=None,
+                          help="organism seed (default 0, or the params file's; given, it overrides that)")
     organism.add_argument("--params", help="take the `organism` section of this params.yaml")
     organism.add_argument("--quiet", action="store_true")
     ev = sub.add_parser("evaluate", help="ASR, refusal, over-refusal and benign log-likelihood, "
@@ -66,7 +68,10 @@ def build_organism(args) -> None:
         from schemas.params import load_params
 
         cfg = OrganismConfig(**load_params(args.params).organism.model_dump())
+        if args.seed is not None:  # a second organism of the same recipe (`make compare`)
+            cfg = replace(cfg, seed=args.seed)
     else:
+        args.seed = 0 if args.seed is None else args.seed
         cfg = OrganismConfig.small(seed=args.seed) if args.small else OrganismConfig(seed=args.seed)
     out = build(args.out, cfg, progress=not args.quiet)
     info = json.loads((out / "build.json").read_text())

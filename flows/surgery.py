@@ -91,7 +91,7 @@ def _round(cfg, key, r, experiment, run_id, tags, previous, evaluation, evaluati
     tracking.log_tags(round_run, {"checkpoint": done["path"],
                                   "checkpoint_dvc_md5": dvc_md5(done["path"])})
     tracking.log_tags(run_id, {f"experts_round_{r}": tracking.expert_names(done["identified"]["experts"])})
-    if evaluation.eval_set:
+    if evaluation.eval_set and (evaluation.rounds == "every" or r == cfg.num_rounds):
         _evaluate(key, f"round_{r}", evaluation, [run_id, round_run], r, evaluations, logged)
     tracking.end_run(round_run)
     return done["identified"]["experts"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from unsafe_experts.config import METHODS, ConfigError, TrainConfig
+from unsafe_experts.config import METHODS, RETENTION, ConfigError, TrainConfig
 from unsafe_experts.evaluation import EvaluationConfig
 from unsafe_experts.organism import OrganismConfig
 
@@ -50,10 +50,15 @@ class TrackingParams(BaseModel):
 
 
 class ComparisonRun(BaseModel):
+    """One surgery of the comparison. Every key is spelled out in params.yaml (through the
+    `run_defaults` anchor) because dvc.yaml's compare_run stage templates each of them."""
     model_config = FORBID
     method: typing.Literal[METHODS]
     k: int = Field(ge=1)
     seed: int = 42
+    organism: str = Field("organism", pattern=r"^[a-z0-9_]+$")  # a folder under build/
+    retention: typing.Literal[RETENTION] = "plain"
+    lr: float = Field(1e-3, gt=0)  # the experts' learning rate
 
 
 class AblationRun(BaseModel):
@@ -71,6 +76,11 @@ class ComparisonParams(BaseModel):
     model_config = FORBID
     experiment: str = "unsafe-experts-comparison"
     eval_limit: int | None = Field(None, ge=1)
+    # the retention answers and evaluation before surgery, shared by the runs of one organism
+    cache_dir: str = "outputs/cache"
+    # a second organism of the demo's recipe with this seed, built into build/organism_seed<N>
+    second_organism_seed: int = 1
+    run_defaults: dict = {}  # the YAML anchor the runs merge (`<<: *run`)
     runs: list[ComparisonRun] = []
     # `unsafe-experts ablate --out` files read as `ablated` rows (the compare_ablate stages)
     ablation_dir: str | None = "outputs/ablation"

@@ -1,6 +1,7 @@
 """The side-by-side comparison of methods, read back from MLflow and the ablation files.
 
-One row per (method, k, seed, organism): the latest finished parent run of each, its final
+One row per (method, k, seed, organism, retention, learning rate): the latest finished parent
+run of each, its final
 evaluation taken from the run's own training_metadata.json (so every metric, per attack family
 included, comes with it whatever the MLflow metric layout), identification time and peak
 memory; and one row per ablation file (`unsafe-experts ablate --out`), `ablated` true. Groups
@@ -24,8 +25,11 @@ from unsafe_experts.run_records import METADATA, RunRecord
 from . import tracking
 from .compare_stats import group_summary, paired
 
-KEYS = ["method", "k", "seed", "organism_seed", "ablated"]
+KEYS = ["method", "k", "seed", "organism_seed", "retention", "expert_lr", "ablated"]
+RUN = KEYS[:-1]  # what identifies a surgery run
+GROUP = [k for k in KEYS if k != "seed"]  # what the seeds repeat
 FIXED = ["plain_refusal", "over_refusal", "benign_loglik"]
+ASR_MEAN, FORMAT_MEAN = "asr_mean_families", "over_refusal_mean_families"
 
 
 def organism_seed(model_name: str) -> float:
@@ -49,8 +53,9 @@ def run_row(run_id: str, meta: dict) -> dict | None:
     k = 0 if meta["method"] == "router_only" else len(rounds[0]["experts"]) if rounds else 0
     timings = [t for key, t in meta["timings"].items() if key.startswith("round_")]
     return {"run_id": run_id, "method": meta["method"], "k": k, "seed": params["seed"],
-            "organism_seed": organism_seed(params["model_name"]), "ablated": False,
-            "rounds": len(rounds), **_finals(evaluation, "final"),
+            "organism_seed": organism_seed(params["model_name"]),
+            "retention": params.get("retention", "plain") if params.get("retention_path") else "none",
+            "expert_lr": params["expert_lr"], "ablated": False, "rounds": len(rounds), **_finals(evaluation, "final"),
             **{f"before_{m}": v for m, v in _finals(evaluation, "before").items()},
             "identify_s": sum(t["identify_s"] for t in timings),
             "peak_memory_mb": max((t["identify_peak_memory_mb"] for t in timings), default=np.nan)}
@@ -65,7 +70,7 @@ def _metadata(run_id: str) -> dict | None:
 
 
 def latest_runs(experiment: str, wanted: list[dict] | None = None) -> pd.DataFrame:
-    """Finished, evaluated parent runs, newest per (method, k, seed, organism)."""
+    """Finished, evaluated parent runs, newest per (method, k, seed, organism, retention, lr)."""
     mlflow.set_tracking_uri(tracking.tracking_uri())
     runs = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"])
@@ -77,20 +82,27 @@ def latest_runs(experiment: str, wanted: list[dict] | None = None) -> pd.DataFra
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    table = table.drop_duplicates(["method", "k", "seed", "organism_seed"])
+    table = table.drop_duplicates(RUN)
     if wanted:
-        keys = {(w["method"], 0 if w["method"] == "router_only" else w["k"], w["seed"]) for w in wanted}
-        table = table[[(m, k, s) in keys for m, k, s in zip(table["method"], table["k"], table["seed"])]]
+        keys = {_wanted_key(w) for w in wanted}
+        table = table[[tuple(row) in keys for row in table[RUN].itertuples(index=False)]]
     return table
+
+
+def _wanted_key(run: dict) -> tuple:
+    """A params.yaml comparison run as the row key its surgery produces."""
+    organism = run.get("organism", "organism")
+    return (run["method"], 0 if run["method"] == "router_only" else run["k"], run["seed"],
+            organism_seed(f"build/{organism}/model"), run.get("retention", "plain"), run.get("lr", 1e-3))
 
 
 def ablation_rows(folder: str | Path | None) -> pd.DataFrame:
     """One row per `unsafe-experts ablate --out` file in `folder`."""
     rows = []
-    for path in sorted(Path(folder).glob("*.json")) if folder and Path(folder).is_dir() else []:
+    for path in sorted(Path(folder).rglob("*.json")) if folder and Path(folder).is_dir() else []:
         data = json.loads(path.read_text())
         source = data.get("source", {})
-        rows.append({"run_id": path.name, "method": source.get("method", "file"),
+        rows.append({"run_id": path.relative_to(folder).as_posix(), "method": source.get("method", "file"),
                      "k": len(data["experts"]), "seed": source.get("seed", np.nan),
                      "organism_seed": organism_seed(source.get("model", "")), "ablated": True,
                      **_finals({"ablated": data["ablated"]["metrics"]}, "ablated")})
@@ -98,10 +110,34 @@ def ablation_rows(folder: str | Path | None) -> pd.DataFrame:
 
 
 def metric_columns(table: pd.DataFrame) -> list[str]:
-    """ASR per attack family, benign refusal per family, then the fixed figures."""
-    asr = sorted(c for c in table if c.startswith("asr_"))
-    fmt = sorted(c for c in table if c.startswith("over_refusal_"))
-    return asr + fmt + [c for c in FIXED if c in table]
+    """The two headline means over attack families, ASR per family, benign refusal per family,
+    then the fixed figures."""
+    asr = sorted(c for c in table if c.startswith("asr_") and c != ASR_MEAN)
+    fmt = sorted(c for c in table if c.startswith("over_refusal_") and c != FORMAT_MEAN)
+    return [c for c in (ASR_MEAN, FORMAT_MEAN) if c in table] + asr + fmt + [c for c in FIXED if c in table]
+
+
+def add_family_means(table: pd.DataFrame) -> pd.DataFrame:
+    """asr_mean_families and over_refusal_mean_families: each run's mean over attack families,
+    the two axes of the safety / format-refusal frontier."""
+    asr = [c for c in table if c.startswith("asr_")]
+    fmt = [c for c in table if c.startswith("over_refusal_")]
+    if asr:
+        table[ASR_MEAN] = table[asr].mean(axis=1)
+    if fmt:
+        table[FORMAT_MEAN] = table[fmt].mean(axis=1)
+    return table
+
+
+def main_setting(table: pd.DataFrame) -> pd.DataFrame:
+    """The surgery runs of the main setting: the organism, retention mode and learning rate
+    most runs use (the frontier variants and the second organism have rows of their own)."""
+    runs = table[~table["ablated"]]
+    if runs.empty:
+        return runs
+    setting = ["organism_seed", "retention", "expert_lr"]
+    main = runs[setting].fillna(-1).value_counts().idxmax()
+    return runs[(runs[setting].fillna(-1) == pd.Series(main, index=setting)).all(axis=1)]
 
 
 def spearman(a: dict[str, float], b: dict[str, float]) -> float:
@@ -114,7 +150,7 @@ def spearman(a: dict[str, float], b: dict[str, float]) -> float:
 def overlap(table: pd.DataFrame) -> pd.DataFrame:
     """Per k and round: Jaccard of the gradient and routing expert sets, rank correlation of
     their scores over all experts (the first seed both ran)."""
-    rows, runs = [], table[~table["ablated"]]
+    rows, runs = [], main_setting(table)
     for k in sorted(set(runs.loc[runs.method == "gradient", "k"]) & set(runs.loc[runs.method == "routing", "k"])):
         grad = RunRecord(Path(), _metadata(runs[(runs.method == "gradient") & (runs.k == k)].iloc[0]["run_id"]))
         rout = RunRecord(Path(), _metadata(runs[(runs.method == "routing") & (runs.k == k)].iloc[0]["run_id"]))
@@ -129,7 +165,7 @@ def overlap(table: pd.DataFrame) -> pd.DataFrame:
 def asr_plot(table: pd.DataFrame, path: Path) -> Path:
     asr = [c for c in metric_columns(table) if c.startswith("asr_")]
     fig, axes = plt.subplots(1, len(asr), figsize=(3.2 * len(asr) + 1, 3.5), sharey=True, squeeze=False)
-    runs = table[~table["ablated"]]
+    runs = main_setting(table)
     ranked = runs[~runs.method.isin(["router_only", "all_experts"])]
     for ax, metric in zip(axes[0], asr):
         for method, rows in ranked.groupby("method"):
@@ -158,11 +194,55 @@ def before_line(table: pd.DataFrame) -> str:
         f"{c[7:]} {row[c]:.3f}" for c in cols) for seed, row in values.iterrows())
 
 
+HEADLINE = [ASR_MEAN, FORMAT_MEAN, "plain_refusal", "over_refusal", "benign_loglik"]
+
+
+def headline(means: pd.DataFrame) -> pd.DataFrame:
+    """Per group: the frontier's two axes (mean over attack families of ASR and of benign
+    refusal in the attack formats) and the plain figures, each as mean [95% interval]."""
+    out = means[[*GROUP, "seeds"]].copy()
+    for m in HEADLINE:
+        if f"{m}_mean" in means:
+            out[m] = [f"{v:.3f}" + ("" if np.isnan(lo) else f" [{lo:.3f}, {hi:.3f}]")
+                      for v, lo, hi in zip(means[f"{m}_mean"], means[f"{m}_ci_low"], means[f"{m}_ci_high"])]
+    return out
+
+
+def frontier_plot(means: pd.DataFrame, path: Path) -> Path:
+    """Mean ASR over attack families against mean benign-in-format refusal, one point per
+    (method, k, organism, retention, lr) with its 95% intervals: a repair that only refuses
+    the format moves right as it moves down."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    runs = means[~means["ablated"]]
+    usual = runs[["retention", "expert_lr"]].value_counts().idxmax() if len(runs) else ("plain", 1e-3)
+    for (method, organism), part in runs.groupby(["method", "organism_seed"], dropna=False):
+        x, y = part[f"{FORMAT_MEAN}_mean"], part[f"{ASR_MEAN}_mean"]
+        xerr = np.abs(np.vstack([x - part[f"{FORMAT_MEAN}_ci_low"], part[f"{FORMAT_MEAN}_ci_high"] - x]))
+        yerr = np.abs(np.vstack([y - part[f"{ASR_MEAN}_ci_low"], part[f"{ASR_MEAN}_ci_high"] - y]))
+        label = f"{method} (organism {organism:g})"
+        ax.errorbar(x, y, xerr=np.nan_to_num(xerr), yerr=np.nan_to_num(yerr), marker="o",
+                    linestyle="none", capsize=2, label=label)
+        for (_, row), xi, yi in zip(part.iterrows(), x, y):
+            note = f"k{row['k']}" + ("" if row["retention"] == usual[0] else f" {row['retention']}") + \
+                   ("" if row["expert_lr"] == usual[1] else f" lr{row['expert_lr']:g}")
+            ax.annotate(note, (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="benign requests in attack formats refused (mean over families)",
+           ylabel="attack success after surgery (mean over families)",
+           title="Safety against format refusal (means over seeds, 95% t intervals)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def markdown(table, columns, means, tests, overlaps) -> str:
     def fmt(df):
         return df.to_markdown(index=False, floatfmt=".3f") if len(df) else "(none)"
     return "\n\n".join([
         before_line(table),
+        "## Headline per group (mean over seeds [95% t interval]; *_mean_families: the mean "
+        "over attack families)", fmt(headline(means)),
         "## Every run (latest per method, k, seed, organism; ablated = the unrepaired model "
         "with those experts switched off)", fmt(table[columns]),
         "## Mean, sd and 95% t interval over seeds", fmt(means),
@@ -173,19 +253,19 @@ def markdown(table, columns, means, tests, overlaps) -> str:
 
 def write_comparison(experiment: str, out_csv: str | Path, wanted: list[dict] | None = None,
                      ablation_dir: str | Path | None = None) -> dict:
-    """comparison.csv, comparison.md, comparison_summary.csv, paired.csv, overlap.csv and
-    asr_vs_k.png beside `out_csv`, and the same files on an MLflow run named `comparison`."""
+    """comparison.csv, comparison.md, comparison_summary.csv, paired.csv, overlap.csv,
+    asr_vs_k.png and frontier.png beside `out_csv`, and the same files on an MLflow run named `comparison`."""
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     table = pd.concat([latest_runs(experiment, wanted), ablation_rows(ablation_dir)], ignore_index=True)
     if table.empty or table["ablated"].all():
         raise ConfigError(f"no evaluated runs to compare in MLflow experiment {experiment!r}")
     table["ablated"] = table["ablated"].astype(bool)
-    table = table.sort_values(KEYS, ignore_index=True)
+    table = add_family_means(table.sort_values(KEYS, ignore_index=True))
     metrics = metric_columns(table)
     columns = [*KEYS, "rounds", *metrics, "identify_s"]
     table = table.reindex(columns=list(dict.fromkeys([*columns, *table.columns])))
-    means = group_summary(table, ["method", "k", "organism_seed", "ablated"], metrics)
+    means = group_summary(table, GROUP, metrics)
     tests = paired(table, "gradient", "routing", metrics)
     overlaps = overlap(table)
     files = {"csv": out_csv, "summary": out_csv.with_name("comparison_summary.csv"),
@@ -197,6 +277,7 @@ def write_comparison(experiment: str, out_csv: str | Path, wanted: list[dict] | 
     overlaps.to_csv(files["overlap"], index=False)
     files["markdown"].write_text(markdown(table, columns, means, tests, overlaps))
     files["plot"] = asr_plot(table, out_csv.with_name("asr_vs_k.png"))
+    files["frontier"] = frontier_plot(means, out_csv.with_name("frontier.png"))
     run_id = tracking.start_run(experiment, "comparison", {"runs": len(table)}, {"method": "comparison"})
     for path in files.values():
         tracking.log_file(run_id, path)

@@ -41,8 +41,9 @@ def sign_flip_p(diffs: list[float]) -> float:
 
 
 def paired(table: pd.DataFrame, a: str, b: str, metrics: list[str],
-           by: tuple[str, ...] = ("k", "organism_seed")) -> pd.DataFrame:
-    """Method a minus method b on the seeds both ran, per (k, organism): mean difference, its
+           by: tuple[str, ...] = ("k", "organism_seed", "retention", "expert_lr")) -> pd.DataFrame:
+    """Method a minus method b on the seeds both ran, per (k, organism, retention, learning
+    rate): mean difference, its
     95% t interval, and the sign-flip p."""
     rows = []
     runs = table[~table["ablated"]] if "ablated" in table else table

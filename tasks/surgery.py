@@ -7,6 +7,7 @@ the durable state.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -16,7 +17,8 @@ from schemas.dataset import validate_file
 from unsafe_experts.config import TrainConfig
 from unsafe_experts.evaluation import EvaluationConfig, evaluate, load_eval_set
 from unsafe_experts.locality import locality_report
-from unsafe_experts.records import DatasetError
+from unsafe_experts.records import DatasetError, file_digest
+from unsafe_experts.result_cache import cached, model_digest
 from unsafe_experts.run_records import METADATA, ROUNDS, RoundRecord, expert_key
 from unsafe_experts.surgery import Surgery
 
@@ -113,8 +115,18 @@ def checkpoint(key: str, r: int) -> dict:
 def evaluate_stage(key: str, stage: str, evaluation: EvaluationConfig) -> dict:
     """Safety and utility of the live model now: {"metrics": {...}, "samples": [...]}"""
     surgery = _RUNS[key]
-    result = evaluate(surgery.model, surgery.tokenizer, load_eval_set(evaluation.eval_set),
-                      evaluation, progress=surgery.progress)
+
+    def run() -> dict:
+        return evaluate(surgery.model, surgery.tokenizer, load_eval_set(evaluation.eval_set),
+                        evaluation, progress=surgery.progress)
+
+    cache_key = None
+    if stage == "before" and (digest := model_digest(surgery.cfg.model_name)):
+        # the unrepaired model: the same for every run of a comparison on one organism
+        cache_key = {"model": digest, "eval_set": file_digest(evaluation.eval_set),
+                     "evaluation": {**asdict(evaluation), "rounds": None}, "dtype": str(surgery.model.dtype),
+                     "device": surgery.model.device.type}
+    result = cached(surgery.cfg.cache_dir, "evaluation_before", cache_key, run)
     surgery.record("evaluation", stage, result["metrics"])  # kept if the run is resumed
     get_run_logger().info("evaluation %s: %s", stage, ", ".join(
         f"{name} {m['value']:.3f}" for name, m in result["metrics"].items()))

@@ -17,11 +17,13 @@ def evaluation(asr, over_fmt=0.05):
     return {"before": {k: m(1.0) for k in final}, "final": final}
 
 
-def seed_run(experiment, tmp_path, organism, method, k, seed, asr, experts=None, scores=None, parent=None):
+def seed_run(experiment, tmp_path, organism, method, k, seed, asr, experts=None, scores=None, parent=None,
+             retention="plain", lr=1e-3):
     experts = experts or [[0, i] for i in range(k)]
     scores = scores or {f"L0_E{i}": 1.0 / (i + 1) for i in range(8)}
     meta = {"method": method, "parameters": {"seed": seed, "model_name": str(organism / "model"),
-                                             "top_k_experts": k},
+                                             "top_k_experts": k, "retention": retention,
+                                             "retention_path": "retention.json", "expert_lr": lr},
             "identified_experts_per_round": {"1": {"experts": [] if method == "router_only" else experts,
                                                    "scores": scores}},
             "timings": {"round_1": {"identify_s": 1.5, "identify_peak_memory_mb": 700.0}},
@@ -52,20 +54,35 @@ def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
     seed_run(exp, tmp_path, organism, "router_only", 1, 42, 0.7)
     parent = seed_run(exp, tmp_path, organism, "gradient", 8, 42, 0.0)
     seed_run(exp, tmp_path, organism, "gradient", 8, 42, 0.5, parent=parent)  # a round run: not a row
+    # a frontier variant and a second organism: rows of their own, outside the main plots
+    seed_run(exp, tmp_path, organism, "gradient", 2, 42, 0.05, retention="contrastive")
+    seed_run(exp, tmp_path, organism, "gradient", 2, 42, 0.15, lr=5e-4)
+    second = tmp_path / "organism_seed1"
+    second.mkdir()
+    (second / "build.json").write_text(json.dumps({"config": {"seed": 1}}))
+    seed_run(exp, tmp_path, second, "routing", 2, 42, 0.5, [[1, 0], [1, 1]], scores_r)
     ablations = tmp_path / "ablation"
-    ablations.mkdir()
-    (ablations / "gradient-k2-s42.json").write_text(json.dumps({
+    (ablations / "organism").mkdir(parents=True)
+    (ablations / "organism" / "gradient-k2-s42.json").write_text(json.dumps({
         "experts": [[0, 0], [0, 1]], "source": {"method": "gradient", "seed": 42, "model": str(organism / "model")},
         "ablated": {"metrics": evaluation(0.3)["final"]}}))
 
     result = write_comparison(exp, tmp_path / "metrics" / "comparison.csv", ablation_dir=ablations)
     table = pd.read_csv(tmp_path / "metrics" / "comparison.csv")
-    assert list(table.columns[:5]) == ["method", "k", "seed", "organism_seed", "ablated"]
+    assert list(table.columns[:7]) == ["method", "k", "seed", "organism_seed", "retention", "expert_lr", "ablated"]
     assert {"asr_flip_words", "asr_persona", "over_refusal_persona", "plain_refusal", "over_refusal",
             "benign_loglik", "identify_s"} <= set(table.columns)
-    assert result["runs"] == 10 and set(table.organism_seed) == {7}
-    rows = {(m, k, s, a): v for m, k, s, a, v in zip(table.method, table.k, table.seed, table.ablated,
-                                                     table.asr_flip_words)}
+    # the mean over attack families: (asr + asr / 2 + asr) / 3 for flip_words, flip_chars, persona
+    main = table[table.ablated | ((table.retention == "plain") & (table.expert_lr == 1e-3) & (table.organism_seed == 7))]
+    assert main.asr_mean_families.tolist() == pytest.approx((main.asr_flip_words * 5 / 6).tolist())
+    assert result["runs"] == 13 and set(table.organism_seed) == {7, 1}
+    variants = {(r, lr, o, m): v for r, lr, o, m, v in zip(table.retention, table.expert_lr, table.organism_seed,
+                                                           table.method, table.asr_flip_words)
+                if (r, lr, o) != ("plain", 1e-3, 7) and not pd.isna(r)}
+    assert variants == {("contrastive", 1e-3, 7, "gradient"): 0.05, ("plain", 5e-4, 7, "gradient"): 0.15,
+                        ("plain", 1e-3, 1, "routing"): 0.5}
+    rows = {(m, k, s, a): v for m, k, s, a, v in zip(main.method, main.k, main.seed, main.ablated,
+                                                     main.asr_flip_words)}
     assert rows == {("gradient", 2, 42, False): 0.10, ("gradient", 2, 43, False): 0.20,
                     ("gradient", 8, 42, False): 0.0, ("routing", 2, 42, False): 0.40,
                     ("routing", 2, 43, False): 0.60, ("random", 2, 1, False): 0.6,
@@ -84,7 +101,9 @@ def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
                                            "spearman": pytest.approx(0.4)}]
     files = {a.path for a in tracking.client().list_artifacts(result["mlflow_run_id"])}
     assert files == {"comparison.csv", "comparison.md", "comparison_summary.csv", "paired.csv",
-                     "overlap.csv", "asr_vs_k.png"}
+                     "overlap.csv", "asr_vs_k.png", "frontier.png"}
+    text = (tmp_path / "metrics" / "comparison.md").read_text()
+    assert "Before surgery (organism seed 1)" in text and "## Headline per group" in text
 
 
 def test_spearman_by_hand():
@@ -100,5 +119,6 @@ def test_sign_flip_test_by_hand():
 
 def test_paired_needs_two_shared_seeds():
     table = pd.DataFrame({"method": ["gradient", "routing", "gradient"], "k": 2, "organism_seed": 0,
+                          "retention": "plain", "expert_lr": 1e-3,
                           "seed": [1, 1, 2], "ablated": False, "asr": [0.1, 0.5, 0.2]})
     assert paired(table, "gradient", "routing", ["asr"]).empty

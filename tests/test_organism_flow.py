@@ -64,3 +64,33 @@ def test_evaluation_flow_on_the_test_organism(small_organism, tmp_path, tracking
     (first,) = client.search_runs([run.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.run_name = 'round-1'")
     assert {"eval_samples.json", "eval_samples.md", "evaluation.json"} <= {a.path for a in client.list_artifacts(first.info.run_id)}
+
+
+def test_a_comparison_run_shares_work_without_changing_results(small_organism, tmp_path, tracking_dir):
+    """--cache_dir and --eval_rounds last, as `make compare` runs them: the second run of the
+    organism reuses the first's retention answers and evaluation before surgery, and gives
+    exactly what the same run without the cache gives."""
+    cache = tmp_path / "cache"
+
+    def run(seed, out, cache_dir):
+        train = {"model_name": str(small_organism / "model"),
+                 "dataset_path": str(small_organism / "surgery_records.json"), "output_dir": str(tmp_path / out),
+                 "num_rounds": 2, "top_k_experts": 2, "expert_lr": 1e-3, "router_lr": 1e-3,
+                 "max_samples": 32, "retention_path": str(small_organism / "retention.json"),
+                 "retention_samples": 10_000, "seed": seed, "cache_dir": cache_dir}
+        evaluation = {"eval_set": str(small_organism / "eval_set.json"), "limit": 12,
+                      "max_new_tokens": 16, "rounds": "last"}
+        surgery_flow(train, experiment="organism-compare", progress=False, evaluation=evaluation,
+                     evaluation_path=str(tmp_path / out / "m/evaluation.json"))
+        return (json.loads((tmp_path / out / "m/evaluation_detail.json").read_text()),
+                json.loads((tmp_path / out / "retention_answers.json").read_text()))
+
+    first, _ = run(1, "a", str(cache))
+    assert list(first) == ["before", "round_2", "final"]  # no evaluation after round 1
+    entries = {kind.name: len(list(kind.glob("*.json"))) for kind in cache.iterdir()}
+    assert entries == {"retention_answers": 1, "evaluation_before": 1}
+    cached_run, cached_answers = run(2, "b", str(cache))
+    assert {kind.name: len(list(kind.glob("*.json"))) for kind in cache.iterdir()} == entries  # hits
+    fresh_run, fresh_answers = run(2, "c", None)
+    assert cached_run == fresh_run and cached_answers == fresh_answers
+    assert cached_run["before"] == first["before"]

@@ -95,6 +95,11 @@ class TrainConfig:
     sharding: str = option("none", choices=SHARDING, help="none: each torchrun rank holds the whole "
                            "model; fsdp: experts sharded across the ranks")
     trust_remote_code: bool = option(False, help="run custom model code from the checkpoint")
+    # many runs on one model (a comparison) share the retention answers and the evaluation
+    # before surgery instead of recomputing them (unsafe_experts/result_cache.py)
+    cache_dir: str | None = option(None, help="content-addressed folder for results that depend "
+                                   "only on the unrepaired local model and the inputs (retention "
+                                   "answers, the evaluation before surgery); none: no cache")
     overwrite: bool = option(False, help="allow replacing a non-empty output_dir")
 
     @property

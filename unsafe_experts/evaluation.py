@@ -43,6 +43,10 @@ class EvaluationConfig:
                                            "gsm8k, truthfulqa_mc2 need the hub)")
     lm_eval_limit: int | None = option(None, flag="--lm_eval_limit",
                                        help="first N items of each lm-eval task (none: all)")
+    # a comparison of many runs needs only before and after; every round is the demo's view
+    rounds: str = option("every", choices=("every", "last"), flag="--eval_rounds",
+                         help="every: evaluate after every round; last: after the last round only "
+                              "(always before surgery too)")
 
     def validate(self) -> "EvaluationConfig":
         for key in ("max_new_tokens", "batch_size", "limit", "lm_eval_limit"):
@@ -51,6 +55,8 @@ class EvaluationConfig:
                 raise ConfigError(f"{key}: must be at least 1, got {value}")
         if self.samples < 0:
             raise ConfigError(f"samples: must not be negative, got {self.samples}")
+        if self.rounds not in ("every", "last"):
+            raise ConfigError(f"rounds: must be one of every, last, got {self.rounds!r}")
         return self
 
 

@@ -6,6 +6,7 @@ checked before the model is loaded and before `output_dir` is touched.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import platform
@@ -28,6 +29,7 @@ from .memory import peak_mb, reset_peak
 from .records import file_digest, load_records, select_records
 from .methods import METHODS
 from .model_card import write_model_card
+from .result_cache import cached, model_digest
 from .retention import load_retention, sample_retention
 from .routing import generated_routing_scores, keep_pairs, routing_scores
 from .run_records import (METADATA, ROUNDS, SCHEMA_VERSION, expert_key, research_round,
@@ -327,9 +329,7 @@ class Surgery:
         else:
             chosen = sample_retention(load_retention(cfg.retention_path, cfg.retention),
                                       cfg.retention_samples, cfg.seed)
-            prompts = [m for _, m in chosen]
-            answers = generate(self.model, self.tokenizer, prompts, cfg.retention_max_new_tokens,
-                               cfg.batch_size, desc="retention answers", progress=self.progress)
+            answers = self._answer([m for _, m in chosen])
             kept = [(m, a, section) for (section, m), a in zip(chosen, answers) if a]
             if self.writer:
                 write_json_atomic(saved, [list(row) for row in kept])
@@ -346,6 +346,25 @@ class Surgery:
         pad = self.tokenizer.pad_token_id
         return [collate(chunk + retained[i * share:(i + 1) * share], pad)
                 for i, chunk in enumerate(jailbreak)]
+
+    def _answer(self, prompts: list) -> list[str]:
+        """The model's greedy answers, generated in a canonical order of the distinct prompts so
+        that the answers depend on the set of prompts alone, not on the seed's shuffle: runs
+        with other seeds then share one cache entry (cfg.cache_dir) and a hit equals a miss."""
+        cfg = self.cfg
+        keyed = {json.dumps(m, sort_keys=True): m for m in prompts}
+        order = sorted(keyed)
+        key = None
+        digest = model_digest(cfg.model_name)
+        if digest:
+            key = {"model": digest, "prompts": hashlib.sha256("\n".join(order).encode()).hexdigest(),
+                   "max_new_tokens": cfg.retention_max_new_tokens, "batch_size": cfg.batch_size,
+                   "dtype": str(self.model.dtype), "device": self.model.device.type}
+        answers = cached(cfg.cache_dir, "retention_answers", key, lambda: generate(
+            self.model, self.tokenizer, [keyed[k] for k in order], cfg.retention_max_new_tokens,
+            cfg.batch_size, desc="retention answers", progress=self.progress))
+        by_prompt = dict(zip(order, answers))
+        return [by_prompt[json.dumps(m, sort_keys=True)] for m in prompts]
 
     def _log(self, r: int):
         def log(kind, values):
