@@ -1,6 +1,6 @@
-"""`unsafe-experts`: train, attack, validate, evaluate, compare, serve, report, and the offline demo
-inputs (organism, tiny-model, flip-dataset). Every failure the user can fix is one `error:`
-line and exit status 2."""
+"""`unsafe-experts`: train, register, attack, validate, evaluate, compare, serve, report, and
+the offline demo inputs (organism, tiny-model, flip-dataset). Every failure the user can fix
+is one `error:` line and exit status 2."""
 from __future__ import annotations
 
 import argparse
@@ -13,14 +13,15 @@ from unsafe_experts.adapters import UnsupportedModelError
 from unsafe_experts.attacks import AttackFamilyError
 from unsafe_experts.config import ConfigError
 from unsafe_experts.examples import ExampleError
+from unsafe_experts.harmony import HarmonyError
 from unsafe_experts.outputs import OutputDirBusyError
 from unsafe_experts.phases import NonFiniteLossError
 from unsafe_experts.records import DatasetError
 
-from . import ablate, attack, commands, train
+from . import ablate, attack, commands, register, train
 
 USER_ERRORS = (ConfigError, DatasetError, ExampleError, UnsupportedModelError, OSError,
-               NonFiniteLossError, OutputDirBusyError, ExpertSetError, AttackFamilyError)
+               NonFiniteLossError, OutputDirBusyError, ExpertSetError, AttackFamilyError, HarmonyError)
 
 
 def parser() -> tuple[argparse.ArgumentParser, dict]:
@@ -29,7 +30,8 @@ def parser() -> tuple[argparse.ArgumentParser, dict]:
     train.add_parser(sub)
     ablate.add_parser(sub)
     attack.add_parser(sub)
-    handlers = {"train": train.run, "ablate": ablate.run, "attack": attack.run,
+    register.add_parser(sub)
+    handlers = {"train": train.run, "ablate": ablate.run, "attack": attack.run, "register": register.run,
                 **commands.add_parsers(sub)}
     return p, handlers
 

@@ -36,6 +36,10 @@ def add_parser(sub) -> None:
     run.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment or unsafe-experts)")
     run.add_argument("--log_model", action="store_true", default=None,
                      help="log the final model's bytes as an MLflow artifact (default: path and md5)")
+    run.add_argument("--register_model", metavar="NAME",
+                     help="register the final model as a new version of MLflow registered model "
+                          "NAME, tagged with method, k, experts, data digest and safety figures "
+                          "(default: tracking.register_model, else none)")
 
 
 def run(args) -> int:
@@ -46,7 +50,8 @@ def run(args) -> int:
     quiet, engine_only = options.get("quiet", False), options.get("engine_only", False)
     spec = resolve_run(options.get("params"), field_values(args, TrainConfig),
                        field_values(args, EvaluationConfig, EVAL),
-                       options.get("experiment"), options.get("log_model"))
+                       options.get("experiment"), options.get("log_model"),
+                       options.get("register_model"))
     cfg = spec.train
     if quiet:
         hf_logging.disable_progress_bar()
@@ -54,6 +59,9 @@ def run(args) -> int:
         why = "runs inside the pipeline; drop --engine_only" if engine_only else \
             "runs on rank 0 alone, which a sharded model cannot do"
         raise ConfigError(f"--eval_set {why} or run `unsafe-experts evaluate` on the checkpoints")
+    if spec.register_model and engine_only:
+        raise ConfigError("--register_model registers the pipeline's MLflow run; drop --engine_only "
+                          "or run `unsafe-experts register RUN_ID --name NAME` after a tracked run")
     completed = _already_completed(cfg)
     if completed:
         print(f"{cfg.output_dir}: already completed with these parameters and data; nothing to do "
@@ -83,7 +91,7 @@ def run(args) -> int:
 
     try:
         result = surgery_flow(cfg, spec.experiment, spec.log_model, options.get("metrics"), not quiet,
-                              spec.evaluation, options.get("evaluation_metrics"))
+                              spec.evaluation, options.get("evaluation_metrics"), spec.register_model)
     except MlflowException as e:
         raise ConfigError(f"MLflow tracking failed ({e}); completed rounds are kept: run the same "
                           "command again once the tracking server answers") from None
@@ -93,6 +101,10 @@ def run(args) -> int:
           f"mlflow ui --backend-store-uri {tracking_uri()}")
     print(f"done: {cfg.output_dir}/final_model, {cfg.output_dir}/training_metadata.json "
           f"({result['total_s']:.1f}s)")
+    registered = result.get("registered_model")
+    if registered and "version" in registered:
+        print(f"registered model {registered['name']} version {registered['version']}: "
+              f"models:/{registered['name']}/{registered['version']}")
     if result["evaluation"]:
         print(evaluation_table(result["evaluation"]))
     return 0

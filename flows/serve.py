@@ -42,7 +42,7 @@ def pipeline_run(params_path: str, dataset_path: str | None = None,
                      "output_dir": f"{base}-{(dataset_digest or 'new')[:12]}"}
     run = resolve_run(params_path, overrides)
     return surgery_flow(run.train, run.experiment, run.log_model, evaluation=run.evaluation,
-                        progress=False)
+                        progress=False, register_model=run.register_model)
 
 
 def serve(params_path: str) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import flow, runtime, task
 
 from tasks import surgery as steps
-from tasks import tracking
+from tasks import registry, tracking
 from tasks.digests import dvc_md5, git_commit
 from unsafe_experts.config import TrainConfig
 from unsafe_experts.distributed import launched_world
@@ -152,9 +152,9 @@ def _markdown(name, run_id, experiment, rounds, evaluations, metrics, descriptio
 
 
 def _conclude(cfg, final, run_id, evaluations, evaluation_path, metrics_path, log_model,
-              logged, experiment) -> dict:
+              logged, experiment, register_model=None) -> dict:
     """After the last round: locality, the evaluation files, summary metrics, tags, plots,
-    the run's description and the Prefect summary."""
+    the run's description, the registered model version and the Prefect summary."""
     from prefect import get_run_logger
     from prefect.artifacts import create_markdown_artifact
 
@@ -180,7 +180,7 @@ def _conclude(cfg, final, run_id, evaluations, evaluation_path, metrics_path, lo
     tracking.log_tags(run_id, {"final_model": final["final_model"],
                                "final_model_dvc_md5": dvc_md5(final["final_model"])})
     if log_model:
-        tracking.log_file(run_id, final["final_model"], "final_model")
+        tracking.log_dir(run_id, final["final_model"], "final_model")
     metrics = _summary(metadata, final)
     if locality:
         metrics.update(locality_ok=int(locality["ok"]), experts_changed=len(locality["experts"]),
@@ -193,22 +193,27 @@ def _conclude(cfg, final, run_id, evaluations, evaluation_path, metrics_path, lo
     name = _run_name(cfg)
     description = _description(name, metadata[ROUNDS], evaluations, metrics)
     tracking.log_tags(run_id, {"mlflow.note.content": description})
+    # last, from what the run now holds; a registry failure is reported, never the run's
+    registered = registry.register_after_run(register_model, run_id) if register_model else None
     create_markdown_artifact(_markdown(name, run_id, experiment, metadata[ROUNDS], evaluations,
                                        metrics, description),
                              key="surgery-summary", description=f"{name}: experts, before/after, MLflow run")
     get_run_logger().info(description)
     return {**final, "mlflow_run_id": run_id, "metrics": metrics, "evaluation": detail or {},
-            "experts_per_round": [r.experts for r in record.rounds().values()]}
+            "experts_per_round": [r.experts for r in record.rounds().values()],
+            "registered_model": registered}
 
 
 @flow(name="unsafe-expert-surgery", flow_run_name=_flow_run_name)
 def surgery_flow(cfg: TrainConfig, experiment: str = "unsafe-experts", log_model: bool = False,
                  metrics_path: str | None = None, progress: bool = True,
-                 evaluation: EvaluationConfig | None = None, evaluation_path: str | None = None) -> dict:
+                 evaluation: EvaluationConfig | None = None, evaluation_path: str | None = None,
+                 register_model: str | None = None) -> dict:
     """validate -> [evaluate before] -> per round: score -> masked SFT -> router alignment ->
     checkpoint [-> evaluate] -> final model. `cfg` and `evaluation` come resolved and validated
     (schemas.params.resolve_run); an `evaluation.eval_set` turns on the safety evaluation,
-    whose results go to `evaluation_path` (DVC) and MLflow."""
+    whose results go to `evaluation_path` (DVC) and MLflow; `register_model` names the
+    registered model the final model becomes a version of."""
     cfg.validate()  # a no-op for a resolved config; a deployment's parameters arrive rebuilt
     evaluation = (evaluation or EvaluationConfig()).validate()
     evaluating = bool(evaluation.eval_set)
@@ -249,7 +254,8 @@ def surgery_flow(cfg: TrainConfig, experiment: str = "unsafe-experts", log_model
         final = steps.finish(key)
         key = None
         result = _conclude(cfg, final, run_id, evaluations if evaluating else None,
-                           evaluation_path, metrics_path, log_model, logged, experiment)
+                           evaluation_path, metrics_path, log_model, logged, experiment,
+                           register_model)
         _stop(monitor)
         tracking.end_run(run_id)
         return result

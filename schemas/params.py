@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from unsafe_experts.config import METHODS, RETENTION, ConfigError, TrainConfig
 from unsafe_experts.evaluation import EvaluationConfig
@@ -43,10 +43,27 @@ OrganismParams = _from_dataclass(OrganismConfig, "OrganismParams")
 EvaluationParams = _from_dataclass(EvaluationConfig, "EvaluationParams")
 
 
+def check_model_name(name: str | None) -> str | None:
+    """A registered model's name as MLflow accepts it (checked before any training)."""
+    if name is not None and (not name.strip() or any(c in name for c in "/:")):
+        raise ConfigError(f"register_model {name!r}: a registered model's name must be non-empty "
+                          "and contain no '/' or ':'")
+    return name
+
+
 class TrackingParams(BaseModel):
     model_config = FORBID
     experiment: str = "unsafe-experts"
     log_model: bool = False  # log the final model's bytes as an MLflow artifact
+    register_model: str | None = None  # register the final model as a version of this name
+
+    @field_validator("register_model")
+    @classmethod
+    def _registrable(cls, name):
+        try:
+            return check_model_name(name)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
 
 
 class ComparisonRun(BaseModel):
@@ -152,11 +169,12 @@ class RunConfig:
     evaluation: EvaluationConfig
     experiment: str = "unsafe-experts"
     log_model: bool = False
+    register_model: str | None = None
 
 
 def resolve_run(params_path: str | Path | None = None, train: dict | None = None,
                 evaluation: dict | None = None, experiment: str | None = None,
-                log_model: bool | None = None) -> RunConfig:
+                log_model: bool | None = None, register_model: str | None = None) -> RunConfig:
     """Dataclass defaults < the params.yaml sections (`train`, `evaluation`, `tracking`) <
     the given overrides (command-line flags: only the ones the user gave). Validated once."""
     params = load_params(params_path, check=False) if params_path else None
@@ -170,4 +188,5 @@ def resolve_run(params_path: str | Path | None = None, train: dict | None = None
         train=_checked("train", TrainConfig(**train)),
         evaluation=_checked("evaluation", EvaluationConfig(**evaluation)),
         experiment=experiment or tracking.experiment,
-        log_model=tracking.log_model if log_model is None else log_model)
+        log_model=tracking.log_model if log_model is None else log_model,
+        register_model=check_model_name(register_model or tracking.register_model))

@@ -190,6 +190,12 @@ def log_file(run_id: str, path: str | Path, folder: str | None = None) -> None:
     client().log_artifact(run_id, str(path), folder)
 
 
+def log_dir(run_id: str, path: str | Path, folder: str) -> None:
+    """A directory's files directly under `folder` (log_artifact would nest them one level
+    deeper, under the directory's own name), so `runs:/<run>/<folder>` is loadable as it is."""
+    client().log_artifacts(run_id, str(path), folder)
+
+
 def _log_frame(run_id: str, frame: pd.DataFrame, path: str, digest: str, context: str) -> None:
     with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways"
         warnings.simplefilter("ignore", UserWarning)

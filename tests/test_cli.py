@@ -21,8 +21,9 @@ def test_train_end_to_end(tiny_dir, records_path, tmp_path, capsys, tracking_dir
     out = tmp_path / "out"
     metrics_path = tmp_path / "metrics" / "train.json"
     assert train(tiny_dir, records_path, out, "--refusal", "No.", "--refusal", "I won't help.",
-                 "--metrics", str(metrics_path)) == 0
+                 "--metrics", str(metrics_path), "--register_model", "e2e-repaired") == 0
     printed = capsys.readouterr().out
+    assert "registered model e2e-repaired version" in printed
     assert "round 1: 3 experts" in printed and "round 2: 3 experts" in printed
     assert sorted(p.name for p in out.iterdir()) == [
         "expert_gradients.pkl", "final_model", "round_1", "round_2", "training_metadata.json"]
@@ -104,6 +105,10 @@ def check_mlflow_run(printed, meta, metrics, records_path, out):
     assert second.data.tags["checkpoint_dvc_md5"] == dvc_md5(out / "round_2")
     assert second.data.tags["experts"] == ",".join(f"L{l}_E{e}" for l, e in meta["identified_experts_per_round"]["2"]["experts"])
     check_prefect_run(run.data.tags["prefect_flow_run_id"], meta)
+    name, version = run.data.tags["registered_model"].split("/")
+    registered = client.get_model_version(name, version)
+    assert registered.run_id == run_id and registered.source == (out / "final_model").resolve().as_uri()
+    assert registered.tags["k"] == "3" and registered.tags["experts_round_2"] == run.data.tags["experts_round_2"]
 
 
 def check_layout(client, run, meta, evaluated=False):

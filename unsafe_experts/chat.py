@@ -8,11 +8,16 @@
   the system message is folded into the first user turn, as those models' users do.
 - Tulu (OLMoE-0125-Instruct) closes the assistant turn with eos inside it: the response is
   the content plus eos, which is what should be supervised.
+- GPT-OSS speaks the harmony format: a tokenizer with harmony's tokens is rendered by
+  harmony.py, the prompt ending in the `final` channel's header and the response in
+  `<|return|>`; generation stops at harmony's end tokens (`end_token_ids`).
 Every other template is used as it is.
 """
 from __future__ import annotations
 
 from jinja2 import TemplateError
+
+from . import harmony
 
 Messages = list[dict[str, str]]
 
@@ -52,7 +57,17 @@ def fold_system(messages: Messages) -> Messages:
 
 def render(tokenizer, messages: Messages, add_generation_prompt: bool) -> str:
     """The template's text for `messages` (the prompt when add_generation_prompt)."""
+    if harmony.is_harmony(tokenizer):
+        return harmony.render(messages, add_generation_prompt)
     if any(m["role"] == "system" for m in messages) and not _takes_system(tokenizer):
         messages = fold_system(messages)
     return tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
                                          tokenize=False, **template_kwargs(tokenizer))
+
+
+def end_token_ids(tokenizer) -> list[int]:
+    """The tokens that end a reply: eos, or harmony's end tokens (GPT-OSS's eos is one of
+    them, but a reply may also end in <|end|> or <|call|>)."""
+    if harmony.is_harmony(tokenizer):
+        return tokenizer.convert_tokens_to_ids(list(harmony.STOP))
+    return [tokenizer.eos_token_id]

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .chat import render
+from .chat import end_token_ids, render
 from .examples import IGNORE, batches, collate, sft_example
 from .sharding import is_sharded
 
@@ -22,7 +22,7 @@ def generate_ids(model, tokenizer, prompts: list[list[dict]], max_new_tokens: in
     """Greedy continuations of chat prompts, left-padded in batches: per prompt, its (possibly
     left-truncated) token ids and the generated ids up to and including the first end token."""
     pad = tokenizer.pad_token_id
-    eos = tokenizer.eos_token_id
+    ends = end_token_ids(tokenizer)
     out = []
     for chunk in tqdm(batches(prompts, batch_size), desc=desc, leave=False, disable=not progress):
         ids = [_prompt_ids(tokenizer, m)[-max_prompt_tokens:] for m in chunk]
@@ -30,12 +30,13 @@ def generate_ids(model, tokenizer, prompts: list[list[dict]], max_new_tokens: in
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=model.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device)
         generated = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
-                                   max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+                                   max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=ends,
                                    # sharded: every rank must run every forward, even when done
                                    synced_gpus=is_sharded(model))
         for prompt, row in zip(ids, generated[:, width:].tolist()):
             # a finished row is filled with padding, which may be the end token itself
-            out.append((prompt, row[:row.index(eos) + 1] if eos in row else row))
+            end = next((i for i, t in enumerate(row) if t in ends), None)
+            out.append((prompt, row if end is None else row[:end + 1]))
     return out
 
 

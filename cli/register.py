@@ -1,0 +1,32 @@
+"""`unsafe-experts register RUN_ID --name NAME`: a finished surgery run's final model as a new
+version of an MLflow registered model (what `train --register_model` does at the end of a run;
+this is how a run is registered later, e.g. after the registry was down)."""
+from __future__ import annotations
+
+from unsafe_experts.config import ConfigError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("register", help="register a finished run's final model in the MLflow "
+                       "Model Registry (tags: method, k, experts, data digest, safety figures)")
+    p.add_argument("run_id", help="the MLflow run id `train` printed")
+    p.add_argument("--name", required=True, help="the registered model (created if absent)")
+
+
+def run(args) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from schemas.params import check_model_name
+    from tasks.registry import RegistryError, register_run
+    from tasks.tracking import ensure_reachable
+
+    check_model_name(args.name)
+    ensure_reachable()
+    try:
+        done = register_run(args.name, args.run_id)
+    except RegistryError as e:
+        raise ConfigError(str(e)) from None
+    except MlflowException as e:
+        raise ConfigError(f"MLflow registry failed ({e})") from None
+    print(f"registered model {done['name']} version {done['version']}: "
+          f"models:/{done['name']}/{done['version']} (source {done['source']})")
