@@ -50,9 +50,9 @@ class EvaluationConfig:
     endpoint: str | None = option(None, flag="--endpoint",
                                   help="generate through this OpenAI-compatible server (vLLM, "
                                        "SGLang, TGI, transformers serve), e.g. "
-                                       "http://localhost:8000/v1, --eval_batch_size requests at "
-                                       "a time; --model then gives the tokenizer and chat "
-                                       "template only, and log-likelihoods are left out")
+                                       "http://localhost:8000/v1, as many requests at a time "
+                                       "as the batch size; --model then gives the tokenizer and "
+                                       "chat template only, and log-likelihoods are left out")
     served_model: str | None = option(None, flag="--served_model",
                                       help="with --endpoint: the model's name on the server, as "
                                            "its /v1/models lists it")
