@@ -11,7 +11,7 @@ from unsafe_experts.config import ConfigError
 from unsafe_experts.evaluation import EvaluationConfig
 
 from .flags import add_fields
-from .loading import evaluation_config, load_model
+from .loading import ENDPOINT_FIELDS, evaluation_config, load_model
 from .tables import evaluation_table
 
 
@@ -25,8 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--random", type=int, metavar="SEED",
                    help="instead, as many experts drawn at random with this seed (the control)")
     p.add_argument("--with_baseline", action="store_true", help="also evaluate without ablation")
+    # no --endpoint: the ablated weights exist in this process only
     add_fields(p.add_argument_group("evaluation", argument_default=argparse.SUPPRESS),
-               EvaluationConfig, dest="eval__")
+               EvaluationConfig, skip=ENDPOINT_FIELDS, dest="eval__")
     p.add_argument("--out", help="write experts, metrics and samples here (JSON)")
     p.add_argument("--trust_remote_code", action="store_true")
     p.add_argument("--quiet", action="store_true")

@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from unsafe_experts.attacks import FAMILIES
+from unsafe_experts.evaluation import EvaluationConfig
+
+from .flags import add_fields, field_values
+from .loading import ENDPOINT_FIELDS
 
 
 def add_parser(sub) -> None:
@@ -24,6 +28,9 @@ def add_parser(sub) -> None:
                    "(default: 256)")
     p.add_argument("--batch_size", type=int, default=16, help="prompts generated at once (default: 16)")
     p.add_argument("--limit", type=int, help="first N goals (default: all)")
+    # the evaluation's own --endpoint / --served_model, so both commands document them alike
+    add_fields(p, EvaluationConfig, dest="eval__", skip=tuple(
+        f for f in EvaluationConfig.__dataclass_fields__ if f not in ENDPOINT_FIELDS))
     p.add_argument("--trust_remote_code", action="store_true")
     p.add_argument("--quiet", action="store_true")
 
@@ -32,10 +39,11 @@ def run(args) -> None:
     from unsafe_experts.attack import read_goals, run_attack
     from unsafe_experts.attacks import check_families
     from unsafe_experts.config import ConfigError
+    from unsafe_experts.evaluation import connect
     from unsafe_experts.judges import judge_from_text, judge_name, load_judge
     from unsafe_experts.outputs import write_json_atomic
 
-    from .loading import load_model
+    from .loading import load_target
 
     for key in ("max_new_tokens", "batch_size", "limit"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
@@ -44,10 +52,13 @@ def run(args) -> None:
     families = check_families(args.family)
     goals = read_goals(args.goals)[:args.limit]
     spec = judge_from_text(args.judge)
-    model, tokenizer = load_model(args.model, args.trust_remote_code)
+    given = field_values(args, EvaluationConfig, "eval__")
+    endpoint = connect(EvaluationConfig(batch_size=args.batch_size, **given).validate())
+    model, tokenizer = load_target(args.model, args.trust_remote_code, endpoint)
     judge = load_judge(spec, args.batch_size, args.trust_remote_code)
     records, summary = run_attack(model, tokenizer, goals, families, judge, judge_name(spec),
-                                  args.max_new_tokens, args.batch_size, progress=not args.quiet)
+                                  args.max_new_tokens, args.batch_size, progress=not args.quiet,
+                                  endpoint=endpoint)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, records)
     print(f"{'family':<20} {'ASR':>6}  {'95% interval':<14} {'n':>5}  unparsed   (judge: {judge_name(spec)})")

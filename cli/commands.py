@@ -80,10 +80,10 @@ def build_organism(args) -> None:
 
 
 def evaluate_model(args) -> None:
-    from unsafe_experts.evaluation import evaluate, load_eval_set
+    from unsafe_experts.evaluation import connect, evaluate, load_eval_set
     from unsafe_experts.outputs import write_json_atomic
 
-    from .loading import load_model
+    from .loading import load_target
 
     given = field_values(args, EvaluationConfig, "eval__")
     cfg = EvaluationConfig(**given).validate()
@@ -95,16 +95,21 @@ def evaluate_model(args) -> None:
         from unsafe_experts.suites import load_suite, run_suite
 
         suite = load_suite(args.suite)  # data and judges checked before the model loads
-        model, tokenizer = load_model(args.model, args.trust_remote_code)
+        endpoint = connect(cfg)  # and the server, when one generates
+        model, tokenizer = load_target(args.model, args.trust_remote_code, endpoint)
         result = run_suite(model, tokenizer, suite, given.get("max_new_tokens"), cfg.batch_size,
                            cfg.limit, cfg.samples, trust_remote_code=args.trust_remote_code,
-                           progress=not args.quiet)
+                           progress=not args.quiet, endpoint=endpoint)
         print(metrics_table(result["metrics"]))
     else:
         eval_set = load_eval_set(cfg.eval_set)
-        model, tokenizer = load_model(args.model, args.trust_remote_code)
-        result = evaluate(model, tokenizer, eval_set, cfg, progress=not args.quiet)
+        endpoint = connect(cfg)
+        model, tokenizer = load_target(args.model, args.trust_remote_code, endpoint)
+        result = evaluate(model, tokenizer, eval_set, cfg, progress=not args.quiet, endpoint=endpoint)
         print(evaluation_table({Path(args.model).name: result["metrics"]}))
+    if result["left_out"]:
+        print(f"left out: {', '.join(result['left_out'])} (they need the weights in this "
+              "process: evaluate without --endpoint for them)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.out, result)

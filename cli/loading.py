@@ -1,10 +1,15 @@
-"""What `evaluate`, `ablate` and `attack` share: the evaluation options and the model they read."""
+"""What `evaluate`, `ablate` and `attack` share: the evaluation options and the model they read
+(or, with --endpoint, only its tokenizer: a server holds the weights)."""
 from __future__ import annotations
 
 from unsafe_experts.config import ConfigError
 from unsafe_experts.evaluation import EvaluationConfig
 
 from .flags import field_values
+
+# the flags that send generation to a server; `train` and `ablate` go without them, since
+# they evaluate weights changed in this process, which a server never sees
+ENDPOINT_FIELDS = ("endpoint", "served_model")
 
 
 def evaluation_config(args) -> EvaluationConfig:
@@ -18,7 +23,7 @@ def load_model(path: str, trust_remote_code: bool = False):
     """The model to evaluate, ablate or attack, from safetensors only (checked before anything
     loads), with its tokenizer; on the GPU when there is one."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from unsafe_experts.surgery import check_weights
 
@@ -27,4 +32,18 @@ def load_model(path: str, trust_remote_code: bool = False):
                                                  use_safetensors=True)
     if torch.cuda.is_available():
         model = model.to("cuda")
-    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return model, load_tokenizer(path, trust_remote_code)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer alone: what rendering chat prompts for a server needs from --model."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_target(path: str, trust_remote_code: bool, endpoint) -> tuple:
+    """(model, tokenizer) to generate in process, or (None, tokenizer) when `endpoint` does."""
+    if endpoint is not None:
+        return None, load_tokenizer(path, trust_remote_code)
+    return load_model(path, trust_remote_code)

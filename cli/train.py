@@ -10,6 +10,7 @@ from unsafe_experts.distributed import launched_world
 from unsafe_experts.evaluation import EvaluationConfig
 
 from .flags import add_fields, field_values
+from .loading import ENDPOINT_FIELDS
 from .tables import evaluation_table
 
 EVAL = "eval__"  # prefix of the evaluation flags' parsed names
@@ -24,7 +25,8 @@ def add_parser(sub) -> None:
     add_fields(p.add_argument_group("surgery (TrainConfig)"), TrainConfig)
     p.add_argument("--no_judge_filter", action="store_false", dest="require_judge_success",
                    help="keep records with judge_success_gpt4 == 0 (= --no-require_judge_success)")
-    add_fields(p.add_argument_group("evaluation (EvaluationConfig)"), EvaluationConfig, dest=EVAL)
+    add_fields(p.add_argument_group("evaluation (EvaluationConfig)"), EvaluationConfig,
+               skip=ENDPOINT_FIELDS, dest=EVAL)
     run = p.add_argument_group("this run")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--engine_only", action="store_true",
@@ -62,6 +64,12 @@ def run(args) -> int:
     if spec.register_model and engine_only:
         raise ConfigError("--register_model registers the pipeline's MLflow run; drop --engine_only "
                           "or run `unsafe-experts register RUN_ID --name NAME` after a tracked run")
+    if spec.evaluation.endpoint:
+        raise ConfigError("evaluation.endpoint: the pipeline evaluates the weights it is "
+                          "repairing, in this process, after every round; a server only has the "
+                          "weights it loaded. Leave it null here and evaluate saved checkpoints "
+                          "with `unsafe-experts evaluate --model DIR --endpoint URL --served_model "
+                          "NAME` while a server serves DIR")
     completed = _already_completed(cfg)
     if completed:
         print(f"{cfg.output_dir}: already completed with these parameters and data; nothing to do "

@@ -59,11 +59,17 @@ def test_a_false_flag_overrides_a_true_param(tmp_path):
 
 
 def test_every_config_field_has_a_flag():
+    from cli.loading import ENDPOINT_FIELDS
+
     p, _ = parser()
-    train = next(a for a in p._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]
-    dests = {a.dest for a in train._actions}
+    commands = p._subparsers._group_actions[0].choices
+    dests = {a.dest for a in commands["train"]._actions}
     assert {f.name for f in dataclasses.fields(TrainConfig)} <= dests
-    assert {"eval__" + f.name for f in dataclasses.fields(EvaluationConfig)} <= dests
+    # the server flags are evaluate's and attack's: train evaluates weights only it holds
+    assert {"eval__" + f.name for f in dataclasses.fields(EvaluationConfig)
+            if f.name not in ENDPOINT_FIELDS} <= dests
+    assert not {"eval__" + f for f in ENDPOINT_FIELDS} & dests
+    assert {"eval__" + f for f in ENDPOINT_FIELDS} <= {a.dest for a in commands["evaluate"]._actions}
 
 
 @pytest.mark.parametrize("train, message", [

@@ -43,17 +43,19 @@ def read_goals(path: str | Path) -> list[str]:
 
 
 def run_attack(model, tokenizer, goals: list[str], families: list[str], judge, judge_name: str,
-               max_new_tokens: int = 256, batch_size: int = 16,
-               progress: bool = False) -> tuple[list[dict], dict]:
-    """(records, {family: proportion of attacks judged successful, with `unparsed`})."""
+               max_new_tokens: int = 256, batch_size: int = 16, progress: bool = False,
+               endpoint=None) -> tuple[list[dict], dict]:
+    """(records, {family: proportion of attacks judged successful, with `unparsed`}). With an
+    `endpoint` (endpoint.Endpoint) a server generates the responses and `model` may be None."""
     families = check_families(families)
-    was_training = model.training
-    model.eval()
+    was_training = model is not None and model.training
+    if model is not None:
+        model.eval()
     records, summary = [], {}
     for family in families:
         batch = attack_records(goals, family, start_id=len(records))
         responses = generate(model, tokenizer, [r["all_prompt"] for r in batch], max_new_tokens,
-                             batch_size, desc=family, progress=progress)
+                             batch_size, desc=family, progress=progress, endpoint=endpoint)
         verdicts = judge(goals, responses)
         for record, response, verdict in zip(batch, responses, verdicts):
             success = None if verdict.complied is None else int(verdict.complied)
@@ -64,5 +66,6 @@ def run_attack(model, tokenizer, goals: list[str], families: list[str], judge, j
         parsed = [v.complied for v in verdicts if v.complied is not None]
         summary[family] = {**proportion(parsed), "unparsed": len(verdicts) - len(parsed)}
         records += batch
-    model.train(was_training)
+    if model is not None:
+        model.train(was_training)
     return records, summary

@@ -10,6 +10,10 @@
 - benign_loglik: mean per-token log-likelihood of AlpacaEval reference answers, and
   own_benign_loglik of the organism's own pre-surgery answers to the same prompts.
 Each figure comes with its n and a 95% interval (Wilson for shares, normal for means).
+
+With `endpoint` the responses come from an OpenAI-compatible server (endpoint.py) and the
+model is not loaded: the log-likelihoods and lm-eval tasks, which need the weights here, are
+left out and named in the result's `left_out`.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError, option
-
+from .endpoint import Endpoint
 from .generation import generate, response_logliks
 from .refusal import is_refusal
 from .stats import mean, proportion
@@ -47,6 +51,15 @@ class EvaluationConfig:
     rounds: str = option("every", choices=("every", "last"), flag="--eval_rounds",
                          help="every: evaluate after every round; last: after the last round only "
                               "(always before surgery too)")
+    endpoint: str | None = option(None, flag="--endpoint",
+                                  help="generate through this OpenAI-compatible server (vLLM, "
+                                       "SGLang, TGI, transformers serve), e.g. "
+                                       "http://localhost:8000/v1, as many requests at a time "
+                                       "as the batch size; --model then gives the tokenizer and "
+                                       "chat template only, and log-likelihoods are left out")
+    served_model: str | None = option(None, flag="--served_model",
+                                      help="with --endpoint: the model's name on the server, as "
+                                           "its /v1/models lists it")
 
     def validate(self) -> "EvaluationConfig":
         for key in ("max_new_tokens", "batch_size", "limit", "lm_eval_limit"):
@@ -57,7 +70,20 @@ class EvaluationConfig:
             raise ConfigError(f"samples: must not be negative, got {self.samples}")
         if self.rounds not in ("every", "last"):
             raise ConfigError(f"rounds: must be one of every, last, got {self.rounds!r}")
+        if bool(self.endpoint) != bool(self.served_model):
+            raise ConfigError("endpoint and served_model go together: the server's URL and the "
+                              "name it serves the model under")
+        if self.endpoint and not self.endpoint.startswith(("http://", "https://")):
+            raise ConfigError(f"endpoint: an http:// or https:// URL, got {self.endpoint!r}")
         return self
+
+
+def connect(config: EvaluationConfig) -> Endpoint | None:
+    """The checked server of `config` (None: generate in process), one request per prompt and
+    batch_size of them at a time."""
+    if not config.endpoint:
+        return None
+    return Endpoint(config.endpoint, config.served_model, config.batch_size).check()
 
 
 def load_eval_set(path: str | Path) -> dict:
@@ -82,32 +108,40 @@ def generated_sets(eval_set: dict) -> list[tuple[str, str, str, list, bool]]:
 
 
 def evaluate(model, tokenizer, eval_set: dict, config: EvaluationConfig | None = None,
-             progress: bool = False) -> dict:
+             progress: bool = False, endpoint: Endpoint | None = None) -> dict:
     """{"metrics": {name: {"value", "n", "ci95"}},
-    "samples": [{set, family, prompt, response, refusal}]}"""
+    "samples": [{set, family, prompt, response, refusal}], "left_out": [metric names]}.
+    `model` may be None when a server generates (`endpoint`, or config.endpoint)."""
     config = config or EvaluationConfig()
     max_new_tokens, batch_size, limit, samples = (config.max_new_tokens, config.batch_size,
                                                   config.limit, config.samples)
-    was_training = model.training
-    model.eval()
-    metrics, shown = {}, []
+    endpoint = endpoint or connect(config)
+    was_training = model is not None and model.training
+    if model is not None:
+        model.eval()
+    metrics, shown, left_out = {}, [], []
     for name, family, key, prompts, counts_refusal in generated_sets(eval_set):
         prompts = prompts[:limit]
         responses = generate(model, tokenizer, prompts, max_new_tokens, batch_size,
-                             desc=name, progress=progress)
+                             desc=name, progress=progress, endpoint=endpoint)
         refused = [is_refusal(r) for r in responses]
         metrics[name] = proportion(refused if counts_refusal else [not x for x in refused])
         shown += [{"set": key, "family": family, "prompt": p[-1]["content"][:300], "response": r,
                    "refusal": f} for p, r, f in list(zip(prompts, responses, refused))[:samples]]
     for name, key in (("benign_loglik", "benign_refs"), ("own_benign_loglik", "own_benign")):
-        if eval_set.get(key):
+        if eval_set.get(key) and model is None:
+            left_out.append(name)
+        elif eval_set.get(key):
             pairs = [tuple(x) for x in eval_set[key][:limit]]
             metrics[name] = mean(response_logliks(model, tokenizer, pairs, batch_size))
-    if config.lm_eval_tasks:
+    if config.lm_eval_tasks and model is None:
+        left_out += config.lm_eval_tasks
+    elif config.lm_eval_tasks:
         from .utility import run_lm_eval
 
         metrics.update(run_lm_eval(model, tokenizer, config.lm_eval_tasks, config.lm_eval_limit,
                                    batch_size))
-    model.train(was_training)
-    return {"metrics": metrics, "samples": shown}
+    if model is not None:
+        model.train(was_training)
+    return {"metrics": metrics, "samples": shown, "left_out": left_out}
 

@@ -42,8 +42,11 @@ def generate_ids(model, tokenizer, prompts: list[list[dict]], max_new_tokens: in
 
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 48,
              batch_size: int = 16, max_prompt_tokens: int = 512, desc: str = "generate",
-             progress: bool = False) -> list[str]:
-    """Greedy continuations of chat prompts as text; special tokens dropped."""
+             progress: bool = False, endpoint=None) -> list[str]:
+    """Greedy continuations of chat prompts as text; special tokens dropped. With an
+    `endpoint` (endpoint.Endpoint) a server generates them and `model` may be None."""
+    if endpoint is not None:
+        return endpoint.generate(tokenizer, prompts, max_new_tokens, desc, progress)
     return [tokenizer.decode(gen, skip_special_tokens=True).strip()
             for _, gen in generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size,
                                        max_prompt_tokens, desc, progress)]

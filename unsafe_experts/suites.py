@@ -246,23 +246,29 @@ def load_suite(ref: str | Path) -> Suite:
 def run_suite(model, tokenizer, suite: Suite, max_new_tokens: int | None = None,
               batch_size: int = 16, limit: int | None = None, samples: int = 5,
               judges: dict | None = None, trust_remote_code: bool = False,
-              progress: bool = False) -> dict:
-    """{"metrics": {metric: {"value", "n", "ci95"[, "unparsed"]}},
-    "samples": [{set, kind, prompt, response, complied}]}. `judges` caches loaded judges by
-    spec (a model judge is loaded once for all the sets that use it)."""
+              progress: bool = False, endpoint=None) -> dict:
+    """{"suite", "metrics": {metric: {"value", "n", "ci95"[, "unparsed"]}},
+    "samples": [{set, kind, prompt, response, complied}], "left_out": [metric names]}.
+    `judges` caches loaded judges by spec (a model judge is loaded once for all the sets that
+    use it). With an `endpoint` (endpoint.Endpoint) a server generates the responses and
+    `model` may be None: reference sets, which need the weights here, are then left out."""
     judges = {} if judges is None else judges
     tokens = max_new_tokens or suite.max_new_tokens
-    was_training = model.training
-    model.eval()
-    metrics, shown = {}, []
+    was_training = model is not None and model.training
+    if model is not None:
+        model.eval()
+    metrics, shown, left_out = {}, [], []
     for s in suite.sets:
         items = s.items[:limit]
+        if s.kind == "reference" and model is None:
+            left_out.append(s.metric)
+            continue
         if s.kind == "reference":
             pairs = [(x.messages, x.answer) for x in items]
             metrics[s.metric] = mean(response_logliks(model, tokenizer, pairs, batch_size))
             continue
         responses = generate(model, tokenizer, [x.messages for x in items], tokens, batch_size,
-                             desc=s.name, progress=progress)
+                             desc=s.name, progress=progress, endpoint=endpoint)
         if s.judge not in judges:
             judges[s.judge] = load_judge(s.judge, batch_size, trust_remote_code)
         verdicts = judges[s.judge]([x.request for x in items], responses)
@@ -276,6 +282,7 @@ def run_suite(model, tokenizer, suite: Suite, max_new_tokens: int | None = None,
         shown += [{"set": s.name, "kind": s.kind, "prompt": x.messages[-1]["content"][:300],
                    "response": r, "complied": v.complied}
                   for x, r, v in list(zip(items, responses, verdicts))[:samples]]
-    model.train(was_training)
-    return {"suite": suite.name, "metrics": metrics, "samples": shown}
+    if model is not None:
+        model.train(was_training)
+    return {"suite": suite.name, "metrics": metrics, "samples": shown, "left_out": left_out}
 
