@@ -48,10 +48,14 @@ def spread(layers, k: int) -> list[tuple[int, int]]:
 def measured(model, k: int) -> dict:
     """Both checkpoints of one round written to disk: a full save_pretrained, and the delta of
     k experts' rows and every router."""
+    from transformers.utils import logging as hf_logging
+
     layers = moe_layers(model)
     with tempfile.TemporaryDirectory() as tmp:
         full, delta = Path(tmp) / "full", Path(tmp) / "delta"
+        hf_logging.disable_progress_bar()  # one line of figures, not a progress bar
         model.save_pretrained(full)
+        hf_logging.enable_progress_bar()
         tensors, rows = changed_tensors(model, layers, spread(layers, k), routers=True)
         write_delta(delta, tensors, rows, {"round": 1, "base": {}, "previous": None,
                                            "experts": spread(layers, k), "routers": True})
