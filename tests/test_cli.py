@@ -72,6 +72,7 @@ def check_mlflow_run(printed, meta, metrics, records_path, out):
     assert run.data.params["top_k_experts"] == "3" and run.data.params["kl_type"] == "forward"
     assert run.data.tags["data_dvc_md5"] == dvc_md5(records_path)
     assert run.data.tags["final_model_dvc_md5"] == dvc_md5(out / "final_model")
+    assert run.data.tags["final_model_kind"] == "full"
     assert len(run.data.tags["git_commit"]) in (40, 7) and run.data.tags["prefect_flow_run_id"] != "none"
     assert run.data.tags["dataset_records_used"] == "8"
     (dataset_input,) = run.inputs.dataset_inputs
