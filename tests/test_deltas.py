@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from cli.main import main
 from conftest import one_error_line
-from unsafe_experts.checkpoints import load_checkpoint, materialize
+from unsafe_experts.checkpoints import checkpoint_tokenizer, load_checkpoint, materialize
 from unsafe_experts.config import TrainConfig
 from unsafe_experts.deltas import MANIFEST, WEIGHTS, DeltaError, weights_digest
 from unsafe_experts.locality import weight_changes
@@ -129,6 +129,8 @@ def test_the_cli_loads_a_round_through_its_deltas(tiny_dir, records_path, tmp_pa
     changed = [n for n, p in start.named_parameters() if not torch.equal(p, ours[n])]
     assert changed and all(".experts." in n or ".gate." in n for n in changed)
     assert tokenizer.pad_token_id is not None
+    alone = checkpoint_tokenizer(out / "round_2")  # what a served model's prompts are rendered with
+    assert alone("a test").input_ids == tokenizer("a test").input_ids
 
 
 def test_materialize_refuses_a_missing_round_or_another_base(tiny_dir, records_path, tmp_path, capsys):

@@ -102,6 +102,16 @@ def load_checkpoint(path: str | Path, trust_remote_code: bool = False, base: str
     return model, load_tokenizer(base, trust_remote_code)
 
 
+def checkpoint_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """The tokenizer of a checkpoint directory alone; a delta keeps none, so its base's (as the
+    surgery loaded and would have saved it)."""
+    from transformers import AutoTokenizer
+
+    if is_delta(path):
+        return load_tokenizer(read_manifest(path)["base"]["path"], trust_remote_code)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
 def materialize(output_dir: str | Path, round: int, out: str | Path, base: str | Path | None = None,
                 trust_remote_code: bool = False) -> Path:
     """Writes round `round` of a run as a full checkpoint (config, tokenizer, safetensors) to
