@@ -10,7 +10,7 @@ import platform
 
 import torch
 
-from . import sharded
+from . import checkpoint_bytes, sharded
 from . import workloads as w
 
 
@@ -107,6 +107,7 @@ def main() -> None:
               f"expert), ours {ours_state / 2**20:.1f} MB (fp32 master and two moments of k experts)")
         figures["sft_optimizer_state_ratio_vs_dense_adamw"] = ours_state / (2 * expert_bytes)
         streamed_vs_exact(args, figures, pool, 3 if args.quick else 6)
+        checkpoint_bytes.report(figures, m, k)
         fsdp_per_rank(figures)
 
         kernels_and_threads(args, figures, batch)

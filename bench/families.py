@@ -20,8 +20,8 @@ from dataclasses import fields
 from pathlib import Path
 
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from unsafe_experts.checkpoints import load_checkpoint
 from unsafe_experts.config import TrainConfig
 from unsafe_experts.evaluation import EvaluationConfig, evaluate, load_eval_set
 from unsafe_experts.organism import OrganismConfig, build_organism
@@ -49,8 +49,7 @@ def table(columns: dict[str, dict]) -> str:
 
 
 def _evaluate(model_dir, eval_set, limit):
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model, tokenizer = load_checkpoint(model_dir)  # a delta final_model/ too
     t0 = time.time()
     metrics = evaluate(model, tokenizer, load_eval_set(eval_set), EvaluationConfig(limit=limit))["metrics"]
     print(f"evaluated {model_dir} in {time.time() - t0:.0f}s")

@@ -1,5 +1,5 @@
-"""The commands besides `train`: organism, evaluate, validate, compare, serve, report and the
-offline test inputs (tiny-model, flip-dataset)."""
+"""The commands besides `train`: organism, evaluate, validate, compare, serve, report, materialize
+and the offline test inputs (tiny-model, flip-dataset)."""
 from __future__ import annotations
 
 import argparse
@@ -56,7 +56,16 @@ def add_parsers(sub) -> dict:
     serve.add_argument("--params", default="params.yaml")
     report = sub.add_parser("report", help="the identified experts per round of a finished run")
     report.add_argument("output_dir")
-    return {"tiny-model": tiny_model, "flip-dataset": flip_dataset, "validate": validate_files,
+    materialize = sub.add_parser("materialize", help="write a round's delta checkpoint out as a "
+                                 "full checkpoint (config, tokenizer, safetensors)")
+    materialize.add_argument("output_dir", help="the run's output_dir")
+    materialize.add_argument("--round", type=int, required=True, help="which round_N/")
+    materialize.add_argument("--out", required=True, help="the full checkpoint's directory "
+                             "(must not exist, or be empty)")
+    materialize.add_argument("--base", help="the base checkpoint, where it is not at the path "
+                             "the manifest names (its weights digest must match)")
+    materialize.add_argument("--trust_remote_code", action="store_true")
+    return {"materialize": materialize_round, "tiny-model": tiny_model, "flip-dataset": flip_dataset, "validate": validate_files,
             "organism": build_organism, "evaluate": evaluate_model, "compare": compare_runs,
             "serve": serve_pipeline, "report": report_run}
 
@@ -213,3 +222,10 @@ def report_run(args) -> None:
     if meta.get("evaluation"):
         print()
         print(evaluation_table(meta["evaluation"]))
+
+
+def materialize_round(args) -> None:
+    from unsafe_experts.checkpoints import materialize
+
+    out = materialize(args.output_dir, args.round, args.out, args.base, args.trust_remote_code)
+    print(f"round {args.round} of {args.output_dir} written in full to {out}")

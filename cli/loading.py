@@ -20,26 +20,24 @@ def evaluation_config(args) -> EvaluationConfig:
 
 
 def load_model(path: str, trust_remote_code: bool = False):
-    """The model to evaluate, ablate or attack, from safetensors only (checked before anything
-    loads), with its tokenizer; on the GPU when there is one."""
+    """The model to evaluate, ablate or attack, with its tokenizer, on the GPU when there is
+    one: a full checkpoint from safetensors only (checked before anything loads), or a run's
+    delta checkpoint (round_N/) materialized in memory on its base."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from unsafe_experts.surgery import check_weights
+    from unsafe_experts.checkpoints import load_checkpoint
 
-    check_weights(path)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                 use_safetensors=True)
+    model, tokenizer = load_checkpoint(path, trust_remote_code)
     if torch.cuda.is_available():
         model = model.to("cuda")
-    return model, load_tokenizer(path, trust_remote_code)
+    return model, tokenizer
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The tokenizer alone: what rendering chat prompts for a server needs from --model."""
-    from transformers import AutoTokenizer
+    from unsafe_experts.checkpoints import checkpoint_tokenizer
 
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return checkpoint_tokenizer(path, trust_remote_code)
 
 
 def load_target(path: str, trust_remote_code: bool, endpoint) -> tuple:

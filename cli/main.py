@@ -1,6 +1,6 @@
-"""`unsafe-experts`: train, register, attack, validate, evaluate, compare, serve, report, and
-the offline demo inputs (organism, tiny-model, flip-dataset). Every failure the user can fix
-is one `error:` line and exit status 2."""
+"""`unsafe-experts`: train, register, attack, validate, evaluate, compare, serve, report,
+materialize, and the offline demo inputs (organism, tiny-model, flip-dataset). Every failure the
+user can fix is one `error:` line and exit status 2."""
 from __future__ import annotations
 
 import argparse

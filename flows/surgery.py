@@ -88,8 +88,11 @@ def _round(cfg, key, r, experiment, run_id, tags, previous, evaluation, evaluati
     done = steps.checkpoint(key, r)
     track.with_options(task_run_name=f"track-round-{r}")(
         round_run, r, done["identified"], done["timings"], done["logs"], previous)
-    tracking.log_tags(round_run, {"checkpoint": done["path"],
-                                  "checkpoint_dvc_md5": dvc_md5(done["path"])})
+    # round_N/ is a delta: its md5 names the delta's bytes, the base digest what it applies to
+    tracking.log_tags(round_run, {"checkpoint": done["path"], "checkpoint_kind": "delta",
+                                  "checkpoint_dvc_md5": dvc_md5(done["path"]),
+                                  "checkpoint_bytes": done["bytes"],
+                                  "checkpoint_base_sha256": done["base_sha256"]})
     tracking.log_tags(run_id, {f"experts_round_{r}": tracking.expert_names(done["identified"]["experts"])})
     if evaluation.eval_set and (evaluation.rounds == "every" or r == cfg.num_rounds):
         _evaluate(key, f"round_{r}", evaluation, [run_id, round_run], r, evaluations, logged)
@@ -177,7 +180,7 @@ def _conclude(cfg, final, run_id, evaluations, evaluation_path, metrics_path, lo
         write_json_atomic(final["metadata"], metadata)
         write_model_card(final["output_dir"])  # now with the before/after figures
     tracking.log_file(run_id, final["metadata"])
-    tracking.log_tags(run_id, {"final_model": final["final_model"],
+    tracking.log_tags(run_id, {"final_model": final["final_model"], "final_model_kind": cfg.final_checkpoint,
                                "final_model_dvc_md5": dvc_md5(final["final_model"])})
     if log_model:
         tracking.log_dir(run_id, final["final_model"], "final_model")

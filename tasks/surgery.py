@@ -94,7 +94,8 @@ def align(key: str, r: int) -> list[float]:
 
 @task(task_run_name="checkpoint-round-{r}")
 def checkpoint(key: str, r: int) -> dict:
-    """Saves round_r; returns its path and what the round recorded (read back from disk)."""
+    """Saves round_r (a delta checkpoint); returns its path, size and base digest and what the
+    round recorded (read back from disk)."""
     surgery = _RUNS[key]
     path = surgery.checkpoint(r)
     meta = json.loads((surgery.out / METADATA).read_text())
@@ -108,7 +109,9 @@ def checkpoint(key: str, r: int) -> dict:
     )
     get_run_logger().info("round %d: checkpoint saved to %s", r, path)
     return {"round": r, "path": str(path), "identified": identified, "timings": meta["timings"][f"round_{r}"],
-            "logs": [x for x in meta["training_logs"] if x["round"] == r]}
+            "logs": [x for x in meta["training_logs"] if x["round"] == r],
+            "base_sha256": meta["base"]["sha256"],
+            "bytes": sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())}
 
 
 @task(task_run_name="evaluate-{stage}")
@@ -136,7 +139,8 @@ def evaluate_stage(key: str, stage: str, evaluation: EvaluationConfig) -> dict:
 @task(name="check-locality")
 def check_locality(original: str, final_model: str, selected: list, routers_may_change: bool) -> dict | None:
     """Only the selected experts (and routers, when aligned) may differ from the original.
-    None when the original is not a local safetensors checkpoint (a hub id)."""
+    None when the original is not a local safetensors checkpoint (a hub id). A delta
+    final_model is compared on what it materializes to (unsafe_experts/locality.py)."""
     if not list(Path(original).glob("*.safetensors")):
         return None
     return locality_report(original, final_model, selected, routers_may_change)

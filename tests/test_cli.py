@@ -56,7 +56,7 @@ def test_train_end_to_end(tiny_dir, records_path, tmp_path, capsys, tracking_dir
                 same = torch.equal(p[e], old.expert_params[name][e])
                 assert same != ((new.index, e) in picked)
         assert not torch.equal(new.router.weight, old.router.weight)
-    assert (out / "round_1" / "tokenizer.json").exists()
+    assert sorted(p.name for p in (out / "round_1").iterdir()) == ["delta.json", "delta.safetensors"]
     assert not list(out.glob(".*")), "temporary files left behind"
     check_mlflow_run(printed, meta, json.loads(metrics_path.read_text()), records_path, out)
 
@@ -73,6 +73,7 @@ def check_mlflow_run(printed, meta, metrics, records_path, out):
     assert run.data.params["top_k_experts"] == "3" and run.data.params["kl_type"] == "forward"
     assert run.data.tags["data_dvc_md5"] == dvc_md5(records_path)
     assert run.data.tags["final_model_dvc_md5"] == dvc_md5(out / "final_model")
+    assert run.data.tags["final_model_kind"] == "full"
     assert len(run.data.tags["git_commit"]) in (40, 7) and run.data.tags["prefect_flow_run_id"] != "none"
     assert run.data.tags["dataset_records_used"] == "8"
     (dataset_input,) = run.inputs.dataset_inputs
@@ -103,6 +104,10 @@ def check_mlflow_run(printed, meta, metrics, records_path, out):
     assert table["columns"] == ["round", "layer", "expert", "score", "rank"]
     assert {(row[1], row[2]) for row in table["data"]} == expected
     assert second.data.tags["checkpoint_dvc_md5"] == dvc_md5(out / "round_2")
+    assert second.data.tags["checkpoint_kind"] == "delta"
+    assert second.data.tags["checkpoint_base_sha256"] == meta["base"]["sha256"]
+    assert int(second.data.tags["checkpoint_bytes"]) == sum(
+        p.stat().st_size for p in (out / "round_2").iterdir())
     assert second.data.tags["experts"] == ",".join(f"L{l}_E{e}" for l, e in meta["identified_experts_per_round"]["2"]["experts"])
     check_prefect_run(run.data.tags["prefect_flow_run_id"], meta)
     name, version = run.data.tags["registered_model"].split("/")

@@ -133,7 +133,7 @@ def test_nan_loss_stops_the_run_naming_where_and_keeps_earlier_rounds(tiny_dir, 
     surgery.fail(NonFiniteLossError("x"))
     meta = json.loads((out / "training_metadata.json").read_text())
     assert meta["status"] == "failed" and list(meta["identified_experts_per_round"]) == ["1"]
-    assert (out / "round_1" / "model.safetensors").exists()
+    assert (out / "round_1" / "delta.safetensors").exists()
 
 
 def test_a_second_run_on_the_same_output_dir_is_refused(tiny_dir, records_path, tmp_path):

@@ -119,13 +119,13 @@ def test_flow_resumes_an_interrupted_run(tiny_dir, records_path, tmp_path, track
     for phase in (interrupted.identify, interrupted.repair, interrupted.align, interrupted.checkpoint):
         phase(1)
     interrupted.fail(KeyboardInterrupt())  # as if the run had been stopped during round 2
-    round_1 = (out / "round_1" / "model.safetensors").read_bytes()
+    round_1 = (out / "round_1" / "delta.safetensors").read_bytes()
 
     result = surgery_flow(train, experiment="resumed-runs", progress=False)
     meta = json.loads((out / "training_metadata.json").read_text())
     assert meta["status"] == "completed" and meta["resumed"][0]["after_round"] == 1
     assert list(meta["identified_experts_per_round"]) == ["1", "2"]
-    assert (out / "round_1" / "model.safetensors").read_bytes() == round_1  # kept, not redone
+    assert (out / "round_1" / "delta.safetensors").read_bytes() == round_1  # kept, not redone
     assert result["metrics"]["rounds"] == 2
     client = MlflowClient()
     run = client.get_run(result["mlflow_run_id"])

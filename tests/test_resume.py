@@ -46,6 +46,7 @@ def rounds_recorded(out):
 
 
 @pytest.mark.parametrize("sig, when", [(signal.SIGKILL, "inside round 2"),
+                                       (signal.SIGKILL, "after round 2"),
                                        (signal.SIGTERM, "as round 1's checkpoint lands")])
 def test_killed_run_resumes_to_the_same_result(sig, when, tiny_dir, records_path, tmp_path, reference):
     out = tmp_path / "out"
@@ -54,6 +55,8 @@ def test_killed_run_resumes_to_the_same_result(sig, when, tiny_dir, records_path
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if when == "inside round 2":
         wait_for(lambda: rounds_recorded(out) >= 1, process)
+    elif when == "after round 2":  # round 3 then starts from the base and two deltas
+        wait_for(lambda: rounds_recorded(out) >= 2, process)
     else:
         wait_for(lambda: (out / "round_1").exists(), process)
     process.send_signal(sig)
@@ -63,7 +66,10 @@ def test_killed_run_resumes_to_the_same_result(sig, when, tiny_dir, records_path
     assert main(command(tiny_dir, records_path, out)) == 0  # the same command again
     meta = json.loads((out / "training_metadata.json").read_text())
     expected = json.loads((reference / "training_metadata.json").read_text())
-    assert meta["status"] == "completed" and meta["resumed"][0]["after_round"] in (0, 1)
+    assert meta["status"] == "completed" and meta["resumed"][0]["after_round"] in (0, 1, 2)
+    if when == "after round 2":
+        assert meta["resumed"][0]["after_round"] == 2
+        assert sorted(p.name for p in (out / "round_2").iterdir()) == ["delta.json", "delta.safetensors"]
     assert ({r: v["experts"] for r, v in meta["identified_experts_per_round"].items()}
             == {r: v["experts"] for r, v in expected["identified_experts_per_round"].items()})
     ours = load_file(out / "final_model" / "model.safetensors")

@@ -133,7 +133,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_error_line(tiny_dir, records_pat
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(surgery_module, "save_checkpoint_atomic", full)
+    monkeypatch.setattr(surgery_module, "write_delta", full)  # round 1's checkpoint
     out = tmp_path / "out"
     assert main(flags(tiny_dir, records_path, out)) == 2
     one_error_line(capsys, "No space left on device")

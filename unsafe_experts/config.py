@@ -20,6 +20,7 @@ EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
 # benign prompts); contrastive: also its `contrastive` section (benign prompts inside attack
 # formats), so the repair learns to refuse harm rather than the jailbreak's format
 RETENTION = ("none", "plain", "contrastive")
+FINAL_CHECKPOINTS = ("full", "delta")
 
 
 class ConfigError(ValueError):
@@ -94,6 +95,12 @@ class TrainConfig:
     # expert across the ranks, for models that do not fit one device (see README)
     sharding: str = option("none", choices=SHARDING, help="none: each torchrun rank holds the whole "
                            "model; fsdp: experts sharded across the ranks")
+    # round_N/ is always a delta (the rows the round trained and the routers); final_model/
+    # is a full, loadable checkpoint unless delta is asked for (unsafe_experts/deltas.py)
+    final_checkpoint: str = option("full", choices=FINAL_CHECKPOINTS,
+                                   help="full: final_model/ is a loadable checkpoint; delta: only "
+                                        "the trained experts' rows and the routers against the base "
+                                        "(`unsafe-experts materialize` writes it in full)")
     trust_remote_code: bool = option(False, help="run custom model code from the checkpoint")
     # many runs on one model (a comparison) share the retention answers and the evaluation
     # before surgery instead of recomputing them (unsafe_experts/result_cache.py)

@@ -4,6 +4,11 @@ Reads safetensors files tensor by tensor, so two large checkpoints never sit in 
 once. Saved MoE checkpoints name experts one of two ways: per expert
 (`layers.3.mlp.experts.17.gate_proj.weight`) or fused (`layers.3.mlp.experts.gate_up_proj`,
 expert index on dim 0); both are resolved to (layer, expert).
+
+A delta checkpoint (deltas.py) as `after` is compared on what it would materialize to: its
+base is loaded once (the model's fused layout, which the delta's names use) and every row and
+tensor the chain of deltas writes is compared with the base's; what no delta writes is the
+base's by construction.
 """
 from __future__ import annotations
 
@@ -34,23 +39,49 @@ def _get(path: Path, key: str) -> torch.Tensor:
         return f.get_tensor(key)
 
 
+def _classify(key: str, x: torch.Tensor, y: torch.Tensor, experts: set, routers: set, other: list):
+    if x.shape == y.shape and torch.equal(x, y):
+        return
+    if m := PER_EXPERT.search(key):
+        experts.add((int(m[1]), int(m[2])))
+    elif (m := FUSED.search(key)) and x.shape == y.shape:
+        rows = (x != y).flatten(1).any(1).nonzero().flatten().tolist()
+        experts.update((int(m[1]), e) for e in rows)
+    elif m := ROUTER.search(key):
+        routers.add(int(m[1]))
+    else:
+        other.append(key)
+
+
+def _delta_changes(before: str | Path, after: str | Path) -> dict:
+    from .checkpoints import load_base
+    from .deltas import apply_delta, check_base, delta_chain, read_manifest
+
+    manifest = read_manifest(after)
+    check_base(manifest, before, after)
+    base = load_base(before, manifest.get("load", {}).get("dtype", "auto"))
+    written = {name for delta in delta_chain(after) for name in read_manifest(delta)["tensors"]}
+    original = {name: p.detach().clone() for name, p in base.named_parameters() if name in written}
+    for delta in delta_chain(after):
+        apply_delta(base, delta)
+    now = dict(base.named_parameters())
+    experts, routers, other = set(), set(), []
+    for name in sorted(written):
+        _classify(name, original[name], now[name].detach(), experts, routers, other)
+    return {"experts": [list(x) for x in sorted(experts)], "routers": sorted(routers),
+            "other": sorted(other)}
+
+
 def weight_changes(before: str | Path, after: str | Path) -> dict:
     """{"experts": [[layer, expert], ...], "routers": [layer, ...], "other": [key, ...]}"""
+    from .deltas import is_delta
+
+    if is_delta(after):
+        return _delta_changes(before, after)
     a, b = _tensors(before), _tensors(after)
     experts, routers, other = set(), set(), sorted(set(a) ^ set(b))
     for key in sorted(set(a) & set(b)):
-        x, y = _get(a[key], key), _get(b[key], key)
-        if x.shape == y.shape and torch.equal(x, y):
-            continue
-        if m := PER_EXPERT.search(key):
-            experts.add((int(m[1]), int(m[2])))
-        elif (m := FUSED.search(key)) and x.shape == y.shape:
-            rows = (x != y).flatten(1).any(1).nonzero().flatten().tolist()
-            experts.update((int(m[1]), e) for e in rows)
-        elif m := ROUTER.search(key):
-            routers.add(int(m[1]))
-        else:
-            other.append(key)
+        _classify(key, _get(a[key], key), _get(b[key], key), experts, routers, other)
     return {"experts": [list(x) for x in sorted(experts)], "routers": sorted(routers),
             "other": sorted(other)}
 

@@ -51,6 +51,13 @@ def model_card(meta: dict) -> str:
     if meta.get("evaluation"):
         lines += ["", "## Safety and utility before and after (95% intervals)", "",
                   *_evaluation_table(meta["evaluation"])]
+    if params.get("final_checkpoint") == "delta":
+        last = max(record.rounds(), default=0)
+        lines += ["", "## Loading", "", "This directory is a delta against the base model (the "
+                  "trained experts' rows and the routers, `delta.safetensors`, described by "
+                  "`delta.json`), not a loadable checkpoint by itself. "
+                  f"`unsafe-experts materialize OUTPUT_DIR --round {last} --out DIR` writes the same "
+                  "weights as a full checkpoint."]
     lines += ["", "## Known limits", "", *[f"- {x}" for x in LIMITS], ""]
     return "\n".join(lines)
 

@@ -27,14 +27,13 @@ def write_json_atomic(path: str | Path, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def save_checkpoint_atomic(model, tokenizer, path: str | Path, state_dict=None) -> None:
-    """save_pretrained (of `state_dict` when given: a sharded model's gathered weights) into a
-    hidden sibling, then rename it into place."""
+def save_directory_atomic(path: str | Path, write) -> None:
+    """`write(tmp)` fills a hidden sibling directory, which is then renamed into place (an
+    existing `path` is replaced only once the new one is complete)."""
     path = Path(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
-        model.save_pretrained(tmp, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
+        write(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -46,6 +45,16 @@ def save_checkpoint_atomic(model, tokenizer, path: str | Path, state_dict=None) 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_checkpoint_atomic(model, tokenizer, path: str | Path, state_dict=None) -> None:
+    """save_pretrained (of `state_dict` when given: a sharded model's gathered weights) into a
+    hidden sibling, then rename it into place."""
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+
+    save_directory_atomic(path, write)
 
 
 class OutputDirBusyError(RuntimeError):

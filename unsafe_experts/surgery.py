@@ -16,10 +16,13 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from .adapters import moe_layers
+from .checkpoints import check_weights, load_base, load_tokenizer  # noqa: F401  (check_weights re-exported)
 from .config import ConfigError, TrainConfig
+from .deltas import (DeltaError, apply_delta, base_record, changed_tensors, delta_chain,
+                     read_manifest, write_delta)
 from .examples import batches, collate, plain_prompt, router_example, sft_example
 from .outputs import LOCK_NAME, DirectoryLock, inside, save_checkpoint_atomic, write_json_atomic
 from .phases import align_router, masked_sft, per_batch_sft, score_pass
@@ -41,31 +44,6 @@ ROUTING_RESPONSES = "routing_responses.json"
 # what a run writes into output_dir (besides round_N/), cleared when a fresh run replaces it
 OUTPUT_FILES = {METADATA, "final_model", "expert_gradients.pkl", "retention_answers.json",
                 ROUTING_RESPONSES}
-
-
-def check_weights(model: str | Path) -> None:
-    """Weights load from safetensors only: a local checkpoint with pickle weights alone
-    (pytorch_model.bin) is refused, since unpickling can run code; a truncated or corrupt
-    safetensors file is named before anything loads (only its header is read)."""
-    from safetensors import safe_open
-
-    path = Path(model)
-    if path.is_file():
-        raise ConfigError(f"model_name: {path} is a file; expected a checkpoint directory or a hub id")
-    if not path.is_dir():
-        return  # a hub id: from_pretrained resolves it
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        pickles = sorted(p.name for p in path.glob("*.bin")) or ["no weights file"]
-        raise ConfigError(f"model_name: {path} has no safetensors weights ({', '.join(pickles)}); "
-                          "pickle weights are never loaded: convert them to safetensors first")
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                f.keys()
-        except Exception as e:  # safetensors raises its own error types for a bad header
-            raise ConfigError(f"model_name: {file} is not a readable safetensors file "
-                              f"({type(e).__name__}: {e})") from None
 
 
 def check_device(device: str | None) -> None:
@@ -157,14 +135,14 @@ def check_inputs(cfg: TrainConfig) -> dict:
     return info
 
 
-def _load_model(cfg: TrainConfig, device: torch.device, source: str | Path | None = None):
+def _load_model(cfg: TrainConfig, device: torch.device, deltas: list[Path] = ()):
+    """The base model with `deltas` applied in order (a resumed run's completed rounds) on
+    `device`. (A run written before delta checkpoints is never resumed: its parameters lack
+    final_checkpoint, so it does not count as the same run.)"""
     def load():
-        dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-        model = AutoModelForCausalLM.from_pretrained(
-            source or cfg.model_name, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-            use_safetensors=True)
-        if cfg.experts_implementation:
-            model.set_experts_implementation(cfg.experts_implementation)
+        model = load_base(cfg.model_name, cfg.dtype, cfg.trust_remote_code, cfg.experts_implementation)
+        for delta in deltas:
+            apply_delta(model, delta)
         return model
 
     # loaded on the CPU: with fsdp only this rank's shard moves to its device
@@ -231,10 +209,7 @@ class Surgery:
         self.model_info = check_inputs(cfg)
         barrier()  # every rank has checked the output directory before rank 0 writes to it
         self.out = Path(cfg.output_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            cfg.model_name, trust_remote_code=cfg.trust_remote_code)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = load_tokenizer(cfg.model_name, cfg.trust_remote_code)
         self.data = prepare_data(cfg, self.tokenizer)
         truncated = self.data["summary"]["truncated_sft_examples"]
         if truncated:
@@ -256,7 +231,18 @@ class Surgery:
         done = sorted(int(r) for r in resume[ROUNDS]) if resume else []
         self.first_round = (done[-1] if done else 0) + 1
         source = self.out / f"round_{done[-1]}" if done else None
-        self.model = _load_model(cfg, self.device, source)
+        resuming_deltas = source is not None
+        self.model = _load_model(cfg, self.device, delta_chain(source) if resuming_deltas else ())
+        # the base's digest, for every delta's manifest (taken once loaded: a hub id's files
+        # are in the cache by then); a resumed run's base must be the one its rounds were
+        # trained on, which every rank checks before training
+        self.base = base_record(cfg.model_name) if self.writer or resuming_deltas else None
+        if resuming_deltas:
+            expected = read_manifest(source)["base"]["sha256"]
+            if self.base["sha256"] != expected:
+                raise DeltaError(f"model_name: {cfg.model_name} has weights digest "
+                                 f"{self.base['sha256'][:16]}..., but the completed rounds in "
+                                 f"{self.out} were trained on a base with digest {expected[:16]}...")
         self.layers = moe_layers(self.model)
         self.meta = {
             "schema_version": SCHEMA_VERSION,
@@ -267,6 +253,7 @@ class Surgery:
             "dataset": self.data["summary"],
             "model": {**self.model_info, "dtype": str(next(self.model.parameters()).dtype),
                       "device": str(self.device), "world_size": launched_world()},
+            "base": self.base,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__},
             ROUNDS: {},
@@ -399,8 +386,11 @@ class Surgery:
         identified = research_round({"method": cfg.method, "experts": [list(x) for x in selection],
                                      "scores": score_table(scores, self.layers), **extra},
                                     method.kind)
+        # the experts whose rows this round trains (per_batch: every batch's picks), which is
+        # what the round's delta checkpoint holds
+        trained = {tuple(x) for p in extra.get("per_batch_experts", []) for x in p}
         self._round[r] = {"identified": identified, "selection": selection, "started": t0,
-                          "timings": {}}
+                          "timings": {}, "trained": trained, "routers": False}
         self._timed(r, "identify_s", t0)
         self._round[r]["timings"]["identify_peak_memory_mb"] = peak_mb(self.device)
         return selection
@@ -464,6 +454,7 @@ class Surgery:
         t0, state = time.time(), self._round[r]
         if self.cfg.score_mode != "accumulate" or not state["selection"]:
             return
+        state["trained"] |= {tuple(x) for x in state["selection"]}
         state["identified"]["optimizer_state_bytes"] = masked_sft(
             self.model, self.layers, self.data["repair"], state["selection"], self.cfg.expert_lr,
             self.cfg.weight_decay, self.cfg.sft_epochs, self._log(r), f"round {r} sft", self.progress)
@@ -475,6 +466,7 @@ class Surgery:
                           cfg.kl_type, cfg.router_lr, cfg.weight_decay, cfg.router_epochs,
                           self._log(r), f"round {r} router", self.progress)
         self._round[r]["identified"]["router_kl_before_after"] = kl
+        self._round[r]["routers"] = True
         self._timed(r, "router_s", t0)
         return kl
 
@@ -483,7 +475,8 @@ class Surgery:
         path = inside(self.out, f"round_{r}")
         weights = full_state_dict(self.model)  # sharded: every rank sends its part to rank 0
         if self.writer:
-            save_checkpoint_atomic(self.model, self.tokenizer, path, weights)
+            self._write_delta(path, sorted(state["trained"]), state["routers"],
+                              f"round_{r - 1}" if r > 1 else None, r, weights)
         timings = state["timings"]
         timings["save_s"] = time.time() - t0
         timings["round_s"] = time.time() - state["started"]
@@ -493,6 +486,29 @@ class Surgery:
         self._save_meta()
         self.echo(_round_summary(r, state["selection"], self.meta["training_logs"], state["identified"]))
         return path
+
+    def _write_delta(self, path: Path, experts: list, routers: bool, previous: str | None,
+                     label, weights) -> None:
+        """A delta checkpoint of `experts`' rows (and the routers) against `previous`, or against
+        the base when None (docs/operations.md, "Outputs")."""
+        cfg = self.cfg
+        tensors, rows = changed_tensors(self.model, self.layers, experts, routers, weights)
+        write_delta(path, tensors, rows, {
+            "round": label, "base": self.base, "previous": previous,
+            "load": {"dtype": cfg.dtype, "experts_implementation": cfg.experts_implementation},
+            "experts": [list(x) for x in experts], "routers": routers})
+
+    def _final_delta(self, weights) -> None:
+        """final_model/ as one delta against the base: every expert any round trained, and the
+        routers if any round aligned them (read back from the rounds' manifests, so a resumed
+        run counts the rounds its interrupted predecessor wrote)."""
+        experts, routers = set(), False
+        for r in sorted(int(x) for x in self.meta[ROUNDS]):
+            manifest = read_manifest(self.out / f"round_{r}")
+            experts |= {tuple(x) for x in manifest["experts"]}
+            routers = routers or manifest["routers"]
+        self._write_delta(inside(self.out, "final_model"), sorted(experts), routers, None, "final",
+                          weights)
 
     def fail(self, error: BaseException) -> None:
         """Marks the run failed in its metadata (when it got as far as writing one) and
@@ -512,8 +528,11 @@ class Surgery:
         self.meta["status"] = "completed"
         self.meta["timings"]["total_s"] = time.time() - self.started
         weights = full_state_dict(self.model)
-        if self.writer:
+        if self.writer and self.cfg.final_checkpoint == "delta":
+            self._final_delta(weights)
+        elif self.writer:
             save_checkpoint_atomic(self.model, self.tokenizer, inside(self.out, "final_model"), weights)
+        if self.writer:
             write_research_outputs(self.out, self.meta)
             write_json_atomic(self.out / METADATA, self.meta)
             write_model_card(self.out)  # the pipeline rewrites it once the evaluation is in
