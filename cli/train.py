@@ -70,7 +70,7 @@ def run(args) -> int:
         print(f"done: {cfg.output_dir}/final_model, {cfg.output_dir}/training_metadata.json ({total:.1f}s)")
         return 0
     from flows.surgery import surgery_flow
-    from flows.temporary_server import temporary_server
+    from flows.temporary_server import start_temporary_server
     from schemas.dataset import validate_file
     from tasks.tracking import ensure_reachable
     from unsafe_experts.surgery import check_inputs
@@ -82,10 +82,10 @@ def run(args) -> int:
     ensure_reachable(options.get("local_tracking", False))
     from mlflow.exceptions import MlflowException
 
+    start_temporary_server()
     try:
-        with temporary_server():
-            result = surgery_flow(cfg, spec.experiment, spec.log_model, options.get("metrics"),
-                                  not quiet, spec.evaluation, options.get("evaluation_metrics"))
+        result = surgery_flow(cfg, spec.experiment, spec.log_model, options.get("metrics"), not quiet,
+                              spec.evaluation, options.get("evaluation_metrics"))
     except MlflowException as e:
         raise ConfigError(f"MLflow tracking failed ({e}); completed rounds are kept: run the same "
                           "command again once the tracking server answers") from None

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
-from typing import Any, Iterator
+import threading
+from typing import Any
 
 import prefect
 from prefect.server.api.server import SubprocessASGIServer
-from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE, get_current_settings
+from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
+                              PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, get_current_settings)
+
+from unsafe_experts.config import ConfigError
 
 # Runs in the new process before uvicorn: asks for SIGTERM on the parent's death (which survives
 # the exec), then checks that the parent did not die before the request took effect. Code given
@@ -53,19 +56,25 @@ class _ServerTiedToThisProcess(SubprocessASGIServer):
                                 env=env)
 
 
-@contextmanager
-def temporary_server() -> Iterator[None]:
-    """Around a flow run: a temporary Prefect server tied to this process, unless the user's
-    PREFECT_API_URL names a server, a server is already registered (a test harness), temporary
-    servers are turned off (Prefect then says so itself), or the kernel cannot tie one (not
-    Linux: Prefect's own server, stopped at exit as before)."""
+def start_temporary_server() -> None:
+    """Before a flow run: a temporary Prefect server tied to this process, unless the user's
+    PREFECT_API_URL names a server, a server is already registered (an earlier flow in this
+    process, a test harness), temporary servers are turned off (Prefect then says so itself),
+    or the kernel cannot tie one (not Linux, or not the main thread: the kernel signals the
+    death of the thread that started the server, and a worker thread may end long before the
+    process; Prefect then starts its own, as before).
+
+    Stopped at exit like Prefect's own (its `start` registers the atexit): after Prefect's log
+    and event workers have drained, which stopping it when the flow returns would cut off."""
     if (PREFECT_API_URL.value() or SubprocessASGIServer._instances.get(None) is not None
-            or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value() or not sys.platform.startswith("linux")):
-        yield
+            or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value() or not sys.platform.startswith("linux")
+            or threading.current_thread() is not threading.main_thread()):
         return
     server = _ServerTiedToThisProcess()  # port None: Prefect's default instance from now on
     try:
         server.start()
-        yield
-    finally:
+    except RuntimeError as e:  # the start-up timeout, common on a loaded machine
         server.stop()
+        raise ConfigError(f"{e} Raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (now "
+                          f"{PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s) or point "
+                          "PREFECT_API_URL at a running server") from None
