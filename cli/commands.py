@@ -158,7 +158,9 @@ def _announce(paths) -> None:
 
 def serve_pipeline(args) -> None:
     from flows.serve import serve
+    from flows.temporary_server import start_temporary_server
 
+    start_temporary_server()
     serve(args.params)
 
 
@@ -188,6 +190,7 @@ def validate_files(args) -> int:
 
 def compare_runs(args) -> None:
     from flows.compare import compare_flow
+    from flows.temporary_server import start_temporary_server
 
     experiment, runs, ablation_dir = args.experiment, None, None
     if args.params:
@@ -196,6 +199,7 @@ def compare_runs(args) -> None:
         comparison = load_params(args.params).comparison
         experiment, runs = experiment or comparison.experiment, [r.model_dump() for r in comparison.runs]
         ablation_dir = comparison.ablation_dir
+    start_temporary_server()
     result = compare_flow(experiment or "unsafe-experts", args.out, runs, ablation_dir)
     print(Path(result["markdown"]).read_text())
     print(f"{result['runs']} runs compared: {result['csv']}, {result['markdown']}; "

@@ -86,17 +86,23 @@ def run(args) -> int:
         print(f"done: {cfg.output_dir}/final_model, {cfg.output_dir}/training_metadata.json ({total:.1f}s)")
         return 0
     from flows.surgery import surgery_flow
-    from schemas.dataset import validate_file
+    from flows.temporary_server import start_temporary_server
+    from schemas.dataset import validate_records
     from tasks.tracking import ensure_reachable
+    from unsafe_experts.records import read_json_records
     from unsafe_experts.surgery import check_inputs
 
-    report = validate_file(cfg.dataset_path)  # every bad record, before a flow starts
+    # every bad record and every other input fault before a flow (and a server) starts; the
+    # file is parsed once for both checks
+    records = read_json_records(cfg.dataset_path)
+    report = validate_records(records, str(cfg.dataset_path))
     if not report.ok:
         raise report.error()
-    check_inputs(cfg)
+    check_inputs(cfg, records)
     ensure_reachable(options.get("local_tracking", False))
     from mlflow.exceptions import MlflowException
 
+    start_temporary_server()
     try:
         result = surgery_flow(cfg, spec.experiment, spec.log_model, options.get("metrics"), not quiet,
                               spec.evaluation, options.get("evaluation_metrics"), spec.register_model)

@@ -75,6 +75,7 @@ def test_every_config_field_has_a_flag():
 @pytest.mark.parametrize("train, message", [
     ({"top_k": 3}, "train.top_k: Extra inputs are not permitted"),
     ({"expert_lr": float("nan")}, "train.expert_lr: must not be negative and must be finite"),
+    ({"seed": 10**20}, "train.seed: must be between 0 and 4294967295"),  # was an OverflowError traceback
 ])
 def test_unknown_and_bad_params_name_the_key(tmp_path, train, message):
     with pytest.raises(ConfigError, match=message):

@@ -113,3 +113,55 @@ def test_sigterm_stops_the_temporary_prefect_server_and_records_the_failure(tiny
         time.sleep(0.2)
     assert not any(_alive(p) for p in servers), "the temporary Prefect server outlived the run"
     assert json.loads((out / "training_metadata.json").read_text())["status"] == "failed"
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode() for a in f.read().split(b"\0") if a]
+    except FileNotFoundError:
+        return []
+
+
+def _server_port(pid: int) -> int | None:
+    """The port of Prefect's API server among this process's children, once it answers /health."""
+    import urllib.request
+
+    for child in _children(pid):
+        args = _cmdline(child)
+        if "uvicorn" in args and "--port" in args:
+            port = int(args[args.index("--port") + 1])
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
+                    return port if r.status == 200 else None
+            except OSError:
+                return None
+    return None
+
+
+def test_sigkill_takes_the_temporary_prefect_server_with_it(tiny_dir, records_path, tmp_path):
+    # a process killed outright runs no `finally` and no atexit: only the kernel can stop the
+    # server it started, so the server must have asked it to
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_HOME": str(tmp_path / "prefect"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("PREFECT_API_URL", None)
+    args = [a for a in command(tiny_dir, records_path, out) if a != "--engine_only"]
+    process = subprocess.Popen([sys.executable, "-m", "cli", *args], env=env, cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    servers = set()
+    try:
+        wait_for(lambda: _server_port(process.pid), process, timeout=300)  # the server answers
+        servers = {p for p in _children(process.pid) if "uvicorn" in _cmdline(p)}
+        assert servers
+        process.kill()
+        process.wait(timeout=60)
+        deadline = time.time() + 10
+        while any(_alive(p) for p in servers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in servers), "the temporary Prefect server outlived the killed run"
+    finally:
+        process.kill()
+        for p in servers:  # on a failure, do not leave the server behind for the next test
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)

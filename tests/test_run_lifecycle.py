@@ -139,3 +139,22 @@ def test_a_full_disk_during_a_checkpoint_is_one_error_line(tiny_dir, records_pat
     one_error_line(capsys, "No space left on device")
     assert json.loads((out / "training_metadata.json").read_text())["status"] == "failed"
     assert not (out / LOCK_NAME).exists()
+
+
+def test_a_kill_after_the_final_rename_resumes_and_leaves_no_temporary_file(tiny_dir, records_path,
+                                                                           tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    assert main(flags(tiny_dir, records_path, out)) == 0
+    # the state a kill between final_model's rename and the last metadata write leaves: every
+    # round recorded, status still running, the metadata's temporary file cut short beside it
+    meta_path = out / "training_metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "status": "running"}))
+    (out / ".training_metadata.json.x1y2.tmp").write_text("{")
+    assert main(flags(tiny_dir, records_path, out)) == 0  # the same command again
+    meta = json.loads(meta_path.read_text())
+    assert meta["status"] == "completed" and meta["resumed"][0]["after_round"] == 1
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    assert (out / "final_model" / "model.safetensors").is_file()

@@ -84,7 +84,8 @@ class TrainConfig:
                                          "jailbreak and per plain prompt, whose routing is scored")
     require_judge_success: bool = option(True, help="keep only records with judge_success_gpt4 == 1 "
                                          "(--no_judge_filter keeps every record)")
-    seed: int = option(42)
+    seed: int = option(42, help="seed of the sample, the shuffles and the model's random state "
+                       "(0 to 4294967295)")
     device: str | None = option(None, help="default: cuda if available, else cpu")
     dtype: str = option("auto", choices=DTYPES, help="default: the checkpoint's")
     # fused-experts kernel: grouped_mm, batched_mm or eager (None: transformers' default).
@@ -136,6 +137,10 @@ class TrainConfig:
         for key in ("expert_lr", "router_lr", "weight_decay"):
             if not math.isfinite(getattr(self, key)) or getattr(self, key) < 0:
                 bad(key, f"must not be negative and must be finite, got {getattr(self, key)}")
+        # torch's generators take 64 bits and round r's sampler is seeded with seed * 1000 + r;
+        # a larger seed was an OverflowError traceback at the first round
+        if not 0 <= self.seed < 2**32:
+            bad("seed", f"must be between 0 and {2**32 - 1}, got {self.seed}")
         if self.max_length < 16:
             bad("max_length", f"must be at least 16, got {self.max_length}")
         if self.method == "router_only" and self.skip_router_training:

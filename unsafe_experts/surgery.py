@@ -118,15 +118,18 @@ def completed_run(cfg: TrainConfig) -> dict | None:
     return meta if done and (Path(cfg.output_dir) / "final_model").is_dir() else None
 
 
-def check_inputs(cfg: TrainConfig) -> dict:
+def check_inputs(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
     """Everything that can be wrong before any weights load or any output is written: the
     parameters, the dataset (and what is left after filtering), the model family, top-k and
-    the output directory. Returns the model's MoE layout."""
+    the output directory. Returns the model's MoE layout. `records`: the dataset as the
+    caller has already read and checked it, so that the file is parsed once."""
     cfg.validate()
     if cfg.sharding == "fsdp" and launched_world() < 2:
         raise ConfigError("sharding: fsdp splits the model across processes; launch with "
                           "`torchrun --nproc_per_node N -m cli train ...` (N >= 2)")
-    select_records(load_records(cfg.dataset_path), cfg.max_samples, cfg.seed, cfg.require_judge_success)
+    if records is None:
+        records = load_records(cfg.dataset_path)
+    select_records(records, cfg.max_samples, cfg.seed, cfg.require_judge_success)
     if cfg.uses_retention:
         load_retention(cfg.retention_path, cfg.retention)
     check_device(cfg.device)
@@ -152,8 +155,7 @@ def _load_model(cfg: TrainConfig, device: torch.device, deltas: list[Path] = ())
     return model.eval()
 
 
-def prepare_data(cfg: TrainConfig, tokenizer) -> dict:
-    loaded = load_records(cfg.dataset_path)
+def prepare_data(cfg: TrainConfig, tokenizer, loaded: list[dict]) -> dict:
     records = select_records(loaded, cfg.max_samples, cfg.seed, cfg.require_judge_success)
     sft = [
         sft_example(tokenizer, r["all_prompt"], cfg.refusals[i % len(cfg.refusals)],
@@ -206,11 +208,12 @@ class Surgery:
         self.writer = self.rank == 0
         self.cfg, self.progress = cfg, progress and self.writer
         self.echo = echo if self.writer else (lambda *a: None)
-        self.model_info = check_inputs(cfg)
+        loaded = load_records(cfg.dataset_path)  # parsed once: checked here, tokenized below
+        self.model_info = check_inputs(cfg, loaded)
         barrier()  # every rank has checked the output directory before rank 0 writes to it
         self.out = Path(cfg.output_dir)
         self.tokenizer = load_tokenizer(cfg.model_name, cfg.trust_remote_code)
-        self.data = prepare_data(cfg, self.tokenizer)
+        self.data = prepare_data(cfg, self.tokenizer, loaded)
         truncated = self.data["summary"]["truncated_sft_examples"]
         if truncated:
             self.echo(f"truncated the prompt of {truncated} of {self.data['summary']['records_used']} "
