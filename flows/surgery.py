@@ -150,7 +150,8 @@ def _markdown(name, run_id, experiment, rounds, evaluations, metrics, descriptio
               f"({tracking.tracking_uri()}); open it with", "",
               f"    mlflow ui --backend-store-uri {tracking.tracking_uri()}", "",
               f"and go to `#/experiments/{tracking.experiment_id(experiment)}/runs/{run_id}"
-              "?workflowType=machine_learning` (MLflow's model-training view)."]
+              "?workflowType=machine_learning` (MLflow's model-training view); every run of the "
+              f"experiment, side by side: `{tracking.run_table_url(tracking.experiment_id(experiment))}`."]
     return "\n".join(lines)
 
 
@@ -196,6 +197,7 @@ def _conclude(cfg, final, run_id, evaluations, evaluation_path, metrics_path, lo
     name = _run_name(cfg)
     description = _description(name, metadata[ROUNDS], evaluations, metrics)
     tracking.log_tags(run_id, {"mlflow.note.content": description})
+    tracking.save_run_table_view(tracking.experiment_id(experiment), run_id)
     # last, from what the run now holds; a registry failure is reported, never the run's
     registered = registry.register_after_run(register_model, run_id) if register_model else None
     create_markdown_artifact(_markdown(name, run_id, experiment, metadata[ROUNDS], evaluations,

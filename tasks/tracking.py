@@ -49,7 +49,9 @@ after surgery), `<name>_before` is the value before surgery; `benign_loglik_chan
 mean log-likelihood of benign reference answers after minus before (negative = utility lost);
 `experts_changed` and `locality_ok` check that only the selected experts changed. Tags
 `experts_round_N` list the experts repaired in round N; artifacts: `expert_scores.png` (every
-round side by side), `safety_per_round.png`, `evaluation.json` (intervals and counts)."""
+round side by side), `safety_per_round.png`, `evaluation.json` (intervals and counts).
+The runs table's view "Surgery summary" (Views, top right) shows each run's method, k, seed,
+experts per round and the headline figures before beside after."""
 
 
 def tracking_uri() -> str:
@@ -81,9 +83,11 @@ def client() -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri())
 
 
-EXPERIMENT_KIND = "mlflow.experimentKind"  # the MLflow 3 UI opens a
-# "custom_model_development" experiment on its runs table (a "genai_development" one, or one it
-# infers as such, on traces)
+# MLflow 3 UIs before 3.17 open a "custom_model_development" experiment on its runs table; the
+# 3.17 UI ignores the tag (a build-time flag makes it follow the GenAI / Model training switch,
+# which comes from the URL's `workflowType=` or the browser's local storage, default GenAI):
+# hence the links this project prints carry `?workflowType=machine_learning`
+EXPERIMENT_KIND = "mlflow.experimentKind"
 
 
 def experiment_id(name: str, description: str = EXPERIMENT_DESCRIPTION) -> str:
@@ -101,6 +105,95 @@ def experiment_id(name: str, description: str = EXPERIMENT_DESCRIPTION) -> str:
     if "mlflow.note.content" not in have:
         c.set_experiment_tag(exp_id, "mlflow.note.content", description)
     return exp_id
+
+
+# MLflow 3.17's runs table shows no metric, parameter or tag column until they are picked; a
+# saved view (an experiment tag `mlflow.sharedViewState.<id>`, listed under "Views" and opened
+# by `?viewStateShareKey=<id>`) picks them: the configuration, the experts per round and each
+# headline figure before beside after
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+RUN_TABLE_VIEW = "surgery-summary"
+VIEW_TAG_LIMIT = 20000  # MLflow's limit on an experiment tag's value
+
+
+def _column(kind: str, name: str) -> str:
+    return f"{kind}.`{name}`"
+
+
+def _column_rank(column: str) -> tuple:
+    """Where a column goes: configuration, experts per round, cost before/after, then attack
+    success before/after per family; anything else after those, by name."""
+    kind, _, name = column.partition(".")
+    name = name.strip("`")
+    config = ["method", "top_k_experts", "seed"]
+    if kind == "params" and name in config:
+        return (0, config.index(name), "", 0)
+    if kind == "tags" and name.startswith("experts_round_") and name.rsplit("_", 1)[-1].isdigit():
+        return (1, int(name.rsplit("_", 1)[-1]), "", 0)
+    if kind != "metrics":
+        return (4, 0, column, 0)
+    base = name.removesuffix("_before")
+    after = int(base == name)  # a figure's value before surgery goes first
+    cost = ["over_refusal", "benign_loglik_change", "locality_ok"]
+    if base in cost:
+        return (2, cost.index(base), "", after)
+    return (3, 0, base, after)
+
+
+def run_table_columns(run) -> list[str]:
+    """The saved view's columns for a parent run: method, k, seed, the experts of each round,
+    refusal of benign prompts and the log-likelihood change, ASR per attack family before and
+    after (each figure's latest value is its value after the last round)."""
+    metrics, tags, params = run.data.metrics, run.data.tags, run.data.params
+    columns = [_column("params", k) for k in ("method", "top_k_experts", "seed") if k in params]
+    columns += [_column("tags", k) for k in tags if k.startswith("experts_round_")]
+    for name in metrics:
+        if name.endswith("_before") and name[:-len("_before")] in metrics:
+            columns += [_column("metrics", name), _column("metrics", name[:-len("_before")])]
+    columns += [_column("metrics", k) for k in ("benign_loglik_change", "locality_ok") if k in metrics]
+    return sorted(set(columns), key=_column_rank)
+
+
+def _width(column: str) -> int:
+    """Pixels that show the header (and an expert list) whole."""
+    kind, name = column.split(".", 1)
+    return 190 if kind == "tags" else max(70, 7 * len(name.strip("`")) + 30)
+
+
+def save_run_table_view(exp_id: str, run_id: str, name: str = "Surgery summary") -> str:
+    """Adds `run_id`'s headline columns to the experiment's saved runs-table view (the union
+    over its runs, so older runs with other attack families or more rounds keep theirs);
+    returns the view's id, for `?viewStateShareKey=`."""
+    c = client()
+    tag = VIEW_TAG_PREFIX + RUN_TABLE_VIEW
+    columns = run_table_columns(c.get_run(run_id))
+    now = int(time.time() * 1000)
+    created = now
+    old = c.get_experiment(exp_id).tags.get(tag)
+    if old:
+        try:
+            envelope = json.loads(old)
+            created = envelope["createdAt"]
+            columns = sorted(set(columns) | set(json.loads(envelope["state"])["selectedColumns"]),
+                             key=_column_rank)
+        except (ValueError, KeyError, TypeError):  # someone's edit in the UI: ours replaces it
+            pass
+    while True:
+        state = {"selectedColumns": columns, "columnOrder": columns,
+                 "columnWidths": {k: _width(k) for k in columns}}
+        envelope = json.dumps({"name": name, "createdAt": created, "updatedAt": now,
+                               "state": json.dumps(state)})
+        if len(envelope) <= VIEW_TAG_LIMIT or not columns:
+            break
+        columns = columns[:-1]  # hundreds of attack families: the last ones stay pickable by hand
+    c.set_experiment_tag(exp_id, tag, envelope)
+    return RUN_TABLE_VIEW
+
+
+def run_table_url(exp_id: str) -> str:
+    """The path (after the UI's address) of the experiment's runs table in the saved view; the
+    query picks MLflow 3's model-training view, which the experiment's kind tag does not."""
+    return f"#/experiments/{exp_id}/runs?workflowType=machine_learning&viewStateShareKey={RUN_TABLE_VIEW}"
 
 
 def source_tags() -> dict[str, str]:

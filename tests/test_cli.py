@@ -131,6 +131,14 @@ def check_layout(client, run, meta, evaluated=False):
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert "asr_" in experiment.tags["mlflow.note.content"]
+    view = json.loads(json.loads(experiment.tags["mlflow.sharedViewState.surgery-summary"])["state"])
+    columns = view["selectedColumns"]
+    assert columns[:3] == ["params.`method`", "params.`top_k_experts`", "params.`seed`"]
+    assert {f"tags.`experts_round_{r}`" for r in meta["identified_experts_per_round"]} <= set(columns)
+    if evaluated:
+        for name in [k for k in ours if k.startswith("asr_") and not k.endswith("_before")]:
+            at = columns.index(f"metrics.`{name}_before`")
+            assert columns[at + 1] == f"metrics.`{name}`"  # before beside after
     contexts = {i.tags[0].value for i in run.inputs.dataset_inputs}
     assert contexts == ({"training", "evaluation"} if evaluated else {"training"})
     if evaluated:

@@ -1,4 +1,7 @@
-"""The parent run's layout helpers handle any set of attack families (no server, no model)."""
+"""The parent run's layout helpers handle any set of attack families; the runs-table view is
+checked through MlflowClient on the tests' SQLite store (no server, no model)."""
+import json
+
 import pandas as pd
 import pytest
 
@@ -60,3 +63,79 @@ def test_eval_set_rows_take_a_prompt_text(tmp_path):
     assert tracking._text([{"role": "user", "content": "hi"}]) == "hi"
     assert tracking._text(["prompt", "reference"]) == "prompt"
     assert tracking._text("plain") == "plain"
+
+
+def _view(client, exp_id):
+    """The saved view as MLflow's UI reads it: an envelope with a name, a numeric creation time
+    and the state as a JSON string."""
+    envelope = json.loads(client.get_experiment(exp_id).tags[tracking.VIEW_TAG_PREFIX + tracking.RUN_TABLE_VIEW])
+    assert isinstance(envelope["name"], str) and isinstance(envelope["createdAt"], int)
+    return json.loads(envelope["state"])
+
+
+def _parent(exp, families, rounds, seed):
+    params = {"method": "gradient", "top_k_experts": 2, "seed": seed, "num_rounds": rounds}
+    run_id = tracking.start_run(exp, f"gradient-k2-s{seed}", params, {})
+    ev = {"before": {f"asr_{f}": metric(0.9) for f in families} | {"over_refusal": metric(0.0),
+                                                                   "benign_loglik": metric(-3.0)}}
+    for r in range(1, rounds + 1):
+        ev[f"round_{r}"] = {f"asr_{f}": metric(0.1) for f in families} | {
+            "over_refusal": metric(0.1), "benign_loglik": metric(-3.1)}
+    for stage, result in ev.items():
+        tracking.log_evaluation(run_id, {"metrics": result, "samples": []}, tracking.stage_step(stage), stage)
+    tracking.log_metrics(run_id, {**tracking.headline(ev), "locality_ok": 1, "final_sft_loss": 0.5})
+    tracking.log_tags(run_id, {f"experts_round_{r}": f"L0_E{r},L1_E{r}" for r in range(1, rounds + 1)})
+    return run_id
+
+
+def test_the_runs_table_view_shows_configuration_experts_and_before_beside_after():
+    from mlflow import MlflowClient
+
+    exp = "view-layout"
+    run_id = _parent(exp, ["persona", "flip_words"], rounds=2, seed=1)
+    exp_id = tracking.experiment_id(exp)
+    assert tracking.save_run_table_view(exp_id, run_id) == tracking.RUN_TABLE_VIEW
+    client = MlflowClient()
+    state = _view(client, exp_id)
+    m = lambda name: f"metrics.`{name}`"  # noqa: E731
+    assert state["selectedColumns"] == [
+        "params.`method`", "params.`top_k_experts`", "params.`seed`",
+        "tags.`experts_round_1`", "tags.`experts_round_2`",
+        m("over_refusal_before"), m("over_refusal"), m("benign_loglik_change"), m("locality_ok"),
+        m("asr_flip_words_before"), m("asr_flip_words"), m("asr_persona_before"), m("asr_persona")]
+    assert state["columnOrder"] == state["selectedColumns"]
+    assert all(state["columnWidths"][k] >= 7 * len(k.split("`")[1]) for k in state["selectedColumns"])
+    # every column names something the run has (the UI would show an empty column otherwise)
+    run = client.get_run(run_id)
+    have = ({f"params.`{k}`" for k in run.data.params} | {f"tags.`{k}`" for k in run.data.tags}
+            | {f"metrics.`{k}`" for k in run.data.metrics})
+    assert set(state["selectedColumns"]) <= have
+    assert m("final_sft_loss") not in state["selectedColumns"]
+
+    # a later run with another attack family and a third round adds its columns, keeps the others
+    later = _parent(exp, ["few_shot"], rounds=3, seed=2)
+    tracking.save_run_table_view(exp_id, later)
+    columns = _view(client, exp_id)["selectedColumns"]
+    assert columns[3:6] == ["tags.`experts_round_1`", "tags.`experts_round_2`", "tags.`experts_round_3`"]
+    assert columns[-6:] == [m("asr_few_shot_before"), m("asr_few_shot"), m("asr_flip_words_before"),
+                            m("asr_flip_words"), m("asr_persona_before"), m("asr_persona")]
+    assert len(columns) == len(set(columns))
+    assert tracking.run_table_url(exp_id).endswith(
+        f"?workflowType=machine_learning&viewStateShareKey={tracking.RUN_TABLE_VIEW}")
+
+
+def test_a_view_edited_by_hand_is_replaced_and_a_huge_one_is_cut_to_the_limit():
+    from mlflow import MlflowClient
+
+    exp = "view-limits"
+    families = [f"family_{i:03d}" for i in range(150)]
+    run_id = _parent(exp, families, rounds=1, seed=3)
+    exp_id = tracking.experiment_id(exp)
+    client = MlflowClient()
+    client.set_experiment_tag(exp_id, tracking.VIEW_TAG_PREFIX + tracking.RUN_TABLE_VIEW, "not json")
+    tracking.save_run_table_view(exp_id, run_id)
+    raw = client.get_experiment(exp_id).tags[tracking.VIEW_TAG_PREFIX + tracking.RUN_TABLE_VIEW]
+    assert len(raw) <= tracking.VIEW_TAG_LIMIT
+    columns = json.loads(json.loads(raw)["state"])["selectedColumns"]
+    assert columns[:4] == ["params.`method`", "params.`top_k_experts`", "params.`seed`", "tags.`experts_round_1`"]
+    assert 30 < len(columns) < 2 * len(families)  # the first families kept, the last ones left off
