@@ -1,11 +1,15 @@
-"""Screenshots of the MLflow UI for a store: the experiment's run table, the newest parent run
-(overview, metrics, artifacts) and its first round run, taken with headless Chromium.
+"""Screenshots of the MLflow UI for a store, rendered: the experiment's runs table (in the
+project's saved view), the newest parent run (overview, metric charts, the combined expert
+heatmap) and its first round run.
 
-    python scripts/mlflow_screenshots.py --backend-store-uri sqlite:///mlflow.db \\
-        --experiment unsafe-experts --out screenshots/
+    pip install playwright==1.65.2     # the Python driver only: it uses the system's Chromium
+    python scripts/mlflow_screenshots.py --backend-store-uri sqlite:///mlflow.db --out screenshots/
 
-Starts `mlflow ui` on 127.0.0.1 on a free port, waits for it, and stops it at the end. Needs a
-`chromium` (Debian: `apt-get install chromium`) or `google-chrome` on PATH; nothing else.
+Starts `mlflow ui` on 127.0.0.1 on a free port, waits until it answers, drives headless Chromium
+(Debian: `apt-get install chromium`; no browser download) through Playwright, waits on each page
+for what it is about (the run names, the description, a chart, the image) and stops the server
+at the end. `--save_view` first adds the runs-table view to a store written before the project
+saved one (it writes experiment tags: run it on a copy if the store is not yours to change).
 """
 from __future__ import annotations
 
@@ -20,6 +24,16 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tasks.tracking, from any cwd
+
+# MLflow's assistant panel opens by itself on a browser's first visit and covers a third of
+# the page; a user closes it once, the browser remembers, and so does this one
+QUIET_UI = "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
+
+
+class UsageError(Exception):
+    pass
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -27,29 +41,74 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait(url: str, seconds: float = 90) -> None:
+def wait(url: str, server: subprocess.Popen, seconds: float) -> None:
     end = time.time() + seconds
     while time.time() < end:
+        if server.poll() is not None:
+            raise UsageError(f"mlflow ui exited with status {server.returncode} before answering")
         try:
             urllib.request.urlopen(url, timeout=2).close()
             return
         except OSError:
-            time.sleep(0.5)
-    raise SystemExit(f"{url} did not answer within {seconds:.0f} s")
+            time.sleep(1)
+    raise UsageError(f"{url} did not answer within {seconds:.0f} s")
 
 
-def browser() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if shutil.which(name):
-            return name
-    raise SystemExit("no chromium on PATH (apt-get install chromium)")
+def browser(path: str | None) -> str:
+    for name in ([path] if path else ["chromium", "chromium-browser", "google-chrome"]):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise UsageError(f"no browser {path or 'chromium'} (Debian: apt-get install chromium)")
 
 
-def shoot(url: str, path: Path, size: str, wait_ms: int) -> None:
-    subprocess.run([browser(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--window-size={size}", f"--virtual-time-budget={wait_ms}",
-                    f"--screenshot={path}", url], check=True, capture_output=True, timeout=120)
-    print(f"{path}: {url}")
+def small_png(path: Path) -> None:
+    """256 colours: a UI screenshot looks the same at a third of the bytes."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.convert("RGB").quantize(256).save(path, optimize=True)
+
+
+def pages(experiment, parent, first_round, view: bool) -> list[tuple[str, str, str]]:
+    """(file name, URL path, selector that shows the page has rendered)."""
+    from tasks import tracking
+
+    exp, run = experiment.experiment_id, parent.info.run_id
+    ml = "?workflowType=machine_learning"
+    table = tracking.run_table_url(exp) if view else f"#/experiments/{exp}{ml}"
+    out = [("runs_table", table, f"text={parent.info.run_name}"),
+           ("parent_overview", f"#/experiments/{exp}/runs/{run}{ml}", "text=experts_round_1"),
+           ("parent_charts", f"#/experiments/{exp}/runs/{run}/model-metrics{ml}", ".js-plotly-plot"),
+           ("parent_heatmap", f"#/experiments/{exp}/runs/{run}/artifacts/expert_scores.png{ml}",
+            "img[src*='expert_scores.png']")]
+    if first_round is not None:
+        out.append(("round_overview", f"#/experiments/{exp}/runs/{first_round.info.run_id}{ml}",
+                    "text=score_mean"))
+    return out
+
+
+def shoot(base: str, targets, out: Path, size: tuple[int, int], executable: str, settle_s: float) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            context = chromium.new_context(viewport={"width": size[0], "height": size[1]})
+            context.add_init_script(QUIET_UI)
+            for name, url, ready in targets:
+                page = context.new_page()
+                page.goto(f"{base}/{url}")
+                page.wait_for_selector(ready, state="visible", timeout=180_000)
+                # the data has arrived; charts and images finish drawing in the next moments
+                page.wait_for_timeout(settle_s * 1000)
+                path = out / f"{name}.png"
+                page.screenshot(path=str(path))
+                small_png(path)
+                print(f"{path}: {base}/{url}")
+                page.close()
+        finally:
+            chromium.close()
 
 
 def main(argv=None) -> int:
@@ -57,43 +116,67 @@ def main(argv=None) -> int:
     p.add_argument("--backend-store-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     p.add_argument("--experiment", default="unsafe-experts")
     p.add_argument("--out", default="screenshots")
-    p.add_argument("--size", default="1400,1000")
-    p.add_argument("--wait_ms", type=int, default=20000, help="virtual time the page gets to render")
+    p.add_argument("--size", default="1600,1000", help="browser window, pixels: WIDTH,HEIGHT")
+    p.add_argument("--browser", help="Chromium executable (default: chromium on PATH)")
+    p.add_argument("--save_view", action="store_true",
+                   help="add the runs-table view to every parent run's experiment first (writes tags)")
+    p.add_argument("--settle_s", type=float, default=3.0, help="seconds a page gets to draw once its data is there")
+    p.add_argument("--start_timeout_s", type=float, default=300, help="how long `mlflow ui` may take to start")
     args = p.parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
+
+def run(args) -> int:
+    try:
+        size = tuple(int(x) for x in args.size.split(","))
+        assert len(size) == 2 and min(size) > 0
+    except (ValueError, AssertionError):
+        raise UsageError(f"--size {args.size!r}: expected WIDTH,HEIGHT in pixels") from None
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        raise UsageError("Playwright is not installed: pip install playwright==1.65.2") from None
+    executable = browser(args.browser)
+    os.environ["MLFLOW_TRACKING_URI"] = args.backend_store_uri  # tasks.tracking's client
     from mlflow import MlflowClient
+
+    from tasks import tracking
 
     client = MlflowClient(tracking_uri=args.backend_store_uri)
     experiment = client.get_experiment_by_name(args.experiment)
     if experiment is None:
-        raise SystemExit(f"no experiment {args.experiment!r} in {args.backend_store_uri}")
+        raise UsageError(f"no experiment {args.experiment!r} in {args.backend_store_uri}")
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
-    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    if not parents:
+        raise UsageError(f"experiment {args.experiment!r} has no parent run")
+    if args.save_view:
+        for parent in reversed(parents):
+            tracking.save_run_table_view(experiment.experiment_id, parent.info.run_id)
+        experiment = client.get_experiment(experiment.experiment_id)
+    parent = parents[0]
     rounds = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
                     key=lambda r: r.info.run_name)
+    view = tracking.VIEW_TAG_PREFIX + tracking.RUN_TABLE_VIEW in experiment.tags
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    # one worker: the UI needs no more, and four take minutes to start on a busy machine
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
-                               args.backend_store_uri, "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                               args.backend_store_uri, "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                              env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     try:
-        wait(f"{base}/health")
-        exp, run = experiment.experiment_id, parent.info.run_id
-        pages = {"experiment": f"{base}/#/experiments/{exp}",
-                 "parent_run": f"{base}/#/experiments/{exp}/runs/{run}",
-                 "parent_metrics": f"{base}/#/experiments/{exp}/runs/{run}/model-metrics",
-                 "parent_artifacts": f"{base}/#/experiments/{exp}/runs/{run}/artifacts/expert_scores.png"}
-        if rounds:
-            first = rounds[0].info.run_id
-            pages["round_run"] = f"{base}/#/experiments/{exp}/runs/{first}"
-            pages["round_metrics"] = f"{base}/#/experiments/{exp}/runs/{first}/model-metrics"
-        for name, url in pages.items():
-            # MLflow 3.17's UI takes the GenAI-or-model-training view from a global switch
-            # (default GenAI), not from the experiment's mlflow.experimentKind tag; the URL sets it
-            shoot(f"{url}?workflowType=machine_learning", out / f"{name}.png", args.size, args.wait_ms)
+        wait(f"{base}/health", server, args.start_timeout_s)
+        shoot(base, pages(experiment, parent, rounds[0] if rounds else None, view), out, size,
+              executable, args.settle_s)
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and its workers, started above
         server.wait(timeout=30)

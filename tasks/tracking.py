@@ -347,9 +347,25 @@ def jaccard(a, b) -> float:
     return len(a & b) / len(a | b) if a | b else 1.0
 
 
+def _colour_scale(grids):
+    """One scale for every round. Scores (gradient norms, routing mass) span orders of magnitude
+    and fall after each repair, so a linear scale paints later rounds one colour: where no score
+    is negative, a log scale from 1/10,000 of the highest (zeros take its lowest colour)."""
+    from matplotlib.colors import LogNorm, Normalize
+
+    values = np.concatenate([g[~np.isnan(g)] for g in grids])
+    top = float(values.max())
+    positive = values[values > 0]
+    if values.min() >= 0 and len(positive) and top > positive.min():
+        return LogNorm(vmin=max(float(positive.min()), top * 1e-4), vmax=top, clip=True), "log scale"
+    low = float(values.min())
+    return Normalize(vmin=low, vmax=top if top > low else low + 1e-12), "linear scale"
+
+
 def heatmap_png(frames: list[pd.DataFrame], path: Path, title: str = "expert scores") -> Path:
     """One panel per round, side by side on one colour scale; the selected experts circled in
-    red; the legend and colour bar beside the grids, never over them."""
+    red; the legend and colour bar beside the grids, never over them. Sized so that, shown a
+    page wide in MLflow's artifact view, its text stays readable."""
     frames = [f for f in frames if len(f)]
     layers = sorted(set().union(*(f["layer"].unique() for f in frames)))
     width = int(max(f["expert"].max() for f in frames)) + 1
@@ -360,25 +376,37 @@ def heatmap_png(frames: list[pd.DataFrame], path: Path, title: str = "expert sco
         for x in f.itertuples():
             grid[row[x.layer], x.expert] = x.score
         grids.append(grid)
-    vmin = min(np.nanmin(g) for g in grids)
-    vmax = max(np.nanmax(g) for g in grids)
-    vmax = vmax if vmax > vmin else vmin + 1e-12
-    panel_w = min(max(3.5, 1.0 + width * 0.28), 12)
-    fig, axes = plt.subplots(1, len(frames), squeeze=False, sharey=True,
-                             figsize=(panel_w * len(frames) + 2.6, max(3.0, 1.4 + len(layers) * 0.38)))
-    for ax, f, grid in zip(axes[0], frames, grids):
-        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
+    norm, scale = _colour_scale(grids)
+    panel_w = float(np.clip(0.6 + width * 0.17, 2.4, 9.0))
+    panel_h = float(np.clip(0.9 + len(layers) * 0.22, 1.8, 9.0))
+    columns = max(1, min(len(frames), int(15 // panel_w)))  # about 15 inches a row at most
+    rows = -(-len(frames) // columns)
+    fig, axes = plt.subplots(rows, columns, squeeze=False, sharey=True, layout="constrained",
+                             figsize=(panel_w * columns + 1.6, panel_h * rows + 0.6))
+    for ax in axes.flat[len(frames):]:
+        ax.set_visible(False)
+    for ax, f, grid in zip(axes.flat, frames, grids):
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
         sel = f[f["selected"]]
-        ax.scatter(sel["expert"], [row[x] for x in sel["layer"]], marker="o", s=70,
-                   facecolors="none", edgecolors="red", linewidths=1.8, label="repaired (selected)")
-        ax.set(xlabel="expert", title=f"round {int(f['round'].iloc[0])}")
-        ax.set_xticks(range(0, width, max(1, width // 16)))
-    axes[0][0].set(ylabel="MoE layer", yticks=range(len(layers)), yticklabels=layers)
-    fig.colorbar(im, ax=list(axes[0]), fraction=0.03, pad=0.02, label="score (one scale for all rounds)")
-    fig.text(0.01, 1.0, title, fontsize=10, ha="left", va="bottom")
+        ax.scatter(sel["expert"], [row[x] for x in sel["layer"]], marker="o", s=60,
+                   facecolors="none", edgecolors="red", linewidths=1.6, label="repaired (selected)")
+        ax.set_title(f"round {int(f['round'].iloc[0])}", fontsize=10)
+        ax.set_xlabel("expert", fontsize=9)
+        ax.set_xticks(range(0, width, max(1, -(-width // 8))))
+        ax.set_xticks(range(width), minor=True)  # every expert marked, every few numbered
+        ax.tick_params(labelsize=8)
+    step = max(1, -(-len(layers) // 16))
+    for ax in axes[:, 0]:
+        ax.set_ylabel("MoE layer", fontsize=9)
+        ax.set_yticks(range(0, len(layers), step), [layers[i] for i in range(0, len(layers), step)])
+    bar = fig.colorbar(im, ax=list(axes.flat), fraction=0.025, pad=0.01, aspect=30)
+    bar.set_label(f"score ({scale}, one for all rounds)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    # the title and legend get their own space above the panels (constrained layout), over nothing
+    fig.suptitle(title, fontsize=10, x=0.01, ha="left")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower right", bbox_to_anchor=(0.99, 0.99), fontsize=8, frameon=False)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    fig.legend(handles, labels, loc="outside upper right", fontsize=8, frameon=False)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
