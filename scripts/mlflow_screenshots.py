@@ -62,30 +62,39 @@ def browser(path: str | None) -> str:
     raise UsageError(f"no browser {path or 'chromium'} (Debian: apt-get install chromium)")
 
 
-def small_png(path: Path) -> None:
-    """256 colours: a UI screenshot looks the same at a third of the bytes."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image.convert("RGB").quantize(256).save(path, optimize=True)
-
-
-def pages(experiment, parent, first_round, view: bool) -> list[tuple[str, str, str]]:
-    """(file name, URL path, selector that shows the page has rendered)."""
+def pages(experiment, parent, first_round, view: bool) -> list[tuple[str, str, str, str | None]]:
+    """(file name, URL path, selector that shows the page has rendered, the runs-table column
+    to scroll to or None)."""
     from tasks import tracking
 
     exp, run = experiment.experiment_id, parent.info.run_id
     ml = "?workflowType=machine_learning"
     table = tracking.run_table_url(exp) if view else f"#/experiments/{exp}{ml}"
-    out = [("runs_table", table, f"text={parent.info.run_name}"),
-           ("parent_overview", f"#/experiments/{exp}/runs/{run}{ml}", "text=experts_round_1"),
-           ("parent_charts", f"#/experiments/{exp}/runs/{run}/model-metrics{ml}", ".js-plotly-plot"),
-           ("parent_heatmap", f"#/experiments/{exp}/runs/{run}/artifacts/expert_scores.png{ml}",
-            "img[src*='expert_scores.png']")]
+    name = f"text={parent.info.run_name}"
+    out = [("runs_table", table, name, None)]
+    if view:  # the table is wider than a screen: its metrics, scrolled to
+        out.append(("runs_table_metrics", table, name, "metrics."))
+    out += [("parent_overview", f"#/experiments/{exp}/runs/{run}{ml}", "text=experts_round_1", None),
+            ("parent_charts", f"#/experiments/{exp}/runs/{run}/model-metrics{ml}", ".js-plotly-plot", None),
+            ("parent_heatmap", f"#/experiments/{exp}/runs/{run}/artifacts/expert_scores.png{ml}",
+             "img[src^='blob:']", None)]
     if first_round is not None:
         out.append(("round_overview", f"#/experiments/{exp}/runs/{first_round.info.run_id}{ml}",
-                    "text=score_mean"))
+                    "text=score_mean", None))
     return out
+
+
+# scrolls the runs table (ag-grid) so that the first column whose id starts with the prefix is
+# at the left edge, beside the pinned run names
+SCROLL_TO = """prefix => {
+    const cell = Array.from(document.querySelectorAll('.ag-header-cell[col-id]'))
+        .find(c => c.getAttribute('col-id').startsWith(prefix));
+    if (!cell) return false;
+    const left = cell.offsetLeft;
+    document.querySelectorAll('.ag-body-horizontal-scroll-viewport, .ag-center-cols-viewport')
+        .forEach(v => { v.scrollLeft = left; v.dispatchEvent(new Event('scroll')); });
+    return true;
+}"""
 
 
 def shoot(base: str, targets, out: Path, size: tuple[int, int], executable: str, settle_s: float) -> None:
@@ -96,15 +105,16 @@ def shoot(base: str, targets, out: Path, size: tuple[int, int], executable: str,
         try:
             context = chromium.new_context(viewport={"width": size[0], "height": size[1]})
             context.add_init_script(QUIET_UI)
-            for name, url, ready in targets:
+            for name, url, ready, column in targets:
                 page = context.new_page()
                 page.goto(f"{base}/{url}")
                 page.wait_for_selector(ready, state="visible", timeout=180_000)
                 # the data has arrived; charts and images finish drawing in the next moments
                 page.wait_for_timeout(settle_s * 1000)
+                if column and page.evaluate(SCROLL_TO, column):
+                    page.wait_for_timeout(1000)
                 path = out / f"{name}.png"
                 page.screenshot(path=str(path))
-                small_png(path)
                 print(f"{path}: {base}/{url}")
                 page.close()
         finally:

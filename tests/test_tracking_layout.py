@@ -88,8 +88,10 @@ def _parent(exp, families, rounds, seed):
     return run_id
 
 
-def test_the_runs_table_view_shows_configuration_experts_and_before_beside_after():
+def test_the_runs_table_view_shows_configuration_experts_and_before_beside_after(tmp_path, monkeypatch):
     from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # the experiment's artifacts (mlruns/) go beside the cwd
 
     exp = "view-layout"
     run_id = _parent(exp, ["persona", "flip_words"], rounds=2, seed=1)
@@ -124,8 +126,10 @@ def test_the_runs_table_view_shows_configuration_experts_and_before_beside_after
         f"?workflowType=machine_learning&viewStateShareKey={tracking.RUN_TABLE_VIEW}")
 
 
-def test_a_view_edited_by_hand_is_replaced_and_a_huge_one_is_cut_to_the_limit():
+def test_a_view_edited_by_hand_is_replaced_and_a_huge_one_is_cut_to_the_limit(tmp_path, monkeypatch):
     from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
 
     exp = "view-limits"
     families = [f"family_{i:03d}" for i in range(150)]
