@@ -125,7 +125,7 @@ def suite_path(ref: str) -> Path:
             raise SuiteError(f"suite {ref!r}: {GENERATED[ref]} is not there (under {Path.cwd()}): "
                              "build the demo organism first (`make demo` or `dvc repro organism`), "
                              "or give the suite.yaml of an organism built elsewhere")
-        return GENERATED[ref]
+        return GENERATED[ref].resolve()
     if NAME.fullmatch(ref) and BUNDLED.joinpath(f"{ref}.yaml").is_file():
         return Path(str(BUNDLED.joinpath(f"{ref}.yaml")))
     raise SuiteError(f"suite {ref!r}: no such file nor bundled suite (bundled: "
