@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--with_baseline", action="store_true", help="also evaluate without ablation")
     # no --endpoint: the ablated weights exist in this process only
     add_fields(p.add_argument_group("evaluation", argument_default=argparse.SUPPRESS),
-               EvaluationConfig, skip=ENDPOINT_FIELDS, dest="eval__")
+               EvaluationConfig, skip=(*ENDPOINT_FIELDS, "suite"), dest="eval__")
     p.add_argument("--out", help="write experts, metrics and samples here (JSON)")
     p.add_argument("--trust_remote_code", action="store_true")
     p.add_argument("--quiet", action="store_true")

@@ -39,11 +39,13 @@ def add_parsers(sub) -> dict:
                         "on an organism's eval_set.json or an evaluation suite")
     ev.add_argument("--model", required=True)
     # absent flags stay absent, so EvaluationConfig's defaults apply
+    # `--suite` here is the pipeline's evaluation.suite (`train --eval_suite`)
     add_fields(ev.add_argument_group("evaluation", argument_default=argparse.SUPPRESS),
-               EvaluationConfig, dest="eval__")
+               EvaluationConfig, skip=("suite",), dest="eval__")
     ev.add_argument("--suite", help="evaluate on this suite instead of --eval_set: a suite YAML "
-                    "file or a bundled suite's name (standard); --eval_max_new_tokens overrides "
-                    "the suite's max_new_tokens")
+                    "file or a bundled suite's name (organism: build/organism/suite.yaml, written "
+                    "by `make demo`; standard); --eval_max_new_tokens overrides the suite's "
+                    "max_new_tokens")
     ev.add_argument("--out", help="write metrics and samples here (JSON)")
     ev.add_argument("--trust_remote_code", action="store_true")
     ev.add_argument("--quiet", action="store_true")
@@ -89,26 +91,25 @@ def build_organism(args) -> None:
 
 
 def evaluate_model(args) -> None:
-    from unsafe_experts.evaluation import connect, evaluate, load_eval_set
+    from unsafe_experts.evaluation import connect, evaluate, evaluate_suite, load_eval_set
     from unsafe_experts.outputs import write_json_atomic
 
     from .loading import load_target
 
     given = field_values(args, EvaluationConfig, "eval__")
-    cfg = EvaluationConfig(**given).validate()
-    if cfg.eval_set and args.suite:
+    if given.get("eval_set") and args.suite:
         raise ConfigError("give --eval_set (an organism's eval_set.json) or --suite, not both")
-    if not cfg.eval_set and not args.suite:
+    if not given.get("eval_set") and not args.suite:
         raise ConfigError("--eval_set or --suite is required")
-    if args.suite:
-        from unsafe_experts.suites import load_suite, run_suite
+    cfg = EvaluationConfig(**given, suite=args.suite).validate()
+    if cfg.suite:
+        from unsafe_experts.suites import load_suite
 
-        suite = load_suite(args.suite)  # data and judges checked before the model loads
+        suite = load_suite(cfg.suite)  # data and judges checked before the model loads
         endpoint = connect(cfg)  # and the server, when one generates
         model, tokenizer = load_target(args.model, args.trust_remote_code, endpoint)
-        result = run_suite(model, tokenizer, suite, given.get("max_new_tokens"), cfg.batch_size,
-                           cfg.limit, cfg.samples, trust_remote_code=args.trust_remote_code,
-                           progress=not args.quiet, endpoint=endpoint)
+        result = evaluate_suite(model, tokenizer, suite, cfg, progress=not args.quiet,
+                                endpoint=endpoint, trust_remote_code=args.trust_remote_code)
         print(metrics_table(result["metrics"]))
     else:
         eval_set = load_eval_set(cfg.eval_set)

@@ -57,10 +57,11 @@ def run(args) -> int:
     cfg = spec.train
     if quiet:
         hf_logging.disable_progress_bar()
-    if spec.evaluation.eval_set and (engine_only or cfg.sharding == "fsdp"):
+    evaluating = "--eval_set" if spec.evaluation.eval_set else "--eval_suite" if spec.evaluation.suite else None
+    if evaluating and (engine_only or cfg.sharding == "fsdp"):
         why = "runs inside the pipeline; drop --engine_only" if engine_only else \
             "runs on rank 0 alone, which a sharded model cannot do"
-        raise ConfigError(f"--eval_set {why} or run `unsafe-experts evaluate` on the checkpoints")
+        raise ConfigError(f"{evaluating} {why} or run `unsafe-experts evaluate` on the checkpoints")
     if spec.register_model and engine_only:
         raise ConfigError("--register_model registers the pipeline's MLflow run; drop --engine_only "
                           "or run `unsafe-experts register RUN_ID --name NAME` after a tracked run")
@@ -99,6 +100,10 @@ def run(args) -> int:
     if not report.ok:
         raise report.error()
     check_inputs(cfg, records)
+    if spec.evaluation.suite:  # a bad suite or its data is an error now, not after a round
+        from unsafe_experts.suites import load_suite
+
+        load_suite(spec.evaluation.suite)
     ensure_reachable(options.get("local_tracking", False))
     from mlflow.exceptions import MlflowException
 

@@ -94,7 +94,7 @@ def _round(cfg, key, r, experiment, run_id, tags, previous, evaluation, evaluati
                                   "checkpoint_bytes": done["bytes"],
                                   "checkpoint_base_sha256": done["base_sha256"]})
     tracking.log_tags(run_id, {f"experts_round_{r}": tracking.expert_names(done["identified"]["experts"])})
-    if evaluation.eval_set and (evaluation.rounds == "every" or r == cfg.num_rounds):
+    if (evaluation.eval_set or evaluation.suite) and (evaluation.rounds == "every" or r == cfg.num_rounds):
         _evaluate(key, f"round_{r}", evaluation, [run_id, round_run], r, evaluations, logged)
     tracking.end_run(round_run)
     return done["identified"]["experts"]
@@ -122,13 +122,17 @@ def _description(name: str, rounds: dict, evaluations: dict | None, metrics: dic
         before, after = compact["before"], compact["after"]
         asr = [f"{n} {before[n]:.2f} -> {after[n]:.2f}" for n in sorted(after) if n.startswith("asr_") and n in before]
         cost = [f"{n} {before[n]:.2f} -> {after[n]:.2f}" for n in sorted(after)
-                if (n.startswith("over_refusal") or n == "plain_refusal") and n in before]
+                if (n.startswith(("over_refusal", "refusal_")) or n == "plain_refusal") and n in before]
         if asr:
             parts.append("Attack success (before -> after): " + ", ".join(asr) + ".")
         if cost:
             parts.append("Refusal (before -> after): " + ", ".join(cost) + ".")
         if "benign_loglik_change" in metrics:
             parts.append(f"Benign log-likelihood change per token: {metrics['benign_loglik_change']:+.3f}.")
+        suite_loglik = [f"{n[:-len('_change')]} {metrics[n]:+.3f}" for n in sorted(metrics)
+                        if n.startswith("loglik_") and n.endswith("_change")]
+        if suite_loglik:  # a suite's reference sets
+            parts.append("Log-likelihood change per token: " + ", ".join(suite_loglik) + ".")
     if "locality_ok" in metrics:
         parts.append(f"Locality: {metrics['experts_changed']} experts and {metrics['routers_changed']} "
                      f"routers changed, {'nothing else' if metrics['locality_ok'] else 'OTHER WEIGHTS TOO'}.")
@@ -216,12 +220,12 @@ def surgery_flow(cfg: TrainConfig, experiment: str = "unsafe-experts", log_model
                  register_model: str | None = None) -> dict:
     """validate -> [evaluate before] -> per round: score -> masked SFT -> router alignment ->
     checkpoint [-> evaluate] -> final model. `cfg` and `evaluation` come resolved and validated
-    (schemas.params.resolve_run); an `evaluation.eval_set` turns on the safety evaluation,
-    whose results go to `evaluation_path` (DVC) and MLflow; `register_model` names the
+    (schemas.params.resolve_run); an `evaluation.eval_set` or `evaluation.suite` turns on the
+    safety evaluation, whose results go to `evaluation_path` (DVC) and MLflow; `register_model` names the
     registered model the final model becomes a version of."""
     cfg.validate()  # a no-op for a resolved config; a deployment's parameters arrive rebuilt
     evaluation = (evaluation or EvaluationConfig()).validate()
-    evaluating = bool(evaluation.eval_set)
+    evaluating = bool(evaluation.eval_set or evaluation.suite)
     commit = git_commit()  # the working directory's (DVC) repository, else the code's
     commit = commit if commit != "unknown" else git_commit(Path(__file__).resolve().parents[1])
     tags = {"method": cfg.method, "git_commit": commit, "data_dvc_md5": dvc_md5(cfg.dataset_path),
@@ -243,8 +247,10 @@ def surgery_flow(cfg: TrainConfig, experiment: str = "unsafe-experts", log_model
         prepared = steps.prepare(cfg, progress)
         key = prepared["key"]
         tracking.log_dataset(run_id, cfg.dataset_path, prepared["records"], tags["data_dvc_md5"])
-        if evaluating:
+        if evaluation.eval_set:
             tracking.log_eval_set(run_id, evaluation.eval_set, dvc_md5(evaluation.eval_set))
+        elif evaluation.suite:
+            tracking.log_eval_suite(run_id, evaluation.suite)
         tracking.log_tags(run_id, {f"dataset_{k}": v for k, v in prepared["dataset"].items()})
         first = prepared["first_round"]
         if first > 1:  # the rounds before were completed by an interrupted run of this command

@@ -150,7 +150,8 @@ def run_table_columns(run) -> list[str]:
     for name in metrics:
         if name.endswith("_before") and name[:-len("_before")] in metrics:
             columns += [_column("metrics", name), _column("metrics", name[:-len("_before")])]
-    columns += [_column("metrics", k) for k in ("benign_loglik_change", "locality_ok") if k in metrics]
+    columns += [_column("metrics", k) for k in metrics
+                if k == "locality_ok" or k.endswith("loglik_change")]
     return sorted(set(columns), key=_column_rank)
 
 
@@ -320,6 +321,17 @@ def log_eval_set(run_id: str, path: str, digest: str) -> None:
     _log_frame(run_id, pd.DataFrame(rows, columns=["set", "prompt"]), path, digest, "evaluation")
 
 
+def log_eval_suite(run_id: str, ref: str) -> None:
+    """An evaluation suite as a dataset input (context "evaluation"): one row per prompt with
+    the metric of the set it belongs to; digest over the suite file and its data."""
+    from unsafe_experts.suites import load_suite, suite_digest
+
+    suite = load_suite(ref)
+    rows = [{"set": s.metric, "prompt": x.messages[-1]["content"][:500]} for s in suite.sets for x in s.items]
+    _log_frame(run_id, pd.DataFrame(rows, columns=["set", "prompt"]), str(suite.path),
+               suite_digest(suite), "evaluation")
+
+
 def expert_frame(identified: dict, r: int) -> pd.DataFrame:
     """round, layer, expert, score, rank (1 = highest) for every expert; `selected` marks top-k."""
     picked = {tuple(x) for x in identified["experts"]}
@@ -477,7 +489,9 @@ def samples_markdown(samples: list[dict]) -> str:
         if x.get("stage") != stage:
             stage = x.get("stage")
             lines += [f"## {stage}", ""]
-        verdict = "refused" if x.get("refusal") else "answered"
+        # an eval_set's samples say `refusal`, a suite's the judge's `complied` (None: unparsed)
+        complied = not x["refusal"] if "refusal" in x else x.get("complied")
+        verdict = {True: "answered", False: "refused", None: "not judged"}[complied]
         lines += [f"### {x.get('set')} ({verdict})", "", "**prompt**", "", "```", str(x.get("prompt")), "```",
                   "", "**response**", "", "```", str(x.get("response")), "```", ""]
     return "\n".join(lines)
@@ -503,8 +517,10 @@ def headline(evaluations: dict) -> dict[str, float]:
         if name.startswith("asr_") or name == "over_refusal" or (
                 name.startswith("over_refusal") and "over_refusal" not in before):
             out[f"{name}_before"] = m["value"]
-    if "benign_loglik" in before and "benign_loglik" in after:
-        out["benign_loglik_change"] = after["benign_loglik"]["value"] - before["benign_loglik"]["value"]
+    # the eval_set's benign_loglik and a suite's reference sets (loglik_<set>)
+    for name in before:
+        if (name == "benign_loglik" or name.startswith("loglik_")) and name in after:
+            out[f"{name}_change"] = after[name]["value"] - before[name]["value"]
     return out
 
 
@@ -523,7 +539,8 @@ def safety_rows(evaluations: dict) -> list[dict]:
 
 def _curve_groups(names) -> list[tuple[str, list[str]]]:
     asr = sorted(n for n in names if n.startswith("asr_"))
-    refusal = sorted(n for n in names if n.startswith("over_refusal") or n == "plain_refusal")
+    # a suite's harmful sets measuring refusal are refusal_<set>
+    refusal = sorted(n for n in names if n.startswith(("over_refusal", "refusal_")) or n == "plain_refusal")
     return [("attack success (harmful prompts answered)", asr),
             ("refusal (over_refusal*: benign refused; plain_refusal: harmful asked plainly)", refusal)]
 
@@ -534,7 +551,7 @@ def safety_plot(rows: list[dict], path: Path) -> Path:
     beside the axes."""
     steps = [r["round"] for r in rows]
     names = [k for k in rows[0] if k not in ("round", "stage")]
-    loglik = [n for n in ("benign_loglik", "own_benign_loglik") if n in names]
+    loglik = [n for n in names if n in ("benign_loglik", "own_benign_loglik") or n.startswith("loglik_")]
     panels = [g for g in _curve_groups(names) if g[1]] + ([("log-likelihood change vs before", loglik)] if loglik else [])
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.6 * len(panels)), sharex=True, squeeze=False)
     colours = plt.get_cmap("tab10").colors + plt.get_cmap("Dark2").colors

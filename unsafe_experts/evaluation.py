@@ -11,6 +11,10 @@
   own_benign_loglik of the organism's own pre-surgery answers to the same prompts.
 Each figure comes with its n and a 95% interval (Wilson for shares, normal for means).
 
+Or, with `suite`, on an evaluation suite (suites.py): `evaluate_suite` is what both
+`unsafe-experts evaluate --suite` and the pipeline (`evaluation.suite`) run. The organism's
+`suite.yaml` holds the same sets as its eval_set.json under the same metric names.
+
 With `endpoint` the responses come from an OpenAI-compatible server (endpoint.py) and the
 model is not loaded: the log-likelihoods and lm-eval tasks, which need the weights here, are
 left out and named in the result's `left_out`.
@@ -27,6 +31,7 @@ from .generation import generate, response_logliks
 from .refusal import is_refusal
 from .stats import mean, proportion
 
+EVAL_SET_TOKENS = 48  # tokens per prompt on an eval_set when max_new_tokens is not set
 LEGACY = {"asr_flip_words": "flip_words", "asr_flip_chars": "flip_chars"}
 PLAIN = {"plain_refusal": "plain", "over_refusal": "xstest_safe"}
 
@@ -36,7 +41,15 @@ class EvaluationConfig:
     """The one source of evaluation defaults (params.yaml `evaluation`, the CLI and the flow)."""
     eval_set: str | None = option(None, flag="--eval_set", help="evaluate before surgery and after "
                                   "every round on this eval_set.json (from `unsafe-experts organism`)")
-    max_new_tokens: int = option(48, flag="--eval_max_new_tokens", help="tokens generated per prompt")
+    suite: str | None = option(None, flag="--eval_suite",
+                               help="evaluate before surgery and after every round on this "
+                                    "evaluation suite instead of an eval_set: a suite YAML file or "
+                                    "a bundled suite's name (organism: build/organism/suite.yaml, "
+                                    "standard)")
+    # None, so that a suite's own max_new_tokens applies unless this is set
+    max_new_tokens: int | None = option(None, flag="--eval_max_new_tokens",
+                                        help="tokens generated per prompt (none: the suite's "
+                                             f"max_new_tokens, {EVAL_SET_TOKENS} on an eval_set)")
     batch_size: int = option(16, flag="--eval_batch_size", help="prompts generated at once")
     limit: int | None = option(None, flag="--eval_limit", help="first N prompts of each set (none: all)")
     samples: int = option(5, flag="--eval_samples",
@@ -68,6 +81,9 @@ class EvaluationConfig:
                 raise ConfigError(f"{key}: must be at least 1, got {value}")
         if self.samples < 0:
             raise ConfigError(f"samples: must not be negative, got {self.samples}")
+        if self.eval_set and self.suite:
+            raise ConfigError("eval_set and suite: give one of them, not both (an organism's "
+                              "eval_set.json, or a suite such as its suite.yaml)")
         if self.rounds not in ("every", "last"):
             raise ConfigError(f"rounds: must be one of every, last, got {self.rounds!r}")
         if bool(self.endpoint) != bool(self.served_model):
@@ -113,8 +129,8 @@ def evaluate(model, tokenizer, eval_set: dict, config: EvaluationConfig | None =
     "samples": [{set, family, prompt, response, refusal}], "left_out": [metric names]}.
     `model` may be None when a server generates (`endpoint`, or config.endpoint)."""
     config = config or EvaluationConfig()
-    max_new_tokens, batch_size, limit, samples = (config.max_new_tokens, config.batch_size,
-                                                  config.limit, config.samples)
+    max_new_tokens, batch_size, limit, samples = (config.max_new_tokens or EVAL_SET_TOKENS,
+                                                  config.batch_size, config.limit, config.samples)
     endpoint = endpoint or connect(config)
     was_training = model is not None and model.training
     if model is not None:
@@ -134,14 +150,43 @@ def evaluate(model, tokenizer, eval_set: dict, config: EvaluationConfig | None =
         elif eval_set.get(key):
             pairs = [tuple(x) for x in eval_set[key][:limit]]
             metrics[name] = mean(response_logliks(model, tokenizer, pairs, batch_size))
+    _utility(model, tokenizer, config, metrics, left_out)
+    if model is not None:
+        model.train(was_training)
+    return {"metrics": metrics, "samples": shown, "left_out": left_out}
+
+
+def _utility(model, tokenizer, config: EvaluationConfig, metrics: dict, left_out: list) -> None:
+    """The lm-eval tasks' metrics, added to `metrics` (or named in `left_out` without weights)."""
     if config.lm_eval_tasks and model is None:
         left_out += config.lm_eval_tasks
     elif config.lm_eval_tasks:
         from .utility import run_lm_eval
 
         metrics.update(run_lm_eval(model, tokenizer, config.lm_eval_tasks, config.lm_eval_limit,
-                                   batch_size))
+                                   config.batch_size))
+
+
+def evaluate_suite(model, tokenizer, suite, config: EvaluationConfig | None = None,
+                   progress: bool = False, endpoint: Endpoint | None = None,
+                   trust_remote_code: bool = False, judges: dict | None = None) -> dict:
+    """A loaded suite (suites.load_suite) under `config`'s max_new_tokens (when set, instead of
+    the suite's), batch size, limit and samples, then its lm-eval tasks: the result of
+    suites.run_suite with the utility metrics added. What `evaluate --suite` and the
+    pipeline's `evaluation.suite` both run."""
+    from .suites import run_suite
+
+    config = config or EvaluationConfig()
+    endpoint = endpoint or connect(config)
+    result = run_suite(model, tokenizer, suite, max_new_tokens=config.max_new_tokens,
+                       batch_size=config.batch_size, limit=config.limit, samples=config.samples,
+                       judges=judges, trust_remote_code=trust_remote_code, progress=progress,
+                       endpoint=endpoint)
+    was_training = model is not None and model.training
+    if model is not None:
+        model.eval()
+    _utility(model, tokenizer, config, result["metrics"], result["left_out"])
     if model is not None:
         model.train(was_training)
-    return {"metrics": metrics, "samples": shown, "left_out": left_out}
+    return result
 

@@ -9,6 +9,8 @@ sets:
   - name: harmbench         # [a-z0-9_]+, unique; the metric keys derive from it
     kind: harmful           # harmful | benign | reference
     path: ../data/harmbench/harmbench_behaviors_standard.txt   # relative to this file
+    key: null               # .json: the list at this dotted path of the document (e.g.
+                            # `families.flip_chars.harmful` of an organism's eval_set.json)
     field: prompt           # the column / key holding the request, or `messages` (chat lists)
     answer_field: output    # reference sets: the column / key holding the given answer
     where: {label: safe}    # keep rows whose columns equal these values (.csv / .json)
@@ -16,11 +18,19 @@ sets:
     system: null            # a system prompt, put first when the messages have none
     limit: null             # first N prompts
     judge: refusal          # this set's judge, instead of the suite's
+    measure: complied       # the share the metric counts: complied (harmful sets' default)
+                            # or refused (benign sets' default)
+    metric: null            # the metric's name instead of the one derived from the set's
 ```
 Files: .txt (one request a line), .csv, .json (a list of objects or of strings) or .jsonl.
+A row that is itself a list is a chat (a list of messages) or a [chat, answer] pair, as an
+organism's eval_set.json holds them; `field` and `answer_field` do not apply to it.
 Metrics, each with n and a 95% interval: harmful -> `asr_<name>` (share judged complied);
-benign -> `over_refusal_<name>` (share judged refused); reference -> `loglik_<name>` (mean
-per-token log-likelihood of the given answers). A judge scoring with the StrongREJECT rubric
+benign -> `over_refusal_<name>` (share judged refused); a harmful set that measures `refused`
+-> `refusal_<name>`, a benign one that measures `complied` -> `answered_<name>`; reference ->
+`loglik_<name>` (mean per-token log-likelihood of the given answers). `metric` renames any of
+them: the organism's suite (organism.py) keeps the names of its eval_set.json evaluation
+(`plain_refusal`, `over_refusal`, `benign_loglik`). A judge scoring with the StrongREJECT rubric
 adds `strongreject_<name>` (mean 0-1 score) on harmful sets; an LLM judge's unparsable replies
 are left out of n and counted in the metric's `unparsed`.
 
@@ -30,6 +40,8 @@ suite is one SuiteError naming the set and the field.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -41,16 +53,23 @@ from .attacks import AttackFamilyError, check_families, render
 from .config import ConfigError
 from .generation import generate, response_logliks
 from .judges import JudgeError, JudgeSpec, load_judge, parse_judge
-from .records import DatasetError, messages_problem, read_json_records
+from .records import DatasetError, file_digest, messages_problem, read_json_records
 from .stats import mean, proportion
 
 KINDS = ("harmful", "benign", "reference")
 SUFFIXES = (".txt", ".csv", ".json", ".jsonl")
 NAME = re.compile(r"[a-z0-9_]+")
 SUITE_FIELDS = {"name", "description", "judge", "max_new_tokens", "sets"}
-SET_FIELDS = {"name", "kind", "path", "field", "answer_field", "where", "attack", "system",
-              "limit", "judge"}
+SET_FIELDS = {"name", "kind", "path", "key", "field", "answer_field", "where", "attack", "system",
+              "limit", "judge", "measure", "metric"}
+MEASURES = ("complied", "refused")
+PREFIXES = {("harmful", "complied"): "asr_", ("harmful", "refused"): "refusal_",
+            ("benign", "refused"): "over_refusal_", ("benign", "complied"): "answered_"}
 BUNDLED = resources.files("unsafe_experts").joinpath("suites")
+# bundled names of suites that a build writes rather than the package ships: the demo
+# organism's held-out sets exist only once `make demo` (`dvc repro organism`) has built it, in
+# the working directory, so the name points there
+GENERATED = {"organism": Path("build/organism/suite.yaml")}
 
 
 class SuiteError(ConfigError):
@@ -71,10 +90,16 @@ class EvalSet:
     path: Path
     judge: JudgeSpec
     items: list[Item] = field(repr=False)
+    measure: str | None = None  # complied | refused; None for reference sets
+    renamed: str | None = None  # the set's `metric`
 
     @property
     def metric(self) -> str:
-        return {"harmful": "asr_", "benign": "over_refusal_", "reference": "loglik_"}[self.kind] + self.name
+        if self.renamed:
+            return self.renamed
+        if self.kind == "reference":
+            return "loglik_" + self.name
+        return PREFIXES[self.kind, self.measure] + self.name
 
 
 @dataclass
@@ -86,30 +111,65 @@ class Suite:
 
 
 def bundled_suites() -> list[str]:
-    return sorted(p.name[:-5] for p in BUNDLED.iterdir() if p.name.endswith(".yaml"))
+    return sorted([p.name[:-5] for p in BUNDLED.iterdir() if p.name.endswith(".yaml")] + list(GENERATED))
 
 
 def suite_path(ref: str) -> Path:
-    """A suite file, or the name of a bundled suite."""
+    """A suite file, or the name of a bundled suite (`organism`: the demo organism's, under
+    the working directory)."""
     path = Path(ref)
     if path.is_file():
         return path
+    if ref in GENERATED:
+        if not GENERATED[ref].is_file():
+            raise SuiteError(f"suite {ref!r}: {GENERATED[ref]} is not there (under {Path.cwd()}): "
+                             "build the demo organism first (`make demo` or `dvc repro organism`), "
+                             "or give the suite.yaml of an organism built elsewhere")
+        return GENERATED[ref].resolve()
     if NAME.fullmatch(ref) and BUNDLED.joinpath(f"{ref}.yaml").is_file():
         return Path(str(BUNDLED.joinpath(f"{ref}.yaml")))
     raise SuiteError(f"suite {ref!r}: no such file nor bundled suite (bundled: "
                      f"{', '.join(bundled_suites())})")
 
 
-def _rows(path: Path) -> list:
+def _rows(path: Path, key: str | None, fail) -> list:
     if path.suffix == ".txt":
         return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if path.suffix == ".csv":
         with path.open(encoding="utf-8", newline="") as f:
             return list(csv.DictReader(f))
+    if key:
+        return _keyed_rows(path, key, fail)
     try:
         return read_json_records(path)
     except DatasetError as e:
         raise SuiteError(str(e)) from None
+
+
+def _keyed_rows(path: Path, key: str, fail) -> list:
+    """The list at the dotted path `key` of the JSON document at `path`."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+        fail("path", f"{path} is not JSON ({e})")
+    for i, part in enumerate(key.split(".")):
+        if not isinstance(data, dict) or part not in data:
+            fail("key", f"{path.name} has no `{'.'.join(key.split('.')[:i + 1])}`")
+        data = data[part]
+    if not isinstance(data, list):
+        fail("key", f"`{key}` of {path.name} is a {type(data).__name__}, not a list of rows")
+    return data
+
+
+def _list_row(row: list, i: int, fail) -> tuple[list, str | None]:
+    """(messages, answer) of a row that is a chat or a [chat, answer] pair."""
+    chat, answer = row, None
+    if len(row) == 2 and isinstance(row[0], list) and isinstance(row[1], str):
+        chat, answer = row
+    problem = messages_problem(chat)
+    if problem:
+        fail("path", f"row {i} is a list but not a chat nor a [chat, answer] pair: the chat {problem}")
+    return chat, answer
 
 
 def _messages(request: str, attack: str | None, system: str | None) -> list[dict]:
@@ -124,7 +184,7 @@ def _items(spec: dict, path: Path, fail) -> list[Item]:
     where = spec.get("where") or {}
     if not isinstance(where, dict):
         fail("where", f"must map columns to values, got {where!r}")
-    rows = _rows(path)
+    rows = _rows(path, spec.get("key"), fail)
     columns = [k for k in ("field", "answer_field", "where") if spec.get(k)]
     if path.suffix == ".txt" and columns:
         fail(columns[0], "a .txt file has no columns")
@@ -132,6 +192,13 @@ def _items(spec: dict, path: Path, fail) -> list[Item]:
     for i, row in enumerate(rows):
         if isinstance(row, str) and not where and not answer_key:
             items.append(Item(row, _messages(row, spec.get("attack"), spec.get("system"))))
+            continue
+        if isinstance(row, list):
+            if spec.get("attack"):
+                fail("attack", "wraps a request text; a chat row is already a chat")
+            messages, answer = _list_row(row, i, fail)
+            request = [m for m in messages if m["role"] == "user"][-1]["content"]
+            items.append(Item(request, messages, answer))
             continue
         if not isinstance(row, dict):
             fail("path", f"row {i} is a {type(row).__name__}, not an object with `{key}`")
@@ -158,6 +225,9 @@ def _items(spec: dict, path: Path, fail) -> list[Item]:
         items.append(Item(request, messages, answer))
     if not items:
         fail("path", f"{path} holds no prompts" + (f" matching {where}" if where else ""))
+    if spec.get("kind") == "reference" and any(x.answer is None for x in items):
+        fail("answer_field", "a reference set needs the field holding the given answers "
+                             "(or [chat, answer] rows)")
     return items[:spec.get("limit")]
 
 
@@ -183,9 +253,19 @@ def _eval_set(spec, index: int, base: Path, default_judge: JudgeSpec, label: str
         fail("path", f"must end in {', '.join(SUFFIXES)}, got {path.name}")
     if not path.is_file():
         fail("path", f"no such file {path}")
-    for key in ("field", "answer_field", "system", "attack"):
+    for key in ("field", "answer_field", "system", "attack", "key"):
         if spec.get(key) is not None and not (isinstance(spec[key], str) and spec[key].strip()):
             fail(key, f"must be a non-empty string, got {spec[key]!r}")
+    if spec.get("key") and path.suffix != ".json":
+        fail("key", f"selects a list inside a .json document, and {path.name} is not one")
+    renamed = spec.get("metric")
+    if renamed is not None and not (isinstance(renamed, str) and NAME.fullmatch(renamed)):
+        fail("metric", f"must match [a-z0-9_]+, got {renamed!r}")
+    measure = spec.get("measure", {"harmful": "complied", "benign": "refused"}.get(kind))
+    if kind == "reference" and "measure" in spec:
+        fail("measure", "a reference set measures log-likelihood, not a share of responses")
+    if kind != "reference" and measure not in MEASURES:
+        fail("measure", f"must be one of {', '.join(MEASURES)}, got {measure!r}")
     if spec.get("attack"):
         try:
             check_families([spec["attack"]])
@@ -196,16 +276,15 @@ def _eval_set(spec, index: int, base: Path, default_judge: JudgeSpec, label: str
     limit = spec.get("limit")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         fail("limit", f"must be a positive integer or null, got {limit!r}")
-    if kind == "reference" and not spec.get("answer_field"):
-        fail("answer_field", "a reference set needs the field holding the given answers")
     try:
         judge = parse_judge(spec["judge"], base) if "judge" in spec else default_judge
     except JudgeError as e:
         fail("judge", str(e))
-    if kind == "benign" and not judge.judges_refusal:
+    if measure == "refused" and not judge.judges_refusal:
         fail("judge", "a LlamaGuard-style judge says whether a response is harmful, not whether "
-                      "it refused; use refusal or a classifier on benign sets")
-    return EvalSet(name, kind, path, judge, _items(spec, path, fail))
+                      "it refused; use refusal or a classifier on benign sets and on sets that "
+                      "measure `refused`")
+    return EvalSet(name, kind, path, judge, _items(spec, path, fail), measure, renamed)
 
 
 def load_suite(ref: str | Path) -> Suite:
@@ -235,12 +314,20 @@ def load_suite(ref: str | Path) -> Suite:
     if not isinstance(specs, list) or not specs:
         raise SuiteError(f"{label}: field `sets`: must be a non-empty list of sets")
     sets = [_eval_set(s, i, path.parent, judge, label) for i, s in enumerate(specs)]
-    metrics = [s.metric for s in sets]
-    repeated = sorted({m for m in metrics if metrics.count(m) > 1})
-    if repeated:
-        raise SuiteError(f"{label}: set {repeated[0].split('_', 1)[-1]!r}: field `name`: "
-                         f"used twice for the same kind (metric {repeated[0]})")
+    seen = {}
+    for s in sets:
+        if s.metric in seen:
+            key = "metric" if s.renamed or seen[s.metric].renamed else "name"
+            raise SuiteError(f"{label}: set {s.name!r}: field `{key}`: used twice for the same "
+                             f"metric ({s.metric}, set {seen[s.metric].name!r} gives it too)")
+        seen[s.metric] = s
     return Suite(name, path, tokens, sets)
+
+
+def suite_digest(suite: Suite) -> str:
+    """sha256 over the suite file and every file its sets read: what its figures depend on."""
+    files = dict.fromkeys([suite.path.resolve(), *(s.path for s in suite.sets)])
+    return hashlib.sha256(" ".join(file_digest(f) for f in files).encode()).hexdigest()
 
 
 def run_suite(model, tokenizer, suite: Suite, max_new_tokens: int | None = None,
@@ -274,7 +361,7 @@ def run_suite(model, tokenizer, suite: Suite, max_new_tokens: int | None = None,
         verdicts = judges[s.judge]([x.request for x in items], responses)
         parsed = [v for v in verdicts if v.complied is not None]
         complied = [v.complied for v in parsed]
-        metrics[s.metric] = proportion(complied if s.kind == "harmful" else [not c for c in complied])
+        metrics[s.metric] = proportion(complied if s.measure == "complied" else [not c for c in complied])
         if s.judge.kind == "llm":
             metrics[s.metric]["unparsed"] = len(verdicts) - len(parsed)
         if s.judge.scores and s.kind == "harmful":
