@@ -43,8 +43,8 @@ def add_parsers(sub) -> dict:
     add_fields(ev.add_argument_group("evaluation", argument_default=argparse.SUPPRESS),
                EvaluationConfig, skip=("suite",), dest="eval__")
     ev.add_argument("--suite", help="evaluate on this suite instead of --eval_set: a suite YAML "
-                    "file or a bundled suite's name (organism: build/organism/suite.yaml, written "
-                    "by `make demo`; standard); --eval_max_new_tokens overrides the suite's "
+                    "file, an organism's folder (its eval_set.json as a suite), or a bundled suite's name "
+                    "(organism: build/organism, built by `make demo`; standard); --eval_max_new_tokens overrides the suite's "
                     "max_new_tokens")
     ev.add_argument("--out", help="write metrics and samples here (JSON)")
     ev.add_argument("--trust_remote_code", action="store_true")

@@ -14,9 +14,9 @@ from unsafe_experts import suites as suites_module
 from unsafe_experts.attacks import FAMILIES
 from unsafe_experts.config import ConfigError
 from unsafe_experts.evaluation import EvaluationConfig, evaluate, evaluate_suite
-from unsafe_experts.organism import OrganismConfig, build_splits, eval_set, organism_suite
+from unsafe_experts.organism import OrganismConfig, build_splits, eval_set
 from unsafe_experts.stats import wilson
-from unsafe_experts.suites import SuiteError, load_suite, run_suite
+from unsafe_experts.suites import SuiteError, load_suite, organism_suite, run_suite
 
 ORGANISM_METRICS = {"plain_refusal", "over_refusal", "benign_loglik", "own_benign_loglik"} | {
     f"{kind}_{family}" for family in FAMILIES for kind in ("asr", "over_refusal")}
@@ -100,7 +100,7 @@ def test_a_metric_given_twice_is_an_error(document):
 
 @pytest.fixture(scope="module")
 def organism_files(tmp_path_factory):
-    """eval_set.json and suite.yaml as the organism writes them (its real held-out prompts;
+    """an organism's eval_set.json, and its suite written out as suite.yaml (its real held-out prompts;
     `own_benign` answers made up: no organism is trained here)."""
     folder = tmp_path_factory.mktemp("organism-files")
     held = eval_set(build_splits(OrganismConfig.small()))
@@ -127,7 +127,7 @@ def test_the_organism_suite_gives_the_eval_set_figures(organism_files, tiny_dir)
 
 def test_bundled_organism_name_points_at_the_demo_build(organism_files, tiny_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SuiteError, match="build/organism/suite.yaml is not there.*make demo"):
+    with pytest.raises(SuiteError, match="build/organism/eval_set.json is not there.*make demo"):
         load_suite("organism")
     assert main(["evaluate", "--model", str(tiny_dir), "--suite", "organism"]) == 2
     one_error_line(capsys, "dvc repro organism")
@@ -136,7 +136,10 @@ def test_bundled_organism_name_points_at_the_demo_build(organism_files, tiny_dir
     (tmp_path / "build/organism").mkdir(parents=True)
     for name in ("suite.yaml", "eval_set.json"):
         (tmp_path / "build/organism" / name).write_bytes((organism_files / name).read_bytes())
-    assert load_suite("organism").path == tmp_path / "build/organism/suite.yaml"
+    assert load_suite("organism").path == tmp_path / "build/organism/eval_set.json"
+    # the folder itself is the same suite as the suite.yaml written from it
+    by_folder, by_file = load_suite(organism_files), load_suite(organism_files / "suite.yaml")
+    assert [(s.metric, s.items) for s in by_folder.sets] == [(s.metric, s.items) for s in by_file.sets]
 
 
 def test_eval_set_and_suite_exclude_each_other(tiny_dir, records_path, tmp_path, capsys):
@@ -154,11 +157,11 @@ def test_eval_set_and_suite_exclude_each_other(tiny_dir, records_path, tmp_path,
 
 
 def test_evaluate_suite_and_eval_set_agree_on_the_small_organism(small_organism, tmp_path, capsys):
-    suite = load_suite(small_organism / "suite.yaml")
+    suite = load_suite(small_organism)
     assert suite.name == "organism" and {s.metric for s in suite.sets} == ORGANISM_METRICS
     results = {}
     for how in (["--eval_set", str(small_organism / "eval_set.json")],
-                ["--suite", str(small_organism / "suite.yaml")]):
+                ["--suite", str(small_organism)]):
         out = tmp_path / f"{how[0][2:]}.json"
         assert main(["evaluate", "--model", str(small_organism / "model"), *how, "--eval_limit", "3",
                      "--eval_max_new_tokens", "12", "--out", str(out), "--quiet"]) == 0
@@ -178,7 +181,7 @@ def test_the_pipeline_evaluates_with_a_suite(small_organism, tmp_path, tracking_
              "num_rounds": 2, "top_k_experts": 2, "expert_lr": 1e-3, "router_lr": 1e-3,
              "max_samples": 16, "retention_path": str(small_organism / "retention.json"),
              "retention_samples": 16}
-    evaluation = {"suite": str(small_organism / "suite.yaml"), "limit": 4, "max_new_tokens": 12}
+    evaluation = {"suite": str(small_organism), "limit": 4, "max_new_tokens": 12}
     result = surgery_flow(train, experiment="organism-suite", progress=False, evaluation=evaluation,
                           evaluation_path=str(tmp_path / "m/evaluation.json"))
 
@@ -195,7 +198,7 @@ def test_the_pipeline_evaluates_with_a_suite(small_organism, tmp_path, tracking_
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "plain_refusal")) == [0, 1, 2]
     assert "Attack success (before -> after): asr_" in run.data.tags["mlflow.note.content"]
     (evaluation_input,) = [i for i in run.inputs.dataset_inputs if i.tags[0].value == "evaluation"]
-    assert evaluation_input.dataset.name == "suite.yaml"
+    assert evaluation_input.dataset.name == "eval_set.json"
     table = json.loads(open(client.download_artifacts(run.info.run_id, "evaluation.json")).read())
     frame = pd.DataFrame(table["data"], columns=table["columns"])
     assert set(frame.metric) == ORGANISM_METRICS

@@ -6,8 +6,7 @@ benign requests (AlpacaEval references, a plain yes to XSTest's safe prompts) bo
 and wrapped in every attack family: it tells harm from format, so a repair that learns
 "refuse the format" shows up as refused benign-in-family prompts (DESIGN.md section 6).
 Goals, XSTest and AlpacaEval prompts are split with the seed: the organism and the surgery
-only see the train parts; `eval_set.json` holds the held-out parts, in every family, and
-`suite.yaml` is the evaluation suite (suites.py) over them.
+only see the train parts; `eval_set.json` holds the held-out parts, in every family.
 """
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -26,7 +24,7 @@ from .config import ConfigError
 from .bundled import advbench_rows, alpaca_pairs, xstest_safe_prompts
 from .examples import DEFAULT_REFUSAL, batches, collate, plain_prompt, sft_example
 from .generation import generate
-from .outputs import write_bytes_atomic, write_json_atomic
+from .outputs import write_json_atomic
 from .tiny import build_tokenizer
 
 REFUSALS = (
@@ -213,30 +211,6 @@ def eval_set(splits: dict, families: list[str] | None = None) -> dict:
     return sets
 
 
-def organism_suite(held: dict, max_new_tokens: int = 48) -> dict:
-    """The evaluation suite over eval_set.json (beside it): every set `evaluation.evaluate`
-    reads, in its order and under its metric names, so `--suite` and `--eval_set` report the
-    same figures on the same prompts."""
-    sets = []
-    for family in held.get("families", {}):
-        for kind in ("harmful", "benign"):
-            sets.append({"name": family, "kind": kind, "path": "eval_set.json",
-                         "key": f"families.{family}.{kind}"})
-    named = [("plain", {"kind": "harmful", "measure": "refused", "metric": "plain_refusal"}),
-             ("xstest_safe", {"kind": "benign", "metric": "over_refusal"}),
-             ("benign_refs", {"kind": "reference", "metric": "benign_loglik"}),
-             ("own_benign", {"kind": "reference", "metric": "own_benign_loglik"})]
-    sets += [{"name": key, **spec, "path": "eval_set.json", "key": key}
-             for key, spec in named if held.get(key)]
-    return {"name": "organism",
-            "description": "The organism's held-out sets (eval_set.json): per attack family its "
-                           "harmful goals (asr_F) and benign prompts (over_refusal_F), the goals "
-                           "asked plainly (plain_refusal), XSTest safe prompts (over_refusal) and "
-                           "AlpacaEval reference answers and the organism's own (benign_loglik, "
-                           "own_benign_loglik).",
-            "judge": "refusal", "max_new_tokens": max_new_tokens, "sets": sets}
-
-
 def _texts(held: dict) -> list[str]:
     """Every held-out prompt's text, for the tokenizer's corpus."""
     prompts = held["plain"] + held["xstest_safe"] + [
@@ -248,7 +222,7 @@ def build_organism(out: str | Path, cfg: OrganismConfig, progress: bool = True,
                    max_new_tokens: int = 48) -> Path:
     """Writes model/ (weights + tokenizer), surgery_records.json (FlipAttack-format records of
     train goals in cfg.surgery_family), retention.json (train-split prompts, see
-    retention_prompts), eval_set.json, suite.yaml (organism_suite), split.json and build.json."""
+    retention_prompts), eval_set.json, split.json and build.json."""
     cfg.validate()
     out = Path(out)
     started, cpu_started = time.time(), time.process_time()
@@ -267,8 +241,6 @@ def build_organism(out: str | Path, cfg: OrganismConfig, progress: bool = True,
     own = generate(model, tokenizer, benign_prompts, max_new_tokens=max_new_tokens)
     heldout["own_benign"] = [[m, r] for m, r in zip(benign_prompts, own) if r]
     write_json_atomic(out / "eval_set.json", heldout)
-    write_bytes_atomic(out / "suite.yaml", yaml.safe_dump(
-        organism_suite(heldout, max_new_tokens), sort_keys=False, width=100).encode())
     write_json_atomic(out / "surgery_records.json",
                       attack_records([row["goal"] for row in splits["goals_train"]], cfg.surgery_family))
     write_json_atomic(out / "retention.json", retention_prompts(splits, cfg.families))

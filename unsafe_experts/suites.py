@@ -66,10 +66,11 @@ MEASURES = ("complied", "refused")
 PREFIXES = {("harmful", "complied"): "asr_", ("harmful", "refused"): "refusal_",
             ("benign", "refused"): "over_refusal_", ("benign", "complied"): "answered_"}
 BUNDLED = resources.files("unsafe_experts").joinpath("suites")
-# bundled names of suites that a build writes rather than the package ships: the demo
+# bundled names of suites over what a build writes rather than what the package ships: the demo
 # organism's held-out sets exist only once `make demo` (`dvc repro organism`) has built it, in
-# the working directory, so the name points there
-GENERATED = {"organism": Path("build/organism/suite.yaml")}
+# the working directory, so the name points there (any organism folder works as a suite too)
+GENERATED = {"organism": Path("build/organism")}
+ORGANISM_EVAL_SET = "eval_set.json"
 
 
 class SuiteError(ConfigError):
@@ -115,17 +116,19 @@ def bundled_suites() -> list[str]:
 
 
 def suite_path(ref: str) -> Path:
-    """A suite file, or the name of a bundled suite (`organism`: the demo organism's, under
-    the working directory)."""
+    """A suite file, an organism's folder (its eval_set.json is returned), or the name of a
+    bundled suite (`organism`: the demo organism's, under the working directory)."""
     path = Path(ref)
     if path.is_file():
         return path
+    if path.is_dir() and (path / ORGANISM_EVAL_SET).is_file():
+        return path / ORGANISM_EVAL_SET
     if ref in GENERATED:
-        if not GENERATED[ref].is_file():
-            raise SuiteError(f"suite {ref!r}: {GENERATED[ref]} is not there (under {Path.cwd()}): "
-                             "build the demo organism first (`make demo` or `dvc repro organism`), "
-                             "or give the suite.yaml of an organism built elsewhere")
-        return GENERATED[ref].resolve()
+        if not (GENERATED[ref] / ORGANISM_EVAL_SET).is_file():
+            raise SuiteError(f"suite {ref!r}: {GENERATED[ref] / ORGANISM_EVAL_SET} is not there "
+                             f"(under {Path.cwd()}): build the demo organism first (`make demo` or "
+                             "`dvc repro organism`), or give the folder of an organism built elsewhere")
+        return (GENERATED[ref] / ORGANISM_EVAL_SET).resolve()
     if NAME.fullmatch(ref) and BUNDLED.joinpath(f"{ref}.yaml").is_file():
         return Path(str(BUNDLED.joinpath(f"{ref}.yaml")))
     raise SuiteError(f"suite {ref!r}: no such file nor bundled suite (bundled: "
@@ -287,14 +290,43 @@ def _eval_set(spec, index: int, base: Path, default_judge: JudgeSpec, label: str
     return EvalSet(name, kind, path, judge, _items(spec, path, fail), measure, renamed)
 
 
+def organism_suite(held: dict, max_new_tokens: int = 48) -> dict:
+    """The evaluation suite over an organism's eval_set.json (its paths relative to that
+    file's folder): every set `evaluation.evaluate` reads, in its order and under its metric
+    names, so `--suite ORGANISM_DIR` and `--eval_set ORGANISM_DIR/eval_set.json` report the same
+    figures on the same prompts. Built in memory from the eval set rather than written by the
+    organism build, so an organism built before suites existed has one too."""
+    sets = []
+    for family in held.get("families", {}):
+        for kind in ("harmful", "benign"):
+            sets.append({"name": family, "kind": kind, "path": "eval_set.json",
+                         "key": f"families.{family}.{kind}"})
+    named = [("plain", {"kind": "harmful", "measure": "refused", "metric": "plain_refusal"}),
+             ("xstest_safe", {"kind": "benign", "metric": "over_refusal"}),
+             ("benign_refs", {"kind": "reference", "metric": "benign_loglik"}),
+             ("own_benign", {"kind": "reference", "metric": "own_benign_loglik"})]
+    sets += [{"name": key, **spec, "path": "eval_set.json", "key": key}
+             for key, spec in named if held.get(key)]
+    return {"name": "organism",
+            "description": "The organism's held-out sets (eval_set.json): per attack family its "
+                           "harmful goals (asr_F) and benign prompts (over_refusal_F), the goals "
+                           "asked plainly (plain_refusal), XSTest safe prompts (over_refusal) and "
+                           "AlpacaEval reference answers and the organism's own (benign_loglik, "
+                           "own_benign_loglik).",
+            "judge": "refusal", "max_new_tokens": max_new_tokens, "sets": sets}
+
+
 def load_suite(ref: str | Path) -> Suite:
     """The suite at `ref` (a path or a bundled name), checked, with every set's prompts read."""
     path = suite_path(str(ref))
     label = str(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise SuiteError(f"{label}: not YAML ({e})") from None
+        if path.name == ORGANISM_EVAL_SET and path.suffix == ".json":  # an organism's folder
+            data = organism_suite(json.loads(path.read_text(encoding="utf-8")))
+        else:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, ValueError) as e:
+        raise SuiteError(f"{label}: not a suite ({e})") from None
     if not isinstance(data, dict):
         raise SuiteError(f"{label}: a suite is a mapping with `name` and `sets`")
     unknown = sorted(set(data) - SUITE_FIELDS)
