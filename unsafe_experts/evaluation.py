@@ -12,8 +12,9 @@
 Each figure comes with its n and a 95% interval (Wilson for shares, normal for means).
 
 Or, with `suite`, on an evaluation suite (suites.py): `evaluate_suite` is what both
-`unsafe-experts evaluate --suite` and the pipeline (`evaluation.suite`) run. The organism's
-`suite.yaml` holds the same sets as its eval_set.json under the same metric names.
+`unsafe-experts evaluate --suite` and the pipeline (`evaluation.suite`) run. An organism's
+folder read as a suite (suites.organism_suite) holds the same sets as its eval_set.json under
+the same metric names.
 
 With `endpoint` the responses come from an OpenAI-compatible server (endpoint.py) and the
 model is not loaded: the log-likelihoods and lm-eval tasks, which need the weights here, are
@@ -43,9 +44,9 @@ class EvaluationConfig:
                                   "every round on this eval_set.json (from `unsafe-experts organism`)")
     suite: str | None = option(None, flag="--eval_suite",
                                help="evaluate before surgery and after every round on this "
-                                    "evaluation suite instead of an eval_set: a suite YAML file or "
-                                    "a bundled suite's name (organism: build/organism/suite.yaml, "
-                                    "standard)")
+                                    "evaluation suite instead of an eval_set: a suite YAML file, "
+                                    "an organism's folder or a bundled suite's name (organism: "
+                                    "build/organism; standard)")
     # None, so that a suite's own max_new_tokens applies unless this is set
     max_new_tokens: int | None = option(None, flag="--eval_max_new_tokens",
                                         help="tokens generated per prompt (none: the suite's "
@@ -83,7 +84,7 @@ class EvaluationConfig:
             raise ConfigError(f"samples: must not be negative, got {self.samples}")
         if self.eval_set and self.suite:
             raise ConfigError("eval_set and suite: give one of them, not both (an organism's "
-                              "eval_set.json, or a suite such as its suite.yaml)")
+                              "eval_set.json, or a suite such as its folder)")
         if self.rounds not in ("every", "last"):
             raise ConfigError(f"rounds: must be one of every, last, got {self.rounds!r}")
         if bool(self.endpoint) != bool(self.served_model):
