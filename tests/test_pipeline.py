@@ -55,10 +55,12 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
                               benign_train=20, epochs=1)
     params["evaluation"].update(limit=8, max_new_tokens=8)
     params["train"].update(num_rounds=1, top_k_experts=2, max_samples=16, retention_samples=16)
-    params["comparison"].update(eval_limit=4, runs=[{"method": "gradient", "k": 2, "seed": 42},
-                                                    {"method": "random", "k": 2, "seed": 1}],
-                                ablations=[{"run": "gradient-k2-s42", "round": 1}],
-                                random_ablations=[{"run": "gradient-k2-s42", "round": 1, "seed": 1}])
+    run = {"organism": "organism", "retention": "plain", "lr": 0.001}
+    params["comparison"].update(eval_limit=4, runs=[{**run, "method": "gradient", "k": 2, "seed": 42},
+                                                    {**run, "method": "random", "k": 2, "seed": 1}],
+                                ablations=[{"run": "organism/gradient-k2-s42-plain-lr0.001", "round": 1}],
+                                random_ablations=[{"run": "organism/gradient-k2-s42-plain-lr0.001",
+                                                   "round": 1, "seed": 1}])
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "small"],
                    cwd=clone, check=True)
@@ -67,17 +69,17 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
     env.pop("PREFECT_API_URL", None)  # the CLI starts its own ephemeral server
 
     first = dvc(["repro"], clone, env)
-    for stage in ("organism", "validate", "train", "compare_run@0", "compare_run@1",
+    for stage in ("organism", "organism_second", "validate", "train", "compare_run@0", "compare_run@1",
                   "compare_ablate@0", "compare_ablate_random@0", "compare"):
         assert f"Running stage '{stage}'" in first
     table = (clone / "metrics/comparison.csv").read_text().splitlines()
     header = table[0].split(",")
-    assert header[:6] == ["method", "k", "seed", "organism_seed", "ablated", "rounds"]
+    assert header[:8] == ["method", "k", "seed", "organism_seed", "retention", "expert_lr", "ablated", "rounds"]
     assert {"asr_flip_chars", "over_refusal_flip_chars", "plain_refusal", "benign_loglik"} <= set(header)
     assert header[-1] == "identify_s"
-    assert [row.split(",")[:5] for row in table[1:]] == [
-        ["gradient", "2", "42", "0", "False"], ["gradient", "2", "42", "0", "True"],
-        ["random", "2", "1", "0", "False"], ["random", "2", "1", "0", "True"]]
+    assert [row.split(",")[:7] for row in table[1:]] == [
+        ["gradient", "2", "42", "0", "plain", "0.001", "False"], ["gradient", "2", "42", "0", "", "", "True"],
+        ["random", "2", "1", "0", "plain", "0.001", "False"], ["random", "2", "1", "0", "", "", "True"]]
     assert (clone / "outputs/gradient/final_model/model.safetensors").exists()
     assert "Running stage" not in dvc(["repro"], clone, env)
 
