@@ -95,7 +95,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_sigterm_stops_the_temporary_prefect_server_and_records_the_failure(tiny_dir, records_path, tmp_path):
+def _tracked_run(tiny_dir, records_path, tmp_path):
+    """`train` through the pipeline in a subprocess, with the temporary Prefect server the CLI
+    starts (no PREFECT_API_URL) and its own MLflow store; returns the process and output_dir."""
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_HOME": str(tmp_path / "prefect"),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
@@ -103,6 +105,11 @@ def test_sigterm_stops_the_temporary_prefect_server_and_records_the_failure(tiny
     args = [a for a in command(tiny_dir, records_path, out) if a != "--engine_only"]
     process = subprocess.Popen([sys.executable, "-m", "cli", *args], env=env, cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return process, out
+
+
+def test_sigterm_stops_the_temporary_prefect_server_and_records_the_failure(tiny_dir, records_path, tmp_path):
+    process, out = _tracked_run(tiny_dir, records_path, tmp_path)
     wait_for(lambda: rounds_recorded(out) >= 1, process, timeout=300)  # the flow is running
     servers = _children(process.pid)
     assert servers, "no temporary server process was found"
@@ -142,13 +149,7 @@ def _server_port(pid: int) -> int | None:
 def test_sigkill_takes_the_temporary_prefect_server_with_it(tiny_dir, records_path, tmp_path):
     # a process killed outright runs no `finally` and no atexit: only the kernel can stop the
     # server it started, so the server must have asked it to
-    out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_HOME": str(tmp_path / "prefect"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    env.pop("PREFECT_API_URL", None)
-    args = [a for a in command(tiny_dir, records_path, out) if a != "--engine_only"]
-    process = subprocess.Popen([sys.executable, "-m", "cli", *args], env=env, cwd=tmp_path,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process, out = _tracked_run(tiny_dir, records_path, tmp_path)
     servers = set()
     try:
         wait_for(lambda: _server_port(process.pid), process, timeout=300)  # the server answers
