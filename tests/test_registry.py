@@ -5,9 +5,9 @@ import http.server
 import threading
 import time
 
+import mlflow
 import pytest
 import torch
-from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from transformers import AutoModelForCausalLM
 
@@ -22,10 +22,18 @@ def store(tmp_path_factory):
     """One store for the module (creating an MLflow database takes seconds); each test
     registers its own model name."""
     path = tmp_path_factory.mktemp("registry")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path / 'mlflow.db'}")
-        patch.chdir(path)  # the experiment's artifacts (mlruns/) land here
-        yield path
+    uri = f"sqlite:///{path / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    # also mlflow's process-wide URI, which `models:/` downloads read and which an earlier test
+    # in this process may have set (tasks/compare.py sets it)
+    mlflow.set_tracking_uri(uri)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MLFLOW_TRACKING_URI", uri)
+            patch.chdir(path)  # the experiment's artifacts (mlruns/) land here
+            yield path
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 def finished_run(final_model, log_model=False) -> str:
@@ -58,7 +66,7 @@ def test_a_run_becomes_a_version_that_loads_back(store, tiny_dir, log_model):
     run_id = finished_run(tiny_dir, log_model)
     done = registry.register_after_run(name, run_id)
     assert done["version"] == 1
-    client = MlflowClient()
+    client = tracking.client()  # the store of this module, whatever URI another test set globally
     version = client.get_model_version(name, "1")
     assert version.run_id == run_id and version.description == "repaired"
     assert version.tags == {
@@ -82,7 +90,7 @@ def test_a_second_run_is_the_next_version(store, tiny_dir, capsys):
     run_id = finished_run(tiny_dir)
     assert main(["register", run_id, "--name", "repaired"]) == 0
     assert "registered model repaired version 2: models:/repaired/2" in capsys.readouterr().out
-    assert sorted(int(v.version) for v in MlflowClient().search_model_versions("name = 'repaired'")) == [1, 2]
+    assert sorted(int(v.version) for v in tracking.client().search_model_versions("name = 'repaired'")) == [1, 2]
 
 
 def test_what_cannot_be_registered_is_one_error_line(store, tiny_dir, capsys):
@@ -95,7 +103,7 @@ def test_what_cannot_be_registered_is_one_error_line(store, tiny_dir, capsys):
     one_error_line(capsys, "has no final model")
     assert main(["register", finished, "--name", "team/repaired"]) == 2
     one_error_line(capsys, "contain no '/' or ':'")
-    assert not MlflowClient().search_registered_models("name LIKE '%/%'")
+    assert not tracking.client().search_registered_models("name LIKE '%/%'")
 
 
 class Unavailable(http.server.BaseHTTPRequestHandler):
