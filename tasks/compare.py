@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import mlflow
 import numpy as np
 import pandas as pd
 
@@ -71,13 +70,16 @@ def _metadata(run_id: str) -> dict | None:
 
 def latest_runs(experiment: str, wanted: list[dict] | None = None) -> pd.DataFrame:
     """Finished, evaluated parent runs, newest per (method, k, seed, organism, retention, lr)."""
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    runs = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"])
-    if runs.empty:
+    # through this project's client, not mlflow's process-wide URI (setting that would leak
+    # into whatever else the process tracks)
+    client = tracking.client()
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'",
+                              max_results=50000, order_by=["attributes.start_time DESC"]) if found else []
+    if not runs:
         raise ConfigError(f"no finished runs in MLflow experiment {experiment!r}")
-    runs = runs[runs.get("tags.mlflow.parentRunId", pd.Series(index=runs.index)).isna()]
-    rows = [row for run_id in runs["run_id"]
+    parents = [r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    rows = [row for run_id in parents
             if (meta := _metadata(run_id)) and (row := run_row(run_id, meta))]
     table = pd.DataFrame(rows)
     if table.empty:
