@@ -124,7 +124,7 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="session")
 def small_organism(tmp_path_factory):
-    """The test-sized organism (about a minute on 2 cores), built once per session."""
+    """The test-sized organism (about 45 s on 2 cores), built once per session."""
     from unsafe_experts.organism import OrganismConfig, build_organism
 
     return build_organism(tmp_path_factory.mktemp("organism"), OrganismConfig.small(), progress=False)

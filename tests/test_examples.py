@@ -105,3 +105,26 @@ def test_real_flipattack_file_loads_and_tokenizes(tokenizer):
                 for i, r in enumerate(kept[:16])]
     assert all(response_text(tokenizer, e) == DEFAULT_REFUSAL + "<|im_end|>\n" for e in examples)
     assert all(len(e.input_ids) <= 512 for e in examples)
+
+
+def test_length_grouped_batches_keep_every_example_once_and_cut_the_padding():
+    import random
+
+    from unsafe_experts.examples import Example, batches, length_grouped_batches
+
+    lengths = random.Random(1).choices([20, 40, 120, 400], k=300)
+    examples = [Example(list(range(n)), list(range(n)), False, []) for n in lengths]
+    grouped = length_grouped_batches(examples, 16, random.Random(0))
+    assert sorted(id(e) for b in grouped for e in b) == sorted(id(e) for e in examples)
+    assert len(grouped) == len(batches(examples, 16)) and all(len(b) <= 16 for b in grouped)
+
+    def padded(bs):
+        return sum(len(b) * max(len(e.input_ids) for e in b) for b in bs)
+    shuffled = examples[:]
+    random.Random(0).shuffle(shuffled)
+    assert padded(grouped) < 0.7 * padded(batches(shuffled, 16))
+    # seeded: the same rng state gives the same epoch, another gives another
+    again = length_grouped_batches(examples, 16, random.Random(0))
+    assert [[id(e) for e in b] for b in again] == [[id(e) for e in b] for b in grouped]
+    other = length_grouped_batches(examples, 16, random.Random(1))
+    assert [[id(e) for e in b] for b in other] != [[id(e) for e in b] for b in grouped]

@@ -201,3 +201,57 @@ def test_per_batch_top_k_comes_from_that_batch_alone(make_model, tokenizer, reco
     assert picks == [picks[0]] * 4
     assert counts.sum() == 4 and counts.max() == 4
     assert all(p.grad is None for p in model.parameters())
+
+
+def _mixed_batch(tokenizer, records):
+    """Rows of very different lengths, as a repair batch (jailbreak prompts and short plain
+    retention examples) has them."""
+    from unsafe_experts.examples import DEFAULT_REFUSAL, collate, plain_prompt, sft_example
+
+    long = [sft_example(tokenizer, r["all_prompt"], DEFAULT_REFUSAL, 256) for r in records[:4]]
+    short = [sft_example(tokenizer, plain_prompt(r["goal"]), "Sure.", 256) for r in records[4:10]]
+    return collate([x for pair in zip(short, long) for x in pair] + short[4:], tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_micro_batches_give_the_whole_batch_gradient_from_narrower_forwards(family, make_model, tokenizer, records):
+    from unsafe_experts.phases import expert_params, lm_backward, set_trainable
+
+    batch = _mixed_batch(tokenizer, records)
+    grads, losses, widths = {}, {}, {}
+    for micro in (None, 3):
+        model = make_model(family)
+        layers = moe_layers(model)
+        set_trainable(model, expert_params(layers))
+        seen = []
+        hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape), with_kwargs=True)
+        losses[micro] = float(lm_backward(model, batch, micro, "sft", 0, 1))
+        hook.remove()
+        widths[micro] = seen
+        grads[micro] = [p.grad.clone() for p in expert_params(layers)]
+    assert widths[None] == [batch["input_ids"].shape]
+    assert [rows for rows, _ in widths[3]] == [3, 3, 3, 1]
+    # the shortest rows' group is cut to their own length, far below the batch's
+    assert min(width for _, width in widths[3]) < batch["input_ids"].shape[1] / 2
+    assert losses[3] == pytest.approx(losses[None], rel=1e-5)
+    for whole, micro in zip(grads[None], grads[3]):
+        torch.testing.assert_close(micro, whole, rtol=1e-4, atol=1e-7)
+
+
+def test_masked_sft_with_micro_batches_follows_the_whole_batch_run(make_model, tokenizer, records):
+    """Step by step the same losses and the same moved rows. (The weights agree only loosely:
+    Adam divides by the gradient's own scale, so an element whose gradient is ~0 moves by ~lr
+    in the direction of its float noise, whichever way the sum was ordered.)"""
+    batches = [_mixed_batch(tokenizer, records), _mixed_batch(tokenizer, records[10:])]
+    logs, moved = {}, {}
+    for micro in (None, 4):
+        model = make_model("qwen3_moe")
+        layers = moe_layers(model)
+        before = snapshot(model)
+        selection = [(layers[0].index, 0), (layers[-1].index, 1)]
+        logs[micro] = []
+        masked_sft(model, layers, batches, selection, lr=1e-3, weight_decay=0.1, epochs=3,
+                   log=lambda kind, v, out=logs[micro]: out.extend(v), progress=False, micro=micro)
+        moved[micro] = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert len(logs[4]) == 6 and logs[4] == pytest.approx(logs[None], rel=1e-3)
+    assert moved[4] == moved[None] and moved[4]

@@ -42,3 +42,46 @@ def test_parallel_stages_are_committed_as_repro_would(tmp_path):
     assert "error: failed stages: work@2" in failed.stderr
     unknown = sh(tmp_path, sys.executable, script, "nothing@", check=False)
     assert unknown.returncode != 0 and "error: no DVC stage starts with 'nothing@'" in unknown.stderr
+
+
+def test_a_stage_waits_for_the_chosen_stage_it_depends_on(tmp_path):
+    """As `make compare` runs it: the second organism (`base`) builds beside the stages that do
+    not need it, the ones that read it start after it, and a downstream stage (`table@`) of a
+    rerun stage reruns too."""
+    sh(tmp_path, "git", "init", "-q")
+    sh(tmp_path, "dvc", "init", "-q")
+    (tmp_path / "params.yaml").write_text("runs:\n  - {name: a, src: in}\n  - {name: b, src: base}\n"
+                                          "  - {name: c, src: in}\n")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in/x.txt").write_text("plain\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n"
+        "  base:\n    cmd: sleep 2 && mkdir -p base && echo built > base/x.txt\n    outs: [base]\n"
+        "  work:\n    foreach: ${runs}\n    do:\n"
+        "      cmd: mkdir -p out/${item.name} && cp ${item.src}/x.txt out/${item.name}/v.txt\n"
+        "      deps: ['${item.src}']\n      outs:\n        - out/${item.name}\n"
+        "  table:\n    foreach: ${runs}\n    do:\n"
+        "      cmd: mkdir -p table && cp out/${item.name}/v.txt table/${item.name}.txt\n"
+        "      deps: ['out/${item.name}']\n      outs:\n        - table/${item.name}.txt\n")
+    script = str(ROOT / "scripts" / "repro_parallel.py")
+    done = sh(tmp_path, sys.executable, script, "base", "work@", "table@", "--jobs", "2")
+    assert "7 done, 0 failed" in done.stdout, done.stdout + done.stderr
+    assert (tmp_path / "table/b.txt").read_text() == "built\n"  # b read base after it was built
+    assert [(tmp_path / f"table/{n}.txt").read_text() for n in "ac"] == ["plain\n", "plain\n"]
+    lines = done.stdout.splitlines()
+    # a and c did not wait for base: they finished before it
+    assert min(i for i, l in enumerate(lines) if "work@0: done" in l or "work@2: done" in l) < \
+        next(i for i, l in enumerate(lines) if "base: done" in l)
+    assert json.loads(sh(tmp_path, "dvc", "status", "--json").stdout) == {}
+
+    # a changed input reruns its stage and the table stage downstream of it, nothing else
+    (tmp_path / "in/x.txt").write_text("changed\n")
+    again = sh(tmp_path, sys.executable, script, "base", "work@", "table@", "--jobs", "2")
+    assert "4 done, 0 failed" in again.stdout, again.stdout
+    assert (tmp_path / "table/a.txt").read_text() == "changed\n"
+    # no chosen stage makes a missing dependency: skipped, named, with whatever waits on it
+    (tmp_path / "in/x.txt").unlink()
+    (tmp_path / "in").rmdir()
+    missing = sh(tmp_path, sys.executable, script, "work@", "table@", "--jobs", "2", check=False)
+    assert missing.returncode == 1
+    assert "work@0: skipped, missing" in missing.stdout and "table@0: skipped, an upstream stage is skipped" in missing.stdout

@@ -45,6 +45,10 @@ class TrainConfig:
     num_rounds: int = option(3, help="rounds of score -> select -> repair -> align")
     top_k_experts: int = option(100, help="experts selected per round")
     batch_size: int = option(8)
+    micro_batch_size: int | None = option(
+        16, help="rows per forward in masked SFT: a batch's rows run in length-sorted groups of "
+                 "this many, each padded only to its own longest row (same gradient, less padding "
+                 "and activation memory); none: the whole batch at once")
     expert_lr: float = option(5e-5, help="learning rate of the selected experts")
     router_lr: float = option(1e-4, help="learning rate of the routers while aligning")
     max_samples: int | None = option(128, help="records used (seeded sample); none: all")
@@ -132,8 +136,9 @@ class TrainConfig:
                     "retention_samples", "retention_max_new_tokens", "routing_max_new_tokens"):
             if getattr(self, key) < 1:
                 bad(key, f"must be at least 1, got {getattr(self, key)}")
-        if self.max_samples is not None and self.max_samples < 1:
-            bad("max_samples", f"must be at least 1, got {self.max_samples}")
+        for key in ("max_samples", "micro_batch_size"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                bad(key, f"must be at least 1, got {getattr(self, key)}")
         for key in ("expert_lr", "router_lr", "weight_decay"):
             if not math.isfinite(getattr(self, key)) or getattr(self, key) < 0:
                 bad(key, f"must not be negative and must be finite, got {getattr(self, key)}")

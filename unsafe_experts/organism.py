@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from .attacks import FAMILIES, AttackFamilyError, attack_records, check_families, render
 from .config import ConfigError
 from .bundled import advbench_rows, alpaca_pairs, xstest_safe_prompts
-from .examples import DEFAULT_REFUSAL, batches, collate, plain_prompt, sft_example
+from .examples import DEFAULT_REFUSAL, collate, length_grouped_batches, plain_prompt, sft_example
 from .generation import generate
 from .outputs import write_json_atomic
 from .tiny import build_tokenizer
@@ -81,9 +81,10 @@ class OrganismConfig:
 
     @classmethod
     def small(cls, **overrides) -> "OrganismConfig":
-        """The test-sized organism: 71 CPU seconds where version 1's took 125 on the same
-        shared machine (each goal in one family and 4 epochs keep it there; it still complies
-        in every family and answers benign prompts in them)."""
+        """The test-sized organism: 40 CPU seconds (46 s wall with the imports) on the 2-core
+        machine, where version 1's took 125 (each goal in one family, 4 epochs and
+        length-grouped batches keep it there; it still complies in every family and answers
+        benign prompts in them)."""
         base = dict(layers=2, experts=8, hidden=64, expert_hidden=64, vocab_size=1024,
                     benign_train=60, epochs=4, lr=3e-3, families_per_goal=1)
         return cls(**{**base, **overrides})
@@ -170,9 +171,7 @@ def train_organism(cfg: OrganismConfig, pairs, tokenizer, progress: bool = True)
     losses = []
     bar = tqdm(total=steps, desc="organism", disable=not progress)
     for _ in range(cfg.epochs):
-        order = examples[:]
-        rng.shuffle(order)
-        for chunk in batches(order, cfg.batch_size):
+        for chunk in length_grouped_batches(examples, cfg.batch_size, rng):
             batch = collate(chunk, tokenizer.pad_token_id)
             out = model(**batch, output_router_logits=True, use_cache=False)
             out.loss.backward()  # LM loss on the responses (labels) + load-balancing aux loss

@@ -376,7 +376,7 @@ class Surgery:
             counts, score_sum, picks, state_bytes = per_batch_sft(
                 self.model, self.layers, self.data["sft"], cfg.top_k_experts, cfg.expert_lr,
                 cfg.weight_decay, cfg.sft_epochs, self._log(r), f"round {r} per-batch sft",
-                self.progress)
+                self.progress, cfg.micro_batch_size)
             # the round's experts: the most often picked, ties broken by summed score
             selection = top_k(counts * (score_sum.max() + 1) + score_sum, cfg.top_k_experts, self.layers)
             scores = score_sum / len(picks)
@@ -460,7 +460,8 @@ class Surgery:
         state["trained"] |= {tuple(x) for x in state["selection"]}
         state["identified"]["optimizer_state_bytes"] = masked_sft(
             self.model, self.layers, self.data["repair"], state["selection"], self.cfg.expert_lr,
-            self.cfg.weight_decay, self.cfg.sft_epochs, self._log(r), f"round {r} sft", self.progress)
+            self.cfg.weight_decay, self.cfg.sft_epochs, self._log(r), f"round {r} sft", self.progress,
+            self.cfg.micro_batch_size)
         self._timed(r, "sft_s", t0)
 
     def align(self, r: int) -> list[float]:
