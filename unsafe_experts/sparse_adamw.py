@@ -114,7 +114,10 @@ class SparseRowAdamW:
         def hook_for(key, rows):
             def hook(param):
                 if rows is not None:
-                    self._rows_grad[key] = local(param.grad).index_select(0, rows).float()
+                    part = local(param.grad).index_select(0, rows).float()
+                    # several backwards before a step (micro-batches) add up, as .grad would
+                    held = self._rows_grad.get(key)
+                    self._rows_grad[key] = part if held is None else held.add_(part)
                 param.grad = None
             return hook
 
