@@ -240,7 +240,10 @@ def frontier_plot(means: pd.DataFrame, path: Path) -> Path:
 
 def markdown(table, columns, means, tests, overlaps) -> str:
     def fmt(df):
-        return df.to_markdown(index=False, floatfmt=".3f") if len(df) else "(none)"
+        if not len(df):
+            return "(none)"
+        # per column: ".3f" would print the learning rate 5e-4 as 0.001, the default's value
+        return df.to_markdown(index=False, floatfmt=["g" if c == "expert_lr" else ".3f" for c in df.columns])
     return "\n\n".join([
         before_line(table),
         "## Headline per group (mean over seeds [95% t interval]; *_mean_families: the mean "

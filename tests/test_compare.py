@@ -104,6 +104,8 @@ def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
                      "overlap.csv", "asr_vs_k.png", "frontier.png"}
     text = (tmp_path / "metrics" / "comparison.md").read_text()
     assert "Before surgery (organism seed 1)" in text and "## Headline per group" in text
+    # the learning rates as they are, not rounded to the table's 3 decimals (5e-4 is not 0.001)
+    assert "0.0005" in text
 
 
 def test_spearman_by_hand():
