@@ -219,8 +219,11 @@ def frontier_plot(means: pd.DataFrame, path: Path) -> Path:
     usual = runs[["retention", "expert_lr"]].value_counts().idxmax() if len(runs) else ("plain", 1e-3)
     for (method, organism), part in runs.groupby(["method", "organism_seed"], dropna=False):
         x, y = part[f"{FORMAT_MEAN}_mean"], part[f"{ASR_MEAN}_mean"]
-        xerr = np.abs(np.vstack([x - part[f"{FORMAT_MEAN}_ci_low"], part[f"{FORMAT_MEAN}_ci_high"] - x]))
-        yerr = np.abs(np.vstack([y - part[f"{ASR_MEAN}_ci_low"], part[f"{ASR_MEAN}_ci_high"] - y]))
+        # shares: a t interval over 3 seeds can reach past 0 or 1, drawn cut at the range
+        xerr = np.abs(np.vstack([x - part[f"{FORMAT_MEAN}_ci_low"].clip(0, 1),
+                                 part[f"{FORMAT_MEAN}_ci_high"].clip(0, 1) - x]))
+        yerr = np.abs(np.vstack([y - part[f"{ASR_MEAN}_ci_low"].clip(0, 1),
+                                 part[f"{ASR_MEAN}_ci_high"].clip(0, 1) - y]))
         label = f"{method} (organism {organism:g})"
         ax.errorbar(x, y, xerr=np.nan_to_num(xerr), yerr=np.nan_to_num(yerr), marker="o",
                     linestyle="none", capsize=2, label=label)
