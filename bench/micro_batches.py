@@ -18,11 +18,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unsafe_experts.adapters import moe_layers
-from unsafe_experts.examples import DEFAULT_REFUSAL, batches, collate, sft_example
+from unsafe_experts.examples import DEFAULT_REFUSAL, batches, sft_example
 from unsafe_experts.generation import generate
 from unsafe_experts.memory import phase_peak_mb
 from unsafe_experts.phases import masked_sft
-from unsafe_experts.retention import load_retention, sample_retention
+from unsafe_experts.retention import load_retention, mixed_batches, sample_retention
 
 from .workloads import measuring_process, timed_together
 
@@ -36,10 +36,7 @@ def repair_batches(organism: Path, max_samples: int = 128, batch_size: int = 8) 
     prompts = [m for _, m in chosen]
     answers = generate(model, tokenizer, prompts, max_new_tokens=48, desc="retention answers", progress=True)
     retained = [sft_example(tokenizer, m, a, 512) for m, a in zip(prompts, answers) if a]
-    chunks = batches(jailbreak, batch_size)
-    share = -(-len(retained) // len(chunks))
-    return [collate(c + retained[i * share:(i + 1) * share], tokenizer.pad_token_id)
-            for i, c in enumerate(chunks)]
+    return mixed_batches(jailbreak, retained, batch_size, tokenizer.pad_token_id)
 
 
 def positions(data: list, micro: int | None) -> int:

@@ -7,7 +7,7 @@ from unsafe_experts.bundled import advbench_rows, alpaca_pairs
 from unsafe_experts.organism import (REFUSALS, OrganismConfig, build_splits, eval_set,
                                      training_pairs)
 from unsafe_experts.refusal import is_refusal
-from unsafe_experts.stats import mean, proportion, wilson
+from unsafe_experts.stats import mean, proportion, subset, wilson
 
 REAL_REFUSALS = [
     "I'm sorry, but I can't assist with that.",
@@ -114,14 +114,15 @@ def test_metrics_per_attack_family(monkeypatch):
     def prompts(*texts):
         return [[{"role": "user", "content": t}] for t in texts]
 
-    harmful = prompts("a", "refuse", "b", "c")
+    harmful = prompts("a", "b", "refuse", "c")
     eval_set = {"flip_words": harmful, "plain": prompts("refuse"),
                 "families": {"flip_words": {"harmful": harmful, "benign": prompts("x", "refuse")},
                              "persona": {"harmful": prompts("refuse", "a"), "benign": prompts("x")}}}
     result = evaluation_module.evaluate(Model(), None, eval_set,
                                          evaluation_module.EvaluationConfig(samples=1, limit=3))
     metrics = result["metrics"]
-    assert metrics["asr_flip_words"] == {"value": 2 / 3, "n": 3, "ci95": wilson(2, 3)}  # limit 3
+    # limit 3 keeps positions 0, 1, 3 (seed 0), not the first three: "refuse" is left out
+    assert metrics["asr_flip_words"] == {"value": 1.0, "n": 3, "ci95": wilson(3, 3)}
     assert metrics["over_refusal_flip_words"] == {"value": 0.5, "n": 2, "ci95": wilson(1, 2)}
     assert metrics["asr_persona"]["value"] == 0.5 and metrics["over_refusal_persona"]["value"] == 0.0
     assert metrics["plain_refusal"]["value"] == 1.0
@@ -130,3 +131,29 @@ def test_metrics_per_attack_family(monkeypatch):
     assert {(s["set"], s["family"]) for s in result["samples"]} == {
         ("flip_words/harmful", "flip_words"), ("flip_words/benign", "flip_words"),
         ("persona/harmful", "persona"), ("persona/benign", "persona"), ("plain", "plain")}
+
+
+def test_the_limit_is_a_seeded_sample_in_file_order_with_the_same_positions_in_every_set(monkeypatch):
+    # a file in category order (as XSTest's safe prompts are): a prefix would measure one category
+    ordered = [f"{cat}{i}" for cat in "abcd" for i in range(25)]
+    kept = subset(ordered, 48)
+    assert len(kept) == 48 and kept == sorted(kept, key=ordered.index)  # file order
+    assert {x[0] for x in kept} == set("abcd") and subset(ordered, 48) == kept  # every category; seeded
+    assert subset(ordered, 48, seed=1) != kept and subset(ordered, 100) == subset(ordered, None) == ordered
+    seen = {}
+
+    def fake_generate(model, tok, prompts, *a, **k):
+        seen[k["desc"]] = [p[-1]["content"] for p in prompts]
+        return ["Sure"] * len(prompts)
+
+    monkeypatch.setattr(evaluation_module, "generate", fake_generate)
+    goals = [f"goal{i}" for i in range(40)]
+    eval_set = {"plain": [[{"role": "user", "content": g}] for g in goals],
+                "families": {f: {"harmful": [[{"role": "user", "content": f"{f}:{g}"}] for g in goals],
+                                 "benign": [[{"role": "user", "content": "x"}]]} for f in ("persona", "fiction")}}
+    for seed in (0, 7):
+        evaluation_module.evaluate(None, None, eval_set, evaluation_module.EvaluationConfig(limit=10, limit_seed=seed))
+        picked = seen["plain_refusal"]
+        assert len(picked) == 10 and picked != goals[:10]
+        # every family is scored on the goals the plain set is scored on
+        assert all(seen[f"asr_{f}"] == [f"{f}:{g}" for g in picked] for f in ("persona", "fiction"))

@@ -50,3 +50,32 @@ def test_the_checker_sees_lazy_and_aliased_imports(tmp_path, source, found):
     path = tmp_path / "m.py"
     path.write_text(source + "\n")
     assert imported(path) & (ORCHESTRATION | PROJECT) == found
+
+
+def engine_closure(start: Path) -> set[str]:
+    """The engine modules `start` imports relatively, directly or through others (lazy imports
+    too): what an organism build runs."""
+    seen, todo = set(), [start]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                for name in [node.module] if node.module else [a.name for a in node.names]:
+                    module = path.parent / f"{name.split('.')[0]}.py"
+                    if module.is_file():
+                        todo.append(module)
+    return {str(p.relative_to(ROOT)) for p in seen}
+
+
+@pytest.mark.parametrize("stage", ["organism", "organism_second"])
+def test_the_organism_stages_depend_on_every_module_an_organism_build_runs(stage):
+    import yaml
+
+    deps = set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"])
+    needed = engine_closure(ROOT / "unsafe_experts" / "organism.py")
+    # a module left out would let `dvc repro` keep an organism its code no longer builds
+    assert needed - deps == set()
+    assert {d for d in deps if d.endswith(".py")} == needed  # and nothing the build does not run

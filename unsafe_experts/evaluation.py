@@ -30,7 +30,7 @@ from .config import ConfigError, option
 from .endpoint import Endpoint
 from .generation import generate, response_logliks
 from .refusal import is_refusal
-from .stats import mean, proportion
+from .stats import mean, proportion, subset
 
 EVAL_SET_TOKENS = 48  # tokens per prompt on an eval_set when max_new_tokens is not set
 LEGACY = {"asr_flip_words": "flip_words", "asr_flip_chars": "flip_chars"}
@@ -52,7 +52,12 @@ class EvaluationConfig:
                                         help="tokens generated per prompt (none: the suite's "
                                              f"max_new_tokens, {EVAL_SET_TOKENS} on an eval_set)")
     batch_size: int = option(16, flag="--eval_batch_size", help="prompts generated at once")
-    limit: int | None = option(None, flag="--eval_limit", help="first N prompts of each set (none: all)")
+    limit: int | None = option(None, flag="--eval_limit",
+                               help="N prompts of each set, a sample seeded by --eval_limit_seed "
+                                    "and kept in file order (none: all)")
+    limit_seed: int = option(0, flag="--eval_limit_seed",
+                             help="seed of the --eval_limit sample: the same seed scores every "
+                                  "run on the same prompts; another seed, another sample")
     samples: int = option(5, flag="--eval_samples",
                           help="prompts and responses per set kept as an MLflow table")
     lm_eval_tasks: list[str] = option(factory=list, flag="--lm_eval_task",
@@ -138,7 +143,7 @@ def evaluate(model, tokenizer, eval_set: dict, config: EvaluationConfig | None =
         model.eval()
     metrics, shown, left_out = {}, [], []
     for name, family, key, prompts, counts_refusal in generated_sets(eval_set):
-        prompts = prompts[:limit]
+        prompts = subset(prompts, limit, config.limit_seed)
         responses = generate(model, tokenizer, prompts, max_new_tokens, batch_size,
                              desc=name, progress=progress, endpoint=endpoint)
         refused = [is_refusal(r) for r in responses]
@@ -149,7 +154,7 @@ def evaluate(model, tokenizer, eval_set: dict, config: EvaluationConfig | None =
         if eval_set.get(key) and model is None:
             left_out.append(name)
         elif eval_set.get(key):
-            pairs = [tuple(x) for x in eval_set[key][:limit]]
+            pairs = [tuple(x) for x in subset(eval_set[key], limit, config.limit_seed)]
             metrics[name] = mean(response_logliks(model, tokenizer, pairs, batch_size))
     _utility(model, tokenizer, config, metrics, left_out)
     if model is not None:
@@ -180,7 +185,8 @@ def evaluate_suite(model, tokenizer, suite, config: EvaluationConfig | None = No
     config = config or EvaluationConfig()
     endpoint = endpoint or connect(config)
     result = run_suite(model, tokenizer, suite, max_new_tokens=config.max_new_tokens,
-                       batch_size=config.batch_size, limit=config.limit, samples=config.samples,
+                       batch_size=config.batch_size, limit=config.limit, limit_seed=config.limit_seed,
+                       samples=config.samples,
                        judges=judges, trust_remote_code=trust_remote_code, progress=progress,
                        endpoint=endpoint)
     was_training = model is not None and model.training

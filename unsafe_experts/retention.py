@@ -10,6 +10,7 @@ import json
 import random
 from pathlib import Path
 
+from .examples import batches, collate
 from .records import DatasetError, messages_problem
 
 SECTIONS = {"none": (), "plain": ("plain",), "contrastive": ("plain", "contrastive")}
@@ -70,3 +71,13 @@ def sample_retention(sections: dict[str, list], budget: int, seed: int) -> list[
     chosen = [(n, p) for n in pools for p in pools[n][:take[n]]]
     rng.shuffle(chosen)  # mixed, so every masked-SFT batch gets both kinds
     return chosen
+
+
+def mixed_batches(jailbreak: list, retained: list, batch_size: int, pad_id: int) -> list[dict]:
+    """Batches of `batch_size` jailbreak->refusal examples, each joined by an equal share
+    (rounded up) of the retention examples: the masked SFT's data, so that every step that
+    teaches refusal also holds benign prompts answered as before."""
+    chunks = batches(jailbreak, batch_size)
+    share = -(-len(retained) // len(chunks))
+    return [collate(chunk + retained[i * share:(i + 1) * share], pad_id)
+            for i, chunk in enumerate(chunks)]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 Z95 = 1.959963984540054
 
@@ -31,3 +32,17 @@ def mean(values: list[float]) -> dict:
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
     half = Z95 * sd / math.sqrt(n)
     return {"value": m, "n": n, "ci95": [m - half, m + half]}
+
+
+def subset(items: list, limit: int | None, seed: int = 0) -> list:
+    """At most `limit` of `items`, drawn without replacement by a generator seeded with `seed`
+    and kept in their order; all of them when `limit` is None or not smaller. A seeded sample
+    rather than the first N, because prompt files come in category order (XSTest's first safe
+    prompts are all homonyms and figurative language), so a prefix measures one category.
+    Which positions are kept depends only on (len(items), limit, seed): sets of one length keep
+    the same positions, so every attack family's harmful set holds the same goals as the plain
+    set, and every run of a comparison is scored on the same prompts."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in keep]

@@ -16,7 +16,7 @@ sets:
     where: {label: safe}    # keep rows whose columns equal these values (.csv / .json)
     attack: flip_chars      # wrap each request in this attack family (attacks.py)
     system: null            # a system prompt, put first when the messages have none
-    limit: null             # first N prompts
+    limit: null             # N prompts, a seeded sample (seed 0) kept in file order
     judge: refusal          # this set's judge, instead of the suite's
     measure: complied       # the share the metric counts: complied (harmful sets' default)
                             # or refused (benign sets' default)
@@ -54,7 +54,7 @@ from .config import ConfigError
 from .generation import generate, response_logliks
 from .judges import JudgeError, JudgeSpec, load_judge, parse_judge
 from .records import DatasetError, file_digest, messages_problem, read_json_records
-from .stats import mean, proportion
+from .stats import mean, proportion, subset
 
 KINDS = ("harmful", "benign", "reference")
 SUFFIXES = (".txt", ".csv", ".json", ".jsonl")
@@ -231,7 +231,7 @@ def _items(spec: dict, path: Path, fail) -> list[Item]:
     if spec.get("kind") == "reference" and any(x.answer is None for x in items):
         fail("answer_field", "a reference set needs the field holding the given answers "
                              "(or [chat, answer] rows)")
-    return items[:spec.get("limit")]
+    return subset(items, spec.get("limit"))
 
 
 def _eval_set(spec, index: int, base: Path, default_judge: JudgeSpec, label: str) -> EvalSet:
@@ -363,7 +363,7 @@ def suite_digest(suite: Suite) -> str:
 
 
 def run_suite(model, tokenizer, suite: Suite, max_new_tokens: int | None = None,
-              batch_size: int = 16, limit: int | None = None, samples: int = 5,
+              batch_size: int = 16, limit: int | None = None, limit_seed: int = 0, samples: int = 5,
               judges: dict | None = None, trust_remote_code: bool = False,
               progress: bool = False, endpoint=None) -> dict:
     """{"suite", "metrics": {metric: {"value", "n", "ci95"[, "unparsed"]}},
@@ -378,7 +378,7 @@ def run_suite(model, tokenizer, suite: Suite, max_new_tokens: int | None = None,
         model.eval()
     metrics, shown, left_out = {}, [], []
     for s in suite.sets:
-        items = s.items[:limit]
+        items = subset(s.items, limit, limit_seed)
         if s.kind == "reference" and model is None:
             left_out.append(s.metric)
             continue

@@ -33,7 +33,7 @@ from .records import file_digest, load_records, select_records
 from .methods import METHODS
 from .model_card import write_model_card
 from .result_cache import cached, model_digest
-from .retention import load_retention, sample_retention
+from .retention import load_retention, mixed_batches, sample_retention
 from .routing import generated_routing_scores, keep_pairs, routing_scores
 from .run_records import (METADATA, ROUNDS, SCHEMA_VERSION, expert_key, research_round,
                           write_research_outputs)
@@ -328,14 +328,12 @@ class Surgery:
             sections[section] = sections.get(section, 0) + 1
         retained = [sft_example(self.tokenizer, m, a, cfg.max_length, cfg.truncation, index=i)
                     for i, (m, a, _) in enumerate(kept)]
-        jailbreak = batches(self.data["sft_examples"], cfg.batch_size)
-        share = -(-len(retained) // len(jailbreak))
+        mixed = mixed_batches(self.data["sft_examples"], retained, cfg.batch_size,
+                              self.tokenizer.pad_token_id)
         self.meta["retention"] = {"mode": cfg.retention, "path": str(cfg.retention_path),
-                                  "examples": len(retained), "per_batch": share,
-                                  "sections": sections}
-        pad = self.tokenizer.pad_token_id
-        return [collate(chunk + retained[i * share:(i + 1) * share], pad)
-                for i, chunk in enumerate(jailbreak)]
+                                  "examples": len(retained),
+                                  "per_batch": -(-len(retained) // len(mixed)), "sections": sections}
+        return mixed
 
     def _answer(self, prompts: list) -> list[str]:
         """The model's greedy answers, generated in a canonical order of the distinct prompts so
