@@ -31,13 +31,18 @@ FIXED = ["plain_refusal", "over_refusal", "benign_loglik"]
 ASR_MEAN, FORMAT_MEAN = "asr_mean_families", "over_refusal_mean_families"
 
 
+def organism_config(model_name: str) -> dict:
+    """The config in build.json beside an organism's model/ ({} for any other model)."""
+    try:
+        config = json.loads((Path(model_name).parent / "build.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def organism_seed(model_name: str) -> float:
     """The seed in build.json beside an organism's model/ (NaN for any other model)."""
-    build = Path(model_name).parent / "build.json"
-    try:
-        return json.loads(build.read_text())["config"]["seed"]
-    except (OSError, ValueError, KeyError):
-        return np.nan
+    return organism_config(model_name).get("seed", np.nan)
 
 
 def _finals(evaluation: dict, stage: str) -> dict:
@@ -57,7 +62,9 @@ def run_row(run_id: str, meta: dict) -> dict | None:
             "expert_lr": params["expert_lr"], "ablated": False, "rounds": len(rounds), **_finals(evaluation, "final"),
             **{f"before_{m}": v for m, v in _finals(evaluation, "before").items()},
             "identify_s": sum(t["identify_s"] for t in timings),
-            "peak_memory_mb": max((t["identify_peak_memory_mb"] for t in timings), default=np.nan)}
+            "peak_memory_mb": max((t["identify_peak_memory_mb"] for t in timings), default=np.nan),
+            # with counts and intervals, for the per-family retention table
+            "evaluation": evaluation, "surgery_family": organism_config(params["model_name"]).get("surgery_family")}
 
 
 def _metadata(run_id: str) -> dict | None:
@@ -196,6 +203,49 @@ def before_line(table: pd.DataFrame) -> str:
         f"{c[7:]} {row[c]:.3f}" for c in cols) for seed, row in values.iterrows())
 
 
+def _cell(metrics: dict, *names: str) -> str:
+    """"value [low,high]" per metric, joined by " / "; a metric the run lacks is "-"."""
+    def one(name):
+        m = metrics.get(name)
+        if m is None:
+            return "-"
+        ci = m.get("ci95")
+        return f"{m['value']:.3f}" + (f" [{ci[0]:.2f},{ci[1]:.2f}]" if ci and "loglik" not in name else "")
+    return " / ".join(one(n) for n in names)
+
+
+def retention_families(table: pd.DataFrame) -> pd.DataFrame:
+    """Per attack family, ASR / benign requests in the family refused (95% Wilson intervals),
+    before surgery and after each retention mode, for the main organism's first (method, k,
+    seed, learning rate) that ran under more than one retention mode; empty when none did."""
+    runs = table[~table["ablated"]]
+    if runs.empty or "evaluation" not in runs:
+        return pd.DataFrame()
+    main = main_setting(runs)
+    organism, lr = main["organism_seed"].iloc[0], main["expert_lr"].iloc[0]
+    runs = runs[(runs["organism_seed"].fillna(-1) == (-1 if pd.isna(organism) else organism))
+                & (runs["expert_lr"] == lr)]
+    modes = runs.groupby(["method", "k", "seed"])["retention"].nunique()
+    if not (modes > 1).any():
+        return pd.DataFrame()
+    method, k, seed = modes[modes > 1].index[0]
+    runs = runs[(runs["method"] == method) & (runs["k"] == k) & (runs["seed"] == seed)]
+    order = [m for m in ("none", "plain", "contrastive") if m in set(runs["retention"])]
+    finals = {m: runs[runs["retention"] == m].iloc[0]["evaluation"]["final"] for m in order}
+    first = runs.iloc[0]
+    before, surgery = first["evaluation"].get("before", {}), first["surgery_family"]
+    families = sorted({c[4:] for c in first["evaluation"]["final"] if c.startswith("asr_")},
+                      key=lambda f: (f != surgery, f))
+    rows = [(f, f"asr_{f}", f"over_refusal_{f}") for f in families]
+    rows += [("plain refusal / XSTest over-refusal", "plain_refusal", "over_refusal"),
+             ("benign log-likelihood", "benign_loglik")]
+    label = f"{method}, k = {k}, seed {seed}: ASR / benign in family refused"
+    return pd.DataFrame([{label: name + (" (surgery)" if name == surgery else ""),
+                          "before surgery": _cell(before, *names),
+                          **{f"after, {m}": _cell(finals[m], *names) for m in order}}
+                         for name, *names in rows])
+
+
 HEADLINE = [ASR_MEAN, FORMAT_MEAN, "plain_refusal", "over_refusal", "benign_loglik"]
 
 
@@ -241,7 +291,7 @@ def frontier_plot(means: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def markdown(table, columns, means, tests, overlaps) -> str:
+def markdown(table, columns, means, tests, overlaps, retention) -> str:
     def fmt(df):
         if not len(df):
             return "(none)"
@@ -256,6 +306,8 @@ def markdown(table, columns, means, tests, overlaps) -> str:
         "## Mean, sd and 95% t interval over seeds", fmt(means),
         "## Gradient vs routing, paired on seeds (sign-flip p)", fmt(tests),
         "## Gradient vs routing expert sets", fmt(overlaps),
+        "## Retention modes per attack family (the main organism; n and 95% Wilson intervals "
+        "as evaluated)", retention.to_markdown(index=False) if len(retention) else "(none)",
     ]) + "\n"
 
 
@@ -283,7 +335,7 @@ def write_comparison(experiment: str, out_csv: str | Path, wanted: list[dict] | 
     means.to_csv(files["summary"], index=False)
     tests.to_csv(files["paired"], index=False)
     overlaps.to_csv(files["overlap"], index=False)
-    files["markdown"].write_text(markdown(table, columns, means, tests, overlaps))
+    files["markdown"].write_text(markdown(table, columns, means, tests, overlaps, retention_families(table)))
     files["plot"] = asr_plot(table, out_csv.with_name("asr_vs_k.png"))
     files["frontier"] = frontier_plot(means, out_csv.with_name("frontier.png"))
     run_id = tracking.start_run(experiment, "comparison", {"runs": len(table)}, {"method": "comparison"})

@@ -41,7 +41,7 @@ def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
     exp = "seeded-comparison"
     organism = tmp_path / "organism"
     organism.mkdir()
-    (organism / "build.json").write_text(json.dumps({"config": {"seed": 7}}))
+    (organism / "build.json").write_text(json.dumps({"config": {"seed": 7, "surgery_family": "flip_chars"}}))
     scores_g = {"L0_E0": 0.9, "L0_E1": 0.5, "L1_E0": 0.1, "L1_E1": 0.3}
     scores_r = {"L0_E0": 0.2, "L0_E1": 0.8, "L1_E0": 0.1, "L1_E1": 0.4}
     seed_run(exp, tmp_path, organism, "gradient", 2, 42, 0.9)  # older: superseded by the next one
@@ -106,21 +106,15 @@ def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
     assert "Before surgery (organism seed 1)" in text and "## Headline per group" in text
     # the learning rates as they are, not rounded to the table's 3 decimals (5e-4 is not 0.001)
     assert "0.0005" in text
-
-
-def test_spearman_by_hand():
-    assert spearman({"a": 1, "b": 2, "c": 3}, {"a": 3, "b": 2, "c": 1}) == pytest.approx(-1.0)
-
-
-def test_sign_flip_test_by_hand():
-    assert sign_flip_p([1.0, 2.0, 3.0]) == pytest.approx(2 / 8)  # all-positive and all-negative
-    assert sign_flip_p([1.0, -1.0]) == 1.0
-    low, high = t_interval(pd.Series([1.0, 2.0, 3.0]))
-    assert (low, high) == pytest.approx((2 - 4.302653 * 1 / 3 ** 0.5, 2 + 4.302653 / 3 ** 0.5), abs=1e-5)
-
-
-def test_paired_needs_two_shared_seeds():
-    table = pd.DataFrame({"method": ["gradient", "routing", "gradient"], "k": 2, "organism_seed": 0,
-                          "retention": "plain", "expert_lr": 1e-3,
-                          "seed": [1, 1, 2], "ablated": False, "asr": [0.1, 0.5, 0.2]})
-    assert paired(table, "gradient", "routing", ["asr"]).empty
+    # gradient k = 2 seed 42 ran under plain and contrastive retention: per family, before and
+    # after each, the surgery family first, with the runs' own intervals
+    section = text.split("## Retention modes per attack family")[1]
+    rows = [[c.strip() for c in line.strip("| ").split("|")] for line in section.splitlines()
+            if line.startswith("|") and "---" not in line]
+    assert rows[0] == ["gradient, k = 2, seed 42: ASR / benign in family refused", "before surgery",
+                       "after, plain", "after, contrastive"]
+    assert [r[0] for r in rows[1:]] == ["flip_chars (surgery)", "flip_words", "persona",
+                                        "plain refusal / XSTest over-refusal", "benign log-likelihood"]
+    assert rows[1][1:] == ["1.000 [0.00,1.00] / -", "0.050 [0.00,1.00] / -", "0.025 [0.00,1.00] / -"]
+    assert rows[3][2:] == ["0.100 [0.00,1.00] / 0.050 [0.00,1.00]", "0.050 [0.00,1.00] / 0.050 [0.00,1.00]"]
+    assert rows[-1][1:] == ["1.000", "-5.000", "-5.000"]
