@@ -214,6 +214,13 @@ def _cell(metrics: dict, *names: str) -> str:
     return " / ".join(one(n) for n in names)
 
 
+def surgery_family(table: pd.DataFrame) -> str | None:
+    """The attack family the surgeries' records are in, as the organisms' build.json says;
+    None when they do not say or disagree."""
+    named = set(table["surgery_family"].dropna()) if "surgery_family" in table else set()
+    return named.pop() if len(named) == 1 else None
+
+
 def retention_families(table: pd.DataFrame) -> pd.DataFrame:
     """Per attack family, ASR / benign requests in the family refused (95% Wilson intervals),
     before surgery and after each retention mode, for the main organism's first (method, k,
@@ -249,14 +256,32 @@ def retention_families(table: pd.DataFrame) -> pd.DataFrame:
 HEADLINE = [ASR_MEAN, FORMAT_MEAN, "plain_refusal", "over_refusal", "benign_loglik"]
 
 
-def headline(means: pd.DataFrame) -> pd.DataFrame:
+def headline(means: pd.DataFrame, surgery: str | None = None) -> pd.DataFrame:
     """Per group: the frontier's two axes (mean over attack families of ASR and of benign
-    refusal in the attack formats) and the plain figures, each as mean [95% interval]."""
+    refusal in the attack formats), the surgery family's ASR and the worst unseen family's,
+    and the plain figures, each as mean [95% interval] (shares' intervals clipped to [0, 1])."""
     out = means[[*GROUP, "seeds"]].copy()
-    for m in HEADLINE:
+
+    def column(m, clip):
+        low, high = means[f"{m}_ci_low"], means[f"{m}_ci_high"]
+        if clip:
+            low, high = low.clip(0, 1), high.clip(0, 1)
+        return [f"{v:.3f}" + ("" if np.isnan(lo) else f" [{lo:.3f}, {hi:.3f}]")
+                for v, lo, hi in zip(means[f"{m}_mean"], low, high)]
+
+    families = [c[4:-5] for c in means if c.startswith("asr_") and c.endswith("_mean") and c != f"{ASR_MEAN}_mean"]
+    for m in HEADLINE[:2]:
         if f"{m}_mean" in means:
-            out[m] = [f"{v:.3f}" + ("" if np.isnan(lo) else f" [{lo:.3f}, {hi:.3f}]")
-                      for v, lo, hi in zip(means[f"{m}_mean"], means[f"{m}_ci_low"], means[f"{m}_ci_high"])]
+            out[m] = column(m, True)
+    if surgery in families:
+        out[f"asr_{surgery} (surgery)"] = column(f"asr_{surgery}", True)
+        unseen = means[[f"asr_{f}_mean" for f in families if f != surgery]]
+        if not unseen.empty:
+            out["worst unseen family"] = [f"{row.max():.3f} ({row.idxmax()[4:-5]})" if row.notna().any() else ""
+                                          for _, row in unseen.iterrows()]
+    for m in HEADLINE[2:]:
+        if f"{m}_mean" in means:
+            out[m] = column(m, m != "benign_loglik")
     return out
 
 
@@ -300,7 +325,7 @@ def markdown(table, columns, means, tests, overlaps, retention) -> str:
     return "\n\n".join([
         before_line(table),
         "## Headline per group (mean over seeds [95% t interval]; *_mean_families: the mean "
-        "over attack families)", fmt(headline(means)),
+        "over attack families)", fmt(headline(means, surgery_family(table))),
         "## Every run (latest per method, k, seed, organism; ablated = the unrepaired model "
         "with those experts switched off)", fmt(table[columns]),
         "## Mean, sd and 95% t interval over seeds", fmt(means),

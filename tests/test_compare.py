@@ -104,6 +104,16 @@ def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
                      "overlap.csv", "asr_vs_k.png", "frontier.png"}
     text = (tmp_path / "metrics" / "comparison.md").read_text()
     assert "Before surgery (organism seed 1)" in text and "## Headline per group" in text
+    head = text.split("## Headline per group")[1].split("##")[0].splitlines()
+    cells = {tuple(c.strip() for c in line.strip("| ").split("|")[:6]): [c.strip() for c in line.strip("| ").split("|")]
+             for line in head if line.startswith("|")}
+    header = cells[("method", "k", "organism_seed", "retention", "expert_lr", "ablated")]
+    rand = dict(zip(header, cells[("random", "2", "7", "plain", "0.001", "False")]))
+    # the surgery family's ASR is asr / 2 here (0.3, 0.4, 0.5); the worst unseen family is
+    # flip_words (tied with persona, the first listed wins); intervals of shares stop at 0 and 1
+    assert rand["asr_flip_chars (surgery)"].startswith("0.400 [") and rand["worst unseen family"] == "0.800 (flip_words)"
+    low, high = map(float, rand["asr_mean_families"].split("[")[1].rstrip("]").split(","))
+    assert 0 <= low and high == 1.0
     # the learning rates as they are, not rounded to the table's 3 decimals (5e-4 is not 0.001)
     assert "0.0005" in text
     # gradient k = 2 seed 42 ran under plain and contrastive retention: per family, before and
