@@ -141,3 +141,21 @@ def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
     verdicts = {(r[0], r[2]): (r[-2], r[-1]) for r in rows[1:] if r[4] == "plain" and r[5] == "0.001" and r[3] == "7"}
     assert {r[rows[0].index("loglik_drop")] for r in rows[1:]} == {"0.042"}  # (-4.8 - -5.0) / 4.8
     assert verdicts[("gradient", "43")] == ("", "True") and verdicts[("routing", "42")] == ("surgery_asr", "False")
+
+
+def test_spearman_by_hand():
+    assert spearman({"a": 1, "b": 2, "c": 3}, {"a": 3, "b": 2, "c": 1}) == pytest.approx(-1.0)
+
+
+def test_sign_flip_test_by_hand():
+    assert sign_flip_p([1.0, 2.0, 3.0]) == pytest.approx(2 / 8)  # all-positive and all-negative
+    assert sign_flip_p([1.0, -1.0]) == 1.0
+    low, high = t_interval(pd.Series([1.0, 2.0, 3.0]))
+    assert (low, high) == pytest.approx((2 - 4.302653 * 1 / 3 ** 0.5, 2 + 4.302653 / 3 ** 0.5), abs=1e-5)
+
+
+def test_paired_needs_two_shared_seeds():
+    table = pd.DataFrame({"method": ["gradient", "routing", "gradient"], "k": 2, "organism_seed": 0,
+                          "retention": "plain", "expert_lr": 1e-3,
+                          "seed": [1, 1, 2], "ablated": False, "asr": [0.1, 0.5, 0.2]})
+    assert paired(table, "gradient", "routing", ["asr"]).empty

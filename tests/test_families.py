@@ -62,7 +62,7 @@ def test_eval_set_has_harmful_and_benign_sets_per_family(splits):
         assert len(sets["harmful"]) == 156 and len(sets["benign"]) == 125 + 150
         assert not {json.dumps(m) for m in sets["harmful"]} & {json.dumps(m) for m in sets["benign"]}
     assert held["flip_words"] == held["families"]["flip_words"]["harmful"]
-    # alternating, so that the first N (an evaluation limit) hold both kinds of benign prompt
+    # alternating, so that any stretch of the set holds both kinds of benign prompt
     first = [m[-1]["content"] for m in held["families"]["persona"]["benign"][:4]]
     assert [any(x in text for x in splits["xstest_heldout"]) for text in first] == [True, False] * 2
     assert interleave([1, 2, 3], ["a"]) == [1, "a", 2, 3]
