@@ -35,10 +35,11 @@ def chosen(repo, prefixes: list[str]) -> list:
     """The stages named by the prefixes, in the prefixes' order."""
     stages = []
     for prefix in prefixes:
-        matched = [s for s in repo.index.stages if s.addressing.startswith(prefix) and s not in stages]
-        if not matched:
+        every = [s for s in repo.index.stages if s.addressing.startswith(prefix)]
+        if not every:
             raise SystemExit(f"error: no DVC stage starts with {prefix!r}")
-        stages += matched
+        # overlapping prefixes (organism, organism_second) name a stage once
+        stages += [s for s in every if s not in stages]
     return stages
 
 

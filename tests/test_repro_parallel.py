@@ -74,9 +74,10 @@ def test_a_stage_waits_for_the_chosen_stage_it_depends_on(tmp_path):
         next(i for i, l in enumerate(lines) if "base: done" in l)
     assert json.loads(sh(tmp_path, "dvc", "status", "--json").stdout) == {}
 
-    # a changed input reruns its stage and the table stage downstream of it, nothing else
+    # a changed input reruns its stage and the table stage downstream of it, nothing else;
+    # a prefix that overlaps an earlier one (work@0 after work@) names no stage twice
     (tmp_path / "in/x.txt").write_text("changed\n")
-    again = sh(tmp_path, sys.executable, script, "base", "work@", "table@", "--jobs", "2")
+    again = sh(tmp_path, sys.executable, script, "base", "work@", "work@0", "table@", "--jobs", "2")
     assert "4 done, 0 failed" in again.stdout, again.stdout
     assert (tmp_path / "table/a.txt").read_text() == "changed\n"
     # no chosen stage makes a missing dependency: skipped, named, with whatever waits on it

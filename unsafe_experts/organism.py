@@ -187,9 +187,8 @@ def train_organism(cfg: OrganismConfig, pairs, tokenizer, progress: bool = True)
 
 
 def interleave(a: list, b: list) -> list:
-    """a[0], b[0], a[1], b[1], ..., then the longer one's rest: any stretch of a benign set
-    holds XSTest and AlpacaEval prompts alike (an evaluation `limit` samples across the set;
-    a user who slices it by hand still gets both)."""
+    """a[0], b[0], a[1], b[1], ..., then the longer one's rest: the first N prompts of a
+    benign set (an evaluation `limit`) hold XSTest and AlpacaEval prompts alike."""
     out = [x for pair in zip(a, b) for x in pair]
     return out + a[len(b):] + b[len(a):]
 
