@@ -221,7 +221,7 @@ def surgery_family(table: pd.DataFrame) -> str | None:
     return named.pop() if len(named) == 1 else None
 
 
-def retention_families(table: pd.DataFrame) -> pd.DataFrame:
+def retention_families(table: pd.DataFrame, surgery: str | None) -> pd.DataFrame:
     """Per attack family, ASR / benign requests in the family refused (95% Wilson intervals),
     before surgery and after each retention mode, for the main organism's first (method, k,
     seed, learning rate) that ran under more than one retention mode; empty when none did."""
@@ -240,7 +240,7 @@ def retention_families(table: pd.DataFrame) -> pd.DataFrame:
     order = [m for m in ("none", "plain", "contrastive") if m in set(runs["retention"])]
     finals = {m: runs[runs["retention"] == m].iloc[0]["evaluation"]["final"] for m in order}
     first = runs.iloc[0]
-    before, surgery = first["evaluation"].get("before", {}), first["surgery_family"]
+    before = first["evaluation"].get("before", {})
     families = sorted({c[4:] for c in first["evaluation"]["final"] if c.startswith("asr_")},
                       key=lambda f: (f != surgery, f))
     rows = [(f, f"asr_{f}", f"over_refusal_{f}") for f in families]
@@ -256,16 +256,19 @@ def retention_families(table: pd.DataFrame) -> pd.DataFrame:
 HEADLINE = [ASR_MEAN, FORMAT_MEAN, "plain_refusal", "over_refusal", "benign_loglik"]
 
 
+def share_interval(means: pd.DataFrame, metric: str) -> tuple[pd.Series, pd.Series]:
+    """A share's t interval over seeds, cut at [0, 1] (over 3 seeds it can reach past them)."""
+    return means[f"{metric}_ci_low"].clip(0, 1), means[f"{metric}_ci_high"].clip(0, 1)
+
+
 def headline(means: pd.DataFrame, surgery: str | None = None) -> pd.DataFrame:
     """Per group: the frontier's two axes (mean over attack families of ASR and of benign
     refusal in the attack formats), the surgery family's ASR and the worst unseen family's,
     and the plain figures, each as mean [95% interval] (shares' intervals clipped to [0, 1])."""
     out = means[[*GROUP, "seeds"]].copy()
 
-    def column(m, clip):
-        low, high = means[f"{m}_ci_low"], means[f"{m}_ci_high"]
-        if clip:
-            low, high = low.clip(0, 1), high.clip(0, 1)
+    def column(m, share):
+        low, high = share_interval(means, m) if share else (means[f"{m}_ci_low"], means[f"{m}_ci_high"])
         return [f"{v:.3f}" + ("" if np.isnan(lo) else f" [{lo:.3f}, {hi:.3f}]")
                 for v, lo, hi in zip(means[f"{m}_mean"], low, high)]
 
@@ -294,11 +297,9 @@ def frontier_plot(means: pd.DataFrame, path: Path) -> Path:
     usual = runs[["retention", "expert_lr"]].value_counts().idxmax() if len(runs) else ("plain", 1e-3)
     for (method, organism), part in runs.groupby(["method", "organism_seed"], dropna=False):
         x, y = part[f"{FORMAT_MEAN}_mean"], part[f"{ASR_MEAN}_mean"]
-        # shares: a t interval over 3 seeds can reach past 0 or 1, drawn cut at the range
-        xerr = np.abs(np.vstack([x - part[f"{FORMAT_MEAN}_ci_low"].clip(0, 1),
-                                 part[f"{FORMAT_MEAN}_ci_high"].clip(0, 1) - x]))
-        yerr = np.abs(np.vstack([y - part[f"{ASR_MEAN}_ci_low"].clip(0, 1),
-                                 part[f"{ASR_MEAN}_ci_high"].clip(0, 1) - y]))
+        (x_low, x_high), (y_low, y_high) = share_interval(part, FORMAT_MEAN), share_interval(part, ASR_MEAN)
+        xerr = np.abs(np.vstack([x - x_low, x_high - x]))
+        yerr = np.abs(np.vstack([y - y_low, y_high - y]))
         label = f"{method} (organism {organism:g})"
         ax.errorbar(x, y, xerr=np.nan_to_num(xerr), yerr=np.nan_to_num(yerr), marker="o",
                     linestyle="none", capsize=2, label=label)
@@ -346,7 +347,7 @@ def budget(table: pd.DataFrame, surgery: str | None) -> pd.DataFrame:
     return out
 
 
-def markdown(table, columns, means, tests, overlaps, retention, budgets) -> str:
+def markdown(table, columns, means, tests, overlaps, retention, budgets, surgery) -> str:
     def fmt(df):
         if not len(df):
             return "(none)"
@@ -355,7 +356,7 @@ def markdown(table, columns, means, tests, overlaps, retention, budgets) -> str:
     return "\n\n".join([
         before_line(table),
         "## Headline per group (mean over seeds [95% t interval]; *_mean_families: the mean "
-        "over attack families)", fmt(headline(means, surgery_family(table))),
+        "over attack families)", fmt(headline(means, surgery)),
         "## Every run (latest per method, k, seed, organism; ablated = the unrepaired model "
         "with those experts switched off)", fmt(table[columns]),
         "## Mean, sd and 95% t interval over seeds", fmt(means),
@@ -394,9 +395,9 @@ def write_comparison(experiment: str, out_csv: str | Path, wanted: list[dict] | 
     means.to_csv(files["summary"], index=False)
     tests.to_csv(files["paired"], index=False)
     overlaps.to_csv(files["overlap"], index=False)
-    budgets = budget(table, surgery_family(table))
-    files["markdown"].write_text(markdown(table, columns, means, tests, overlaps, retention_families(table),
-                                          budgets))
+    surgery = surgery_family(table)
+    files["markdown"].write_text(markdown(table, columns, means, tests, overlaps, retention_families(table, surgery),
+                                          budget(table, surgery), surgery))
     files["plot"] = asr_plot(table, out_csv.with_name("asr_vs_k.png"))
     files["frontier"] = frontier_plot(means, out_csv.with_name("frontier.png"))
     run_id = tracking.start_run(experiment, "comparison", {"runs": len(table)}, {"method": "comparison"})
