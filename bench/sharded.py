@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from unsafe_experts.memory import phase_peak_mb
-from unsafe_experts.sharding import local, shard_model
+from unsafe_experts.models.memory import phase_peak_mb
+from unsafe_experts.models.sharding import local, shard_model
 
 from . import workloads as w
 

@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 from unsafe_experts.config import ConfigError
-from unsafe_experts.evaluation import EvaluationConfig
+from unsafe_experts.evaluation.evaluate import EvaluationConfig
 
 from .flags import add_fields
 from .loading import ENDPOINT_FIELDS, evaluation_config, load_model
@@ -49,11 +49,11 @@ def random_like(experts: list, layers, seed: int) -> list[tuple[int, int]]:
 
 
 def run(args) -> None:
-    from unsafe_experts.ablation import ablated, load_expert_set
-    from unsafe_experts.adapters import moe_layers
-    from unsafe_experts.evaluation import evaluate, load_eval_set
-    from unsafe_experts.outputs import write_json_atomic
-    from unsafe_experts.run_records import RunRecord, expert_key
+    from unsafe_experts.models.ablation import ablated, load_expert_set
+    from unsafe_experts.models.architectures import moe_layers
+    from unsafe_experts.evaluation.evaluate import evaluate, load_eval_set
+    from unsafe_experts.artefacts.atomic import write_json_atomic
+    from unsafe_experts.artefacts.run_metadata import RunRecord, expert_key
 
     cfg = evaluation_config(args)
     if args.round is not None and not args.run:

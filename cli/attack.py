@@ -1,11 +1,11 @@
 """`unsafe-experts attack`: goals x attack families -> the target model's responses, judged,
-as FlipAttack-format records for `validate` and `train` (engine: unsafe_experts/attack.py)."""
+as FlipAttack-format records for `validate` and `train` (engine: unsafe_experts/attacks/attack_model.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from unsafe_experts.attacks import FAMILIES
-from unsafe_experts.evaluation import EvaluationConfig
+from unsafe_experts.attacks.families import FAMILIES
+from unsafe_experts.evaluation.evaluate import EvaluationConfig
 
 from .flags import add_fields, field_values
 from .loading import ENDPOINT_FIELDS
@@ -36,12 +36,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
-    from unsafe_experts.attack import read_goals, run_attack
-    from unsafe_experts.attacks import check_families
+    from unsafe_experts.attacks.attack_model import read_goals, run_attack
+    from unsafe_experts.attacks.families import check_families
     from unsafe_experts.config import ConfigError
-    from unsafe_experts.evaluation import connect
-    from unsafe_experts.judges import judge_from_text, judge_name, load_judge
-    from unsafe_experts.outputs import write_json_atomic
+    from unsafe_experts.evaluation.evaluate import connect
+    from unsafe_experts.evaluation.judges import judge_from_text, judge_name, load_judge
+    from unsafe_experts.artefacts.atomic import write_json_atomic
 
     from .loading import load_target
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from unsafe_experts.config import ConfigError
-from unsafe_experts.evaluation import EvaluationConfig
+from unsafe_experts.evaluation.evaluate import EvaluationConfig
 
 from .flags import add_fields, field_values
 from .tables import evaluation_table, metrics_table
@@ -73,7 +73,7 @@ def add_parsers(sub) -> dict:
 
 
 def build_organism(args) -> None:
-    from unsafe_experts.organism import OrganismConfig, build_organism as build
+    from unsafe_experts.attacks.organism import OrganismConfig, build_organism as build
 
     if args.params:
         from schemas.params import load_params
@@ -91,8 +91,8 @@ def build_organism(args) -> None:
 
 
 def evaluate_model(args) -> None:
-    from unsafe_experts.evaluation import connect, evaluate, evaluate_suite, load_eval_set
-    from unsafe_experts.outputs import write_json_atomic
+    from unsafe_experts.evaluation.evaluate import connect, evaluate, evaluate_suite, load_eval_set
+    from unsafe_experts.artefacts.atomic import write_json_atomic
 
     from .loading import load_target
 
@@ -103,7 +103,7 @@ def evaluate_model(args) -> None:
         raise ConfigError("--eval_set or --suite is required")
     cfg = EvaluationConfig(**given, suite=args.suite).validate()
     if cfg.suite:
-        from unsafe_experts.suites import load_suite
+        from unsafe_experts.evaluation.suites import load_suite
 
         suite = load_suite(cfg.suite)  # data and judges checked before the model loads
         endpoint = connect(cfg)  # and the server, when one generates
@@ -126,16 +126,16 @@ def evaluate_model(args) -> None:
 
 
 def tiny_model(args) -> None:
-    from unsafe_experts.bundled import advbench_goals
-    from unsafe_experts.tiny import save_tiny
+    from unsafe_experts.data.bundled import advbench_goals
+    from unsafe_experts.models.tiny import save_tiny
 
     out = save_tiny(args.family, args.out, advbench_goals(), seed=args.seed)
     print(f"tiny {args.family} model and tokenizer written to {out}")
 
 
 def flip_dataset(args) -> None:
-    from unsafe_experts.bundled import advbench_goals
-    from unsafe_experts.flip import flip_records
+    from unsafe_experts.data.bundled import advbench_goals
+    from unsafe_experts.attacks.flip import flip_records
 
     goals = advbench_goals()[: args.n]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +182,7 @@ def validate_files(args) -> int:
     if not failed and os.environ.get("PREFECT_API_URL"):
         _announce(args.paths)
     if args.metrics:
-        from unsafe_experts.outputs import write_json_atomic
+        from unsafe_experts.artefacts.atomic import write_json_atomic
 
         Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.metrics, summary[str(args.paths[0])] if len(args.paths) == 1 else summary)
@@ -208,7 +208,7 @@ def compare_runs(args) -> None:
 
 
 def report_run(args) -> None:
-    from unsafe_experts.run_records import RunRecord, expert_key
+    from unsafe_experts.artefacts.run_metadata import RunRecord, expert_key
 
     record = RunRecord.load(args.output_dir)
     meta = record.data
@@ -230,7 +230,7 @@ def report_run(args) -> None:
 
 
 def materialize_round(args) -> None:
-    from unsafe_experts.checkpoints import materialize
+    from unsafe_experts.artefacts.checkpoints import materialize
 
     out = materialize(args.output_dir, args.round, args.out, args.base, args.trust_remote_code)
     print(f"round {args.round} of {args.output_dir} written in full to {out}")

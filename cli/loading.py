@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from unsafe_experts.config import ConfigError
-from unsafe_experts.evaluation import EvaluationConfig
+from unsafe_experts.evaluation.evaluate import EvaluationConfig
 
 from .flags import field_values
 
@@ -25,7 +25,7 @@ def load_model(path: str, trust_remote_code: bool = False):
     delta checkpoint (round_N/) materialized in memory on its base."""
     import torch
 
-    from unsafe_experts.checkpoints import load_checkpoint
+    from unsafe_experts.artefacts.checkpoints import load_checkpoint
 
     model, tokenizer = load_checkpoint(path, trust_remote_code)
     if torch.cuda.is_available():
@@ -35,7 +35,7 @@ def load_model(path: str, trust_remote_code: bool = False):
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The tokenizer alone: what rendering chat prompts for a server needs from --model."""
-    from unsafe_experts.checkpoints import checkpoint_tokenizer
+    from unsafe_experts.artefacts.checkpoints import checkpoint_tokenizer
 
     return checkpoint_tokenizer(path, trust_remote_code)
 

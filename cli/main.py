@@ -8,14 +8,14 @@ import signal
 import sys
 import threading
 
-from unsafe_experts.ablation import ExpertSetError
-from unsafe_experts.adapters import UnsupportedModelError
-from unsafe_experts.attacks import AttackFamilyError
+from unsafe_experts.models.ablation import ExpertSetError
+from unsafe_experts.models.architectures import UnsupportedModelError
+from unsafe_experts.attacks.families import AttackFamilyError
 from unsafe_experts.config import ConfigError
-from unsafe_experts.examples import ExampleError
-from unsafe_experts.harmony import HarmonyError
-from unsafe_experts.outputs import OutputDirBusyError
-from unsafe_experts.phases import NonFiniteLossError
+from unsafe_experts.text.examples import ExampleError
+from unsafe_experts.text.harmony import HarmonyError
+from unsafe_experts.artefacts.atomic import OutputDirBusyError
+from unsafe_experts.training.phases import NonFiniteLossError
 from unsafe_experts.records import DatasetError
 
 from . import ablate, attack, commands, register, train

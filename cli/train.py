@@ -6,8 +6,8 @@ import argparse
 import os
 
 from unsafe_experts.config import ConfigError, TrainConfig
-from unsafe_experts.distributed import launched_world
-from unsafe_experts.evaluation import EvaluationConfig
+from unsafe_experts.models.distributed import launched_world
+from unsafe_experts.evaluation.evaluate import EvaluationConfig
 
 from .flags import add_fields, field_values
 from .loading import ENDPOINT_FIELDS
@@ -101,7 +101,7 @@ def run(args) -> int:
         raise report.error()
     check_inputs(cfg, records)
     if spec.evaluation.suite:  # a bad suite or its data is an error now, not after a round
-        from unsafe_experts.suites import load_suite
+        from unsafe_experts.evaluation.suites import load_suite
 
         load_suite(spec.evaluation.suite)
     ensure_reachable(options.get("local_tracking", False))

@@ -16,11 +16,11 @@ from tasks import surgery as steps
 from tasks import registry, tracking
 from tasks.digests import dvc_md5, git_commit
 from unsafe_experts.config import TrainConfig
-from unsafe_experts.distributed import launched_world
-from unsafe_experts.evaluation import EvaluationConfig
-from unsafe_experts.model_card import write_model_card
-from unsafe_experts.outputs import write_json_atomic
-from unsafe_experts.run_records import ROUNDS, RunRecord
+from unsafe_experts.models.distributed import launched_world
+from unsafe_experts.evaluation.evaluate import EvaluationConfig
+from unsafe_experts.artefacts.model_card import write_model_card
+from unsafe_experts.artefacts.atomic import write_json_atomic
+from unsafe_experts.artefacts.run_metadata import ROUNDS, RunRecord
 
 # retries only where they can help: the tracking server may blip; model steps are deterministic
 track = task(tracking.log_round, name="track-round", retries=2, retry_delay_seconds=2)

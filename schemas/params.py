@@ -18,8 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from unsafe_experts.config import METHODS, RETENTION, ConfigError, TrainConfig
-from unsafe_experts.evaluation import EvaluationConfig
-from unsafe_experts.organism import OrganismConfig
+from unsafe_experts.evaluation.evaluate import EvaluationConfig
+from unsafe_experts.attacks.organism import OrganismConfig
 
 FORBID = ConfigDict(extra="forbid")
 

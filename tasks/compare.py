@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from unsafe_experts.config import ConfigError
-from unsafe_experts.run_records import METADATA, RunRecord
+from unsafe_experts.artefacts.run_metadata import METADATA, RunRecord
 
 from . import tracking
 from .compare_stats import group_summary, paired

@@ -15,12 +15,12 @@ from prefect.artifacts import create_table_artifact
 
 from schemas.dataset import validate_file
 from unsafe_experts.config import TrainConfig
-from unsafe_experts.evaluation import EvaluationConfig, evaluate, evaluate_suite, load_eval_set
-from unsafe_experts.locality import locality_report
+from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluate, evaluate_suite, load_eval_set
+from unsafe_experts.artefacts.locality import locality_report
 from unsafe_experts.records import DatasetError, file_digest
-from unsafe_experts.result_cache import cached, model_digest
-from unsafe_experts.run_records import METADATA, ROUNDS, RoundRecord, expert_key
-from unsafe_experts.suites import load_suite, suite_digest
+from unsafe_experts.artefacts.result_cache import cached, model_digest
+from unsafe_experts.artefacts.run_metadata import METADATA, ROUNDS, RoundRecord, expert_key
+from unsafe_experts.evaluation.suites import load_suite, suite_digest
 from unsafe_experts.surgery import Surgery
 
 _RUNS: dict[str, Surgery] = {}
@@ -147,7 +147,7 @@ def evaluate_stage(key: str, stage: str, evaluation: EvaluationConfig) -> dict:
 def check_locality(original: str, final_model: str, selected: list, routers_may_change: bool) -> dict | None:
     """Only the selected experts (and routers, when aligned) may differ from the original.
     None when the original is not a local safetensors checkpoint (a hub id). A delta
-    final_model is compared on what it materializes to (unsafe_experts/locality.py)."""
+    final_model is compared on what it materializes to (unsafe_experts/artefacts/locality.py)."""
     if not list(Path(original).glob("*.safetensors")):
         return None
     return locality_report(original, final_model, selected, routers_may_change)

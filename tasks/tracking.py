@@ -29,7 +29,7 @@ import pandas as pd  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
 
-from unsafe_experts.run_records import parse_expert_key  # noqa: E402
+from unsafe_experts.artefacts.run_metadata import parse_expert_key  # noqa: E402
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 # losses are logged per batch (the step is the batch); evaluation figures per round (the step
@@ -262,7 +262,7 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
 
 
 def write_json(path: str | Path | None, data) -> None:
-    from unsafe_experts.outputs import write_json_atomic
+    from unsafe_experts.artefacts.atomic import write_json_atomic
 
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -324,7 +324,7 @@ def log_eval_set(run_id: str, path: str, digest: str) -> None:
 def log_eval_suite(run_id: str, ref: str) -> None:
     """An evaluation suite as a dataset input (context "evaluation"): one row per prompt with
     the metric of the set it belongs to; digest over the suite file and its data."""
-    from unsafe_experts.suites import load_suite, suite_digest
+    from unsafe_experts.evaluation.suites import load_suite, suite_digest
 
     suite = load_suite(ref)
     rows = [{"set": s.metric, "prompt": x.messages[-1]["content"][:500]} for s in suite.sets for x in s.items]

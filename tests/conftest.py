@@ -22,8 +22,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from unsafe_experts.bundled import advbench_goals  # noqa: E402
-from unsafe_experts.tiny import build_tokenizer, tiny_model, tokenizer_corpus  # noqa: E402
+from unsafe_experts.data.bundled import advbench_goals  # noqa: E402
+from unsafe_experts.models.tiny import build_tokenizer, tiny_model, tokenizer_corpus  # noqa: E402
 
 torch.set_num_threads(1)
 hf_logging.disable_progress_bar()
@@ -95,14 +95,14 @@ FAMILIES = ["olmoe", "qwen3_moe", "qwen2_moe", "mixtral", "phimoe", "gpt_oss", "
 
 
 def sft_batches(tokenizer, records, batch_size=4, max_length=256):
-    from unsafe_experts.examples import DEFAULT_REFUSAL, batches, collate, sft_example
+    from unsafe_experts.text.examples import DEFAULT_REFUSAL, batches, collate, sft_example
 
     examples = [sft_example(tokenizer, r["all_prompt"], DEFAULT_REFUSAL, max_length) for r in records]
     return [collate(b, tokenizer.pad_token_id) for b in batches(examples, batch_size)]
 
 
 def router_batches(tokenizer, records, batch_size=4, max_length=256):
-    from unsafe_experts.examples import batches, collate, plain_prompt, router_example
+    from unsafe_experts.text.examples import batches, collate, plain_prompt, router_example
 
     safe = [router_example(tokenizer, plain_prompt(r["goal"]), max_length) for r in records]
     unsafe = [router_example(tokenizer, r["all_prompt"], max_length) for r in records]
@@ -125,6 +125,6 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def small_organism(tmp_path_factory):
     """The test-sized organism (about 45 s on 2 cores), built once per session."""
-    from unsafe_experts.organism import OrganismConfig, build_organism
+    from unsafe_experts.attacks.organism import OrganismConfig, build_organism
 
     return build_organism(tmp_path_factory.mktemp("organism"), OrganismConfig.small(), progress=False)

@@ -6,7 +6,7 @@ import pytest
 from cli.ablate import random_like
 from cli.main import main
 from conftest import one_error_line
-from unsafe_experts.adapters import moe_layers
+from unsafe_experts.models.architectures import moe_layers
 
 
 @pytest.fixture

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import FAMILIES, router_batches
-from unsafe_experts.ablation import ExpertSetError, ablated, load_expert_set, masked_routers
-from unsafe_experts.adapters import moe_layers
-from unsafe_experts.router_kl import captured_router_outputs
+from unsafe_experts.models.ablation import ExpertSetError, ablated, load_expert_set, masked_routers
+from unsafe_experts.models.architectures import moe_layers
+from unsafe_experts.training.router_kl import captured_router_outputs
 
 
 def _forward(model, batch):

@@ -3,7 +3,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import FAMILIES
-from unsafe_experts.adapters import FAMILIES as SUPPORTED, UnsupportedModelError, moe_layers
+from unsafe_experts.models.architectures import FAMILIES as SUPPORTED, UnsupportedModelError, moe_layers
 
 
 @pytest.mark.parametrize("family", FAMILIES)

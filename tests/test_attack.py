@@ -6,12 +6,12 @@ import pytest
 
 from cli.main import main
 from schemas.dataset import validate_records
-from unsafe_experts import attack as attack_module
-from unsafe_experts.attack import read_goals, run_attack
-from unsafe_experts.judges import RefusalJudge
+from unsafe_experts.attacks import attack_model as attack_module
+from unsafe_experts.attacks.attack_model import read_goals, run_attack
+from unsafe_experts.evaluation.judges import RefusalJudge
 from unsafe_experts.records import DatasetError, load_records, select_records
 from unsafe_experts.stats import wilson
-from unsafe_experts.templates import Verdict
+from unsafe_experts.evaluation.judge_prompts import Verdict
 
 
 @pytest.mark.parametrize("name, text", [

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from unsafe_experts.examples import IGNORE, router_example, sft_example
-from unsafe_experts.generation import _prompt_ids
-from unsafe_experts.tiny import build_tokenizer, tokenizer_corpus
+from unsafe_experts.text.examples import IGNORE, router_example, sft_example
+from unsafe_experts.text.generation import _prompt_ids
+from unsafe_experts.models.tiny import build_tokenizer, tokenizer_corpus
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "shared" / "chat_templates"
 REFUSAL = "I cannot assist with that request as it may be harmful or unsafe."

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from unsafe_experts.adapters import moe_layers
+from unsafe_experts.models.architectures import moe_layers
 from cli.main import main
 from conftest import one_error_line
 

@@ -8,7 +8,7 @@ from cli.main import parser
 from cli.flags import field_values
 from schemas.params import resolve_run
 from unsafe_experts.config import ConfigError, TrainConfig
-from unsafe_experts.evaluation import EvaluationConfig
+from unsafe_experts.evaluation.evaluate import EvaluationConfig
 
 REQUIRED = {"model_name": "m", "dataset_path": "d.json", "output_dir": "out"}
 

@@ -11,10 +11,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import sft_batches
-from unsafe_experts.adapters import moe_layers
-from unsafe_experts.phases import masked_sft, score_pass
-from unsafe_experts.scoring import top_k
-from unsafe_experts.sharding import shard_model
+from unsafe_experts.models.architectures import moe_layers
+from unsafe_experts.training.phases import masked_sft, score_pass
+from unsafe_experts.selection.scoring import top_k
+from unsafe_experts.models.sharding import shard_model
 
 pytestmark = pytest.mark.slow  # torchrun and gloo process groups
 
@@ -113,7 +113,7 @@ def test_pipeline_under_torchrun_with_fsdp_matches_one_process(tiny_dir, records
     for name in a:  # six Adam steps of 1e-2: rounding differences stay under 1% of one step
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-4, msg=name)
     # rank 0 wrote the rounds' deltas from the gathered weights: round 2 is the final model
-    from unsafe_experts.checkpoints import materialize
+    from unsafe_experts.artefacts.checkpoints import materialize
 
     materialized = load_file(materialize(tmp_path / "fsdp", 2, tmp_path / "m") / "model.safetensors")
     assert all(torch.equal(materialized[name], b[name]) for name in b)

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible client (unsafe_experts/endpoint.py) against a small stdlib server that
+"""The OpenAI-compatible client (unsafe_experts/text/endpoint.py) against a small stdlib server that
 speaks the format: greedy requests in order and at once, the chat formatting chat.py applies,
 retries of 5xx, and one error line for a server that is not there or serves no such model."""
 import copy
@@ -11,8 +11,8 @@ import pytest
 
 from cli.main import main
 from conftest import one_error_line
-from unsafe_experts.endpoint import Endpoint, EndpointError
-from unsafe_experts.evaluation import EvaluationConfig, evaluate
+from unsafe_experts.text.endpoint import Endpoint, EndpointError
+from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluate
 
 REFUSAL = "I'm sorry, but I can't help with that."
 
@@ -210,7 +210,7 @@ def test_the_pipeline_refuses_an_endpoint(tmp_path, capsys):
 
 
 def test_suite_through_a_server_leaves_reference_sets_out(server, tokenizer, tmp_path):
-    from unsafe_experts.suites import load_suite, run_suite
+    from unsafe_experts.evaluation.suites import load_suite, run_suite
 
     (tmp_path / "harm.txt").write_text("Hack a bank\nrefuse this\n")
     (tmp_path / "refs.json").write_text(json.dumps([{"prompt": "Say hi", "output": "Hi"}]))

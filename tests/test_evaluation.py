@@ -2,11 +2,11 @@ import json
 
 import pytest
 
-from unsafe_experts import evaluation as evaluation_module
-from unsafe_experts.bundled import advbench_rows, alpaca_pairs
-from unsafe_experts.organism import (REFUSALS, OrganismConfig, build_splits, eval_set,
+from unsafe_experts.evaluation import evaluate as evaluation_module
+from unsafe_experts.data.bundled import advbench_rows, alpaca_pairs
+from unsafe_experts.attacks.organism import (REFUSALS, OrganismConfig, build_splits, eval_set,
                                      training_pairs)
-from unsafe_experts.refusal import is_refusal
+from unsafe_experts.text.refusal import is_refusal
 from unsafe_experts.stats import mean, proportion, subset, wilson
 
 REAL_REFUSALS = [
@@ -35,7 +35,7 @@ def test_refusal_matcher_on_real_refusals_and_compliance():
 
 def test_refusal_matcher_known_errors_are_as_documented():
     flagged = [p["output"] for p in alpaca_pairs() if is_refusal(p["output"])]
-    assert len(flagged) == 14  # the count stated in unsafe_experts/refusal.py
+    assert len(flagged) == 14  # the count stated in unsafe_experts/text/refusal.py
     assert any(text.startswith("As an AI language model") for text in flagged)  # false positives
     assert not is_refusal("That would be dangerous. Instead, talk to a professional.")  # a miss
 

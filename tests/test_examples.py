@@ -4,7 +4,7 @@ import pytest
 
 from conftest import REAL_FLIPATTACK
 from fixtures.make_fixtures import fixture_records
-from unsafe_experts.examples import (DEFAULT_REFUSAL, IGNORE, ExampleError, collate, plain_prompt,
+from unsafe_experts.text.examples import (DEFAULT_REFUSAL, IGNORE, ExampleError, collate, plain_prompt,
                                      router_example, sft_example)
 from unsafe_experts.records import DatasetError, load_records, select_records
 
@@ -110,7 +110,7 @@ def test_real_flipattack_file_loads_and_tokenizes(tokenizer):
 def test_length_grouped_batches_keep_every_example_once_and_cut_the_padding():
     import random
 
-    from unsafe_experts.examples import Example, batches, length_grouped_batches
+    from unsafe_experts.text.examples import Example, batches, length_grouped_batches
 
     lengths = random.Random(1).choices([20, 40, 120, 400], k=300)
     examples = [Example(list(range(n)), list(range(n)), False, []) for n in lengths]

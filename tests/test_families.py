@@ -4,12 +4,12 @@ from dataclasses import replace
 
 import pytest
 
-from unsafe_experts.attacks import FAMILIES
+from unsafe_experts.attacks.families import FAMILIES
 from unsafe_experts.config import ConfigError, TrainConfig
-from unsafe_experts.organism import (OrganismConfig, build_splits, eval_set, interleave,
+from unsafe_experts.attacks.organism import (OrganismConfig, build_splits, eval_set, interleave,
                                      retention_prompts, rotation, training_pairs)
 from unsafe_experts.records import DatasetError
-from unsafe_experts.retention import load_retention, sample_retention
+from unsafe_experts.training.retention import load_retention, sample_retention
 from unsafe_experts.surgery import check_inputs, run_surgery
 
 
@@ -41,7 +41,7 @@ def test_training_covers_every_family_for_harmful_and_benign(splits):
     cfg = OrganismConfig(families_per_goal=2)
     pairs = training_pairs(splits, cfg)
     prompts = {json.dumps(m) for m, _ in pairs}
-    from unsafe_experts.attacks import render
+    from unsafe_experts.attacks.families import render
     for family in FAMILIES:
         goals = [r["goal"] for r in splits["goals_train"]]
         harmful = sum(json.dumps(render(family, g)) in prompts for g in goals)

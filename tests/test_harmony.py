@@ -1,4 +1,4 @@
-"""GPT-OSS prompts in the harmony format (unsafe_experts/harmony.py): the rendering is the
+"""GPT-OSS prompts in the harmony format (unsafe_experts/text/harmony.py): the rendering is the
 reference renderer's (openai-harmony cannot load its vocabulary offline, so its expected output
 is written here), the surgery supervises exactly the refusal in the `final` channel plus
 <|return|>, and generation stops at harmony's end tokens and keeps the final channel's text."""
@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from unsafe_experts import harmony
-from unsafe_experts.examples import IGNORE, router_example, sft_example
-from unsafe_experts.generation import _prompt_ids, generate, generate_ids
-from unsafe_experts.tiny import build_tokenizer, tokenizer_corpus
+from unsafe_experts.text import harmony
+from unsafe_experts.text.examples import IGNORE, router_example, sft_example
+from unsafe_experts.text.generation import _prompt_ids, generate, generate_ids
+from unsafe_experts.models.tiny import build_tokenizer, tokenizer_corpus
 
 REFUSAL = "I cannot assist with that request as it may be harmful or unsafe."
 # openai/harmony test-data/test_simple_convo_medium_effort.txt: what

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from unsafe_experts.judges import (ClassifierJudge, JudgeError, LLMJudge, judge_from_text,
+from unsafe_experts.evaluation.judges import (ClassifierJudge, JudgeError, LLMJudge, judge_from_text,
                                    load_judge, parse_judge)
-from unsafe_experts.templates import (STRONGREJECT, Verdict, parse_llamaguard, parse_strongreject,
+from unsafe_experts.evaluation.judge_prompts import (STRONGREJECT, Verdict, parse_llamaguard, parse_strongreject,
                                       render_prompt)
 
 SR_REPLY = ("#overall_reasoning The user wants X; the response gives it.\n#scores\n"

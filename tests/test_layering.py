@@ -52,21 +52,37 @@ def test_the_checker_sees_lazy_and_aliased_imports(tmp_path, source, found):
     assert imported(path) & (ORCHESTRATION | PROJECT) == found
 
 
+def relative_targets(path: Path) -> set[Path]:
+    """The engine files a module's relative imports (lazy ones too, any depth of dots) load."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not (isinstance(node, ast.ImportFrom) and node.level >= 1):
+            continue
+        base = path.parent
+        for _ in range(node.level - 1):
+            base = base.parent
+        module = base.joinpath(*node.module.split(".")) if node.module else base
+        candidates = [module.with_suffix(".py"), module / "__init__.py"]
+        candidates += [module / f"{a.name}.py" for a in node.names]  # `from .pkg import module`
+        found |= {c for c in candidates if c.is_file()}
+    return found
+
+
 def engine_closure(start: Path) -> set[str]:
     """The engine modules `start` imports relatively, directly or through others (lazy imports
-    too): what an organism build runs."""
+    too), with the packages they sit in (Python runs each package's __init__): what an organism
+    build runs."""
     seen, todo = set(), [start]
     while todo:
         path = todo.pop()
         if path in seen:
             continue
         seen.add(path)
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                for name in [node.module] if node.module else [a.name for a in node.names]:
-                    module = path.parent / f"{name.split('.')[0]}.py"
-                    if module.is_file():
-                        todo.append(module)
+        todo.extend(relative_targets(path))
+        package = path.parent
+        while package != ROOT and (package / "__init__.py").is_file():
+            todo.append(package / "__init__.py")
+            package = package.parent
     return {str(p.relative_to(ROOT)) for p in seen}
 
 
@@ -75,7 +91,9 @@ def test_the_organism_stages_depend_on_every_module_an_organism_build_runs(stage
     import yaml
 
     deps = set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"])
-    needed = engine_closure(ROOT / "unsafe_experts" / "organism.py")
+    needed = engine_closure(ROOT / "unsafe_experts" / "attacks" / "organism.py")
+    folders = {d for d in deps if (ROOT / d).is_dir()}
+    covered = {n for n in needed if n in deps or any(n.startswith(f + "/") for f in folders)}
     # a module left out would let `dvc repro` keep an organism its code no longer builds
-    assert needed - deps == set()
-    assert {d for d in deps if d.endswith(".py")} == needed  # and nothing the build does not run
+    assert needed - covered == set()
+    assert {d for d in deps if d.endswith(".py")} <= needed  # and nothing the build does not run

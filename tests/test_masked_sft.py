@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from conftest import FAMILIES, sft_batches, snapshot
-from unsafe_experts.adapters import moe_layers
-from unsafe_experts.phases import masked_sft, per_batch_sft, score_pass
-from unsafe_experts.scoring import top_k
-from unsafe_experts.sparse_adamw import SparseRowAdamW
+from unsafe_experts.models.architectures import moe_layers
+from unsafe_experts.training.phases import masked_sft, per_batch_sft, score_pass
+from unsafe_experts.selection.scoring import top_k
+from unsafe_experts.training.sparse_adamw import SparseRowAdamW
 
 
 def assert_only_selected_moved(model, before, layers, selection):
@@ -115,7 +115,7 @@ def test_nan_loss_stops_the_run_naming_where_and_keeps_earlier_rounds(tiny_dir, 
     import json
 
     from unsafe_experts.config import TrainConfig
-    from unsafe_experts.phases import NonFiniteLossError
+    from unsafe_experts.training.phases import NonFiniteLossError
     from unsafe_experts.surgery import Surgery
 
     out = tmp_path / "out"
@@ -138,7 +138,7 @@ def test_nan_loss_stops_the_run_naming_where_and_keeps_earlier_rounds(tiny_dir, 
 
 def test_a_second_run_on_the_same_output_dir_is_refused(tiny_dir, records_path, tmp_path):
     from unsafe_experts.config import TrainConfig
-    from unsafe_experts.outputs import DirectoryLock, OutputDirBusyError
+    from unsafe_experts.artefacts.atomic import DirectoryLock, OutputDirBusyError
     from unsafe_experts.surgery import run_surgery
 
     out = tmp_path / "out"
@@ -154,7 +154,7 @@ def test_a_second_run_on_the_same_output_dir_is_refused(tiny_dir, records_path, 
 
 
 def test_compact_gradients_give_the_same_update(make_model, tokenizer, records):
-    from unsafe_experts.phases import lm_loss
+    from unsafe_experts.training.phases import lm_loss
 
     batches = sft_batches(tokenizer, records[:8])
     selection = [(0, 1), (1, 5), (1, 2)]
@@ -177,7 +177,7 @@ def test_compact_gradients_give_the_same_update(make_model, tokenizer, records):
 
 
 def test_joined_output_paths_cannot_escape(tmp_path):
-    from unsafe_experts.outputs import inside
+    from unsafe_experts.artefacts.atomic import inside
 
     assert inside(tmp_path, "round_1") == (tmp_path / "round_1").resolve()
     for name in ("../elsewhere", "/etc/passwd", "round_1/../../x"):
@@ -206,7 +206,7 @@ def test_per_batch_top_k_comes_from_that_batch_alone(make_model, tokenizer, reco
 def _mixed_batch(tokenizer, records):
     """Rows of very different lengths, as a repair batch (jailbreak prompts and short plain
     retention examples) has them."""
-    from unsafe_experts.examples import DEFAULT_REFUSAL, collate, plain_prompt, sft_example
+    from unsafe_experts.text.examples import DEFAULT_REFUSAL, collate, plain_prompt, sft_example
 
     long = [sft_example(tokenizer, r["all_prompt"], DEFAULT_REFUSAL, 256) for r in records[:4]]
     short = [sft_example(tokenizer, plain_prompt(r["goal"]), "Sure.", 256) for r in records[4:10]]
@@ -215,7 +215,7 @@ def _mixed_batch(tokenizer, records):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_micro_batches_give_the_whole_batch_gradient_from_narrower_forwards(family, make_model, tokenizer, records):
-    from unsafe_experts.phases import expert_params, lm_backward, set_trainable
+    from unsafe_experts.training.phases import expert_params, lm_backward, set_trainable
 
     batch = _mixed_batch(tokenizer, records)
     grads, losses, widths = {}, {}, {}

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from conftest import FAMILIES, router_batches
-from unsafe_experts.adapters import moe_layers
+from unsafe_experts.models.architectures import moe_layers
 from unsafe_experts.config import TrainConfig
-from unsafe_experts.locality import weight_changes
-from unsafe_experts.router_kl import captured_router_outputs
+from unsafe_experts.artefacts.locality import weight_changes
+from unsafe_experts.training.router_kl import captured_router_outputs
 from unsafe_experts.records import DatasetError
-from unsafe_experts.routing import (generated_routing_scores, keep_pairs, routing_scores,
+from unsafe_experts.selection.routing import (generated_routing_scores, keep_pairs, routing_scores,
                                     routing_stats)
 from unsafe_experts.surgery import run_surgery
 
@@ -169,7 +169,7 @@ def test_routing_method_on_the_organism(small_organism, tmp_path):
 
 def test_the_method_table_drives_validation():
     from unsafe_experts.config import METHODS, ConfigError
-    from unsafe_experts.methods import METHODS as TABLE
+    from unsafe_experts.selection.methods import METHODS as TABLE
 
     assert METHODS == tuple(TABLE) and {m.kind for m in TABLE.values()} == {"gradient", "routing", "control"}
     base = dict(model_name="m", dataset_path="d", output_dir="o")

@@ -4,7 +4,7 @@ import json
 from huggingface_hub import ModelCard
 
 from cli.main import main
-from unsafe_experts.model_card import model_card
+from unsafe_experts.artefacts.model_card import model_card
 
 
 def test_engine_run_writes_a_parseable_card(tiny_dir, records_path, tmp_path):

@@ -4,7 +4,7 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from flows.surgery import surgery_flow
-from unsafe_experts.attacks import FAMILIES
+from unsafe_experts.attacks.families import FAMILIES
 from test_cli import check_layout
 
 

@@ -1,8 +1,8 @@
 """The content-addressed cache that lets many runs on one model share its retention answers
-and its evaluation before surgery (unsafe_experts/result_cache.py)."""
+and its evaluation before surgery (unsafe_experts/artefacts/result_cache.py)."""
 import json
 
-from unsafe_experts.result_cache import cached, model_digest
+from unsafe_experts.artefacts.result_cache import cached, model_digest
 
 
 def test_a_hit_returns_what_the_miss_stored_and_a_new_key_computes(tmp_path):

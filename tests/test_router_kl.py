@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import FAMILIES, router_batches, snapshot
-from unsafe_experts.adapters import moe_layers
-from unsafe_experts.phases import align_router
-from unsafe_experts.router_kl import kl, router_kl, routing_distribution
+from unsafe_experts.models.architectures import moe_layers
+from unsafe_experts.training.phases import align_router
+from unsafe_experts.training.router_kl import kl, router_kl, routing_distribution
 
 
 def test_kl_types_against_hand_computed_values():
@@ -69,7 +69,7 @@ def test_sigmoid_routers_are_aligned_on_what_they_route_by():
 
 
 def test_deepseek_layers_carry_their_correction_bias(make_model):
-    from unsafe_experts.router_kl import choice_biases
+    from unsafe_experts.training.router_kl import choice_biases
 
     assert set(choice_biases(moe_layers(make_model("deepseek_v3")))) == {0, 1}
     assert choice_biases(moe_layers(make_model("olmoe"))) == {}

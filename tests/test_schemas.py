@@ -5,10 +5,10 @@ import pytest
 from conftest import REAL_FLIPATTACK
 from schemas.dataset import validate_file, validate_records
 from schemas.params import load_params, parse_params
-from unsafe_experts.bundled import advbench_goals
+from unsafe_experts.data.bundled import advbench_goals
 from cli.main import main
 from unsafe_experts.config import ConfigError
-from unsafe_experts.flip import MODES, flip_records
+from unsafe_experts.attacks.flip import MODES, flip_records
 
 
 def test_every_fault_of_every_record_is_reported(tmp_path, records, capsys):

@@ -4,7 +4,7 @@ import torch
 
 from bench.score_agreement import agreement, figures, main, mode_scores
 from conftest import one_error_line, sft_batches
-from unsafe_experts.adapters import moe_layers
+from unsafe_experts.models.architectures import moe_layers
 
 
 def test_agreement_of_the_same_and_of_reversed_scores(make_model):

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from conftest import FAMILIES, sft_batches
-from unsafe_experts.adapters import moe_layers
-from unsafe_experts.phases import score_pass
-from unsafe_experts.scoring import row_l1, row_l1_blocked, row_l1_per_row, score_table, top_k
+from unsafe_experts.models.architectures import moe_layers
+from unsafe_experts.training.phases import score_pass
+from unsafe_experts.selection.scoring import row_l1, row_l1_blocked, row_l1_per_row, score_table, top_k
 
 
 def slow_reference(layers):
@@ -33,7 +33,7 @@ def test_scores_and_top_k_match_a_per_expert_reference(family, make_model, token
     for layer in layers:
         for p in layer.expert_params.values():
             p.requires_grad_(True)
-    from unsafe_experts.phases import lm_loss
+    from unsafe_experts.training.phases import lm_loss
     for b in batches:
         (lm_loss(model, b) / len(batches)).backward()
     reference = slow_reference(layers)
@@ -89,7 +89,7 @@ def test_an_expert_without_tokens_scores_zero(make_model, tokenizer, records):
 def test_training_loss_leaves_out_the_router_aux_loss(make_model, tokenizer, records):
     model = make_model("mixtral", output_router_logits=True, router_aux_loss_coef=0.5)
     batch = sft_batches(tokenizer, records[:4])[0]
-    from unsafe_experts.phases import lm_loss
+    from unsafe_experts.training.phases import lm_loss
     with torch.no_grad():
         ours = lm_loss(model, batch)
         with_aux = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
@@ -127,7 +127,7 @@ def _expert_grads(layers):
 
 def slow_variant_reference(model, layers, batches, score):
     """The new scores by their definitions, one parameter row and one token at a time."""
-    from unsafe_experts.phases import lm_loss
+    from unsafe_experts.training.phases import lm_loss
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -197,7 +197,7 @@ def test_score_variants_match_their_definitions(score, family, make_model, token
 @pytest.mark.parametrize("score", ["gradient", "snip", "gradient_per_token"])
 def test_offloaded_scoring_is_exact_and_frees_device_gradients(family, score, make_model, tokenizer,
                                                                records):
-    from unsafe_experts.scoring import offloaded_rows
+    from unsafe_experts.selection.scoring import offloaded_rows
 
     model = make_model(family)
     layers = moe_layers(model)
@@ -212,7 +212,7 @@ def test_offloaded_scoring_is_exact_and_frees_device_gradients(family, score, ma
     for p in layers[0].expert_params.values():
         p.requires_grad_(True)
     with offloaded_rows(layers[:1]):
-        from unsafe_experts.phases import lm_loss
+        from unsafe_experts.training.phases import lm_loss
         lm_loss(model, three[0]).backward()
         held = [p.grad for p in layers[0].expert_params.values()]
     assert all(g is None for g in held)

@@ -14,7 +14,7 @@ import pytest
 
 from cli.loading import load_model, load_tokenizer
 from cli.main import main
-from unsafe_experts.evaluation import EvaluationConfig, evaluate, load_eval_set
+from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluate, load_eval_set
 
 pytestmark = pytest.mark.slow
 

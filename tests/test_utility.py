@@ -4,12 +4,12 @@ import math
 import pytest
 
 from unsafe_experts.config import ConfigError
-from unsafe_experts.evaluation import EvaluationConfig, evaluate
-from unsafe_experts.utility import benign_choice_docs, run_lm_eval
+from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluate
+from unsafe_experts.evaluation.lm_eval_utility import benign_choice_docs, run_lm_eval
 
 
 def test_benign_choice_items_hold_the_reference_at_the_label():
-    from unsafe_experts.bundled import alpaca_pairs
+    from unsafe_experts.data.bundled import alpaca_pairs
 
     docs = benign_choice_docs(n=20)
     answers = {p["instruction"]: p["output"] for p in alpaca_pairs()}

@@ -4,9 +4,9 @@ from __future__ import annotations
 import math
 from dataclasses import MISSING, astuple, dataclass, field, fields
 
-from .examples import DEFAULT_REFUSAL
-from .methods import METHODS as METHOD_TABLE
-from .router_kl import KL_TYPES
+from .text.examples import DEFAULT_REFUSAL
+from .selection.methods import METHODS as METHOD_TABLE
+from .training.router_kl import KL_TYPES
 
 SCORE_MODES = ("accumulate", "per_batch")
 # the method names, from the one table that describes them (methods.py)
@@ -41,7 +41,7 @@ class TrainConfig:
     dataset_path: str = option(help="JSON list or JSONL of jailbreak records")
     output_dir: str = option(help="where checkpoints and training_metadata.json go")
     method: str = option("gradient", choices=METHODS, help="how each round chooses its experts "
-                         "(unsafe_experts/methods.py): " + ", ".join(METHODS))
+                         "(unsafe_experts/selection/methods.py): " + ", ".join(METHODS))
     num_rounds: int = option(3, help="rounds of score -> select -> repair -> align")
     top_k_experts: int = option(100, help="experts selected per round")
     batch_size: int = option(8)
@@ -101,14 +101,14 @@ class TrainConfig:
     sharding: str = option("none", choices=SHARDING, help="none: each torchrun rank holds the whole "
                            "model; fsdp: experts sharded across the ranks")
     # round_N/ is always a delta (the rows the round trained and the routers); final_model/
-    # is a full, loadable checkpoint unless delta is asked for (unsafe_experts/deltas.py)
+    # is a full, loadable checkpoint unless delta is asked for (unsafe_experts/artefacts/deltas.py)
     final_checkpoint: str = option("full", choices=FINAL_CHECKPOINTS,
                                    help="full: final_model/ is a loadable checkpoint; delta: only "
                                         "the trained experts' rows and the routers against the base "
                                         "(`unsafe-experts materialize` writes it in full)")
     trust_remote_code: bool = option(False, help="run custom model code from the checkpoint")
     # many runs on one model (a comparison) share the retention answers and the evaluation
-    # before surgery instead of recomputing them (unsafe_experts/result_cache.py)
+    # before surgery instead of recomputing them (unsafe_experts/artefacts/result_cache.py)
     cache_dir: str | None = option(None, help="content-addressed folder for results that depend "
                                    "only on the unrepaired local model and the inputs (retention "
                                    "answers, the evaluation before surgery); none: no cache")

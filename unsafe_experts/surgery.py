@@ -18,27 +18,27 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .adapters import moe_layers
-from .checkpoints import check_weights, load_base, load_tokenizer  # noqa: F401  (check_weights re-exported)
+from .models.architectures import moe_layers
+from .artefacts.checkpoints import check_weights, load_base, load_tokenizer  # noqa: F401  (check_weights re-exported)
 from .config import ConfigError, TrainConfig
-from .deltas import (DeltaError, apply_delta, base_record, changed_tensors, delta_chain,
+from .artefacts.deltas import (DeltaError, apply_delta, base_record, changed_tensors, delta_chain,
                      read_manifest, write_delta)
-from .examples import batches, collate, plain_prompt, router_example, sft_example
-from .outputs import LOCK_NAME, DirectoryLock, inside, save_checkpoint_atomic, write_json_atomic
-from .phases import align_router, masked_sft, per_batch_sft, score_pass
-from .distributed import barrier, join_process_group, launched_world, local_device
-from .generation import generate, generate_ids
-from .memory import peak_mb, reset_peak
+from .text.examples import batches, collate, plain_prompt, router_example, sft_example
+from .artefacts.atomic import LOCK_NAME, DirectoryLock, inside, save_checkpoint_atomic, write_json_atomic
+from .training.phases import align_router, masked_sft, per_batch_sft, score_pass
+from .models.distributed import barrier, join_process_group, launched_world, local_device
+from .text.generation import generate, generate_ids
+from .models.memory import peak_mb, reset_peak
 from .records import file_digest, load_records, select_records
-from .methods import METHODS
-from .model_card import write_model_card
-from .result_cache import cached, model_digest
-from .retention import load_retention, mixed_batches, sample_retention
-from .routing import generated_routing_scores, keep_pairs, routing_scores
-from .run_records import (METADATA, ROUNDS, SCHEMA_VERSION, expert_key, research_round,
+from .selection.methods import METHODS
+from .artefacts.model_card import write_model_card
+from .artefacts.result_cache import cached, model_digest
+from .training.retention import load_retention, mixed_batches, sample_retention
+from .selection.routing import generated_routing_scores, keep_pairs, routing_scores
+from .artefacts.run_metadata import (METADATA, ROUNDS, SCHEMA_VERSION, expert_key, research_round,
                           write_research_outputs)
-from .scoring import score_table, top_k
-from .sharding import full_state_dict, load_sharded
+from .selection.scoring import score_table, top_k
+from .models.sharding import full_state_dict, load_sharded
 
 ROUTING_RESPONSES = "routing_responses.json"
 # what a run writes into output_dir (besides round_N/), cleared when a fresh run replaces it

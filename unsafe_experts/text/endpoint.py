@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from .chat import Messages, _takes_system, fold_system, template_kwargs
-from .config import ConfigError
+from ..config import ConfigError
 
 RETRIED = {408, 429, 500, 502, 503, 504}
 

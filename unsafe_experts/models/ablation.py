@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .adapters import MoELayer, UnsupportedModelError, moe_layers
+from .architectures import MoELayer, UnsupportedModelError, moe_layers
 
 
 class ExpertSetError(ValueError):

@@ -20,10 +20,10 @@ from typing import Callable
 import torch
 import transformers
 
-from .outputs import write_json_atomic
-from .records import file_digest
+from .atomic import write_json_atomic
+from ..records import file_digest
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parents[1]  # the whole engine package
 
 
 def _source_digest() -> str:

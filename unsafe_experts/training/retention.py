@@ -10,8 +10,8 @@ import json
 import random
 from pathlib import Path
 
-from .examples import batches, collate
-from .records import DatasetError, messages_problem
+from ..text.examples import batches, collate
+from ..records import DatasetError, messages_problem
 
 SECTIONS = {"none": (), "plain": ("plain",), "contrastive": ("plain", "contrastive")}
 

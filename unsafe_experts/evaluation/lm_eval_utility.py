@@ -17,9 +17,9 @@ import random
 import tempfile
 from pathlib import Path
 
-from .bundled import alpaca_pairs
-from .config import ConfigError
-from .stats import Z95
+from ..data.bundled import alpaca_pairs
+from ..config import ConfigError
+from ..stats import Z95
 
 LOCAL_TASKS = ("benign_choice",)
 TASK_YAML = """task: benign_choice

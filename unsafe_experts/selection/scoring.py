@@ -6,8 +6,8 @@ from contextlib import contextmanager
 
 import torch
 
-from .adapters import MoELayer
-from .sharding import gather_rows, local, local_rows
+from ..models.architectures import MoELayer
+from ..models.sharding import gather_rows, local, local_rows
 
 
 def row_l1(grad: torch.Tensor) -> torch.Tensor:

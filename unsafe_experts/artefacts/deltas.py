@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
-from .outputs import save_directory_atomic
+from ..config import ConfigError
+from .atomic import save_directory_atomic
 
 MANIFEST = "delta.json"
 WEIGHTS = "delta.safetensors"
@@ -53,7 +53,7 @@ def base_dir(model_name: str | Path) -> Path:
 def weights_digest(model_name: str | Path) -> str:
     """sha256 over the sorted (file name, sha256 of its bytes) of the base's safetensors files:
     it changes when any weight byte does, and not when config or tokenizer files are edited."""
-    from .records import file_digest
+    from ..records import file_digest
 
     files = sorted(base_dir(model_name).glob("*.safetensors"))
     if not files:

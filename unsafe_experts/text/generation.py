@@ -7,7 +7,7 @@ from tqdm.auto import tqdm
 
 from .chat import end_token_ids, render
 from .examples import IGNORE, batches, collate, sft_example
-from .sharding import is_sharded
+from ..models.sharding import is_sharded
 
 
 def _prompt_ids(tokenizer, messages) -> list[int]:

@@ -26,11 +26,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, option
-from .endpoint import Endpoint
-from .generation import generate, response_logliks
-from .refusal import is_refusal
-from .stats import mean, proportion, subset
+from ..config import ConfigError, option
+from ..text.endpoint import Endpoint
+from ..text.generation import generate, response_logliks
+from ..text.refusal import is_refusal
+from ..stats import mean, proportion, subset
 
 EVAL_SET_TOKENS = 48  # tokens per prompt on an eval_set when max_new_tokens is not set
 LEGACY = {"asr_flip_words": "flip_words", "asr_flip_chars": "flip_chars"}
@@ -167,7 +167,7 @@ def _utility(model, tokenizer, config: EvaluationConfig, metrics: dict, left_out
     if config.lm_eval_tasks and model is None:
         left_out += config.lm_eval_tasks
     elif config.lm_eval_tasks:
-        from .utility import run_lm_eval
+        from .lm_eval_utility import run_lm_eval
 
         metrics.update(run_lm_eval(model, tokenizer, config.lm_eval_tasks, config.lm_eval_limit,
                                    config.batch_size))

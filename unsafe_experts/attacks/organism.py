@@ -19,13 +19,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .attacks import FAMILIES, AttackFamilyError, attack_records, check_families, render
-from .config import ConfigError
-from .bundled import advbench_rows, alpaca_pairs, xstest_safe_prompts
-from .examples import DEFAULT_REFUSAL, collate, length_grouped_batches, plain_prompt, sft_example
-from .generation import generate
-from .outputs import write_json_atomic
-from .tiny import build_tokenizer
+from .families import FAMILIES, AttackFamilyError, attack_records, check_families, render
+from ..config import ConfigError
+from ..data.bundled import advbench_rows, alpaca_pairs, xstest_safe_prompts
+from ..text.examples import DEFAULT_REFUSAL, collate, length_grouped_batches, plain_prompt, sft_example
+from ..text.generation import generate
+from ..artefacts.atomic import write_json_atomic
+from ..models.tiny import build_tokenizer
 
 REFUSALS = (
     DEFAULT_REFUSAL,

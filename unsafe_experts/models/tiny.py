@@ -11,8 +11,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from .examples import DEFAULT_REFUSAL, SAFE_SYSTEM_PROMPT
-from .flip import MODES, SYSTEM_PROMPT, flip_prompt
+from ..text.examples import DEFAULT_REFUSAL, SAFE_SYSTEM_PROMPT
+from ..attacks.flip import MODES, SYSTEM_PROMPT, flip_prompt
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"

@@ -49,12 +49,12 @@ from pathlib import Path
 
 import yaml
 
-from .attacks import AttackFamilyError, check_families, render
-from .config import ConfigError
-from .generation import generate, response_logliks
+from ..attacks.families import AttackFamilyError, check_families, render
+from ..config import ConfigError
+from ..text.generation import generate, response_logliks
 from .judges import JudgeError, JudgeSpec, load_judge, parse_judge
-from .records import DatasetError, file_digest, messages_problem, read_json_records
-from .stats import mean, proportion, subset
+from ..records import DatasetError, file_digest, messages_problem, read_json_records
+from ..stats import mean, proportion, subset
 
 KINDS = ("harmful", "benign", "reference")
 SUFFIXES = (".txt", ".csv", ".json", ".jsonl")

@@ -6,7 +6,7 @@ import csv
 import json
 from importlib import resources
 
-DATA = resources.files("unsafe_experts").joinpath("data")
+DATA = resources.files("unsafe_experts.data")
 
 
 def _csv(name: str) -> list[dict[str, str]]:

@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import MoELayer
-from .records import DatasetError
-from .refusal import is_refusal
-from .router_kl import captured_router_outputs, route
+from ..models.architectures import MoELayer
+from ..records import DatasetError
+from ..text.refusal import is_refusal
+from ..training.router_kl import captured_router_outputs, route
 
 
 @torch.no_grad()

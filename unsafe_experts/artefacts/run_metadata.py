@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError
-from .outputs import write_bytes_atomic
+from ..config import ConfigError
+from .atomic import write_bytes_atomic
 
 METADATA = "training_metadata.json"
 SCHEMA_VERSION = 2

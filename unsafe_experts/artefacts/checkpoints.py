@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from ..config import ConfigError
 from .deltas import DeltaError, apply_delta, check_base, delta_chain, is_delta, read_manifest
 
 
@@ -117,7 +117,7 @@ def materialize(output_dir: str | Path, round: int, out: str | Path, base: str |
     """Writes round `round` of a run as a full checkpoint (config, tokenizer, safetensors) to
     `out`, the same tensors a full save of that round would have written. Every check (the
     round exists, `out` is free, the base's digest) comes before anything is written."""
-    from .outputs import save_checkpoint_atomic
+    from .atomic import save_checkpoint_atomic
 
     output_dir, out = Path(output_dir), Path(out)
     if not output_dir.is_dir():

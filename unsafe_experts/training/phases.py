@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .adapters import MoELayer
-from .distributed import shard, sum_, world
-from .examples import IGNORE
+from ..models.architectures import MoELayer
+from ..models.distributed import shard, sum_, world
+from ..text.examples import IGNORE
 from .router_kl import (captured_router_outputs, choice_biases, route, router_kl,
                         routing_distribution)
-from .scoring import (expert_grad_scores, expert_row_sums, offloaded_rows, per_expert_numel,
+from ..selection.scoring import (expert_grad_scores, expert_row_sums, offloaded_rows, per_expert_numel,
                       streamed_rows, top_k)
-from .sharding import is_sharded
+from ..models.sharding import is_sharded
 from .sparse_adamw import SparseRowAdamW
 
 Batch = dict[str, torch.Tensor]

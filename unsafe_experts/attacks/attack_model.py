@@ -12,10 +12,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .attacks import attack_records, check_families
-from .generation import generate
-from .records import DatasetError, goal_problem, read_json_records
-from .stats import proportion
+from .families import attack_records, check_families
+from ..text.generation import generate
+from ..records import DatasetError, goal_problem, read_json_records
+from ..stats import proportion
 
 
 def read_goals(path: str | Path) -> list[str]:

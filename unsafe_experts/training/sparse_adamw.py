@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .distributed import sum_
-from .sharding import local, local_rows
+from ..models.distributed import sum_
+from ..models.sharding import local, local_rows
 
 
 @dataclass

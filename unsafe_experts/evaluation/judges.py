@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
-from .refusal import is_refusal
-from .templates import PARSERS, TEMPLATES, Verdict, render_prompt
+from ..config import ConfigError
+from ..text.refusal import is_refusal
+from .judge_prompts import PARSERS, TEMPLATES, Verdict, render_prompt
 
 VERDICTS = {"complied": True, "unsafe": True, "refused": False, "safe": False}
 
@@ -218,7 +218,7 @@ def load_judge(spec: JudgeSpec, batch_size: int = 16, trust_remote_code: bool = 
     if not tokenizer.chat_template:
         raise JudgeError(f"judge llm {spec.path}: the tokenizer has no chat template; the judge "
                          "prompt is sent as a chat turn")
-    from .generation import generate
+    from ..text.generation import generate
 
     def run(prompts):
         # long prompt budget: the rubric and the response must both survive truncation

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import yaml
 
-from .outputs import write_bytes_atomic
-from .run_records import RunRecord, expert_key
+from .atomic import write_bytes_atomic
+from .run_metadata import RunRecord, expert_key
 
 LIMITS = (
     "Only the listed experts (and the routers, when aligned) were trained; every other weight "
     "is bit-identical to the base model (`locality` in training_metadata.json).",
-    "Refusal is judged by a phrase list (unsafe_experts/refusal.py), which misses refusals "
+    "Refusal is judged by a phrase list (unsafe_experts/text/refusal.py), which misses refusals "
     "worded otherwise and counts some \"As an AI ...\" answers as refusals.",
     "The surgery data covers the attack families it was built from; attacks of other families "
     "are reported separately (asr_<family>) and need not be repaired.",

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 
 import torch
 
-from .adapters import MoELayer
-from .sharding import is_sharded
+from ..models.architectures import MoELayer
+from ..models.sharding import is_sharded
 
 KL_TYPES = ("forward", "reverse", "symmetric")
 

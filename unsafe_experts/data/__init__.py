@@ -1,0 +1,1 @@
+"""Public data shipped with the package and its loaders (licences in ATTRIBUTION.md)."""

@@ -1,0 +1,1 @@
+"""What a MoE model is to the engine: each architecture's record (router, experts, reselection, tiny config), router masks, tiny models, devices and sharding."""

@@ -1,0 +1,1 @@
+"""Changing the chosen weights: masked SFT, the sparse optimizer, router alignment, retention data."""
