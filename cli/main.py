@@ -8,20 +8,12 @@ import signal
 import sys
 import threading
 
-from unsafe_experts.models.ablation import ExpertSetError
-from unsafe_experts.models.architectures import UnsupportedModelError
-from unsafe_experts.attacks.families import AttackFamilyError
-from unsafe_experts.config import ConfigError
-from unsafe_experts.text.examples import ExampleError
-from unsafe_experts.text.harmony import HarmonyError
-from unsafe_experts.artefacts.atomic import OutputDirBusyError
-from unsafe_experts.training.phases import NonFiniteLossError
-from unsafe_experts.records import DatasetError
+from unsafe_experts.errors import UserError
 
 from . import ablate, attack, commands, register, train
 
-USER_ERRORS = (ConfigError, DatasetError, ExampleError, UnsupportedModelError, OSError,
-               NonFiniteLossError, OutputDirBusyError, ExpertSetError, AttackFamilyError, HarmonyError)
+# every engine error the user can fix derives from UserError; a file the OS refuses is one too
+USER_ERRORS = (UserError, OSError)
 
 
 def parser() -> tuple[argparse.ArgumentParser, dict]:

@@ -22,12 +22,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
 
 from tasks import tracking
+from unsafe_experts.errors import UserError
 
 # figures that describe a repair's safety, tagged before and after on every version
 SAFETY_PREFIXES = ("asr_", "over_refusal", "plain_refusal")
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError, ValueError):
     """A run that cannot be registered (unknown, or not finished): the user's to fix."""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import MISSING, astuple, dataclass, field, fields
 
+from .errors import ConfigError
 from .text.examples import DEFAULT_REFUSAL
 from .selection.methods import METHODS as METHOD_TABLE
 from .training.router_kl import KL_TYPES
@@ -21,10 +22,6 @@ EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
 # formats), so the repair learns to refuse harm rather than the jailbreak's format
 RETENTION = ("none", "plain", "contrastive")
 FINAL_CHECKPOINTS = ("full", "delta")
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def option(default=MISSING, help: str = "", factory=None, **meta):

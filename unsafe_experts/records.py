@@ -6,12 +6,10 @@ import json
 import random
 from pathlib import Path
 
+from .errors import DatasetError
+
 
 ROLES = ("system", "user", "assistant")
-
-
-class DatasetError(ValueError):
-    pass
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:

@@ -20,7 +20,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .models.architectures import moe_layers
 from .artefacts.checkpoints import check_weights, load_base, load_tokenizer  # noqa: F401  (check_weights re-exported)
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
+from .errors import ConfigError
 from .artefacts.deltas import (DeltaError, apply_delta, base_record, changed_tensors, delta_chain,
                      read_manifest, write_delta)
 from .text.examples import batches, collate, plain_prompt, router_example, sft_example

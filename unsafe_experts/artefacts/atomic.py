@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..errors import OutputDirBusyError
+
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     path = Path(path)
@@ -55,10 +57,6 @@ def save_checkpoint_atomic(model, tokenizer, path: str | Path, state_dict=None) 
         tokenizer.save_pretrained(tmp)
 
     save_directory_atomic(path, write)
-
-
-class OutputDirBusyError(RuntimeError):
-    pass
 
 
 LOCK_NAME = ".unsafe-experts.lock"

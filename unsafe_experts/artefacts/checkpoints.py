@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .deltas import DeltaError, apply_delta, check_base, delta_chain, is_delta, read_manifest
 
 

@@ -23,16 +23,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
+from ..errors import DeltaError
+from ..errors import ConfigError
 from .atomic import save_directory_atomic
 
 MANIFEST = "delta.json"
 WEIGHTS = "delta.safetensors"
 FORMAT = "unsafe-experts-delta/1"
-
-
-class DeltaError(ConfigError):
-    pass
 
 
 def is_delta(path: str | Path) -> bool:

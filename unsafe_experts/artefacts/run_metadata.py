@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .atomic import write_bytes_atomic
 
 METADATA = "training_metadata.json"

@@ -21,13 +21,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..errors import AttackFamilyError
 from .flip import flip, flip_prompt
 
 Messages = list[dict[str, str]]
-
-
-class AttackFamilyError(ValueError):
-    pass
 
 
 def _user(text: str, system: str | None = None) -> Messages:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .families import FAMILIES, AttackFamilyError, attack_records, check_families, render
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..data.bundled import advbench_rows, alpaca_pairs, xstest_safe_prompts
 from ..text.examples import DEFAULT_REFUSAL, collate, length_grouped_batches, plain_prompt, sft_example
 from ..text.generation import generate

@@ -26,7 +26,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ConfigError, option
+from ..config import option
+from ..errors import ConfigError
 from ..text.endpoint import Endpoint
 from ..text.generation import generate, response_logliks
 from ..text.refusal import is_refusal

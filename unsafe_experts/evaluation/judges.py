@@ -22,15 +22,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
+from ..errors import JudgeError
+from ..errors import ConfigError
 from ..text.refusal import is_refusal
 from .judge_prompts import PARSERS, TEMPLATES, Verdict, render_prompt
 
 VERDICTS = {"complied": True, "unsafe": True, "refused": False, "safe": False}
-
-
-class JudgeError(ConfigError):
-    pass
 
 
 @dataclass(frozen=True)

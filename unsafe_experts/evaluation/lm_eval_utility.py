@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from ..data.bundled import alpaca_pairs
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..stats import Z95
 
 LOCAL_TASKS = ("benign_choice",)

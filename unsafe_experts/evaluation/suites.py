@@ -49,8 +49,9 @@ from pathlib import Path
 
 import yaml
 
+from ..errors import SuiteError
 from ..attacks.families import AttackFamilyError, check_families, render
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..text.generation import generate, response_logliks
 from .judges import JudgeError, JudgeSpec, load_judge, parse_judge
 from ..records import DatasetError, file_digest, messages_problem, read_json_records
@@ -71,10 +72,6 @@ BUNDLED = resources.files("unsafe_experts").joinpath("suites")
 # the working directory, so the name points there (any organism folder works as a suite too)
 GENERATED = {"organism": Path("build/organism")}
 ORGANISM_EVAL_SET = "eval_set.json"
-
-
-class SuiteError(ConfigError):
-    pass
 
 
 @dataclass(frozen=True)

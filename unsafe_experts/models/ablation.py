@@ -18,11 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import ExpertSetError
 from .architectures import MoELayer, UnsupportedModelError, moe_layers
-
-
-class ExpertSetError(ValueError):
-    pass
 
 
 def _softmax_top_k(router, hidden, logits, cast: bool):

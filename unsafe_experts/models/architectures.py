@@ -7,6 +7,8 @@ Always-on shared experts (Qwen2-MoE, DeepSeek-V3) live outside `experts` and are
 """
 from __future__ import annotations
 
+from ..errors import UnsupportedModelError
+
 from dataclasses import dataclass
 
 from torch import nn
@@ -22,10 +24,6 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "gpt_oss": ("mlp", "router"),
     "granitemoe": ("block_sparse_moe", "router"),
 }
-
-
-class UnsupportedModelError(ValueError):
-    pass
 
 
 @dataclass

@@ -28,14 +28,11 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
+from ..errors import EndpointError
 from .chat import Messages, _takes_system, fold_system, template_kwargs
-from ..config import ConfigError
+from ..errors import ConfigError
 
 RETRIED = {408, 429, 500, 502, 503, 504}
-
-
-class EndpointError(ConfigError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -5,15 +5,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import ExampleError
 from .chat import render
 
 DEFAULT_REFUSAL = "I cannot assist with that request as it may be harmful or unsafe."
 SAFE_SYSTEM_PROMPT = "You are a helpful assistant."
 IGNORE = -100
-
-
-class ExampleError(ValueError):
-    pass
 
 
 @dataclass

@@ -23,6 +23,8 @@ message's instructions, as the harmony format and GPT-OSS's chat template both d
 """
 from __future__ import annotations
 
+from ..errors import HarmonyError
+
 START, END, MESSAGE, CHANNEL, RETURN, CALL = (
     "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>")
 TOKENS = (START, END, MESSAGE, CHANNEL, RETURN, CALL)
@@ -32,10 +34,6 @@ SYSTEM = ("You are ChatGPT, a large language model trained by OpenAI.\n"
           "Knowledge cutoff: 2024-06\n\n"
           "Reasoning: medium\n\n"
           "# Valid channels: analysis, commentary, final. Channel must be included for every message.")
-
-
-class HarmonyError(ValueError):
-    """Messages the harmony rendering cannot express for the surgery (a role it has no use for)."""
 
 
 def is_harmony(tokenizer) -> bool:

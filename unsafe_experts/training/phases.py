@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import NonFiniteLossError
 from ..models.architectures import MoELayer
 from ..models.distributed import shard, sum_, world
 from ..text.examples import IGNORE
@@ -67,10 +68,6 @@ def lm_backward(model, batch: Batch, micro: int | None, desc: str, step: int, st
         loss.backward()
         total += loss.detach()
     return total
-
-
-class NonFiniteLossError(FloatingPointError):
-    pass
 
 
 def _finite(loss: torch.Tensor, desc: str, step: int, batches: int) -> torch.Tensor:
