@@ -38,3 +38,14 @@ def test_the_command_reference_is_current():
 
     assert (ROOT / "docs" / "cli.md").read_text() == reference(), \
         "regenerate it: python -m cli.reference > docs/cli.md"
+
+
+def test_the_module_map_is_current_and_every_module_has_a_docstring():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("module_map", ROOT / "scripts" / "module_map.py")
+    module_map = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module_map)
+    assert module_map.missing_docstrings() == []
+    assert (ROOT / "docs" / "modules.md").read_text() == module_map.module_map(), \
+        "regenerate it: python scripts/module_map.py > docs/modules.md"

@@ -97,3 +97,63 @@ def test_the_organism_stages_depend_on_every_module_an_organism_build_runs(stage
     # a module left out would let `dvc repro` keep an organism its code no longer builds
     assert needed - covered == set()
     assert {d for d in deps if d.endswith(".py")} <= needed  # and nothing the build does not run
+
+
+# The engine's one-way order: a package (or top-level module) may import only those before it.
+ORDER = ["errors", "stats", "records", "data", "models", "text", "artefacts", "training",
+         "selection", "config", "attacks", "evaluation", "surgery"]
+
+
+def unit(path: Path) -> str:
+    """The package (or top-level module) an engine file belongs to."""
+    parts = path.relative_to(ROOT / "unsafe_experts").with_suffix("").parts
+    return parts[0]
+
+
+def upward_imports(root: Path) -> list[str]:
+    """'a -> b' for every engine file of unit a that imports one of unit b, b later in ORDER."""
+    rank = {name: i for i, name in enumerate(ORDER)}
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "__init__.py" and path.parent == root:
+            continue
+        for target in relative_targets(path):
+            a, b = unit(path), unit(target)
+            if a != b and rank[b] > rank[a]:
+                bad.append(f"{path.relative_to(ROOT)} -> {target.relative_to(ROOT)}")
+    return bad
+
+
+def test_every_engine_package_is_in_the_order():
+    found = {unit(p) for p in (ROOT / "unsafe_experts").rglob("*.py")} - {"__init__"}
+    assert found == set(ORDER)
+
+
+def test_the_engine_imports_one_way():
+    assert upward_imports(ROOT / "unsafe_experts") == []
+
+
+def test_the_order_check_sees_an_upward_import(tmp_path, monkeypatch):
+    # a models module reaching up into evaluation must be reported
+    pkg = tmp_path / "unsafe_experts"
+    for sub in ("models", "evaluation"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "evaluation" / "judges.py").write_text("X = 1\n")
+    (pkg / "models" / "bad.py").write_text("def f():\n    from ..evaluation.judges import X\n")
+    monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
+    assert upward_imports(pkg) == ["unsafe_experts/models/bad.py -> unsafe_experts/evaluation/judges.py"]
+
+
+def test_no_two_engine_modules_differ_by_one_letter():
+    names = sorted({p.stem for p in (ROOT / "unsafe_experts").rglob("*.py")} - {"__init__"})
+
+    def one_apart(a, b):
+        if abs(len(a) - len(b)) > 1 or a == b:
+            return False
+        if len(a) == len(b):
+            return sum(x != y for x, y in zip(a, b)) == 1
+        short, long_ = sorted((a, b), key=len)
+        return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
+    assert [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if one_apart(a, b)] == []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from ..models.modes import eval_mode
 from .families import attack_records, check_families
 from ..text.generation import generate
 from ..records import DatasetError, goal_problem, read_json_records
@@ -48,24 +49,20 @@ def run_attack(model, tokenizer, goals: list[str], families: list[str], judge, j
     """(records, {family: proportion of attacks judged successful, with `unparsed`}). With an
     `endpoint` (endpoint.Endpoint) a server generates the responses and `model` may be None."""
     families = check_families(families)
-    was_training = model is not None and model.training
-    if model is not None:
-        model.eval()
     records, summary = [], {}
-    for family in families:
-        batch = attack_records(goals, family, start_id=len(records))
-        responses = generate(model, tokenizer, [r["all_prompt"] for r in batch], max_new_tokens,
-                             batch_size, desc=family, progress=progress, endpoint=endpoint)
-        verdicts = judge(goals, responses)
-        for record, response, verdict in zip(batch, responses, verdicts):
-            success = None if verdict.complied is None else int(verdict.complied)
-            record.update(response=response, judge=judge_name, judge_success=success,
-                          judge_success_gpt4=success)
-            if verdict.score is not None:
-                record["judge_score"] = verdict.score
-        parsed = [v.complied for v in verdicts if v.complied is not None]
-        summary[family] = {**proportion(parsed), "unparsed": len(verdicts) - len(parsed)}
-        records += batch
-    if model is not None:
-        model.train(was_training)
+    with eval_mode(model):
+        for family in families:
+            batch = attack_records(goals, family, start_id=len(records))
+            responses = generate(model, tokenizer, [r["all_prompt"] for r in batch], max_new_tokens,
+                                 batch_size, desc=family, progress=progress, endpoint=endpoint)
+            verdicts = judge(goals, responses)
+            for record, response, verdict in zip(batch, responses, verdicts):
+                success = None if verdict.complied is None else int(verdict.complied)
+                record.update(response=response, judge=judge_name, judge_success=success,
+                              judge_success_gpt4=success)
+                if verdict.score is not None:
+                    record["judge_score"] = verdict.score
+            parsed = [v.complied for v in verdicts if v.complied is not None]
+            summary[family] = {**proportion(parsed), "unparsed": len(verdicts) - len(parsed)}
+            records += batch
     return records, summary

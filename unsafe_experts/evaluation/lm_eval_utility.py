@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from ..data.bundled import alpaca_pairs
+from ..models.modes import eval_mode
 from ..errors import ConfigError
 from ..stats import Z95
 
@@ -77,12 +78,10 @@ def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None = None,
         if unknown:
             raise ConfigError(f"lm_eval_tasks: unknown task(s) {', '.join(unknown)} (local tasks: "
                               f"{', '.join(LOCAL_TASKS)}; hub tasks such as mmlu need their data)")
-        was_training = model.training
-        model.eval()
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        results = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                  log_samples=False, bootstrap_iters=1000)
-        model.train(was_training)
+        with eval_mode(model):
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            results = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                      log_samples=False, bootstrap_iters=1000)
     out = {}
     for task, values in results["results"].items():
         n = results.get("n-samples", {}).get(task, {}).get("effective")
