@@ -5,27 +5,31 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError
 from .chat import end_token_ids, render
 from .examples import IGNORE, batches, collate, sft_example
 from ..models.sharding import is_sharded
 
 
-def _prompt_ids(tokenizer, messages) -> list[int]:
-    text = render(tokenizer, messages, add_generation_prompt=True)
+def _prompt_ids(tokenizer, messages, prefill: str = "") -> list[int]:
+    """The generation prompt's ids; with `prefill`, the assistant turn already begins with it
+    (the prefilling attack: the model continues an answer it did not choose to start)."""
+    text = render(tokenizer, messages, add_generation_prompt=True) + prefill
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @torch.no_grad()
 def generate_ids(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 48,
                  batch_size: int = 16, max_prompt_tokens: int = 512, desc: str = "generate",
-                 progress: bool = False) -> list[tuple[list[int], list[int]]]:
+                 progress: bool = False, prefill: str = "") -> list[tuple[list[int], list[int]]]:
     """Greedy continuations of chat prompts, left-padded in batches: per prompt, its (possibly
-    left-truncated) token ids and the generated ids up to and including the first end token."""
+    left-truncated) token ids and the generated ids up to and including the first end token
+    (after `prefill`, which is part of the prompt, not of the continuation)."""
     pad = tokenizer.pad_token_id
     ends = end_token_ids(tokenizer)
     out = []
     for chunk in tqdm(batches(prompts, batch_size), desc=desc, leave=False, disable=not progress):
-        ids = [_prompt_ids(tokenizer, m)[-max_prompt_tokens:] for m in chunk]
+        ids = [_prompt_ids(tokenizer, m, prefill)[-max_prompt_tokens:] for m in chunk]
         width = max(len(x) for x in ids)
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=model.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device)
@@ -42,14 +46,18 @@ def generate_ids(model, tokenizer, prompts: list[list[dict]], max_new_tokens: in
 
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 48,
              batch_size: int = 16, max_prompt_tokens: int = 512, desc: str = "generate",
-             progress: bool = False, endpoint=None) -> list[str]:
+             progress: bool = False, endpoint=None, prefill: str = "") -> list[str]:
     """Greedy continuations of chat prompts as text; special tokens dropped. With an
-    `endpoint` (endpoint.Endpoint) a server generates them and `model` may be None."""
+    `endpoint` (endpoint.Endpoint) a server generates them and `model` may be None. With
+    `prefill` the continuation is what follows that opening (a chat server cannot be
+    prefilled, so the two do not go together)."""
     if endpoint is not None:
+        if prefill:
+            raise ConfigError("a prefilled answer needs the model in this process, not an endpoint")
         return endpoint.generate(tokenizer, prompts, max_new_tokens, desc, progress)
     return [tokenizer.decode(gen, skip_special_tokens=True).strip()
             for _, gen in generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size,
-                                       max_prompt_tokens, desc, progress)]
+                                       max_prompt_tokens, desc, progress, prefill)]
 
 
 @torch.no_grad()
