@@ -94,3 +94,13 @@ def test_a_new_gradient_row_runs_through_the_surgery(tiny_dir, records_path, tmp
     assert ours["scores"] != gradient["scores"]  # the row's reduction, not the default one
     assert [f"L{l}_E{e}" for l, e in ours["experts"]] == list(ours["scores"])[:3]
     assert torch.isfinite(torch.tensor(list(ours["scores"].values()))).all()
+
+
+def test_training_never_imports_selection():
+    """The scoring passes sit in selection, above training: the one-way package order."""
+    from test_layering import relative_targets
+
+    training = sorted((ROOT / "unsafe_experts" / "training").glob("*.py"))
+    selection = ROOT / "unsafe_experts" / "selection"
+    assert training and not [p.name for p in training
+                             if any(t.is_relative_to(selection) for t in relative_targets(p))]
