@@ -30,7 +30,7 @@ from unsafe_experts.artefacts.checkpoints import load_base, load_tokenizer
 from unsafe_experts.config import TrainConfig
 from unsafe_experts.models.distributed import local_device
 from unsafe_experts.selection.methods import METHODS
-from unsafe_experts.training.phases import score_pass
+from unsafe_experts.selection.score_pass import score_pass
 from unsafe_experts.records import load_records
 from unsafe_experts.selection.scoring import top_k
 from unsafe_experts.surgery import prepare_data
@@ -136,7 +136,7 @@ def main(argv=None) -> None:
     p.add_argument("--params", help="a params.yaml whose train section sets the run (default: the "
                    "engine's defaults)")
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
-    p.add_argument("--method", choices=[m for m, row in METHODS.items() if row.kind == "gradient"])
+    p.add_argument("--method", choices=[m for m, row in METHODS.items() if row.from_gradients])
     p.add_argument("--batch_size", type=int)
     p.add_argument("--max_samples", type=int)
     p.add_argument("--device")

@@ -5,8 +5,9 @@ run of each, its final
 evaluation taken from the run's own training_metadata.json (so every metric, per attack family
 included, comes with it whatever the MLflow metric layout), identification time and peak
 memory; and one row per ablation file (`unsafe-experts ablate --out`), `ablated` true. Groups
-get mean, spread and a 95% interval over seeds; gradient and routing are compared paired on
-the seeds both ran; their expert sets are compared per round (Jaccard, Spearman).
+get mean, spread and a 95% interval over seeds; the methods' PAIRED headline (gradient and
+routing, selection/methods.py) is compared paired on the seeds both ran, and their expert sets
+per round (Jaccard, Spearman).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import pandas as pd
 
 from unsafe_experts.config import ConfigError
 from unsafe_experts.artefacts.run_metadata import METADATA, RunRecord
+from unsafe_experts.selection.methods import METHODS, PAIRED, trains_experts
 
 from . import tracking
 from .compare_stats import group_summary, paired
@@ -29,6 +31,10 @@ RUN = KEYS[:-1]  # what identifies a surgery run
 GROUP = [k for k in KEYS if k != "seed"]  # what the seeds repeat
 FIXED = ["plain_refusal", "over_refusal", "benign_loglik"]
 ASR_MEAN, FORMAT_MEAN = "asr_mean_families", "over_refusal_mean_families"
+# the methods k does not vary (they select none or all experts), drawn as horizontal reference
+# lines, each in the style of what it selects: the no-expert line first
+REFERENCE_STYLES = {m.name: style for selects, style in (("none", ":"), ("all", "--"))
+                    for m in METHODS.values() if not m.ranks and m.selects == selects}
 
 
 def organism_config(model_name: str) -> dict:
@@ -54,7 +60,7 @@ def run_row(run_id: str, meta: dict) -> dict | None:
     if "final" not in evaluation:
         return None
     params, rounds = meta["parameters"], list(meta["identified_experts_per_round"].values())
-    k = 0 if meta["method"] == "router_only" else len(rounds[0]["experts"]) if rounds else 0
+    k = 0 if not trains_experts(meta["method"]) else len(rounds[0]["experts"]) if rounds else 0
     timings = [t for key, t in meta["timings"].items() if key.startswith("round_")]
     return {"run_id": run_id, "method": meta["method"], "k": k, "seed": params["seed"],
             "organism_seed": organism_seed(params["model_name"]),
@@ -101,7 +107,7 @@ def latest_runs(experiment: str, wanted: list[dict] | None = None) -> pd.DataFra
 def _wanted_key(run: dict) -> tuple:
     """A params.yaml comparison run as the row key its surgery produces."""
     organism = run.get("organism", "organism")
-    return (run["method"], 0 if run["method"] == "router_only" else run["k"], run["seed"],
+    return (run["method"], run["k"] if trains_experts(run["method"]) else 0, run["seed"],
             organism_seed(f"build/{organism}/model"), run.get("retention", "plain"), run.get("lr", 1e-3))
 
 
@@ -157,14 +163,17 @@ def spearman(a: dict[str, float], b: dict[str, float]) -> float:
 
 
 def overlap(table: pd.DataFrame) -> pd.DataFrame:
-    """Per k and round: Jaccard of the gradient and routing expert sets, rank correlation of
-    their scores over all experts (the first seed both ran)."""
+    """Per k and round: Jaccard of the expert sets of the PAIRED methods (gradient, routing),
+    rank correlation of their scores over all experts (the first seed both ran)."""
     rows, runs = [], main_setting(table)
-    for k in sorted(set(runs.loc[runs.method == "gradient", "k"]) & set(runs.loc[runs.method == "routing", "k"])):
-        grad = RunRecord(Path(), _metadata(runs[(runs.method == "gradient") & (runs.k == k)].iloc[0]["run_id"]))
-        rout = RunRecord(Path(), _metadata(runs[(runs.method == "routing") & (runs.k == k)].iloc[0]["run_id"]))
-        theirs = rout.rounds()
-        for r, g in grad.rounds().items():
+
+    def first(method: str, k: int) -> RunRecord:
+        return RunRecord(Path(), _metadata(runs[(runs.method == method) & (runs.k == k)].iloc[0]["run_id"]))
+
+    ours, baseline = PAIRED
+    for k in sorted(set(runs.loc[runs.method == ours, "k"]) & set(runs.loc[runs.method == baseline, "k"])):
+        mine, theirs = first(ours, k).rounds(), first(baseline, k).rounds()
+        for r, g in mine.items():
             if r in theirs:
                 rows.append({"k": k, "round": r, "jaccard": tracking.jaccard(g.experts, theirs[r].experts),
                              "spearman": spearman(g.scores, theirs[r].scores)})
@@ -175,12 +184,12 @@ def asr_plot(table: pd.DataFrame, path: Path) -> Path:
     asr = [c for c in metric_columns(table) if c.startswith("asr_")]
     fig, axes = plt.subplots(1, len(asr), figsize=(3.2 * len(asr) + 1, 3.5), sharey=True, squeeze=False)
     runs = main_setting(table)
-    ranked = runs[~runs.method.isin(["router_only", "all_experts"])]
+    ranked = runs[~runs.method.isin(REFERENCE_STYLES)]
     for ax, metric in zip(axes[0], asr):
         for method, rows in ranked.groupby("method"):
             stats = rows.groupby("k")[metric].agg(["mean", "std"]).fillna(0)
             ax.errorbar(stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=3, label=method)
-        for method, style in (("router_only", ":"), ("all_experts", "--")):
+        for method, style in REFERENCE_STYLES.items():
             value = runs.loc[runs.method == method, metric]
             if len(value):
                 ax.axhline(value.mean(), linestyle=style, color="grey", label=method)
@@ -386,7 +395,7 @@ def write_comparison(experiment: str, out_csv: str | Path, wanted: list[dict] | 
     columns = [*KEYS, "rounds", *metrics, "identify_s"]
     table = table.reindex(columns=list(dict.fromkeys([*columns, *table.columns])))
     means = group_summary(table, GROUP, metrics)
-    tests = paired(table, "gradient", "routing", metrics)
+    tests = paired(table, *PAIRED, metrics)
     overlaps = overlap(table)
     files = {"csv": out_csv, "summary": out_csv.with_name("comparison_summary.csv"),
              "paired": out_csv.with_name("paired.csv"), "overlap": out_csv.with_name("overlap.csv"),

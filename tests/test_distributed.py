@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import sft_batches
 from unsafe_experts.models.architectures import moe_layers
-from unsafe_experts.training.phases import masked_sft, score_pass
+from unsafe_experts.selection.score_pass import score_pass
+from unsafe_experts.training.phases import masked_sft
 from unsafe_experts.selection.scoring import top_k
 from unsafe_experts.models.sharding import shard_model
 

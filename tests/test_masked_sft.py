@@ -5,7 +5,8 @@ import torch
 
 from conftest import FAMILIES, sft_batches, snapshot
 from unsafe_experts.models.architectures import moe_layers
-from unsafe_experts.training.phases import masked_sft, per_batch_sft, score_pass
+from unsafe_experts.selection.score_pass import per_batch_sft, score_pass
+from unsafe_experts.training.phases import masked_sft
 from unsafe_experts.selection.scoring import top_k
 from unsafe_experts.training.sparse_adamw import SparseRowAdamW
 

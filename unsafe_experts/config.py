@@ -37,7 +37,8 @@ class TrainConfig:
     model_name: str = option(help="hub id or local directory of the MoE model")
     dataset_path: str = option(help="JSON list or JSONL of jailbreak records")
     output_dir: str = option(help="where checkpoints and training_metadata.json go")
-    method: str = option("gradient", choices=METHODS, help="how each round chooses its experts "
+    # the table's live keys: a row added to it is a valid method, with no change here
+    method: str = option("gradient", choices=METHOD_TABLE.keys(), help="how each round chooses its experts "
                          "(unsafe_experts/selection/methods.py): " + ", ".join(METHODS))
     num_rounds: int = option(3, help="rounds of score -> select -> repair -> align")
     top_k_experts: int = option(100, help="experts selected per round")
@@ -145,8 +146,9 @@ class TrainConfig:
             bad("seed", f"must be between 0 and {2**32 - 1}, got {self.seed}")
         if self.max_length < 16:
             bad("max_length", f"must be at least 16, got {self.max_length}")
-        if self.method == "router_only" and self.skip_router_training:
-            bad("skip_router_training", "router_only trains nothing else; it needs router training")
+        if (self.skip_router_training and self.method in METHOD_TABLE
+                and not METHOD_TABLE[self.method].trains_experts):
+            bad("skip_router_training", f"{self.method} trains nothing else; it needs router training")
         if (self.score_mode != "accumulate" and self.method in METHOD_TABLE
                 and not METHOD_TABLE[self.method].per_batch):
             per_batch = ", ".join(m.name for m in METHOD_TABLE.values() if m.per_batch)

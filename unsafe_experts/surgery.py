@@ -26,12 +26,13 @@ from .artefacts.deltas import (DeltaError, apply_delta, base_record, changed_ten
                      read_manifest, write_delta)
 from .text.examples import batches, collate, plain_prompt, router_example, sft_example
 from .artefacts.atomic import LOCK_NAME, DirectoryLock, inside, save_checkpoint_atomic, write_json_atomic
-from .training.phases import align_router, masked_sft, per_batch_sft, score_pass
+from .training.phases import align_router, masked_sft
 from .models.distributed import barrier, join_process_group, launched_world, local_device
 from .text.generation import generate, generate_ids
 from .models.memory import peak_mb, reset_peak
 from .records import file_digest, load_records, select_records
 from .selection.methods import METHODS
+from .selection.score_pass import per_batch_sft, score_pass
 from .artefacts.model_card import write_model_card
 from .artefacts.result_cache import cached, model_digest
 from .training.retention import load_retention, mixed_batches, sample_retention
@@ -387,7 +388,7 @@ class Surgery:
             selection = [] if method.selects == "none" else top_k(scores, k, self.layers)
         identified = research_round({"method": cfg.method, "experts": [list(x) for x in selection],
                                      "scores": score_table(scores, self.layers), **extra},
-                                    method.kind)
+                                    method.from_gradients)
         # the experts whose rows this round trains (per_batch: every batch's picks), which is
         # what the round's delta checkpoint holds
         trained = {tuple(x) for p in extra.get("per_batch_experts", []) for x in p}
@@ -398,30 +399,40 @@ class Surgery:
         return selection
 
     def _scores(self, r: int) -> tuple[torch.Tensor, dict]:
-        """[moe layers, experts] scores of the method, highest = most unsafe."""
+        """[moe layers, experts] scores of the method (by its row's scorer, SCORERS), highest =
+        most unsafe, and any tables the round's record keeps beside them."""
+        return self.SCORERS[METHODS[self.cfg.method].scorer](self, r)
+
+    def _gradient_scores(self, r: int) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
-        method = METHODS[cfg.method]
-        if method.kind == "gradient":
-            return score_pass(self.model, self.layers, self.data["sft"], self._log(r),
-                              f"round {r} score", self.progress,
-                              streamed=cfg.score_memory == "streamed", score=cfg.method,
-                              offload=cfg.score_memory == "offload"), {}
-        if cfg.method == "routing_prompt":
-            parts = routing_scores(self.model, self.layers, self.data["safe"], self.data["unsafe"])
-            return parts["score"], self._routing_tables(parts)
-        if cfg.method == "routing":
-            responses = self._routing_responses()
-            kept, pairs = keep_pairs([x["jailbreak_text"] for x in responses],
-                                     [x["plain_text"] for x in responses])
-            parts, counted = generated_routing_scores(
-                self.model, self.layers, [(x["jailbreak_prompt_ids"], x["jailbreak_ids"]) for x in responses],
-                [(x["plain_prompt_ids"], x["plain_ids"]) for x in responses], kept, cfg.batch_size,
-                self.tokenizer.pad_token_id)
-            return parts["score"], {"routing_pairs": {**pairs, **counted}, **self._routing_tables(parts)}
-        # random draws (seeded per round) as scores; all_experts / router_only rank nothing
+        return score_pass(self.model, self.layers, self.data["sft"], self._log(r),
+                          f"round {r} score", self.progress,
+                          streamed=cfg.score_memory == "streamed", score=cfg.method,
+                          offload=cfg.score_memory == "offload"), {}
+
+    def _prompt_routing_scores(self, r: int) -> tuple[torch.Tensor, dict]:
+        parts = routing_scores(self.model, self.layers, self.data["safe"], self.data["unsafe"])
+        return parts["score"], self._routing_tables(parts)
+
+    def _generated_routing_scores(self, r: int) -> tuple[torch.Tensor, dict]:
+        responses = self._routing_responses()
+        kept, pairs = keep_pairs([x["jailbreak_text"] for x in responses],
+                                 [x["plain_text"] for x in responses])
+        parts, counted = generated_routing_scores(
+            self.model, self.layers, [(x["jailbreak_prompt_ids"], x["jailbreak_ids"]) for x in responses],
+            [(x["plain_prompt_ids"], x["plain_ids"]) for x in responses], kept, self.cfg.batch_size,
+            self.tokenizer.pad_token_id)
+        return parts["score"], {"routing_pairs": {**pairs, **counted}, **self._routing_tables(parts)}
+
+    def _seeded_draw(self, r: int) -> tuple[torch.Tensor, dict]:
+        """Random scores, seeded per round (so a control's picks differ between rounds)."""
         shape = (len(self.layers), self.layers[0].num_experts)
-        generator = torch.Generator().manual_seed(cfg.seed * 1000 + r)
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1000 + r)
         return torch.rand(shape, generator=generator), {}
+
+    # a method row's scorer -> how this surgery scores it (see selection/methods.py)
+    SCORERS = {"gradients": _gradient_scores, "prompt_routing": _prompt_routing_scores,
+               "generated_routing": _generated_routing_scores, "seeded_draw": _seeded_draw}
 
     def _routing_tables(self, parts: dict) -> dict:
         return {f"routing_{k}": score_table(v, self.layers) for k, v in parts.items() if k != "score"}

@@ -74,9 +74,9 @@ class RunRecord:
         return [x for r in self.rounds().values() for x in r.experts]
 
 
-def research_round(identified: dict, kind: str) -> dict:
+def research_round(identified: dict, from_gradients: bool) -> dict:
     """A round's record with the research scripts' `gradients` name for gradient-kind scores."""
-    return {**identified, "gradients": identified["scores"]} if kind == "gradient" else identified
+    return {**identified, "gradients": identified["scores"]} if from_gradients else identified
 
 
 def write_research_outputs(out: Path, meta: dict) -> None:

@@ -1,9 +1,14 @@
-"""Every way a round can choose its experts, in one table that validation and the surgery read.
+"""Every way a round can choose its experts, in one table that validation, the surgery, the
+scoring pass and the comparison read: a method's behaviour is its row, so adding one is a row
+here (plus a scorer or a reduction, when it needs a new one), with no name checked elsewhere.
 
 kind: "gradient" (a score from the refusal loss's gradients, one scoring pass), "routing" (a
 score from how the router treats jailbreak versus plain prompts) or "control" (no ranking: the
 baselines a ranking must beat). selects: "top_k" (the k best scores), "all" (every expert) or
-"none" (no expert trains).
+"none" (no expert trains). scorer: the surgery's way to score (Surgery.SCORERS): "gradients"
+(score_pass, shaped by the gradient fields below), "generated_routing", "prompt_routing" or
+"seeded_draw" (random scores, seeded per round; the controls that select all or none record
+them too, ranking nothing).
 """
 from __future__ import annotations
 
@@ -17,21 +22,58 @@ class Method:
     description: str
     selects: str = "top_k"
     per_batch: bool = False  # may run with score_mode per_batch
+    scorer: str = "gradients"
+    # gradient methods: the per-tensor reduction (a key of scoring.REDUCERS) summed per expert
+    reduction: str | None = None
+    # the mean over batches of each batch's own squared gradient (with reduction "sq"): a square
+    # of the summed gradient is not the sum of the squares, so exact mode reduces after every
+    # batch and offloading (which keeps only the sum) gives way to streaming
+    squares_each_batch: bool = False
+    # the scores divided by the loss-bearing response tokens the router sent to each expert
+    per_routed_token: bool = False
+
+    @property
+    def from_gradients(self) -> bool:
+        return self.kind == "gradient"
+
+    @property
+    def ranks(self) -> bool:
+        """Whether k varies the method (a curve over k), not a fixed reference line."""
+        return self.selects == "top_k"
+
+    @property
+    def trains_experts(self) -> bool:
+        return self.selects != "none"
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("gradient", "gradient", "mean |grad| per expert of the refusal loss (the user's method)",
-           per_batch=True),
+           per_batch=True, reduction="l1"),
     Method("gradient_per_token", "gradient", "mean |grad| divided by the number of loss-bearing "
-           "response tokens the router sent to the expert in the scoring pass"),
+           "response tokens the router sent to the expert in the scoring pass", reduction="l1",
+           per_routed_token=True),
     Method("fisher", "gradient", "mean grad^2 per expert, a diagonal empirical Fisher: the sum "
-           "of per-batch squared gradients over the number of batches"),
-    Method("snip", "gradient", "mean |grad x weight| per expert (SNIP saliency)"),
+           "of per-batch squared gradients over the number of batches", reduction="sq",
+           squares_each_batch=True),
+    Method("snip", "gradient", "mean |grad x weight| per expert (SNIP saliency)",
+           reduction="l1_times_weight"),
     Method("routing", "routing", "risk difference of router top-k activation on the generated "
-           "tokens of complied jailbreaks versus refused plain requests (detect_expert.py)"),
+           "tokens of complied jailbreaks versus refused plain requests (detect_expert.py)",
+           scorer="generated_routing"),
     Method("routing_prompt", "routing", "risk difference of router top-k activation on the "
-           "message tokens of jailbreak versus plain prompts"),
-    Method("random", "control", "k experts drawn with the seed, anew each round"),
-    Method("all_experts", "control", "every expert trains", selects="all"),
-    Method("router_only", "control", "no expert trains; router alignment only", selects="none"),
+           "message tokens of jailbreak versus plain prompts", scorer="prompt_routing"),
+    Method("random", "control", "k experts drawn with the seed, anew each round", scorer="seeded_draw"),
+    Method("all_experts", "control", "every expert trains", selects="all", scorer="seeded_draw"),
+    Method("router_only", "control", "no expert trains; router alignment only", selects="none",
+           scorer="seeded_draw"),
 )}
+
+# the comparison's headline, tested paired on the seeds both ran and overlapped round by round:
+# the user's gradient score against the routing detector it is meant to replace
+PAIRED = ("gradient", "routing")
+
+
+def trains_experts(name: str) -> bool:
+    """Whether a run of this method trained experts; a name not in the table (an ablation
+    file's source, a retired method) counts as one that did."""
+    return name not in METHODS or METHODS[name].trains_experts

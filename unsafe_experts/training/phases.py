@@ -1,4 +1,5 @@
-"""The steps of one round: gradient scoring, masked SFT, per-batch masked SFT, router alignment.
+"""The training steps of one round: masked SFT and router alignment, and the loss, trainable
+set and batch helpers the scoring passes (selection/score_pass.py) share with them.
 
 Each phase makes trainable exactly the parameters it needs, so nothing else gets a gradient,
 and steps only through SparseRowAdamW, so nothing else can move.
@@ -6,7 +7,6 @@ and steps only through SparseRowAdamW, so nothing else can move.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,6 @@ from ..models.distributed import shard, sum_, world
 from ..text.examples import IGNORE
 from .router_kl import (captured_router_outputs, choice_biases, route, router_kl,
                         routing_distribution)
-from ..selection.scoring import (expert_grad_scores, expert_row_sums, offloaded_rows, per_expert_numel,
-                      streamed_rows, top_k)
 from ..models.sharding import is_sharded
 from .sparse_adamw import SparseRowAdamW
 
@@ -55,7 +53,7 @@ def lm_backward(model, batch: Batch, micro: int | None, desc: str, step: int, st
     it attends to. Sharded models run one whole forward a step (every rank must join each)."""
     rows = batch["input_ids"].shape[0]
     if not micro or rows <= micro or is_sharded(model):
-        loss = _finite(lm_loss(model, batch), desc, step, steps)
+        loss = finite(lm_loss(model, batch), desc, step, steps)
         loss.backward()
         return loss.detach()
     denominator = response_tokens(batch)
@@ -64,13 +62,13 @@ def lm_backward(model, batch: Batch, micro: int | None, desc: str, step: int, st
     for part in torch.argsort(lengths, stable=True).split(micro):
         width = int(lengths[part].max())
         piece = {k: batch[k][part, :width] for k in ("input_ids", "attention_mask", "labels")}
-        loss = _finite(lm_loss(model, piece, denominator), desc, step, steps)
+        loss = finite(lm_loss(model, piece, denominator), desc, step, steps)
         loss.backward()
         total += loss.detach()
     return total
 
 
-def _finite(loss: torch.Tensor, desc: str, step: int, batches: int) -> torch.Tensor:
+def finite(loss: torch.Tensor, desc: str, step: int, batches: int) -> torch.Tensor:
     """Stops at the first NaN or inf loss, naming the phase, step and batch (one host sync a
     step: cheap beside a forward and backward, and no update is made from a broken loss)."""
     if not torch.isfinite(loss):
@@ -99,7 +97,7 @@ def _by_layer(selection: list[tuple[int, int]]) -> dict[int, list[int]]:
     return grouped
 
 
-def _on(batch: Batch, device) -> Batch:
+def rank_share(batch: Batch, device) -> Batch:
     """This rank's share of the batch, on the device."""
     return {k: v.to(device) for k, v in shard(batch).items()}
 
@@ -110,94 +108,11 @@ def _whole(batch: Batch, device) -> Batch:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _bar(items, desc: str, progress: bool):
+def bar(items, desc: str, progress: bool):
     return tqdm(items, desc=desc, leave=False, disable=not progress)
 
 
-# gradient score -> the per-tensor reduction of scoring.REDUCERS it sums per expert
-SCORE_REDUCTION = {"gradient": "l1", "gradient_per_token": "l1", "fisher": "sq",
-                   "snip": "l1_times_weight"}
-
-
-def routed_response_tokens(captured: dict[int, tuple], batch: Batch, num_experts: int) -> torch.Tensor:
-    """[layers, experts]: how many loss-bearing positions (those whose next token is a response
-    token) the router sent to each expert, by its own top-k choices."""
-    mask = F.pad(batch["labels"][:, 1:] != IGNORE, (0, 1)).flatten()
-    return torch.stack([torch.bincount(captured[i][-1][mask].flatten(), minlength=num_experts)
-                        for i in sorted(captured)]).float()
-
-
-def score_pass(model, layers, batches: list[Batch], log: Log, desc="score", progress=True,
-               streamed: bool = False, score: str = "gradient", offload: bool = False):
-    """Gradients of the mean batch loss over all batches -> [layers, experts] scores.
-
-    gradient: mean |grad|; gradient_per_token: that divided by the routed loss-bearing tokens
-    (an expert with none counts as one); snip: mean |grad x weight|; fisher: mean over batches
-    of each batch's squared gradient, mean over parameters. exact: the gradient of the whole
-    pass (|sum of gradients|), all layers' expert gradients held until the end (fisher: one
-    batch's); streamed: per-batch reductions summed, each layer's gradient freed as soon as
-    backward produces it (an upper bound for the absolute scores, the same value for fisher);
-    offload: exact, the sum of gradients kept in host memory, each layer's freed on the device
-    as backward produces it (fisher squares per batch, so it takes the streamed path)."""
-    sharded = is_sharded(model)
-    if offload and score == "fisher":
-        streamed, offload = True, False  # per-batch squares: streamed is already exact
-    if (streamed or offload) and world()[1] > 1 and not sharded:
-        raise ValueError("streamed or offloaded scoring under data parallelism would score each "
-                         "rank's gradients alone; use exact scoring, or --sharding fsdp (whose "
-                         "gradients arrive summed)")
-    reduce = SCORE_REDUCTION[score]
-    # the Fisher squares each batch's own gradient, so exact mode reduces after every batch
-    each_batch = score == "fisher" and not streamed
-    trainable = expert_params(layers)
-    set_trainable(model, trainable)
-    device = model.device
-    losses = []
-    counts = torch.zeros(len(layers), layers[0].num_experts, device=device)
-    squares = torch.zeros_like(counts)
-    counting = captured_router_outputs(layers) if score == "gradient_per_token" else nullcontext()
-    lean = streamed_rows(layers, reduce) if streamed else offloaded_rows(layers, reduce) if offload else None
-    with lean or nullcontext() as sums, counting as captured:
-        for i, batch in enumerate(_bar(batches, desc, progress)):
-            batch = _on(batch, device)
-            loss = _finite(lm_loss(model, batch), desc, i, len(batches)) / len(batches)
-            loss.backward()
-            losses.append(loss.detach() * len(batches))
-            if captured is not None:
-                counts += routed_response_tokens(captured, batch, layers[0].num_experts)
-            if each_batch:
-                if not sharded:
-                    for p in trainable:
-                        if p.grad is not None:
-                            sum_(p.grad)
-                squares += expert_row_sums(layers, reduce)
-                for p in trainable:
-                    p.grad = None
-    numel = torch.tensor([per_expert_numel(layer) for layer in layers], device=device)[:, None]
-    if offload:  # gathered across ranks already
-        scores = sums / numel
-    elif streamed:
-        if sharded:  # each rank summed the experts it holds
-            sum_(sums)
-        scores = sums / numel
-    elif each_batch:
-        scores = squares / numel
-    else:
-        if not sharded:  # fully_shard's reduce-scatter has already summed them
-            for p in trainable:
-                if p.grad is not None:
-                    sum_(p.grad)
-        scores = expert_row_sums(layers, reduce) / numel
-    if score == "fisher":  # each batch's loss was divided by the number of batches, its square by n^2
-        scores = scores * len(batches)
-    if score == "gradient_per_token":
-        scores = scores / sum_(counts).clamp_min(1)
-    set_trainable(model, [])
-    log("score", sum_(torch.stack(losses)).tolist())
-    return scores
-
-
-def _selected_rows(layers, selection) -> list[tuple[torch.nn.Parameter, list[int]]]:
+def selected_rows(layers, selection) -> list[tuple[torch.nn.Parameter, list[int]]]:
     grouped = _by_layer(selection)
     return [(p, grouped[layer.index]) for layer in layers if layer.index in grouped
             for p in layer.expert_params.values()]
@@ -208,15 +123,15 @@ def masked_sft(model, layers, batches, selection, lr, weight_decay, epochs, log:
     """Train only the selected experts; returns the optimizer state size in bytes."""
     set_trainable(model, expert_params(layers, only=set(_by_layer(selection))))
     opt = SparseRowAdamW(lr=lr, weight_decay=weight_decay)
-    for p, experts in _selected_rows(layers, selection):
+    for p, experts in selected_rows(layers, selection):
         opt.add_rows(p, experts)
     device = model.device
     sharded = is_sharded(model)  # gradients arrive summed and cut to this rank's experts
     losses = []
     with opt.compact_grads():
         for epoch in range(epochs):
-            for batch in _bar(batches, f"{desc} epoch {epoch + 1}", progress):
-                loss = lm_backward(model, _on(batch, device), micro, desc, len(losses), len(batches))
+            for batch in bar(batches, f"{desc} epoch {epoch + 1}", progress):
+                loss = lm_backward(model, rank_share(batch, device), micro, desc, len(losses), len(batches))
                 if not sharded:
                     opt.sum_grads_across_ranks()
                 opt.step()
@@ -225,44 +140,6 @@ def masked_sft(model, layers, batches, selection, lr, weight_decay, epochs, log:
     set_trainable(model, [])
     log("sft", sum_(torch.stack(losses)).tolist())
     return opt.state_bytes()
-
-
-def per_batch_sft(model, layers, batches, k, lr, weight_decay, epochs, log: Log,
-                  desc="per-batch sft", progress=True, micro: int | None = None):
-    """The research code's real behaviour, made correct: on every batch a fresh top-k from that
-    batch's gradients and a step on those experts only (deselected experts keep their Adam
-    state but do not move). Returns (selection frequency, summed scores, per-batch picks)."""
-    if world()[1] > 1:
-        raise ValueError("per_batch scoring runs in one process; use accumulate with data parallelism")
-    trainable = expert_params(layers)
-    set_trainable(model, trainable)
-    opt = SparseRowAdamW(lr=lr, weight_decay=weight_decay)
-    device = model.device
-    counts = torch.zeros(len(layers), layers[0].num_experts)
-    score_sum = torch.zeros_like(counts)
-    picks, losses = [], []
-    position = {layer.index: i for i, layer in enumerate(layers)}
-    for epoch in range(epochs):
-        for batch in _bar(batches, f"{desc} epoch {epoch + 1}", progress):
-            loss = lm_backward(model, _on(batch, device), micro, desc, len(losses), len(batches))
-            scores = expert_grad_scores(layers)
-            selection = top_k(scores, k, layers)
-            rows = _selected_rows(layers, selection)
-            for p, experts in rows:
-                opt.add_rows(p, experts)
-            opt.step({id(p): experts for p, experts in rows})
-            # every expert's gradient, not just the rows the optimizer tracks: a layer with no
-            # pick yet would otherwise carry this batch's gradient into the next batch's top-k
-            for p in trainable:
-                p.grad = None
-            for layer_index, expert in selection:
-                counts[position[layer_index], expert] += 1
-            score_sum += scores.cpu()
-            picks.append(selection)
-            losses.append(loss)
-    set_trainable(model, [])
-    log("sft", torch.stack(losses).tolist())
-    return counts, score_sum, picks, opt.state_bytes()
 
 
 def align_router(model, layers, safe_batches, unsafe_batches, kl_type, lr, weight_decay, epochs,
@@ -302,12 +179,12 @@ def align_router(model, layers, safe_batches, unsafe_batches, kl_type, lr, weigh
     with captured_router_outputs(layers) as captured:
         for epoch in range(epochs):
             pairs = list(zip(targets, unsafe_batches))
-            for target, batch in _bar(pairs, f"{desc} epoch {epoch + 1}", progress):
+            for target, batch in bar(pairs, f"{desc} epoch {epoch + 1}", progress):
                 batch = _whole(batch, device)
                 tie = route(model, batch)
                 loss = router_kl(target, routing_distribution(captured, batch["content_mask"], biases),
                                  kl_type)
-                (_finite(loss, desc, len(kls), len(pairs)) / copies + tie).backward()
+                (finite(loss, desc, len(kls), len(pairs)) / copies + tie).backward()
                 opt.step()
                 opt.zero_grad()
                 kls.append(loss.detach())
