@@ -144,3 +144,22 @@ def test_no_module_but_architectures_py_keeps_a_per_architecture_table():
     tables = {str(p.relative_to(ROOT)): lines for p in files if p != THE_TABLE
               for lines in [architecture_tables(p.read_text(), set(ARCHITECTURES))] if lines}
     assert tables == {}
+
+
+def test_models_imports_nothing_above_it():
+    """models sits just above errors/stats/records/data in the engine's package order; tiny.py
+    used to import text and attacks for its tokenizer (now text/tiny_tokenizer.py and
+    attacks/corpus.py)."""
+    below = {"errors", "stats", "records", "data", "models"}
+    engine = ROOT / "unsafe_experts"
+    reached = {}
+    for path in sorted((engine / "models").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                base = path.parents[node.level - 1]
+                target = base.joinpath(*node.module.split(".")) if node.module else base
+                reached.setdefault(target.relative_to(engine).parts[0].removesuffix(".py"), set()).add(path.name)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):  # the engine imports itself relatively
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                assert not any(m and m.split(".")[0] == "unsafe_experts" for m in modules), path
+    assert "models" in reached and {k: v for k, v in reached.items() if k not in below} == {}

@@ -1,50 +1,17 @@
-"""Tiny random MoE models and a small BPE tokenizer, built offline from configs.
+"""Tiny random MoE models, built offline from configs: no hub, no weights.
 
-Used by the tests and the demo: no hub, no weights. Every supported architecture gets a config
-of the same small shape, with the keys its record in architectures.py overrides; the tokenizer
-is a byte-level BPE trained in about a second.
+Used by the tests and the demo. Every supported architecture gets a config of the same small
+shape, with the keys its record in architectures.py overrides. The tokenizer they are built with
+lives in text/tiny_tokenizer.py and its corpus in attacks/corpus.py: models sits below text and
+attacks in the package order, so it takes a tokenizer rather than building one.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..text.examples import DEFAULT_REFUSAL, SAFE_SYSTEM_PROMPT
-from ..attacks.flip import MODES, SYSTEM_PROMPT, flip_prompt
 from ..errors import UnsupportedModelError
 from .architectures import ARCHITECTURES
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-def tokenizer_corpus(goals: list[str], extra: list[str] = ()) -> list[str]:
-    texts = [SYSTEM_PROMPT, SAFE_SYSTEM_PROMPT, DEFAULT_REFUSAL, *extra]
-    for goal in goals:
-        texts.append(goal)
-        texts.extend(m["content"] for mode in MODES for m in flip_prompt(goal, mode)[1:])
-    return texts
-
-
-def build_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>", bos_token="<|endoftext|>"
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
 
 
 def tiny_config(architecture: str, vocab_size: int, tokenizer=None, **overrides):
@@ -68,12 +35,3 @@ def tiny_model(architecture: str, tokenizer, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     config = tiny_config(architecture, len(tokenizer), tokenizer, **overrides)
     return AutoModelForCausalLM.from_config(config).eval()
-
-
-def save_tiny(family: str, out: str | Path, goals: list[str], seed: int = 0, **overrides) -> Path:
-    out = Path(out)
-    tokenizer = build_tokenizer(tokenizer_corpus(goals))
-    model = tiny_model(family, tokenizer, seed, **overrides)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
