@@ -62,9 +62,9 @@ def measured(model, k: int) -> dict:
         return {"full": _size(full), "delta": _size(delta)}
 
 
-def counted(family: str, shape: dict, k: int) -> dict:
+def counted(arch: str, shape: dict, k: int) -> dict:
     """Weight bytes of a full checkpoint and of a round's delta at k experts, from the shapes."""
-    config = AutoConfig.for_model(family, **shape)
+    config = AutoConfig.for_model(arch, **shape)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     layers = moe_layers(model)
@@ -82,12 +82,12 @@ def report(figures: dict, model, k_measured: int, k: int = 100, rounds: int = 3)
     figures["checkpoint_bytes_ratio_delta_vs_full"] = m["delta"] / m["full"]
     print(f"at k = {k} in bf16, counted from the config shapes (a {rounds}-round run writes "
           f"{rounds} round checkpoints and final_model/, full by default):")
-    for name, (family, shape) in FULL_SIZE.items():
-        c = counted(family, shape, k)
+    for name, (arch, shape) in FULL_SIZE.items():
+        c = counted(arch, shape, k)
         before = (rounds + 1) * c["full"]
         now = rounds * c["delta"] + c["full"]
         # a delta final_model holds every expert any round trained: at most rounds x k
-        final = counted(family, shape, rounds * k)["delta"]
+        final = counted(arch, shape, rounds * k)["delta"]
         print(f"  {name} ({c['experts']} experts): full {c['full'] / 1e9:.2f} GB, delta "
               f"{c['delta'] / 1e9:.3f} GB per round; the run {before / 1e9:.1f} GB with full "
               f"rounds, {now / 1e9:.1f} GB with deltas, at most "

@@ -19,7 +19,9 @@ def add_parsers(sub) -> dict:
     """Adds every command's parser; returns command -> handler."""
     tiny = sub.add_parser("tiny-model", help="build a tiny random MoE + tokenizer offline")
     tiny.add_argument("out")
-    tiny.add_argument("--family", default="olmoe")
+    # --family: the flag's first name, kept for the scripts and docs that use it
+    tiny.add_argument("--architecture", "--family", dest="architecture", default="olmoe",
+                      help="MoE architecture, the model_type of a transformers config")
     tiny.add_argument("--seed", type=int, default=0)
     flip = sub.add_parser("flip-dataset", help="FlipAttack-style records from AdvBench goals")
     flip.add_argument("out")
@@ -127,10 +129,10 @@ def evaluate_model(args) -> None:
 
 def tiny_model(args) -> None:
     from unsafe_experts.data.bundled import advbench_goals
-    from unsafe_experts.models.tiny import save_tiny
+    from unsafe_experts.attacks.corpus import save_tiny
 
-    out = save_tiny(args.family, args.out, advbench_goals(), seed=args.seed)
-    print(f"tiny {args.family} model and tokenizer written to {out}")
+    out = save_tiny(args.architecture, args.out, advbench_goals(), seed=args.seed)
+    print(f"tiny {args.architecture} model and tokenizer written to {out}")
 
 
 def flip_dataset(args) -> None:

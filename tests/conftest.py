@@ -23,7 +23,10 @@ import torch  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from unsafe_experts.data.bundled import advbench_goals  # noqa: E402
-from unsafe_experts.models.tiny import build_tokenizer, tiny_model, tokenizer_corpus  # noqa: E402
+from unsafe_experts.attacks.corpus import tokenizer_corpus  # noqa: E402
+from unsafe_experts.models import architectures  # noqa: E402
+from unsafe_experts.models.tiny import tiny_model  # noqa: E402
+from unsafe_experts.text.tiny_tokenizer import build_tokenizer  # noqa: E402
 
 torch.set_num_threads(1)
 hf_logging.disable_progress_bar()
@@ -85,13 +88,13 @@ def tiny_dir(tmp_path_factory, tokenizer):
 
 @pytest.fixture
 def make_model(tokenizer):
-    def make(family: str, seed: int = 0, **overrides):
-        return tiny_model(family, tokenizer, seed=seed, **overrides)
+    def make(arch: str, seed: int = 0, **overrides):
+        return tiny_model(arch, tokenizer, seed=seed, **overrides)
     return make
 
 
-FAMILIES = ["olmoe", "qwen3_moe", "qwen2_moe", "mixtral", "phimoe", "gpt_oss", "deepseek_v3",
-            "granitemoe"]
+# every per-architecture test runs on each supported architecture: the table is the one list
+ARCHITECTURES = list(architectures.ARCHITECTURES)
 
 
 def sft_batches(tokenizer, records, batch_size=4, max_length=256):

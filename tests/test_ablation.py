@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import FAMILIES, router_batches
+from conftest import ARCHITECTURES, router_batches
 from unsafe_experts.models.ablation import ExpertSetError, ablated, load_expert_set, masked_routers
 from unsafe_experts.models.architectures import moe_layers
 from unsafe_experts.training.router_kl import captured_router_outputs
@@ -14,11 +14,11 @@ def _forward(model, batch):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_rerouting_with_nothing_masked_reproduces_the_router(family, make_model, tokenizer, records):
-    """Each family's rule, applied to unmasked logits, gives back the router's own weights and
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_rerouting_with_nothing_masked_reproduces_the_router(arch, make_model, tokenizer, records):
+    """Each architecture's rule, applied to unmasked logits, gives back the router's own weights and
     choices bit for bit, so the model's output is unchanged."""
-    model = make_model(family)
+    model = make_model(arch)
     layers = moe_layers(model)
     batch = router_batches(tokenizer, records[:4])[1][0]
     plain = _forward(model, batch)
@@ -29,9 +29,9 @@ def test_rerouting_with_nothing_masked_reproduces_the_router(family, make_model,
         assert torch.equal(plain, _forward(model, batch))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_ablated_experts_get_no_token_and_the_rest_renormalise(family, make_model, tokenizer, records):
-    model = make_model(family)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_ablated_experts_get_no_token_and_the_rest_renormalise(arch, make_model, tokenizer, records):
+    model = make_model(arch)
     layers = moe_layers(model)
     batch = router_batches(tokenizer, records[:4])[1][0]
     with torch.no_grad(), captured_router_outputs(layers) as before:
@@ -52,7 +52,7 @@ def test_ablated_experts_get_no_token_and_the_rest_renormalise(family, make_mode
         assert not torch.isin(indices, torch.tensor(gone)).any()
         assert torch.isfinite(weights).all() and (weights >= 0).all()
         usual_weights, usual_indices = usual[i]
-        if family in ("mixtral", "gpt_oss", "granitemoe"):  # these always renormalise the top-k
+        if arch in ("mixtral", "gpt_oss", "granitemoe"):  # these always renormalise the top-k
             torch.testing.assert_close(weights.float().sum(-1), torch.ones(len(weights)))
         if i > 0:  # later layers see hidden states the ablation has changed
             continue

@@ -2,15 +2,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import FAMILIES
-from unsafe_experts.models.architectures import FAMILIES as SUPPORTED, UnsupportedModelError, moe_layers
+from conftest import ARCHITECTURES
+from unsafe_experts.models.architectures import ARCHITECTURES as SUPPORTED, UnsupportedModelError, moe_layers
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_exposes_routers_and_fused_experts(family, make_model):
-    model = make_model(family)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architecture_exposes_routers_and_fused_experts(arch, make_model):
+    model = make_model(arch)
     layers = moe_layers(model)
-    expected_layers = [1, 2] if family == "deepseek_v3" else [0, 1]  # DeepSeek layer 0 is dense
+    expected_layers = [1, 2] if arch == "deepseek_v3" else [0, 1]  # DeepSeek layer 0 is dense
     assert [layer.index for layer in layers] == expected_layers
     for layer in layers:
         assert layer.num_experts == 8 and layer.top_k == 2
@@ -24,7 +24,7 @@ def test_every_family_exposes_routers_and_fused_experts(family, make_model):
         for name in ("mlp.shared_expert", "mlp.shared_experts"):
             if name in block:
                 assert not owned & {id(p) for p in block[name].parameters()}
-    if family == "gpt_oss":
+    if arch == "gpt_oss":
         assert set(layers[0].expert_params) == {"gate_up_proj", "gate_up_proj_bias", "down_proj",
                                                 "down_proj_bias"}
         assert "bias" in layers[0].router_params

@@ -203,7 +203,7 @@ def llama_dir(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("non_moe", "LlamaForCausalLM (model_type='llama') is not a supported MoE family"),
+    ("non_moe", "LlamaForCausalLM (model_type='llama') is not a supported MoE architecture"),
     ("top_k", "top_k_experts: 17 is more than the 16 routed experts of OlmoeForCausalLM"),
     ("empty", "no records left after filtering"),
     ("lr", "expert_lr: must not be negative"),

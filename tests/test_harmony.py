@@ -10,7 +10,8 @@ import torch
 from unsafe_experts.text import harmony
 from unsafe_experts.text.examples import IGNORE, router_example, sft_example
 from unsafe_experts.text.generation import _prompt_ids, generate, generate_ids
-from unsafe_experts.models.tiny import build_tokenizer, tokenizer_corpus
+from unsafe_experts.attacks.corpus import tokenizer_corpus
+from unsafe_experts.text.tiny_tokenizer import build_tokenizer
 
 REFUSAL = "I cannot assist with that request as it may be harmful or unsafe."
 # openai/harmony test-data/test_simple_convo_medium_effort.txt: what

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from conftest import FAMILIES, sft_batches, snapshot
+from conftest import ARCHITECTURES, sft_batches, snapshot
 from unsafe_experts.models.architectures import moe_layers
 from unsafe_experts.selection.score_pass import per_batch_sft, score_pass
 from unsafe_experts.training.phases import masked_sft
@@ -30,9 +30,9 @@ def assert_only_selected_moved(model, before, layers, selection):
     assert moved_rows > 0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_masked_sft_moves_only_selected_experts_and_lowers_loss(family, make_model, tokenizer, records):
-    model = make_model(family)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_masked_sft_moves_only_selected_experts_and_lowers_loss(arch, make_model, tokenizer, records):
+    model = make_model(arch)
     layers = moe_layers(model)
     batches = sft_batches(tokenizer, records[:8])
     scores = score_pass(model, layers, batches, lambda *a: None, progress=False)
@@ -214,14 +214,14 @@ def _mixed_batch(tokenizer, records):
     return collate([x for pair in zip(short, long) for x in pair] + short[4:], tokenizer.pad_token_id)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_micro_batches_give_the_whole_batch_gradient_from_narrower_forwards(family, make_model, tokenizer, records):
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_micro_batches_give_the_whole_batch_gradient_from_narrower_forwards(arch, make_model, tokenizer, records):
     from unsafe_experts.training.phases import expert_params, lm_backward, set_trainable
 
     batch = _mixed_batch(tokenizer, records)
     grads, losses, widths = {}, {}, {}
     for micro in (None, 3):
-        model = make_model(family)
+        model = make_model(arch)
         layers = moe_layers(model)
         set_trainable(model, expert_params(layers))
         seen = []

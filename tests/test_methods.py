@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import FAMILIES, router_batches
+from conftest import ARCHITECTURES, router_batches
 from unsafe_experts.models.architectures import moe_layers
 from unsafe_experts.config import TrainConfig
 from unsafe_experts.artefacts.locality import weight_changes
@@ -45,9 +45,9 @@ def test_routing_score_finds_an_expert_forced_on_jailbreaks(make_model, tokenize
     assert int(score[1].argmax()) == 6 and score[1, 6] == 1.0 - plain_freq[1, 6]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_routing_stats_on_every_family(family, make_model, tokenizer, records):
-    model = make_model(family)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_routing_stats_on_every_architecture(arch, make_model, tokenizer, records):
+    model = make_model(arch)
     layers = moe_layers(model)
     safe, unsafe = router_batches(tokenizer, records[:4])
     parts = routing_scores(model, layers, safe, unsafe)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from conftest import FAMILIES, router_batches, snapshot
+from conftest import ARCHITECTURES, router_batches, snapshot
 from unsafe_experts.models.architectures import moe_layers
 from unsafe_experts.training.phases import align_router
 from unsafe_experts.training.router_kl import kl, router_kl, routing_distribution
@@ -37,9 +37,9 @@ def test_routing_distribution_ignores_masked_tokens():
     torch.testing.assert_close(routing_distribution({0: (changed.view(6, 2),)}, mask), dist)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_alignment_lowers_kl_and_trains_only_routers(family, make_model, tokenizer, records):
-    model = make_model(family)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_alignment_lowers_kl_and_trains_only_routers(arch, make_model, tokenizer, records):
+    model = make_model(arch)
     layers = moe_layers(model)
     safe, unsafe = router_batches(tokenizer, records[:8])
     before = snapshot(model)

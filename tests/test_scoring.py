@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import FAMILIES, sft_batches
+from conftest import ARCHITECTURES, sft_batches
 from unsafe_experts.models.architectures import moe_layers
 from unsafe_experts.selection.score_pass import score_pass
 from unsafe_experts.selection.scoring import row_l1, row_l1_blocked, row_l1_per_row, score_table, top_k
@@ -17,9 +17,9 @@ def slow_reference(layers):
     return table
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_scores_and_top_k_match_a_per_expert_reference(family, make_model, tokenizer, records):
-    model = make_model(family)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_scores_and_top_k_match_a_per_expert_reference(arch, make_model, tokenizer, records):
+    model = make_model(arch)
     layers = moe_layers(model)
     batches = sft_batches(tokenizer, records[:8])
     logged = []
@@ -100,10 +100,10 @@ def test_training_loss_leaves_out_the_router_aux_loss(make_model, tokenizer, rec
     assert not torch.isclose(ours, with_aux)
 
 
-@pytest.mark.parametrize("family", ["olmoe", "gpt_oss", "deepseek_v3"])
-def test_streamed_scoring_equals_exact_on_one_batch_and_bounds_it_on_more(family, make_model,
+@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "deepseek_v3"])
+def test_streamed_scoring_equals_exact_on_one_batch_and_bounds_it_on_more(arch, make_model,
                                                                           tokenizer, records):
-    model = make_model(family)
+    model = make_model(arch)
     layers = moe_layers(model)
     one = sft_batches(tokenizer, records[:4])
     exact = score_pass(model, layers, one, lambda *a: None, progress=False)
@@ -172,10 +172,10 @@ def slow_variant_reference(model, layers, batches, score):
     return table
 
 
-@pytest.mark.parametrize("family", ["olmoe", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "deepseek_v3"])
 @pytest.mark.parametrize("score", ["gradient_per_token", "fisher", "snip"])
-def test_score_variants_match_their_definitions(score, family, make_model, tokenizer, records):
-    model = make_model(family)
+def test_score_variants_match_their_definitions(score, arch, make_model, tokenizer, records):
+    model = make_model(arch)
     layers = moe_layers(model)
     batches = sft_batches(tokenizer, records[:8], batch_size=3)
     fast = score_pass(model, layers, batches, lambda *a: None, progress=False, score=score)
@@ -193,13 +193,13 @@ def test_score_variants_match_their_definitions(score, family, make_model, token
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize("family", ["olmoe", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "deepseek_v3"])
 @pytest.mark.parametrize("score", ["gradient", "snip", "gradient_per_token"])
-def test_offloaded_scoring_is_exact_and_frees_device_gradients(family, score, make_model, tokenizer,
+def test_offloaded_scoring_is_exact_and_frees_device_gradients(arch, score, make_model, tokenizer,
                                                                records):
     from unsafe_experts.selection.scoring import offloaded_rows
 
-    model = make_model(family)
+    model = make_model(arch)
     layers = moe_layers(model)
     three = sft_batches(tokenizer, records[:12])
     exact = score_pass(model, layers, three, lambda *a: None, progress=False, score=score)

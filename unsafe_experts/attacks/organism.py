@@ -25,7 +25,7 @@ from ..data.bundled import advbench_rows, alpaca_pairs, xstest_safe_prompts
 from ..text.examples import DEFAULT_REFUSAL, collate, length_grouped_batches, plain_prompt, sft_example
 from ..text.generation import generate
 from ..artefacts.atomic import write_json_atomic
-from ..models.tiny import build_tokenizer
+from ..text.tiny_tokenizer import build_tokenizer
 
 REFUSALS = (
     DEFAULT_REFUSAL,

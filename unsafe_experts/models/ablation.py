@@ -1,94 +1,32 @@
 """Causal ablation: switch given (layer, expert) pairs off and see what the model does without them.
 
 An ablated expert's router logit is set to -inf before the top-k, so the expert is never chosen,
-and the routing weights of the experts that are chosen are recomputed exactly as the family
-computes them (renormalised over the top-k where the family does so). The router's own forward
-is left alone; a forward hook recomputes its (weights, indices) from the masked logits with the
-family's rule below. Each rule reproduces the router bit for bit on unmasked logits (tested on
-every family), which is what makes the un-ablated experts' weights trustworthy.
+and the routing weights of the experts that are chosen are recomputed exactly as the architecture
+computes them (renormalised over the top-k where the architecture does so). The router's own
+forward is left alone; a forward hook recomputes its (weights, indices) from the masked logits
+with the architecture's reselect rule (its record in architectures.py, the rules in reselect.py).
+Each rule reproduces the router bit for bit on unmasked logits (tested on every architecture),
+which is what makes the un-ablated experts' weights trustworthy.
 """
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from ..errors import ExpertSetError
-from .architectures import MoELayer, UnsupportedModelError, moe_layers
-
-
-def _softmax_top_k(router, hidden, logits, cast: bool):
-    """OLMoE, Qwen2/3-MoE (renormalise if norm_topk_prob, cast back), Mixtral (always renormalise,
-    weights stay fp32)."""
-    probs = F.softmax(logits, dtype=torch.float, dim=-1) if cast else F.softmax(logits.float(), dim=-1)
-    values, indices = torch.topk(probs, router.top_k, dim=-1)
-    if getattr(router, "norm_topk_prob", True):
-        values /= values.sum(dim=-1, keepdim=True)
-    return (values.to(logits.dtype) if cast else values), indices
-
-
-def _top_k_softmax(router, hidden, logits):
-    """GPT-OSS: top-k of the logits, then a softmax over the k."""
-    values, indices = torch.topk(logits, router.top_k, dim=-1)
-    return F.softmax(values, dim=1, dtype=values.dtype), indices
-
-
-def _granite(router, hidden, logits):
-    values, indices = logits.topk(router.top_k, dim=-1)
-    return torch.softmax(values, dim=-1).type_as(hidden), indices
-
-
-def _deepseek_v3(router, hidden, logits):
-    """Sigmoid scores plus the correction bias choose, within the best groups; an ablated expert's
-    choice score is -inf (its sigmoid alone would be 0, and the bias could still pick it)."""
-    scores = logits.sigmoid()
-    choice = (scores + router.e_score_correction_bias).masked_fill(logits == float("-inf"), float("-inf"))
-    per_group = router.num_experts // router.num_group
-    group_scores = choice.view(-1, router.num_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
-    group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
-    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-    score_mask = group_mask.unsqueeze(-1).expand(-1, router.num_group, per_group).reshape(-1, router.num_experts)
-    choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
-    indices = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)[1]
-    weights = scores.gather(1, indices)
-    if router.norm_topk_prob:
-        weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
-    return weights * router.routed_scaling_factor, indices
-
-
-def _phimoe(router, hidden, logits):
-    """PhiMoE's sparsemixer, taken from the model's own module so it is the same function."""
-    sparsemixer = sys.modules[type(router).__module__].sparsemixer
-    return sparsemixer(logits, jitter_eps=router.router_jitter_noise, training=router.training,
-                       top_k=router.top_k)
-
-
-# model_type -> (router, router input, masked logits) -> (weights, indices), as in transformers 5.24
-RESELECT = {
-    "olmoe": lambda r, h, x: _softmax_top_k(r, h, x, cast=True),
-    "qwen2_moe": lambda r, h, x: _softmax_top_k(r, h, x, cast=True),
-    "qwen3_moe": lambda r, h, x: _softmax_top_k(r, h, x, cast=True),
-    "mixtral": lambda r, h, x: _softmax_top_k(r, h, x, cast=False),
-    "gpt_oss": _top_k_softmax,
-    "granitemoe": _granite,
-    "deepseek_v3": _deepseek_v3,
-    "phimoe": _phimoe,
-}
+from .architectures import ARCHITECTURES, MoELayer, UnsupportedModelError, moe_layers
 
 
 @contextmanager
 def masked_routers(model_type: str, layers: list[MoELayer], masked: dict[int, list[int]]):
     """Hooks the router of every layer in `masked` (decoder index -> experts to switch off; an
     empty list re-routes unchanged); the hooks are removed on exit."""
-    if model_type not in RESELECT:
+    if model_type not in ARCHITECTURES:
         raise UnsupportedModelError(f"ablation does not know how {model_type!r} routes; "
-                                    f"supported: {', '.join(sorted(RESELECT))}")
-    reselect = RESELECT[model_type]
+                                    f"supported: {', '.join(sorted(ARCHITECTURES))}")
+    reselect = ARCHITECTURES[model_type].reselect  # looked up per call: the table is the one source
 
     def hook_for(experts):
         def hook(module, inputs, output):
@@ -111,7 +49,7 @@ def masked_routers(model_type: str, layers: list[MoELayer], masked: dict[int, li
 @contextmanager
 def ablated(model, layers: list[MoELayer] | None, experts: Iterable[tuple[int, int]]):
     """While active, the model never routes a token to any of `experts` ((decoder layer index,
-    expert) pairs); the other experts' weights are renormalised as the family does."""
+    expert) pairs); the other experts' weights are renormalised as the architecture does."""
     layers = layers if layers is not None else moe_layers(model)
     pairs = check_experts(list(experts), layers, "ablation")
     grouped: dict[int, list[int]] = {}

@@ -25,7 +25,7 @@ the current model - the research code detects once, and after a repair the jailb
 no longer be complied with, leaving no pair to score.
 
 Both count the router's own choices (its returned expert indices), where the research code
-takes softmax then top-k of the router logits. Softmax keeps the order, so for every family
+takes softmax then top-k of the router logits. Softmax keeps the order, so for every architecture
 that picks its top-k by logit (OLMoE, Qwen2/3-MoE, Mixtral, PhiMoE, GPT-OSS, Granite) the two
 are the same experts; DeepSeek-V3 picks by bias-corrected sigmoid scores within groups, and
 there ours counts the experts that really process the token, which is what a risk difference

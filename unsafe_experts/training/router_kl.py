@@ -1,6 +1,6 @@
 """Routing distributions per MoE layer and the KL that aligns jailbreak routing to plain routing.
 
-Per layer, the distribution the family routes by, over a prompt's message tokens (not padding,
+Per layer, the distribution the architecture routes by, over a prompt's message tokens (not padding,
 not template scaffolding), then averaged over the batch: one distribution over experts per
 layer. Softmax routers (OLMoE, Qwen, Mixtral, PhiMoE, GPT-OSS, Granite): the softmax of the
 token-mean of the router logits, as the research code did. Sigmoid routers with a correction
