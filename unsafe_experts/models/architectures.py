@@ -27,6 +27,9 @@ class Architecture:
     reselect: Callable
     # the config keys of a tiny test model that differ from models/tiny.py's common shape
     tiny_config: Mapping[str, object]
+    # the router picks a built-in number of experts whatever its top_k says (PhiMoE's
+    # sparsemixer always takes two), so top-k cannot be changed at inference
+    fixed_top_k: bool = False
 
     def __post_init__(self):
         # read-only, so a caller's tweak of one tiny model cannot leak into the next
@@ -42,7 +45,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                               dict(num_experts=8, moe_intermediate_size=32,
                                    shared_expert_intermediate_size=32)),
     "mixtral": Architecture("mlp", "gate", rules.softmax_top_k_fp32, dict(num_local_experts=8)),
-    "phimoe": Architecture("mlp", "router", rules.phimoe, dict(num_local_experts=8)),
+    "phimoe": Architecture("mlp", "router", rules.phimoe, dict(num_local_experts=8), fixed_top_k=True),
     "gpt_oss": Architecture("mlp", "router", rules.top_k_softmax,
                             dict(num_local_experts=8, head_dim=8)),
     # 3 tiny layers: the first is dense (first_k_dense_replace), which moe_layers must skip
