@@ -65,9 +65,9 @@ def test_moe_layers_ablation_and_tiny_models_read_the_record(monkeypatch, make_m
     # the ablation: the record's reselect rule
     calls = []
 
-    def spy(router, hidden, logits):
+    def spy(router, hidden, logits, forced=None):
         calls.append(logits.shape)
-        return olmoe.reselect(router, hidden, logits)
+        return olmoe.reselect(router, hidden, logits, forced)
 
     monkeypatch.setitem(ARCHITECTURES, "olmoe", dataclasses.replace(olmoe, reselect=spy))
     ids = torch.tensor([tokenizer.encode("hello there")])

@@ -15,30 +15,52 @@ from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from ..errors import ExpertSetError
 from .architectures import ARCHITECTURES, MoELayer, UnsupportedModelError, moe_layers
 
 
+# SteerMoE's forcing margin: a forced expert's logit becomes the token's largest plus this, so
+# it is chosen and weighted like (a little above) the expert the router liked best
+FORCE_MARGIN = 0.01
+
+
 @contextmanager
-def masked_routers(model_type: str, layers: list[MoELayer], masked: dict[int, list[int]]):
-    """Hooks the router of every layer in `masked` (decoder index -> experts to switch off; an
-    empty list re-routes unchanged); the hooks are removed on exit."""
+def masked_routers(model_type: str, layers: list[MoELayer], masked: dict[int, list[int]],
+                   forced: dict[int, list[int]] | None = None):
+    """Hooks the router of every layer in `masked` or `forced` (decoder index -> experts to
+    switch off / to force on; an empty list re-routes unchanged); the hooks are removed on exit.
+    A forced expert's logit is set to the token's largest remaining logit + FORCE_MARGIN before
+    the top-k (SteerMoE's unsafe steering), and the architecture's rule is told which experts
+    are forced where it ranks by more than the logit (DeepSeek-V3's bias-corrected scores)."""
     if model_type not in ARCHITECTURES:
         raise UnsupportedModelError(f"ablation does not know how {model_type!r} routes; "
                                     f"supported: {', '.join(sorted(ARCHITECTURES))}")
     reselect = ARCHITECTURES[model_type].reselect  # looked up per call: the table is the one source
+    forced = forced or {}
 
-    def hook_for(experts):
+    def hook_for(off, on):
         def hook(module, inputs, output):
             logits = output[0].clone()
-            logits[..., experts] = float("-inf")
-            weights, indices = reselect(module, inputs[0], logits)
+            logits[..., off] = float("-inf")
+            mask = None
+            if on:
+                top = logits.max(dim=-1, keepdim=True).values
+                raised = (top.float() + FORCE_MARGIN).to(logits.dtype)
+                # in bf16 the margin can round away; the next representable value still wins
+                raised = torch.where(raised > top, raised, torch.nextafter(top, torch.full_like(top, float("inf"))))
+                logits[..., on] = raised.expand(*top.shape[:-1], len(on))
+                mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+                mask[on] = True
+            weights, indices = reselect(module, inputs[0], logits, forced=mask)
             return (logits, weights, indices, *output[3:])
         return hook
 
     by_index = {layer.index: layer for layer in layers}
-    handles = [by_index[i].router.register_forward_hook(hook_for(sorted(experts)))
-               for i, experts in masked.items()]
+    handles = [by_index[i].router.register_forward_hook(
+                   hook_for(sorted(masked.get(i, [])), sorted(forced.get(i, []))))
+               for i in sorted(set(masked) | set(forced))]
     try:
         yield
     finally:
@@ -47,20 +69,41 @@ def masked_routers(model_type: str, layers: list[MoELayer], masked: dict[int, li
 
 
 @contextmanager
-def ablated(model, layers: list[MoELayer] | None, experts: Iterable[tuple[int, int]]):
-    """While active, the model never routes a token to any of `experts` ((decoder layer index,
-    expert) pairs); the other experts' weights are renormalised as the architecture does."""
+def steered(model, layers: list[MoELayer] | None, off: Iterable[tuple[int, int]] = (),
+            on: Iterable[tuple[int, int]] = ()):
+    """While active, no token is routed to an expert of `off` and every token is routed to each
+    expert of `on` ((decoder layer index, expert) pairs, most wanted first). A layer takes at
+    most its top-k forced experts (the first in `on`; more cannot all be chosen), as SteerMoE
+    does; yields the pairs actually forced."""
     layers = layers if layers is not None else moe_layers(model)
-    pairs = check_experts(list(experts), layers, "ablation")
-    grouped: dict[int, list[int]] = {}
-    for layer_index, expert in pairs:
-        grouped.setdefault(layer_index, []).append(expert)
+    off = check_experts(list(off), layers, "ablation")
+    on = [p for p in check_experts(list(on), layers, "steering") if p not in off]
+    top_k = {layer.index: layer.top_k for layer in layers}
+    masked, forced = _by_layer(off), {}
+    for layer_index, expert in on:
+        if len(forced.get(layer_index, [])) < top_k[layer_index]:
+            forced.setdefault(layer_index, []).append(expert)
     for layer in layers:
-        live = layer.num_experts - len(grouped.get(layer.index, []))
+        live = layer.num_experts - len(masked.get(layer.index, []))
         if live < layer.top_k:
             raise ExpertSetError(f"ablation: layer {layer.index} would keep {live} experts, fewer "
                                  f"than the {layer.top_k} its router picks per token")
-    with masked_routers(model.config.model_type, layers, grouped):
+    with masked_routers(model.config.model_type, layers, masked, forced):
+        yield [(i, e) for i, experts in sorted(forced.items()) for e in experts]
+
+
+def _by_layer(pairs: list[tuple[int, int]]) -> dict[int, list[int]]:
+    grouped: dict[int, list[int]] = {}
+    for layer_index, expert in pairs:
+        grouped.setdefault(layer_index, []).append(expert)
+    return grouped
+
+
+@contextmanager
+def ablated(model, layers: list[MoELayer] | None, experts: Iterable[tuple[int, int]]):
+    """While active, the model never routes a token to any of `experts` ((decoder layer index,
+    expert) pairs); the other experts' weights are renormalised as the architecture does."""
+    with steered(model, layers, off=experts):
         yield
 
 
