@@ -391,7 +391,7 @@ def run_suite(model, tokenizer, suite: Suite, max_new_tokens: int | None = None,
         parsed = [v for v in verdicts if v.complied is not None]
         complied = [v.complied for v in parsed]
         metrics[s.metric] = proportion(complied if s.measure == "complied" else [not c for c in complied])
-        if s.judge.kind == "llm":
+        if s.judge.parses:
             metrics[s.metric]["unparsed"] = len(verdicts) - len(parsed)
         if s.judge.scores and s.kind == "harmful":
             metrics[f"strongreject_{s.name}"] = mean([v.score for v in parsed])
