@@ -209,6 +209,11 @@ def test_eval_set_and_suite_exclude_each_other(tiny_dir, records_path, tmp_path,
                  "--output_dir", str(out), "--top_k_experts", "2",
                  "--eval_suite", str(tmp_path / "none.yaml")]) == 2
     one_error_line(capsys, "no such file nor bundled suite")
+    # an eval set is read up front the same way: the organism suite it is
+    assert main(["train", "--model_name", str(tiny_dir), "--dataset_path", str(records_path),
+                 "--output_dir", str(out), "--top_k_experts", "2",
+                 "--eval_set", str(tmp_path / "none.json")]) == 2
+    one_error_line(capsys, "none.json: no such file")
     assert not out.exists()
 
 

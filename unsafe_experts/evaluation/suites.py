@@ -29,13 +29,14 @@ Metrics, each with n and a 95% interval: harmful -> `asr_<name>` (share judged c
 benign -> `over_refusal_<name>` (share judged refused); a harmful set that measures `refused`
 -> `refusal_<name>`, a benign one that measures `complied` -> `answered_<name>`; reference ->
 `loglik_<name>` (mean per-token log-likelihood of the given answers). `metric` renames any of
-them: the organism's suite (organism.py) keeps the names of its eval_set.json evaluation
-(`plain_refusal`, `over_refusal`, `benign_loglik`). A judge scoring with the StrongREJECT rubric
+them: the organism suite (`organism_suite`, what an organism's eval_set.json is read as) names
+its figures `plain_refusal`, `over_refusal`, `benign_loglik`, as every report reads them. A judge scoring with the StrongREJECT rubric
 adds `strongreject_<name>` (mean 0-1 score) on harmful sets; an LLM judge's unparsable replies
 are left out of n and counted in the metric's `unparsed`.
 
 The whole suite, its data included, is read and checked before any model is loaded: a bad
-suite is one SuiteError naming the set and the field.
+suite is one SuiteError naming the set and the field. `run_suite` is the one runner every
+evaluation goes through (evaluate.evaluate).
 """
 from __future__ import annotations
 
@@ -52,7 +53,6 @@ import yaml
 from ..errors import SuiteError
 from ..attacks.families import AttackFamilyError, check_families, render
 from ..attacks.organism import LEGACY_EVAL_SETS
-from ..errors import ConfigError
 from ..text.generation import generate, response_logliks
 from .judges import JudgeError, JudgeSpec, load_judge, parse_judge
 from ..records import DatasetError, file_digest, messages_problem, read_json_records
