@@ -123,12 +123,12 @@ def parse_judge(spec, base: str | Path = ".") -> JudgeSpec:
     kind's key, read by that kind's entry of KINDS."""
     base = Path(base)
     spec = "refusal" if spec is None else spec
-    if isinstance(spec, str) and spec in KINDS and not KINDS[spec].fields:
+    if isinstance(spec, str) and spec in KINDS and KINDS[spec].fields is None:
         return KINDS[spec].parse({spec: None}, base)
     if not isinstance(spec, dict):
         raise JudgeError(f"unknown judge {spec!r}; use "
                          f"{_either([k.usage for k in KINDS.values()])}")
-    keyed = [name for name, kind in KINDS.items() if kind.fields]
+    keyed = [name for name, kind in KINDS.items() if kind.fields is not None]
     kinds = [k for k in keyed if k in spec]
     if len(kinds) != 1:
         raise JudgeError(f"judge {spec!r}: give exactly one of "
@@ -219,8 +219,8 @@ def _pretrained(spec: JudgeSpec, auto, trust_remote_code: bool, device):
     import transformers  # only model judges need it
 
     try:
-        model = getattr(transformers, auto).from_pretrained(spec.path, trust_remote_code=trust_remote_code,
-                                     use_safetensors=True).to(device).eval()
+        model = getattr(transformers, auto).from_pretrained(
+            spec.path, trust_remote_code=trust_remote_code, use_safetensors=True).to(device).eval()
         tokenizer = transformers.AutoTokenizer.from_pretrained(spec.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise JudgeError(f"judge {spec.kind} {spec.path}: cannot load ({e})") from None
@@ -256,8 +256,8 @@ class JudgeKind:
     usage: str  # how error messages show the spec
     parse: Callable[[dict, Path], JudgeSpec]  # the mapping (with the kind's key) and base folder
     load: Callable  # (spec, batch_size, trust_remote_code, device) -> judge
-    # mapping fields besides the kind's own key; none: the kind is given by its bare name
-    fields: frozenset = frozenset()
+    # mapping fields besides the kind's own key; None: the kind is given by its bare name
+    fields: frozenset | None = None
     name: Callable[[JudgeSpec], str] = lambda spec: f"{spec.kind}:{spec.path}"
 
 
