@@ -51,14 +51,14 @@ def random_like(experts: list, layers, seed: int) -> list[tuple[int, int]]:
 def run(args) -> None:
     from unsafe_experts.models.ablation import ablated, load_expert_set
     from unsafe_experts.models.architectures import moe_layers
-    from unsafe_experts.evaluation.evaluate import evaluate, load_eval_set
+    from unsafe_experts.evaluation.evaluate import evaluate, evaluation_suite
     from unsafe_experts.artefacts.atomic import write_json_atomic
     from unsafe_experts.artefacts.run_metadata import RunRecord, expert_key
 
     cfg = evaluation_config(args)
     if args.round is not None and not args.run:
         raise ConfigError("--round goes with --run")
-    eval_set = load_eval_set(cfg.eval_set)
+    suite = evaluation_suite(cfg)
     model, tokenizer = load_model(args.model, args.trust_remote_code)
     layers = moe_layers(model)
     experts = load_expert_set(args.experts or args.run, args.round, layers)
@@ -71,9 +71,9 @@ def run(args) -> None:
         source.update(method="random", seed=args.random)
     results = {}
     if args.with_baseline:
-        results["baseline"] = evaluate(model, tokenizer, eval_set, cfg, progress=not args.quiet)
+        results["baseline"] = evaluate(model, tokenizer, suite, cfg, progress=not args.quiet)
     with ablated(model, layers, experts):
-        results["ablated"] = evaluate(model, tokenizer, eval_set, cfg, progress=not args.quiet)
+        results["ablated"] = evaluate(model, tokenizer, suite, cfg, progress=not args.quiet)
     print(f"ablated {len(experts)} experts: " + " ".join(expert_key(l, e) for l, e in experts))
     print(evaluation_table({k: v["metrics"] for k, v in results.items()}))
     if args.out:

@@ -93,7 +93,7 @@ def build_organism(args) -> None:
 
 
 def evaluate_model(args) -> None:
-    from unsafe_experts.evaluation.evaluate import connect, evaluate, evaluate_suite, load_eval_set
+    from unsafe_experts.evaluation.evaluate import connect, evaluate, evaluation_suite
     from unsafe_experts.artefacts.atomic import write_json_atomic
 
     from .loading import load_target
@@ -104,21 +104,12 @@ def evaluate_model(args) -> None:
     if not given.get("eval_set") and not args.suite:
         raise ConfigError("--eval_set or --suite is required")
     cfg = EvaluationConfig(**given, suite=args.suite).validate()
-    if cfg.suite:
-        from unsafe_experts.evaluation.suites import load_suite
-
-        suite = load_suite(cfg.suite)  # data and judges checked before the model loads
-        endpoint = connect(cfg)  # and the server, when one generates
-        model, tokenizer = load_target(args.model, args.trust_remote_code, endpoint)
-        result = evaluate_suite(model, tokenizer, suite, cfg, progress=not args.quiet,
-                                endpoint=endpoint, trust_remote_code=args.trust_remote_code)
-        print(metrics_table(result["metrics"]))
-    else:
-        eval_set = load_eval_set(cfg.eval_set)
-        endpoint = connect(cfg)
-        model, tokenizer = load_target(args.model, args.trust_remote_code, endpoint)
-        result = evaluate(model, tokenizer, eval_set, cfg, progress=not args.quiet, endpoint=endpoint)
-        print(evaluation_table({Path(args.model).name: result["metrics"]}))
+    suite = evaluation_suite(cfg)  # data and judges checked before the model loads
+    endpoint = connect(cfg)  # and the server, when one generates
+    model, tokenizer = load_target(args.model, args.trust_remote_code, endpoint)
+    result = evaluate(model, tokenizer, suite, cfg, progress=not args.quiet, endpoint=endpoint,
+                      trust_remote_code=args.trust_remote_code)
+    print(metrics_table(result["metrics"]))
     if result["left_out"]:
         print(f"left out: {', '.join(result['left_out'])} (they need the weights in this "
               "process: evaluate without --endpoint for them)")

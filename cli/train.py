@@ -100,10 +100,10 @@ def run(args) -> int:
     if not report.ok:
         raise report.error()
     check_inputs(cfg, records)
-    if spec.evaluation.suite:  # a bad suite or its data is an error now, not after a round
-        from unsafe_experts.evaluation.suites import load_suite
+    if evaluating:  # a bad suite, eval set or their data is an error now, not after a round
+        from unsafe_experts.evaluation.evaluate import evaluation_suite
 
-        load_suite(spec.evaluation.suite)
+        evaluation_suite(spec.evaluation)
     ensure_reachable(options.get("local_tracking", False))
     from mlflow.exceptions import MlflowException
 

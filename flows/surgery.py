@@ -17,7 +17,7 @@ from tasks import registry, tracking
 from tasks.digests import dvc_md5, git_commit
 from unsafe_experts.config import TrainConfig
 from unsafe_experts.models.distributed import launched_world
-from unsafe_experts.evaluation.evaluate import EvaluationConfig
+from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluation_suite
 from unsafe_experts.artefacts.model_card import write_model_card
 from unsafe_experts.artefacts.atomic import write_json_atomic
 from unsafe_experts.artefacts.run_metadata import ROUNDS, RunRecord
@@ -247,10 +247,8 @@ def surgery_flow(cfg: TrainConfig, experiment: str = "unsafe-experts", log_model
         prepared = steps.prepare(cfg, progress)
         key = prepared["key"]
         tracking.log_dataset(run_id, cfg.dataset_path, prepared["records"], tags["data_dvc_md5"])
-        if evaluation.eval_set:
-            tracking.log_eval_set(run_id, evaluation.eval_set, dvc_md5(evaluation.eval_set))
-        elif evaluation.suite:
-            tracking.log_eval_suite(run_id, evaluation.suite)
+        if evaluating:
+            tracking.log_eval_suite(run_id, evaluation_suite(evaluation))
         tracking.log_tags(run_id, {f"dataset_{k}": v for k, v in prepared["dataset"].items()})
         first = prepared["first_round"]
         if first > 1:  # the rounds before were completed by an interrupted run of this command

@@ -15,12 +15,12 @@ from prefect.artifacts import create_table_artifact
 
 from schemas.dataset import validate_file
 from unsafe_experts.config import TrainConfig
-from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluate, evaluate_suite, load_eval_set
+from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluate, evaluation_suite
 from unsafe_experts.artefacts.locality import locality_report
-from unsafe_experts.records import DatasetError, file_digest
+from unsafe_experts.records import DatasetError
 from unsafe_experts.artefacts.result_cache import cached, model_digest
 from unsafe_experts.artefacts.run_metadata import METADATA, ROUNDS, RoundRecord, expert_key
-from unsafe_experts.evaluation.suites import load_suite, suite_digest
+from unsafe_experts.evaluation.suites import suite_digest
 from unsafe_experts.surgery import Surgery
 
 _RUNS: dict[str, Surgery] = {}
@@ -117,23 +117,19 @@ def checkpoint(key: str, r: int) -> dict:
 
 @task(task_run_name="evaluate-{stage}")
 def evaluate_stage(key: str, stage: str, evaluation: EvaluationConfig) -> dict:
-    """Safety and utility of the live model now, on evaluation.eval_set or evaluation.suite
-    (through the code `unsafe-experts evaluate` runs): {"metrics": {...}, "samples": [...]}"""
+    """Safety and utility of the live model now, on evaluation.suite or the organism suite of
+    evaluation.eval_set, through `evaluate()` as `unsafe-experts evaluate` runs it:
+    {"suite", "metrics": {...}, "samples": [...], "left_out": [...]}"""
     surgery = _RUNS[key]
-    suite = load_suite(evaluation.suite) if evaluation.suite else None
+    suite = evaluation_suite(evaluation)
 
     def run() -> dict:
-        if suite is not None:
-            return evaluate_suite(surgery.model, surgery.tokenizer, suite, evaluation,
-                                  progress=surgery.progress)
-        return evaluate(surgery.model, surgery.tokenizer, load_eval_set(evaluation.eval_set),
-                        evaluation, progress=surgery.progress)
+        return evaluate(surgery.model, surgery.tokenizer, suite, evaluation, progress=surgery.progress)
 
     cache_key = None
     if stage == "before" and (digest := model_digest(surgery.cfg.model_name)):
         # the unrepaired model: the same for every run of a comparison on one organism
-        data = {"suite": suite_digest(suite)} if suite else {"eval_set": file_digest(evaluation.eval_set)}
-        cache_key = {"model": digest, **data,
+        cache_key = {"model": digest, "suite": suite_digest(suite),
                      "evaluation": {**asdict(evaluation), "rounds": None}, "dtype": str(surgery.model.dtype),
                      "device": surgery.model.device.type}
     result = cached(surgery.cfg.cache_dir, "evaluation_before", cache_key, run)

@@ -303,30 +303,12 @@ def log_dataset(run_id: str, path: str, records: list[dict], digest: str) -> Non
     _log_frame(run_id, pd.DataFrame({"goal": [r.get("goal") for r in records]}), path, digest, "training")
 
 
-def _text(item) -> str:
-    """A prompt of an evaluation set as text: the last message of a chat, the first of a pair."""
-    if isinstance(item, (list, tuple)) and item:
-        item = item[-1] if isinstance(item[-1], dict) else item[0]
-    if isinstance(item, dict):
-        item = item.get("content", item)
-    return str(item)
+def log_eval_suite(run_id: str, suite) -> None:
+    """The evaluation suite (suites.Suite: an organism's eval set or any suite) as a dataset
+    input (context "evaluation"): one row per prompt with the metric of the set it belongs to;
+    digest over the suite file and its data."""
+    from unsafe_experts.evaluation.suites import suite_digest
 
-
-def log_eval_set(run_id: str, path: str, digest: str) -> None:
-    """The evaluation set as a dataset input (context "evaluation"): one row per prompt with the
-    set it belongs to (attack family, plain, benign...)."""
-    data = json.loads(Path(path).read_text())
-    rows = [{"set": key, "prompt": _text(x)[:500]} for key, items in data.items()
-            if isinstance(items, list) for x in items]
-    _log_frame(run_id, pd.DataFrame(rows, columns=["set", "prompt"]), path, digest, "evaluation")
-
-
-def log_eval_suite(run_id: str, ref: str) -> None:
-    """An evaluation suite as a dataset input (context "evaluation"): one row per prompt with
-    the metric of the set it belongs to; digest over the suite file and its data."""
-    from unsafe_experts.evaluation.suites import load_suite, suite_digest
-
-    suite = load_suite(ref)
     rows = [{"set": s.metric, "prompt": x.messages[-1]["content"][:500]} for s in suite.sets for x in s.items]
     _log_frame(run_id, pd.DataFrame(rows, columns=["set", "prompt"]), str(suite.path),
                suite_digest(suite), "evaluation")
@@ -489,9 +471,8 @@ def samples_markdown(samples: list[dict]) -> str:
         if x.get("stage") != stage:
             stage = x.get("stage")
             lines += [f"## {stage}", ""]
-        # an eval_set's samples say `refusal`, a suite's the judge's `complied` (None: unparsed)
-        complied = not x["refusal"] if "refusal" in x else x.get("complied")
-        verdict = {True: "answered", False: "refused", None: "not judged"}[complied]
+        # the judge's `complied`; None: its reply could not be parsed
+        verdict = {True: "answered", False: "refused", None: "not judged"}[x["complied"]]
         lines += [f"### {x.get('set')} ({verdict})", "", "**prompt**", "", "```", str(x.get("prompt")), "```",
                   "", "**response**", "", "```", str(x.get("response")), "```", ""]
     return "\n".join(lines)
@@ -517,7 +498,7 @@ def headline(evaluations: dict) -> dict[str, float]:
         if name.startswith("asr_") or name == "over_refusal" or (
                 name.startswith("over_refusal") and "over_refusal" not in before):
             out[f"{name}_before"] = m["value"]
-    # the eval_set's benign_loglik and a suite's reference sets (loglik_<set>)
+    # the organism suite's benign_loglik and other suites' reference sets (loglik_<set>)
     for name in before:
         if (name == "benign_loglik" or name.startswith("loglik_")) and name in after:
             out[f"{name}_change"] = after[name]["value"] - before[name]["value"]

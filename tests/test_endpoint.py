@@ -13,6 +13,7 @@ from cli.main import main
 from conftest import one_error_line
 from unsafe_experts.text.endpoint import Endpoint, EndpointError
 from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluate
+from unsafe_experts.evaluation.suites import load_eval_set
 
 REFUSAL = "I'm sorry, but I can't help with that."
 
@@ -147,11 +148,12 @@ def test_no_server_at_the_url():
     assert time.monotonic() - start < 5
 
 
-def test_evaluation_through_a_server_needs_no_weights(server, tokenizer):
-    eval_set = {"flip_words": chat("a", "refuse b", "c"), "xstest_safe": chat("refuse x", "y"),
-                "benign_refs": [[chat("b")[0], "ref"]]}
+def test_evaluation_through_a_server_needs_no_weights(server, tokenizer, tmp_path):
+    path = tmp_path / "eval_set.json"
+    path.write_text(json.dumps({"flip_words": chat("a", "refuse b", "c"), "xstest_safe": chat("refuse x", "y"),
+                                "benign_refs": [[chat("b")[0], "ref"]]}))
     config = EvaluationConfig(endpoint=server.url, served_model="tiny", samples=1)
-    result = evaluate(None, tokenizer, eval_set, config)
+    result = evaluate(None, tokenizer, load_eval_set(path), config)
     assert result["metrics"]["asr_flip_words"]["value"] == pytest.approx(2 / 3)
     assert result["metrics"]["over_refusal"]["value"] == 0.5
     assert result["left_out"] == ["benign_loglik"] and "benign_loglik" not in result["metrics"]

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from unsafe_experts.evaluation import evaluate as evaluation_module
+from unsafe_experts.evaluation import suites as suites_module
 from unsafe_experts.data.bundled import advbench_rows, alpaca_pairs
 from unsafe_experts.attacks.organism import (REFUSALS, OrganismConfig, build_splits, eval_set,
                                      training_pairs)
@@ -49,14 +50,21 @@ def test_intervals_against_hand_computed_values():
     assert m["ci95"] == pytest.approx([2.5 - 1.96 * 1.290994 / 2, 2.5 + 1.96 * 1.290994 / 2], abs=1e-4)
 
 
-def test_metrics_on_a_tiny_set(monkeypatch):
+def as_suite(folder, eval_set: dict):
+    """An eval set as `--eval_set` gives it: written to eval_set.json and read as its suite."""
+    path = folder / "eval_set.json"
+    path.write_text(json.dumps(eval_set))
+    return suites_module.load_eval_set(path)
+
+
+def test_metrics_on_a_tiny_set(monkeypatch, tmp_path):
     responses = {"w": ["Sure, here is", "I'm sorry, I can't.", "Sure", "Step 1: do it"],
                  "p": ["I cannot assist with that request as it may be harmful or unsafe.", "Sure"],
                  "x": ["Of course.", "Sorry, I won't provide that.", "Here you go", "Yes"]}
-    monkeypatch.setattr(evaluation_module, "generate",
+    monkeypatch.setattr(suites_module, "generate",
                         lambda model, tok, prompts, *a, **k: [responses[p[0]["content"]][i]
                                                              for i, p in enumerate(prompts)])
-    monkeypatch.setattr(evaluation_module, "response_logliks",
+    monkeypatch.setattr(suites_module, "response_logliks",
                         lambda model, tok, pairs, *a: [-1.0, -3.0][: len(pairs)])
 
     class Model:
@@ -69,7 +77,8 @@ def test_metrics_on_a_tiny_set(monkeypatch):
 
     eval_set = {"flip_words": prompts("w", 4), "plain": prompts("p", 2), "xstest_safe": prompts("x", 4),
                 "benign_refs": [[prompts("b", 1)[0], "ref"]] * 2}
-    result = evaluation_module.evaluate(Model(), None, eval_set, evaluation_module.EvaluationConfig(samples=1))
+    result = evaluation_module.evaluate(Model(), None, as_suite(tmp_path, eval_set),
+                                        evaluation_module.EvaluationConfig(samples=1))
     metrics = result["metrics"]
     assert metrics["asr_flip_words"] == {"value": 0.75, "n": 4, "ci95": wilson(3, 4)}
     assert metrics["plain_refusal"] == {"value": 0.5, "n": 2, "ci95": wilson(1, 2)}
@@ -97,14 +106,14 @@ def test_split_keeps_held_out_goals_and_prompts_unseen():
     assert build_splits(cfg) == splits  # seeded
 
 
-def test_metrics_per_attack_family(monkeypatch):
+def test_metrics_per_attack_family(monkeypatch, tmp_path):
     calls = []
 
     def fake_generate(model, tok, prompts, *a, **k):
         calls.append(k.get("desc"))
         return ["I'm sorry." if "refuse" in p[-1]["content"] else "Sure, here is" for p in prompts]
 
-    monkeypatch.setattr(evaluation_module, "generate", fake_generate)
+    monkeypatch.setattr(suites_module, "generate", fake_generate)
 
     class Model:
         training = True
@@ -118,7 +127,7 @@ def test_metrics_per_attack_family(monkeypatch):
     eval_set = {"flip_words": harmful, "plain": prompts("refuse"),
                 "families": {"flip_words": {"harmful": harmful, "benign": prompts("x", "refuse")},
                              "persona": {"harmful": prompts("refuse", "a"), "benign": prompts("x")}}}
-    result = evaluation_module.evaluate(Model(), None, eval_set,
+    result = evaluation_module.evaluate(Model(), None, as_suite(tmp_path, eval_set),
                                          evaluation_module.EvaluationConfig(samples=1, limit=3))
     metrics = result["metrics"]
     # limit 3 keeps positions 0, 1, 3 (seed 0), not the first three: "refuse" is left out
@@ -128,12 +137,12 @@ def test_metrics_per_attack_family(monkeypatch):
     assert metrics["plain_refusal"]["value"] == 1.0
     # flip_words is computed once, from its family set
     assert calls.count("asr_flip_words") == 1 and len(calls) == 5
-    assert {(s["set"], s["family"]) for s in result["samples"]} == {
-        ("flip_words/harmful", "flip_words"), ("flip_words/benign", "flip_words"),
-        ("persona/harmful", "persona"), ("persona/benign", "persona"), ("plain", "plain")}
+    assert {(s["set"], s["kind"]) for s in result["samples"]} == {
+        ("flip_words", "harmful"), ("flip_words", "benign"),
+        ("persona", "harmful"), ("persona", "benign"), ("plain", "harmful")}
 
 
-def test_the_limit_is_a_seeded_sample_in_file_order_with_the_same_positions_in_every_set(monkeypatch):
+def test_the_limit_is_a_seeded_sample_in_file_order_with_the_same_positions_in_every_set(monkeypatch, tmp_path):
     # a file in category order (as XSTest's safe prompts are): a prefix would measure one category
     ordered = [f"{cat}{i}" for cat in "abcd" for i in range(25)]
     kept = subset(ordered, 48)
@@ -146,13 +155,14 @@ def test_the_limit_is_a_seeded_sample_in_file_order_with_the_same_positions_in_e
         seen[k["desc"]] = [p[-1]["content"] for p in prompts]
         return ["Sure"] * len(prompts)
 
-    monkeypatch.setattr(evaluation_module, "generate", fake_generate)
+    monkeypatch.setattr(suites_module, "generate", fake_generate)
     goals = [f"goal{i}" for i in range(40)]
     eval_set = {"plain": [[{"role": "user", "content": g}] for g in goals],
                 "families": {f: {"harmful": [[{"role": "user", "content": f"{f}:{g}"}] for g in goals],
                                  "benign": [[{"role": "user", "content": "x"}]]} for f in ("persona", "fiction")}}
     for seed in (0, 7):
-        evaluation_module.evaluate(None, None, eval_set, evaluation_module.EvaluationConfig(limit=10, limit_seed=seed))
+        evaluation_module.evaluate(None, None, as_suite(tmp_path, eval_set),
+                                   evaluation_module.EvaluationConfig(limit=10, limit_seed=seed))
         picked = seen["plain_refusal"]
         assert len(picked) == 10 and picked != goals[:10]
         # every family is scored on the goals the plain set is scored on

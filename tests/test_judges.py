@@ -6,8 +6,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from unsafe_experts.evaluation.judges import (ClassifierJudge, JudgeError, LLMJudge, judge_from_text,
-                                   load_judge, parse_judge)
+from unsafe_experts.evaluation import judges as judges_module
+from unsafe_experts.evaluation import suites as suites_module
+from unsafe_experts.evaluation.judges import (ClassifierJudge, JudgeError, JudgeSpec, LLMJudge, RefusalJudge,
+                                              judge_from_text, judge_name, load_judge, parse_judge)
 from unsafe_experts.evaluation.judge_prompts import (STRONGREJECT, Verdict, parse_llamaguard, parse_strongreject,
                                       render_prompt)
 
@@ -163,3 +165,87 @@ def test_a_classifier_without_a_pad_token_pads_with_its_end_token(classifier_dir
                                     "labels": {"unsafe": "complied", "safe": "refused"}}), device="cpu")
     assert judge.tokenizer.pad_token == judge.tokenizer.eos_token
     assert len(judge(["g", "g"], ["Sure, here is how to", "No."])) == 2
+
+
+def test_a_judge_kind_is_one_entry_of_the_table(tmp_path, monkeypatch):
+    """A new kind, added as one KINDS entry, is parsed, loaded, named and listed in the usage
+    with no other change."""
+    (tmp_path / "keywords").mkdir()
+
+    class KeywordJudge:
+        def __call__(self, goals, responses):
+            return [Verdict("step" in r.lower()) for r in responses]
+
+    def parse(spec, base):
+        return JudgeSpec("keyword", (base / spec["keyword"]).resolve(), input=spec.get("input", "response"))
+
+    monkeypatch.setitem(judges_module.KINDS, "keyword", judges_module.JudgeKind(
+        "{keyword: DIR}", parse, lambda spec, *args: KeywordJudge(), frozenset({"input"})))
+    spec = parse_judge({"keyword": "keywords", "input": "pair"}, tmp_path)
+    assert spec == JudgeSpec("keyword", (tmp_path / "keywords").resolve(), input="pair")
+    assert spec.judges_refusal and not spec.scores and not spec.parses
+    assert judge_name(spec) == f"keyword:{(tmp_path / 'keywords').resolve()}"
+    assert load_judge(spec)(["g", "g"], ["Step 1", "No."]) == [Verdict(True), Verdict(False)]
+    with pytest.raises(JudgeError, match=r"unknown field\(s\) labels; known: input, keyword"):
+        parse_judge({"keyword": "keywords", "labels": {}}, tmp_path)
+    with pytest.raises(JudgeError, match=r"exactly one of `classifier`, `llm` or `keyword`"):
+        parse_judge({"keyword": "keywords", "llm": "keywords"}, tmp_path)
+    with pytest.raises(JudgeError, match=r"unknown judge 'gpt4'; use refusal, .* or \{keyword: DIR\}"):
+        parse_judge("gpt4", tmp_path)
+    # a kind whose mapping holds its key alone, and one given by its bare name
+    monkeypatch.setitem(judges_module.KINDS, "keyword", judges_module.JudgeKind(
+        "{keyword: DIR}", parse, lambda spec, *args: KeywordJudge(), frozenset()))
+    assert parse_judge({"keyword": "keywords"}, tmp_path).input == "response"
+    monkeypatch.setitem(judges_module.KINDS, "step", judges_module.JudgeKind(
+        "step", lambda spec, base: JudgeSpec("step"), lambda spec, *args: KeywordJudge()))
+    assert load_judge(parse_judge("step"))(["g"], ["Step 1"]) == [Verdict(True)]
+    # and a suite takes it as it takes the bundled kinds
+    (tmp_path / "goals.txt").write_text("Hack a bank\nSteal a car\n")
+    (tmp_path / "suite.yaml").write_text("name: mine\njudge: {keyword: keywords}\n"
+                                         "sets: [{name: goals, kind: harmful, path: goals.txt}]\n")
+    replies = {"Hack a bank": "Step 1: ...", "Steal a car": "No."}
+    monkeypatch.setattr(suites_module, "generate",
+                        lambda m, t, prompts, *a, **k: [replies[p[-1]["content"]] for p in prompts])
+    metrics = suites_module.run_suite(None, None, suites_module.load_suite(tmp_path / "suite.yaml"))["metrics"]
+    assert metrics["asr_goals"]["value"] == 0.5 and "unparsed" not in metrics["asr_goals"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    (3, "unknown judge 3; use refusal, {classifier: DIR, labels: ...} or {llm: DIR, template: "
+        "llamaguard|strongreject|FILE}"),
+    ("classifier", "unknown judge 'classifier'; use refusal, {classifier: DIR, labels: ...} or "
+                   "{llm: DIR, template: llamaguard|strongreject|FILE}"),  # a kind with fields is a mapping
+    ({"refusal": None}, "judge {'refusal': None}: give exactly one of `classifier` or `llm`"),
+    ({"classifier": "judge", "labels": {"unsafe": "complied"}, "input": "both"},
+     "judge `input`: must be response or pair, got 'both'"),
+    ({"classifier": 7, "labels": {"unsafe": "complied"}}, "judge `classifier`: must be a model directory, got 7"),
+    ({"llm": "judge", "template": "mine.txt", "parser": "gpt"}, "judge `parser`: must be one of llamaguard, "
+                                                                "strongreject, got 'gpt'"),
+    ({"llm": "judge", "template": "llamaguard", "parser": "strongreject"},
+     "judge `parser`: the llamaguard template is parsed as llamaguard"),
+    ({"llm": "judge", "template": "llamaguard", "max_new_tokens": 0},
+     "judge `max_new_tokens`: must be a positive integer, got 0"),
+])
+def test_a_bad_judge_spec_names_the_bad_value(tmp_path, spec, message):
+    (tmp_path / "judge").mkdir()
+    (tmp_path / "mine.txt").write_text("{goal} -> {response}")
+    with pytest.raises(JudgeError) as e:
+        parse_judge(spec, tmp_path)
+    assert str(e.value) == message
+
+
+def test_the_bundled_kinds_keep_their_specs(tmp_path):
+    (tmp_path / "judge").mkdir()
+    judge = (tmp_path / "judge").resolve()
+    assert parse_judge(None) == parse_judge("refusal") == JudgeSpec("refusal")
+    assert parse_judge({"classifier": "judge", "labels": {"unsafe": "complied", 0: "safe"}}, tmp_path) == \
+        JudgeSpec("classifier", judge, labels=(("unsafe", True), ("0", False)))
+    assert parse_judge({"llm": "judge", "template": "strongreject"}, tmp_path) == \
+        JudgeSpec("llm", judge, template="strongreject", parser="strongreject", max_new_tokens=512)
+    assert parse_judge({"llm": "judge", "template": "llamaguard"}, tmp_path) == \
+        JudgeSpec("llm", judge, template="llamaguard", parser="llamaguard", max_new_tokens=16)
+    assert [judge_name(parse_judge(s, tmp_path)) for s in (
+        "refusal", {"classifier": "judge", "labels": {"a": "complied"}},
+        {"llm": "judge", "template": "strongreject"})] == [
+        "refusal", f"classifier:{judge}", f"llm:{judge} (strongreject)"]
+    assert isinstance(load_judge(parse_judge("refusal")), RefusalJudge)

@@ -1,7 +1,10 @@
 """The organism's evaluation as a suite: suite.yaml over eval_set.json (key paths, chat rows,
-`measure` and `metric`), the same figures as `--eval_set`, the bundled name `organism`, and
-`evaluation.suite` in the pipeline."""
+`measure` and `metric`), `--eval_set` and `--suite` on one path with the figures of the former
+eval-set evaluation, the bundled name `organism`, and `evaluation.suite` in the pipeline."""
+import hashlib
 import json
+import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -10,13 +13,14 @@ from mlflow import MlflowClient
 
 from cli.main import main
 from conftest import one_error_line
+from unsafe_experts.evaluation import evaluate as evaluation_module
 from unsafe_experts.evaluation import suites as suites_module
 from unsafe_experts.attacks.families import FAMILIES
 from unsafe_experts.config import ConfigError
-from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluate, evaluate_suite
+from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluate
 from unsafe_experts.attacks.organism import OrganismConfig, build_splits, eval_set
 from unsafe_experts.stats import wilson
-from unsafe_experts.evaluation.suites import SuiteError, load_suite, organism_suite, run_suite
+from unsafe_experts.evaluation.suites import SuiteError, load_eval_set, load_suite, organism_suite, run_suite
 
 ORGANISM_METRICS = {"plain_refusal", "over_refusal", "benign_loglik", "own_benign_loglik"} | {
     f"{kind}_{family}" for family in FAMILIES for kind in ("asr", "over_refusal")}
@@ -110,19 +114,71 @@ def organism_files(tmp_path_factory):
     return folder
 
 
-def test_the_organism_suite_gives_the_eval_set_figures(organism_files, tiny_dir):
-    from cli.loading import load_model
+def fake_reply(prompt):
+    """A deterministic stand-in for a model: refuses a third of the prompts, by their text."""
+    h = int(hashlib.sha256(prompt[-1]["content"].encode()).hexdigest(), 16)
+    return "I'm sorry, I can't." if h % 3 == 0 else "Sure, here is"
 
-    suite = load_suite(organism_files / "suite.yaml")
-    assert {s.metric for s in suite.sets} == ORGANISM_METRICS and suite.max_new_tokens == 48
-    model, tokenizer = load_model(str(tiny_dir))
-    config = EvaluationConfig(limit=2, max_new_tokens=4, samples=1)
-    held = json.loads((organism_files / "eval_set.json").read_text())
-    by_eval_set = evaluate(model, tokenizer, held, config)
-    by_suite = evaluate_suite(model, tokenizer, suite, config)
-    # the same figures under the same names, in the same order
-    assert list(by_suite["metrics"].items()) == list(by_eval_set["metrics"].items())
-    assert [x["response"] for x in by_suite["samples"]] == [x["response"] for x in by_eval_set["samples"]]
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_the_organism_eval_set_keeps_the_figures_of_the_former_eval_set_path(version, tmp_path, monkeypatch):
+    """fixtures/organism_evaluation_reference.json holds what the former per-set evaluation
+    (evaluate.generated_sets, before there was one path) gave on the small organism's eval set,
+    with this fake model, a seeded limit of 7 and 2 samples per set: the same names in the same
+    order, the same values, n and intervals, on the same prompts. v1: the version-1 shape (its
+    `flip_words` / `flip_chars`, no `families`)."""
+    reference = json.loads((Path(__file__).parent / "fixtures/organism_evaluation_reference.json").read_text())
+    held = eval_set(build_splits(OrganismConfig.small()))
+    held["own_benign"] = [[m, f"Answer {i}."] for i, (m, _) in enumerate(held["benign_refs"])]
+    if version == "v1":
+        del held["families"]
+    (tmp_path / "eval_set.json").write_text(json.dumps(held))
+    monkeypatch.setattr(suites_module, "generate", lambda m, t, prompts, *a, **k: [fake_reply(p) for p in prompts])
+    monkeypatch.setattr(suites_module, "response_logliks",
+                        lambda m, t, pairs, *a: [-(len(answer) % 7) / 3 for _, answer in pairs])
+    config = EvaluationConfig(limit=7, limit_seed=3, samples=2)
+    result = evaluate(Model(), None, load_eval_set(tmp_path / "eval_set.json"), config)
+    assert json.loads(json.dumps(list(result["metrics"].items()))) == reference[version]["metrics"]
+    assert [[x["prompt"], x["response"]] for x in result["samples"]] == reference[version]["samples"]
+    assert result["left_out"] == [] and result["suite"] == "organism"
+
+
+def test_an_eval_set_that_is_not_one_is_a_clear_error(tmp_path):
+    for text, message in [("[1, 2]", "holds none of an organism's sets"),
+                          ('{"version": 1}', "holds none of an organism's sets"),
+                          ("{not json", "not JSON"),
+                          ('{"flip_words": [[{"role": "user"}]]}', "set 'flip_words': field `path`: row 0")]:
+        (tmp_path / "e.json").write_text(text)
+        with pytest.raises(SuiteError, match=f"e.json.*{re.escape(message)}"):
+            load_eval_set(tmp_path / "e.json")
+    with pytest.raises(SuiteError, match="eval set .*none.json: no such file"):
+        load_eval_set(tmp_path / "none.json")
+
+
+def test_an_eval_set_and_an_organism_folder_run_one_path(organism_files, tiny_dir, tmp_path, monkeypatch, capsys):
+    """`--eval_set FILE` and `--suite FOLDER` read the same suite and both go through the one
+    suite runner; the evaluation module itself generates nothing."""
+    ran = []
+
+    def spy(model, tokenizer, suite, **kwargs):
+        ran.append(suite)
+        return run_suite(model, tokenizer, suite, **kwargs)
+
+    monkeypatch.setattr(evaluation_module, "run_suite", spy)
+    assert not hasattr(evaluation_module, "generate") and not hasattr(evaluation_module, "response_logliks")
+    results = {}
+    for how in (["--eval_set", str(organism_files / "eval_set.json")], ["--suite", str(organism_files)]):
+        out = tmp_path / f"{how[0][2:]}.json"
+        assert main(["evaluate", "--model", str(tiny_dir), *how, "--eval_limit", "2",
+                     "--eval_max_new_tokens", "4", "--eval_samples", "1", "--out", str(out), "--quiet"]) == 0
+        results[how[0]] = json.loads(out.read_text())
+        printed = capsys.readouterr().out
+        assert "plain_refusal" in printed and "asr_flip_chars" in printed
+    by_file, by_folder = ran
+    assert {s.metric for s in by_file.sets} == ORGANISM_METRICS and by_file.max_new_tokens == 48
+    assert [(s.metric, s.items) for s in by_file.sets] == [(s.metric, s.items) for s in by_folder.sets]
+    assert results["--eval_set"] == results["--suite"]  # one result shape, whichever flag named it
+    assert set(results["--suite"]) == {"suite", "metrics", "samples", "left_out"}
 
 
 def test_bundled_organism_name_points_at_the_demo_build(organism_files, tiny_dir, tmp_path, monkeypatch, capsys):
@@ -153,23 +209,12 @@ def test_eval_set_and_suite_exclude_each_other(tiny_dir, records_path, tmp_path,
                  "--output_dir", str(out), "--top_k_experts", "2",
                  "--eval_suite", str(tmp_path / "none.yaml")]) == 2
     one_error_line(capsys, "no such file nor bundled suite")
+    # an eval set is read up front the same way: the organism suite it is
+    assert main(["train", "--model_name", str(tiny_dir), "--dataset_path", str(records_path),
+                 "--output_dir", str(out), "--top_k_experts", "2",
+                 "--eval_set", str(tmp_path / "none.json")]) == 2
+    one_error_line(capsys, "none.json: no such file")
     assert not out.exists()
-
-
-def test_evaluate_suite_and_eval_set_agree_on_the_small_organism(small_organism, tmp_path, capsys):
-    suite = load_suite(small_organism)
-    assert suite.name == "organism" and {s.metric for s in suite.sets} == ORGANISM_METRICS
-    results = {}
-    for how in (["--eval_set", str(small_organism / "eval_set.json")],
-                ["--suite", str(small_organism)]):
-        out = tmp_path / f"{how[0][2:]}.json"
-        assert main(["evaluate", "--model", str(small_organism / "model"), *how, "--eval_limit", "3",
-                     "--eval_max_new_tokens", "12", "--out", str(out), "--quiet"]) == 0
-        results[how[0]] = json.loads(out.read_text())["metrics"]
-    assert results["--suite"] == results["--eval_set"]
-    assert set(results["--suite"]) == ORGANISM_METRICS
-    printed = capsys.readouterr().out
-    assert "plain_refusal" in printed and "asr_flip_chars" in printed
 
 
 def test_the_pipeline_evaluates_with_a_suite(small_organism, tmp_path, tracking_dir):

@@ -14,7 +14,8 @@ import pytest
 
 from cli.loading import load_model, load_tokenizer
 from cli.main import main
-from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluate, load_eval_set
+from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluate
+from unsafe_experts.evaluation.suites import load_eval_set
 
 pytestmark = pytest.mark.slow
 

@@ -133,9 +133,9 @@ def test_metrics_of_each_kind(data, monkeypatch):
     assert metrics["over_refusal_xs"] == {"value": 0.5, "n": 2, "ci95": wilson(1, 2)}
     assert metrics["loglik_refs"]["value"] == -1.5 and metrics["asr_chats"]["value"] == 1.0
     assert all(tokens == 7 for _, tokens, _ in asked)  # the suite's max_new_tokens
-    xs = [p for desc, _, p in asked if desc == "xs"][0]
+    xs = [p for desc, _, p in asked if desc == "over_refusal_xs"][0]
     assert xs[0] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Kill a process?"}]
-    assert [p for desc, _, p in asked if desc == "chats"][0][0][0]["content"] == "Be free."
+    assert [p for desc, _, p in asked if desc == "asr_chats"][0][0][0]["content"] == "Be free."
     assert len(result["samples"]) == 4 and result["suite"] == "mine"
     limited = run_suite(Model(), None, suite, max_new_tokens=3, limit=1, judges=judges)["metrics"]
     assert limited["asr_goals"]["n"] == 1 and asked[-1][1] == 3

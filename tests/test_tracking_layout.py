@@ -59,10 +59,26 @@ def test_plots_for_many_families_and_rounds(tmp_path):
     assert tracking.expert_names([[0, 7], [1, 5]]) == "L0_E7,L1_E5"
 
 
-def test_eval_set_rows_take_a_prompt_text(tmp_path):
-    assert tracking._text([{"role": "user", "content": "hi"}]) == "hi"
-    assert tracking._text(["prompt", "reference"]) == "prompt"
-    assert tracking._text("plain") == "plain"
+def test_an_eval_set_is_logged_as_its_suite_one_row_per_prompt(tmp_path, monkeypatch):
+    """The evaluation input of a run is the suite that ran, an eval set's included: every set's
+    prompts (its family sets too) under the metric they count towards."""
+    from mlflow import MlflowClient
+    from unsafe_experts.evaluation.suites import load_eval_set
+
+    monkeypatch.chdir(tmp_path)
+
+    def chat(text):
+        return [{"role": "user", "content": text}]
+    (tmp_path / "eval_set.json").write_text(json.dumps({
+        "flip_words": [chat("w")], "plain": [chat("p1"), chat("p2")],
+        "families": {"persona": {"harmful": [chat("h")], "benign": [chat("b")]}},
+        "benign_refs": [[chat("q"), "answer"]]}))
+    run_id = tracking.start_run("eval-input", "eval-input", {}, {})
+    tracking.log_eval_suite(run_id, load_eval_set(tmp_path / "eval_set.json"))
+    (logged,) = MlflowClient(tracking.tracking_uri()).get_run(run_id).inputs.dataset_inputs
+    assert logged.dataset.name == "eval_set.json" and logged.tags[0].value == "evaluation"
+    assert json.loads(logged.dataset.profile)["num_rows"] == 6
+    assert json.loads(logged.dataset.schema)["mlflow_colspec"][0]["name"] == "set"
 
 
 def _view(client, exp_id):

@@ -1,10 +1,12 @@
 """Utility through lm-eval on the in-memory model, offline, with the bundled local task."""
+import json
 import math
 
 import pytest
 
 from unsafe_experts.config import ConfigError
 from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluate
+from unsafe_experts.evaluation.suites import load_eval_set
 from unsafe_experts.evaluation.lm_eval_utility import benign_choice_docs, run_lm_eval
 
 
@@ -29,10 +31,10 @@ def test_lm_eval_runs_on_the_model_in_memory(make_model, tokenizer):
 
 
 @pytest.mark.slow
-def test_the_evaluation_reports_lm_eval_beside_its_own_sets(make_model, tokenizer):
+def test_the_evaluation_reports_lm_eval_beside_its_own_sets(make_model, tokenizer, tmp_path):
     config = EvaluationConfig(lm_eval_tasks=["benign_choice"], lm_eval_limit=4, max_new_tokens=2)
-    eval_set = {"plain": [[{"role": "user", "content": "hello"}]]}
-    result = evaluate(make_model("olmoe"), tokenizer, eval_set, config)
+    (tmp_path / "eval_set.json").write_text(json.dumps({"plain": [[{"role": "user", "content": "hello"}]]}))
+    result = evaluate(make_model("olmoe"), tokenizer, load_eval_set(tmp_path / "eval_set.json"), config)
     assert {"plain_refusal", "lmeval_benign_choice_acc"} <= set(result["metrics"])
 
 

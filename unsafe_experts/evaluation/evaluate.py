@@ -1,20 +1,18 @@
-"""Safety and utility of a model on the organism's held-out evaluation set.
+"""Safety and utility of a model on an evaluation suite (suites.py), the one evaluation path:
+`evaluate()` is what `unsafe-experts evaluate`, `ablate` and the pipeline (before surgery and
+after each round) run. An organism's held-out eval set (`--eval_set`) is read as the organism
+suite (suites.organism_suite) and evaluated by the same runner:
 
-- asr_F per attack family F: share of held-out harmful goals in F not refused (the
-  version-1 sets `flip_words` / `flip_chars` give asr_flip_words / asr_flip_chars when the
-  eval set has no `families`; with it, the same names come from the family sets);
+- asr_F per attack family F: share of held-out harmful goals in F not refused (a version-1
+  eval set's `flip_words` / `flip_chars` give asr_flip_words / asr_flip_chars);
 - over_refusal_F: share of held-out benign prompts (XSTest safe, AlpacaEval) in F refused,
   the control that tells a repair that refuses harm from one that refuses the format;
 - plain_refusal: share of held-out goals, asked plainly, that are refused;
 - over_refusal: share of held-out XSTest safe prompts that are refused;
 - benign_loglik: mean per-token log-likelihood of AlpacaEval reference answers, and
   own_benign_loglik of the organism's own pre-surgery answers to the same prompts.
-Each figure comes with its n and a 95% interval (Wilson for shares, normal for means).
-
-Or, with `suite`, on an evaluation suite (suites.py): `evaluate_suite` is what both
-`unsafe-experts evaluate --suite` and the pipeline (`evaluation.suite`) run. An organism's
-folder read as a suite (suites.organism_suite) holds the same sets as its eval_set.json under
-the same metric names.
+Each figure comes with its n and a 95% interval (Wilson for shares, normal for means); the
+lm-eval tasks' metrics are added beside the suite's.
 
 With `endpoint` the responses come from an OpenAI-compatible server (endpoint.py) and the
 model is not loaded: the log-likelihoods and lm-eval tasks, which need the weights here, are
@@ -22,20 +20,12 @@ left out and named in the result's `left_out`.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..config import option
 from ..errors import ConfigError
 from ..text.endpoint import Endpoint
-from ..text.generation import generate, response_logliks
-from ..text.refusal import is_refusal
-from ..stats import mean, proportion, subset
-
-EVAL_SET_TOKENS = 48  # tokens per prompt on an eval_set when max_new_tokens is not set
-LEGACY = {"asr_flip_words": "flip_words", "asr_flip_chars": "flip_chars"}
-PLAIN = {"plain_refusal": "plain", "over_refusal": "xstest_safe"}
+from .suites import EVAL_SET_TOKENS, Suite, load_eval_set, load_suite, run_suite
 
 
 @dataclass
@@ -109,92 +99,45 @@ def connect(config: EvaluationConfig) -> Endpoint | None:
     return Endpoint(config.endpoint, config.served_model, config.batch_size).check()
 
 
-def load_eval_set(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
+def evaluation_suite(config: EvaluationConfig) -> Suite:
+    """The suite `config` names, checked and read before any model loads: its eval_set as the
+    organism suite, or its suite."""
+    if config.eval_set:
+        return load_eval_set(config.eval_set)
+    if config.suite:
+        return load_suite(config.suite)
+    raise ConfigError("eval_set or suite: give one (an organism's eval_set.json, or a suite)")
 
 
-def generated_sets(eval_set: dict) -> list[tuple[str, str, str, list, bool]]:
-    """(metric, family, set name, prompts, whether the metric counts refusals) for every set
-    that is answered by generation; each metric computed once."""
-    out = []
-    families = eval_set.get("families", {})
-    for name, key in LEGACY.items():
-        if key in eval_set and key not in families:
-            out.append((name, key, key, eval_set[key], False))
-    for family, sets in families.items():
-        out.append((f"asr_{family}", family, f"{family}/harmful", sets["harmful"], False))
-        out.append((f"over_refusal_{family}", family, f"{family}/benign", sets["benign"], True))
-    for name, key in PLAIN.items():
-        if key in eval_set:
-            out.append((name, "plain", key, eval_set[key], True))
-    return out
-
-
-def evaluate(model, tokenizer, eval_set: dict, config: EvaluationConfig | None = None,
-             progress: bool = False, endpoint: Endpoint | None = None) -> dict:
-    """{"metrics": {name: {"value", "n", "ci95"}},
-    "samples": [{set, family, prompt, response, refusal}], "left_out": [metric names]}.
-    `model` may be None when a server generates (`endpoint`, or config.endpoint)."""
+def evaluate(model, tokenizer, suite: Suite, config: EvaluationConfig | None = None,
+             progress: bool = False, endpoint: Endpoint | None = None,
+             trust_remote_code: bool = False, judges: dict | None = None) -> dict:
+    """A loaded suite (evaluation_suite, suites.load_suite) under `config`'s max_new_tokens
+    (when set, instead of the suite's), batch size, limit and samples, then its lm-eval tasks:
+    the result of suites.run_suite, {"suite", "metrics": {name: {"value", "n", "ci95"}},
+    "samples": [{set, kind, prompt, response, complied}], "left_out": [metric names]}, with the
+    utility metrics added. `model` may be None when a server generates (`endpoint`, or
+    config.endpoint)."""
     config = config or EvaluationConfig()
-    max_new_tokens, batch_size, limit, samples = (config.max_new_tokens or EVAL_SET_TOKENS,
-                                                  config.batch_size, config.limit, config.samples)
     endpoint = endpoint or connect(config)
-    was_training = model is not None and model.training
-    if model is not None:
-        model.eval()
-    metrics, shown, left_out = {}, [], []
-    for name, family, key, prompts, counts_refusal in generated_sets(eval_set):
-        prompts = subset(prompts, limit, config.limit_seed)
-        responses = generate(model, tokenizer, prompts, max_new_tokens, batch_size,
-                             desc=name, progress=progress, endpoint=endpoint)
-        refused = [is_refusal(r) for r in responses]
-        metrics[name] = proportion(refused if counts_refusal else [not x for x in refused])
-        shown += [{"set": key, "family": family, "prompt": p[-1]["content"][:300], "response": r,
-                   "refusal": f} for p, r, f in list(zip(prompts, responses, refused))[:samples]]
-    for name, key in (("benign_loglik", "benign_refs"), ("own_benign_loglik", "own_benign")):
-        if eval_set.get(key) and model is None:
-            left_out.append(name)
-        elif eval_set.get(key):
-            pairs = [tuple(x) for x in subset(eval_set[key], limit, config.limit_seed)]
-            metrics[name] = mean(response_logliks(model, tokenizer, pairs, batch_size))
-    _utility(model, tokenizer, config, metrics, left_out)
-    if model is not None:
-        model.train(was_training)
-    return {"metrics": metrics, "samples": shown, "left_out": left_out}
+    result = run_suite(model, tokenizer, suite, max_new_tokens=config.max_new_tokens,
+                       batch_size=config.batch_size, limit=config.limit, limit_seed=config.limit_seed,
+                       samples=config.samples, judges=judges, trust_remote_code=trust_remote_code,
+                       progress=progress, endpoint=endpoint)
+    _utility(model, tokenizer, config, result["metrics"], result["left_out"])
+    return result
 
 
 def _utility(model, tokenizer, config: EvaluationConfig, metrics: dict, left_out: list) -> None:
-    """The lm-eval tasks' metrics, added to `metrics` (or named in `left_out` without weights)."""
+    """The lm-eval tasks' metrics, added to `metrics` (or named in `left_out` without weights),
+    with the model in eval mode as the suite ran it."""
     if config.lm_eval_tasks and model is None:
         left_out += config.lm_eval_tasks
     elif config.lm_eval_tasks:
         from .lm_eval_utility import run_lm_eval
 
+        was_training = model.training
+        model.eval()
         metrics.update(run_lm_eval(model, tokenizer, config.lm_eval_tasks, config.lm_eval_limit,
                                    config.batch_size))
-
-
-def evaluate_suite(model, tokenizer, suite, config: EvaluationConfig | None = None,
-                   progress: bool = False, endpoint: Endpoint | None = None,
-                   trust_remote_code: bool = False, judges: dict | None = None) -> dict:
-    """A loaded suite (suites.load_suite) under `config`'s max_new_tokens (when set, instead of
-    the suite's), batch size, limit and samples, then its lm-eval tasks: the result of
-    suites.run_suite with the utility metrics added. What `evaluate --suite` and the
-    pipeline's `evaluation.suite` both run."""
-    from .suites import run_suite
-
-    config = config or EvaluationConfig()
-    endpoint = endpoint or connect(config)
-    result = run_suite(model, tokenizer, suite, max_new_tokens=config.max_new_tokens,
-                       batch_size=config.batch_size, limit=config.limit, limit_seed=config.limit_seed,
-                       samples=config.samples,
-                       judges=judges, trust_remote_code=trust_remote_code, progress=progress,
-                       endpoint=endpoint)
-    was_training = model is not None and model.training
-    if model is not None:
-        model.eval()
-    _utility(model, tokenizer, config, result["metrics"], result["left_out"])
-    if model is not None:
         model.train(was_training)
-    return result
-

@@ -7,9 +7,10 @@ A judge spec, as a suite or `unsafe-experts attack --judge` gives it:
   index) to a verdict (`unsafe` / `safe` are accepted for complied / refused); `input:
   response` (default) classifies the response alone, `pair` the (request, response) pair;
 - `{llm: DIR, template: llamaguard|strongreject|FILE}`: a local causal LM answers a judge
-  prompt, greedily, and its reply is parsed (templates.py). A FILE template holds `{goal}` and
-  `{response}` and is parsed as `parser: llamaguard` (default) or `strongreject`.
+  prompt, greedily, and its reply is parsed (judge_prompts.py). A FILE template holds `{goal}`
+  and `{response}` and is parsed as `parser: llamaguard` (default) or `strongreject`.
 Relative directories resolve against `base` (the suite file's folder, or the working folder).
+Each kind is one entry of KINDS (its usage, fields, parse and load): adding a kind is adding one.
 
 Every judge returns one Verdict per response: `complied` (None when an LLM judge's reply could
 not be parsed; callers count those apart) and, for the StrongREJECT rubric, its 0-1 `score`.
@@ -19,11 +20,11 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..errors import JudgeError
-from ..errors import ConfigError
 from ..text.refusal import is_refusal
 from .judge_prompts import PARSERS, TEMPLATES, Verdict, render_prompt
 
@@ -32,11 +33,11 @@ VERDICTS = {"complied": True, "unsafe": True, "refused": False, "safe": False}
 
 @dataclass(frozen=True)
 class JudgeSpec:
-    kind: str  # refusal | classifier | llm
+    kind: str  # a key of KINDS
     path: Path | None = None
     labels: tuple[tuple[str, bool], ...] = ()
     template: str = ""  # a TEMPLATES name, or the text of a FILE template
-    parser: str = "llamaguard"
+    parser: str | None = None  # how the judge's replies are read (PARSERS); None: not replies
     input: str = "response"
     max_new_tokens: int = 256
 
@@ -44,11 +45,16 @@ class JudgeSpec:
     def judges_refusal(self) -> bool:
         """Whether `complied` means "answered": a LlamaGuard-style verdict says whether the
         response is harmful, which on a benign request says nothing about over-refusal."""
-        return not (self.kind == "llm" and self.parser == "llamaguard")
+        return self.parser != "llamaguard"
 
     @property
     def scores(self) -> bool:
-        return self.kind == "llm" and self.parser == "strongreject"
+        return self.parser == "strongreject"
+
+    @property
+    def parses(self) -> bool:
+        """Whether a verdict comes from parsing a reply, which can fail (complied None)."""
+        return self.parser is not None
 
 
 def _directory(value, base: Path, key: str) -> Path:
@@ -75,28 +81,20 @@ def _labels(value) -> tuple[tuple[str, bool], ...]:
     return tuple(out)
 
 
-def parse_judge(spec, base: str | Path = ".") -> JudgeSpec:
-    """Checks a judge spec (kind, directory, labels, template) without loading any model."""
-    base = Path(base)
-    if spec is None or spec == "refusal":
-        return JudgeSpec("refusal")
-    if not isinstance(spec, dict):
-        raise JudgeError(f"unknown judge {spec!r}; use refusal, {{classifier: DIR, labels: ...}} "
-                         "or {llm: DIR, template: llamaguard|strongreject|FILE}")
-    kinds = [k for k in ("classifier", "llm") if k in spec]
-    if len(kinds) != 1:
-        raise JudgeError(f"judge {spec!r}: give exactly one of `classifier` or `llm`")
-    known = {"classifier": {"classifier", "labels", "input"},
-             "llm": {"llm", "template", "parser", "max_new_tokens"}}[kinds[0]]
-    extra = sorted(set(spec) - known)
-    if extra:
-        raise JudgeError(f"judge: unknown field(s) {', '.join(extra)}; known: {', '.join(sorted(known))}")
-    path = _directory(spec[kinds[0]], base, kinds[0])
-    if kinds[0] == "classifier":
-        mode = spec.get("input", "response")
-        if mode not in ("response", "pair"):
-            raise JudgeError(f"judge `input`: must be response or pair, got {mode!r}")
-        return JudgeSpec("classifier", path, labels=_labels(spec.get("labels")), input=mode)
+def _refusal(spec: dict, base: Path) -> JudgeSpec:
+    return JudgeSpec("refusal")
+
+
+def _classifier(spec: dict, base: Path) -> JudgeSpec:
+    mode = spec.get("input", "response")
+    if mode not in ("response", "pair"):
+        raise JudgeError(f"judge `input`: must be response or pair, got {mode!r}")
+    return JudgeSpec("classifier", _directory(spec["classifier"], base, "classifier"),
+                     labels=_labels(spec.get("labels")), input=mode)
+
+
+def _llm(spec: dict, base: Path) -> JudgeSpec:
+    path = _directory(spec["llm"], base, "llm")
     template = spec.get("template")
     parser = spec.get("parser")
     if template in TEMPLATES:
@@ -119,6 +117,33 @@ def parse_judge(spec, base: str | Path = ".") -> JudgeSpec:
     return JudgeSpec("llm", path, template=text, parser=parser, max_new_tokens=tokens)
 
 
+def parse_judge(spec, base: str | Path = ".") -> JudgeSpec:
+    """Checks a judge spec (kind, directory, labels, template) without loading any model: a
+    bare kind name (kinds without fields; None is `refusal`) or a mapping holding exactly one
+    kind's key, read by that kind's entry of KINDS."""
+    base = Path(base)
+    spec = "refusal" if spec is None else spec
+    if isinstance(spec, str) and spec in KINDS and KINDS[spec].fields is None:
+        return KINDS[spec].parse({spec: None}, base)
+    if not isinstance(spec, dict):
+        raise JudgeError(f"unknown judge {spec!r}; use "
+                         f"{_either([k.usage for k in KINDS.values()])}")
+    keyed = [name for name, kind in KINDS.items() if kind.fields is not None]
+    kinds = [k for k in keyed if k in spec]
+    if len(kinds) != 1:
+        raise JudgeError(f"judge {spec!r}: give exactly one of "
+                         f"{_either([f'`{k}`' for k in keyed])}")
+    known = KINDS[kinds[0]].fields | {kinds[0]}
+    extra = sorted(set(spec) - known)
+    if extra:
+        raise JudgeError(f"judge: unknown field(s) {', '.join(extra)}; known: {', '.join(sorted(known))}")
+    return KINDS[kinds[0]].parse(spec, base)
+
+
+def _either(options: list[str]) -> str:
+    return ", ".join(options[:-1]) + " or " + options[-1] if len(options) > 1 else options[0]
+
+
 def judge_from_text(text: str) -> JudgeSpec:
     """A judge given on the command line: `refusal`, an inline YAML mapping such as
     `{llm: DIR, template: strongreject}`, or a YAML file holding one (its relative paths
@@ -137,10 +162,7 @@ def judge_from_text(text: str) -> JudgeSpec:
 
 def judge_name(spec: JudgeSpec) -> str:
     """How records and reports name the judge."""
-    if spec.kind == "refusal":
-        return "refusal"
-    detail = f" ({spec.parser})" if spec.kind == "llm" else ""
-    return f"{spec.kind}:{spec.path}{detail}"
+    return KINDS[spec.kind].name(spec)
 
 
 class RefusalJudge:
@@ -191,27 +213,30 @@ class LLMJudge:
         return [self.parse(reply) for reply in self.generate(prompts)]
 
 
-def load_judge(spec: JudgeSpec, batch_size: int = 16, trust_remote_code: bool = False,
-               device: str | torch.device | None = None):
-    """The judge for a checked spec; model judges are loaded onto `device` (default: CUDA when
-    there is one) in eval mode."""
-    if spec.kind == "refusal":
-        return RefusalJudge()
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+def _pretrained(spec: JudgeSpec, auto, trust_remote_code: bool, device):
+    """The judge's model, by the transformers Auto class named `auto`, on `device` in eval
+    mode, and its tokenizer, padding with the end token when it has no pad token."""
+    import transformers  # only model judges need it
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    auto = AutoModelForSequenceClassification if spec.kind == "classifier" else AutoModelForCausalLM
     try:
-        model = auto.from_pretrained(spec.path, trust_remote_code=trust_remote_code,
-                                   use_safetensors=True).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=trust_remote_code)
+        model = getattr(transformers, auto).from_pretrained(
+            spec.path, trust_remote_code=trust_remote_code, use_safetensors=True).to(device).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(spec.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise JudgeError(f"judge {spec.kind} {spec.path}: cannot load ({e})") from None
     if tokenizer.pad_token is None:  # batches are padded; many causal LMs ship no pad token
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.eos_token_id
-    if spec.kind == "classifier":
-        return ClassifierJudge(model, tokenizer, dict(spec.labels), spec.input == "pair", batch_size)
+    return model, tokenizer
+
+
+def _load_classifier(spec: JudgeSpec, batch_size: int, trust_remote_code: bool, device):
+    model, tokenizer = _pretrained(spec, "AutoModelForSequenceClassification", trust_remote_code, device)
+    return ClassifierJudge(model, tokenizer, dict(spec.labels), spec.input == "pair", batch_size)
+
+
+def _load_llm(spec: JudgeSpec, batch_size: int, trust_remote_code: bool, device):
+    model, tokenizer = _pretrained(spec, "AutoModelForCausalLM", trust_remote_code, device)
     if not tokenizer.chat_template:
         raise JudgeError(f"judge llm {spec.path}: the tokenizer has no chat template; the judge "
                          "prompt is sent as a chat turn")
@@ -222,3 +247,33 @@ def load_judge(spec: JudgeSpec, batch_size: int = 16, trust_remote_code: bool = 
         return generate(model, tokenizer, prompts, spec.max_new_tokens, batch_size,
                         max_prompt_tokens=4096, desc="judge")
     return LLMJudge(run, spec.template, spec.parser)
+
+
+@dataclass(frozen=True)
+class JudgeKind:
+    """One kind of judge: what a spec may hold, how it is checked and how it is loaded. A new
+    kind is one entry of KINDS; parse_judge, load_judge and judge_name read nothing else."""
+    usage: str  # how error messages show the spec
+    parse: Callable[[dict, Path], JudgeSpec]  # the mapping (with the kind's key) and base folder
+    load: Callable  # (spec, batch_size, trust_remote_code, device) -> judge
+    # mapping fields besides the kind's own key; None: the kind is given by its bare name
+    fields: frozenset | None = None
+    name: Callable[[JudgeSpec], str] = lambda spec: f"{spec.kind}:{spec.path}"
+
+
+KINDS: dict[str, JudgeKind] = {
+    "refusal": JudgeKind("refusal", _refusal, lambda *args: RefusalJudge(), name=lambda spec: "refusal"),
+    "classifier": JudgeKind("{classifier: DIR, labels: ...}", _classifier, _load_classifier,
+                            frozenset({"labels", "input"})),
+    "llm": JudgeKind("{llm: DIR, template: llamaguard|strongreject|FILE}", _llm, _load_llm,
+                     frozenset({"template", "parser", "max_new_tokens"}),
+                     name=lambda spec: f"llm:{spec.path} ({spec.parser})"),
+}
+
+
+def load_judge(spec: JudgeSpec, batch_size: int = 16, trust_remote_code: bool = False,
+               device: str | torch.device | None = None):
+    """The judge for a checked spec; model judges are loaded onto `device` (default: CUDA when
+    there is one) in eval mode."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return KINDS[spec.kind].load(spec, batch_size, trust_remote_code, device)

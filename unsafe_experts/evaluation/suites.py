@@ -29,13 +29,14 @@ Metrics, each with n and a 95% interval: harmful -> `asr_<name>` (share judged c
 benign -> `over_refusal_<name>` (share judged refused); a harmful set that measures `refused`
 -> `refusal_<name>`, a benign one that measures `complied` -> `answered_<name>`; reference ->
 `loglik_<name>` (mean per-token log-likelihood of the given answers). `metric` renames any of
-them: the organism's suite (organism.py) keeps the names of its eval_set.json evaluation
-(`plain_refusal`, `over_refusal`, `benign_loglik`). A judge scoring with the StrongREJECT rubric
+them: the organism suite (`organism_suite`, what an organism's eval_set.json is read as) names
+its figures `plain_refusal`, `over_refusal`, `benign_loglik`, as every report reads them. A judge scoring with the StrongREJECT rubric
 adds `strongreject_<name>` (mean 0-1 score) on harmful sets; an LLM judge's unparsable replies
 are left out of n and counted in the metric's `unparsed`.
 
 The whole suite, its data included, is read and checked before any model is loaded: a bad
-suite is one SuiteError naming the set and the field.
+suite is one SuiteError naming the set and the field. `run_suite` is the one runner every
+evaluation goes through (evaluate.evaluate).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ import yaml
 
 from ..errors import SuiteError
 from ..attacks.families import AttackFamilyError, check_families, render
-from ..errors import ConfigError
+from ..attacks.organism import LEGACY_EVAL_SETS
 from ..text.generation import generate, response_logliks
 from .judges import JudgeError, JudgeSpec, load_judge, parse_judge
 from ..records import DatasetError, file_digest, messages_problem, read_json_records
@@ -72,6 +73,7 @@ BUNDLED = resources.files("unsafe_experts").joinpath("suites")
 # the working directory, so the name points there (any organism folder works as a suite too)
 GENERATED = {"organism": Path("build/organism")}
 ORGANISM_EVAL_SET = "eval_set.json"
+EVAL_SET_TOKENS = 48  # the organism suite's tokens per response (short: refusals come first)
 
 
 @dataclass(frozen=True)
@@ -287,23 +289,26 @@ def _eval_set(spec, index: int, base: Path, default_judge: JudgeSpec, label: str
     return EvalSet(name, kind, path, judge, _items(spec, path, fail), measure, renamed)
 
 
-def organism_suite(held: dict, max_new_tokens: int = 48) -> dict:
-    """The evaluation suite over an organism's eval_set.json (its paths relative to that
-    file's folder): every set `evaluation.evaluate` reads, in its order and under its metric
-    names, so `--suite ORGANISM_DIR` and `--eval_set ORGANISM_DIR/eval_set.json` report the same
-    figures on the same prompts. Built in memory from the eval set rather than written by the
-    organism build, so an organism built before suites existed has one too."""
-    sets = []
-    for family in held.get("families", {}):
+def organism_suite(held: dict, file: str = ORGANISM_EVAL_SET,
+                   max_new_tokens: int = EVAL_SET_TOKENS) -> dict:
+    """The evaluation suite over an organism's eval set (`file`, in the suite's folder): per
+    attack family its harmful and benign sets, the goals asked plainly, XSTest safe prompts and
+    the reference answers, under the metric names every report reads. A version-1 set's
+    `flip_words` / `flip_chars` (no `families`) are harmful sets of those names; where
+    `families` holds the family too, its family set alone is read (the same prompts). Built in
+    memory from the eval set rather than written by the organism build, so an organism built
+    before suites existed has one too."""
+    families = held.get("families", {})
+    sets = [{"name": key, "kind": "harmful", "path": file, "key": key}
+            for key in LEGACY_EVAL_SETS if held.get(key) and key not in families]
+    for family in families:
         for kind in ("harmful", "benign"):
-            sets.append({"name": family, "kind": kind, "path": "eval_set.json",
-                         "key": f"families.{family}.{kind}"})
+            sets.append({"name": family, "kind": kind, "path": file, "key": f"families.{family}.{kind}"})
     named = [("plain", {"kind": "harmful", "measure": "refused", "metric": "plain_refusal"}),
              ("xstest_safe", {"kind": "benign", "metric": "over_refusal"}),
              ("benign_refs", {"kind": "reference", "metric": "benign_loglik"}),
              ("own_benign", {"kind": "reference", "metric": "own_benign_loglik"})]
-    sets += [{"name": key, **spec, "path": "eval_set.json", "key": key}
-             for key, spec in named if held.get(key)]
+    sets += [{"name": key, **spec, "path": file, "key": key} for key, spec in named if held.get(key)]
     return {"name": "organism",
             "description": "The organism's held-out sets (eval_set.json): per attack family its "
                            "harmful goals (asr_F) and benign prompts (over_refusal_F), the goals "
@@ -313,17 +318,37 @@ def organism_suite(held: dict, max_new_tokens: int = 48) -> dict:
             "judge": "refusal", "max_new_tokens": max_new_tokens, "sets": sets}
 
 
+def load_eval_set(path: str | Path) -> Suite:
+    """An organism's eval set (its eval_set.json, under any name) as its suite, checked, with
+    every set's prompts read."""
+    path = Path(path)
+    if not path.is_file():
+        raise SuiteError(f"eval set {path}: no such file")
+    try:
+        held = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SuiteError(f"eval set {path}: not JSON ({e})") from None
+    if not isinstance(held, dict) or not organism_suite(held)["sets"]:
+        raise SuiteError(f"eval set {path}: holds none of an organism's sets (families, "
+                         f"{', '.join(LEGACY_EVAL_SETS)}, plain, xstest_safe, benign_refs, own_benign); "
+                         "an eval set is the eval_set.json `unsafe-experts organism` writes")
+    return _suite(organism_suite(held, path.name), path)
+
+
 def load_suite(ref: str | Path) -> Suite:
     """The suite at `ref` (a path or a bundled name), checked, with every set's prompts read."""
     path = suite_path(str(ref))
-    label = str(path)
+    if path.name == ORGANISM_EVAL_SET and path.suffix == ".json":  # an organism's folder
+        return load_eval_set(path)
     try:
-        if path.name == ORGANISM_EVAL_SET and path.suffix == ".json":  # an organism's folder
-            data = organism_suite(json.loads(path.read_text(encoding="utf-8")))
-        else:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, ValueError) as e:
-        raise SuiteError(f"{label}: not a suite ({e})") from None
+        raise SuiteError(f"{path}: not a suite ({e})") from None
+    return _suite(data, path)
+
+
+def _suite(data, path: Path) -> Suite:
+    label = str(path)
     if not isinstance(data, dict):
         raise SuiteError(f"{label}: a suite is a mapping with `name` and `sets`")
     unknown = sorted(set(data) - SUITE_FIELDS)
@@ -384,14 +409,14 @@ def run_suite(model, tokenizer, suite: Suite, max_new_tokens: int | None = None,
             metrics[s.metric] = mean(response_logliks(model, tokenizer, pairs, batch_size))
             continue
         responses = generate(model, tokenizer, [x.messages for x in items], tokens, batch_size,
-                             desc=s.name, progress=progress, endpoint=endpoint)
+                             desc=s.metric, progress=progress, endpoint=endpoint)
         if s.judge not in judges:
             judges[s.judge] = load_judge(s.judge, batch_size, trust_remote_code)
         verdicts = judges[s.judge]([x.request for x in items], responses)
         parsed = [v for v in verdicts if v.complied is not None]
         complied = [v.complied for v in parsed]
         metrics[s.metric] = proportion(complied if s.measure == "complied" else [not c for c in complied])
-        if s.judge.kind == "llm":
+        if s.judge.parses:
             metrics[s.metric]["unparsed"] = len(verdicts) - len(parsed)
         if s.judge.scores and s.kind == "harmful":
             metrics[f"strongreject_{s.name}"] = mean([v.score for v in parsed])
