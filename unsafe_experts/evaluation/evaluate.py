@@ -136,8 +136,5 @@ def _utility(model, tokenizer, config: EvaluationConfig, metrics: dict, left_out
     elif config.lm_eval_tasks:
         from .lm_eval_utility import run_lm_eval
 
-        was_training = model.training
-        model.eval()
         metrics.update(run_lm_eval(model, tokenizer, config.lm_eval_tasks, config.lm_eval_limit,
                                    config.batch_size))
-        model.train(was_training)

@@ -53,6 +53,7 @@ import yaml
 from ..errors import SuiteError
 from ..attacks.families import AttackFamilyError, check_families, render
 from ..attacks.organism import LEGACY_EVAL_SETS
+from ..models.modes import eval_mode
 from ..text.generation import generate, response_logliks
 from .judges import JudgeError, JudgeSpec, load_judge, parse_judge
 from ..records import DatasetError, file_digest, messages_problem, read_json_records
@@ -395,35 +396,31 @@ def run_suite(model, tokenizer, suite: Suite, max_new_tokens: int | None = None,
     `model` may be None: reference sets, which need the weights here, are then left out."""
     judges = {} if judges is None else judges
     tokens = max_new_tokens or suite.max_new_tokens
-    was_training = model is not None and model.training
-    if model is not None:
-        model.eval()
     metrics, shown, left_out = {}, [], []
-    for s in suite.sets:
-        items = subset(s.items, limit, limit_seed)
-        if s.kind == "reference" and model is None:
-            left_out.append(s.metric)
-            continue
-        if s.kind == "reference":
-            pairs = [(x.messages, x.answer) for x in items]
-            metrics[s.metric] = mean(response_logliks(model, tokenizer, pairs, batch_size))
-            continue
-        responses = generate(model, tokenizer, [x.messages for x in items], tokens, batch_size,
-                             desc=s.metric, progress=progress, endpoint=endpoint)
-        if s.judge not in judges:
-            judges[s.judge] = load_judge(s.judge, batch_size, trust_remote_code)
-        verdicts = judges[s.judge]([x.request for x in items], responses)
-        parsed = [v for v in verdicts if v.complied is not None]
-        complied = [v.complied for v in parsed]
-        metrics[s.metric] = proportion(complied if s.measure == "complied" else [not c for c in complied])
-        if s.judge.parses:
-            metrics[s.metric]["unparsed"] = len(verdicts) - len(parsed)
-        if s.judge.scores and s.kind == "harmful":
-            metrics[f"strongreject_{s.name}"] = mean([v.score for v in parsed])
-        shown += [{"set": s.name, "kind": s.kind, "prompt": x.messages[-1]["content"][:300],
-                   "response": r, "complied": v.complied}
-                  for x, r, v in list(zip(items, responses, verdicts))[:samples]]
-    if model is not None:
-        model.train(was_training)
+    with eval_mode(model):
+        for s in suite.sets:
+            items = subset(s.items, limit, limit_seed)
+            if s.kind == "reference" and model is None:
+                left_out.append(s.metric)
+                continue
+            if s.kind == "reference":
+                pairs = [(x.messages, x.answer) for x in items]
+                metrics[s.metric] = mean(response_logliks(model, tokenizer, pairs, batch_size))
+                continue
+            responses = generate(model, tokenizer, [x.messages for x in items], tokens, batch_size,
+                                 desc=s.metric, progress=progress, endpoint=endpoint)
+            if s.judge not in judges:
+                judges[s.judge] = load_judge(s.judge, batch_size, trust_remote_code)
+            verdicts = judges[s.judge]([x.request for x in items], responses)
+            parsed = [v for v in verdicts if v.complied is not None]
+            complied = [v.complied for v in parsed]
+            metrics[s.metric] = proportion(complied if s.measure == "complied" else [not c for c in complied])
+            if s.judge.parses:
+                metrics[s.metric]["unparsed"] = len(verdicts) - len(parsed)
+            if s.judge.scores and s.kind == "harmful":
+                metrics[f"strongreject_{s.name}"] = mean([v.score for v in parsed])
+            shown += [{"set": s.name, "kind": s.kind, "prompt": x.messages[-1]["content"][:300],
+                       "response": r, "complied": v.complied}
+                      for x, r, v in list(zip(items, responses, verdicts))[:samples]]
     return {"suite": suite.name, "metrics": metrics, "samples": shown, "left_out": left_out}
 

@@ -15,5 +15,5 @@ def eval_mode(model):
     try:
         yield model
     finally:
-        if was_training:
-            model.train()
+        if model is not None:
+            model.train(was_training)

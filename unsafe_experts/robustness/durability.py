@@ -1,0 +1,112 @@
+"""Durability: does a repair survive what users do to a model after it ships? A changed top-k
+at inference (llama.cpp users do this), bf16 and int8 weights, and fine-tuning of all weights
+on benign instructions or on a few harmful (goal, compliance) pairs (SafeMoE's setting).
+
+Every function here works on a copy or restores what it changed: the model passed in (and
+the files it was loaded from) are never altered.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from ..models.architectures import ARCHITECTURES, moe_layers
+from ..text.examples import batches, collate, sft_example
+from ..training.phases import lm_backward
+
+
+@contextmanager
+def changed_top_k(model, top_k: int):
+    """Every router picks `top_k` experts per token inside the block (the blocks that keep
+    their own copy of top_k, Mixtral's and PhiMoE's, too), then what it picked before."""
+    layers = moe_layers(model)
+    if ARCHITECTURES[model.config.model_type].fixed_top_k:
+        raise ConfigError(f"top_k {top_k}: {model.config.model_type}'s router picks a built-in "
+                          "number of experts; top-k cannot change at inference")
+    smallest = min(layer.num_experts for layer in layers)
+    if not 1 <= top_k <= smallest:
+        raise ConfigError(f"top_k {top_k}: a router can pick 1 to {smallest} experts")
+    owners = [layer.router for layer in layers]
+    owners += [b for b in (_block(model, layer.index) for layer in layers) if hasattr(b, "top_k")]
+    saved = [o.top_k for o in owners]
+    for o in owners:
+        o.top_k = top_k
+    try:
+        yield
+    finally:
+        for o, k in zip(owners, saved):
+            o.top_k = k
+
+
+def _block(model, index: int):
+    layer = model.model.layers[index]
+    return next(m for m in layer.children() if hasattr(m, "experts"))
+
+
+def int8_round_trip(weight: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-row int8 quantisation and back (absmax over the last dimension): what
+    int8 weight-only formats keep of a weight, fused expert tensors included."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127
+    return ((w / scale).round().clamp(-127, 127) * scale).to(weight.dtype)
+
+
+def _int8_weights(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and p.dtype.is_floating_point:
+                p.copy_(int8_round_trip(p))
+    return model
+
+
+def _int8_dynamic(model):
+    """torch's own dynamic quantisation: nn.Linear layers only (attention, lm_head, shared
+    experts); the fused 3-D routed experts and the routers are not nn.Linear and stay fp32."""
+    return torch.ao.quantization.quantize_dynamic(model.cpu(), {nn.Linear}, dtype=torch.qint8)
+
+
+# kind -> what a copy of the model goes through
+QUANTISATIONS = {
+    "bf16": lambda model: model.to(torch.bfloat16),
+    "int8_dynamic": _int8_dynamic,
+    "int8_weights": _int8_weights,
+}
+
+
+def quantised(model, kind: str):
+    """A quantised copy of the model (on the CPU for int8_dynamic, which has no GPU kernels)."""
+    if kind not in QUANTISATIONS:
+        raise ConfigError(f"quantisation {kind!r}: choose from {', '.join(QUANTISATIONS)}")
+    return QUANTISATIONS[kind](copy.deepcopy(model)).eval()
+
+
+def fine_tuned(model, tokenizer, pairs: list[tuple[list[dict], str]], steps: int, lr: float = 1e-4,
+               batch_size: int = 8, max_length: int = 256, seed: int = 0, progress: bool = False):
+    """A copy of the model after `steps` AdamW steps on every weight (attention, routers and
+    experts alike) over (messages, response) pairs, cycled in a seeded order; loss on the
+    response tokens only, as the surgery's SFT. steps 0 is an untouched copy."""
+    if not pairs:
+        raise ConfigError("fine-tuning attack: no (prompt, response) pairs to train on")
+    twin = copy.deepcopy(model)
+    if steps == 0:
+        return twin.eval()
+    examples = [sft_example(tokenizer, m, r, max_length, index=i) for i, (m, r) in enumerate(pairs)]
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    chunks = batches([examples[i] for i in order], batch_size)
+    for p in twin.parameters():
+        p.requires_grad_(p.dtype.is_floating_point)
+    optimizer = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=lr)
+    twin.train()
+    for step in tqdm(range(steps), desc="fine-tuning attack", leave=False, disable=not progress):
+        batch = {k: v.to(twin.device) for k, v in collate(chunks[step % len(chunks)], tokenizer.pad_token_id).items()}
+        optimizer.zero_grad(set_to_none=True)
+        lm_backward(twin, batch, None, "fine-tuning attack", step, len(chunks))
+        optimizer.step()
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin.eval()
