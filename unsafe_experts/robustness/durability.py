@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ExampleError
 from ..models.architectures import ARCHITECTURES, moe_layers
 from ..text.examples import batches, collate, sft_example
 from ..training.phases import lm_backward
@@ -85,28 +85,47 @@ def quantised(model, kind: str):
     return QUANTISATIONS[kind](copy.deepcopy(model)).eval()
 
 
-def fine_tuned(model, tokenizer, pairs: list[tuple[list[dict], str]], steps: int, lr: float = 1e-4,
-               batch_size: int = 8, max_length: int = 256, seed: int = 0, progress: bool = False):
-    """A copy of the model after `steps` AdamW steps on every weight (attention, routers and
-    experts alike) over (messages, response) pairs, cycled in a seeded order; loss on the
-    response tokens only, as the surgery's SFT. steps 0 is an untouched copy."""
+def fine_tuning(model, tokenizer, pairs: list[tuple[list[dict], str]], checkpoints: list[int],
+                lr: float = 1e-4, batch_size: int = 8, max_length: int = 512, seed: int = 0,
+                progress: bool = False):
+    """Yields (steps, copy) at every checkpoint: one copy of the model trained on, with AdamW
+    on every weight (attention, routers and experts alike), over (messages, response) pairs
+    cycled in a seeded order; loss on the response tokens only, as the surgery's SFT. The copy
+    is in eval mode when yielded and trains on after (checkpoint 0: the untouched copy)."""
     if not pairs:
         raise ConfigError("fine-tuning attack: no (prompt, response) pairs to train on")
+    examples = []
+    for i, (messages, response) in enumerate(pairs):
+        try:
+            examples.append(sft_example(tokenizer, messages, response, max_length, index=i))
+        except ExampleError:
+            continue  # an answer longer than max_length: the attacker trains on those that fit
+    if not examples:
+        raise ConfigError(f"fine-tuning attack: none of the {len(pairs)} pairs fits max_length={max_length}")
     twin = copy.deepcopy(model)
-    if steps == 0:
-        return twin.eval()
-    examples = [sft_example(tokenizer, m, r, max_length, index=i) for i, (m, r) in enumerate(pairs)]
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     chunks = batches([examples[i] for i in order], batch_size)
-    for p in twin.parameters():
-        p.requires_grad_(p.dtype.is_floating_point)
-    optimizer = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=lr)
-    twin.train()
-    for step in tqdm(range(steps), desc="fine-tuning attack", leave=False, disable=not progress):
-        batch = {k: v.to(twin.device) for k, v in collate(chunks[step % len(chunks)], tokenizer.pad_token_id).items()}
-        optimizer.zero_grad(set_to_none=True)
-        lm_backward(twin, batch, None, "fine-tuning attack", step, len(chunks))
-        optimizer.step()
+    trainable = [p for p in twin.parameters() if p.dtype.is_floating_point]
+    for p in trainable:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable, lr=lr)
+    step = 0
+    for checkpoint in sorted(set(checkpoints)):
+        twin.train()
+        for step in tqdm(range(step, checkpoint), desc="fine-tuning attack", leave=False, disable=not progress):
+            batch = {k: v.to(twin.device)
+                     for k, v in collate(chunks[step % len(chunks)], tokenizer.pad_token_id).items()}
+            optimizer.zero_grad(set_to_none=True)
+            lm_backward(twin, batch, None, "fine-tuning attack", step, len(chunks))
+            optimizer.step()
+        step = checkpoint
+        twin.eval()
+        yield checkpoint, twin
+
+
+def fine_tuned(model, tokenizer, pairs: list[tuple[list[dict], str]], steps: int, **kwargs):
+    """A copy of the model after `steps` fine-tuning steps (fine_tuning's last checkpoint)."""
+    *_, (_, twin) = fine_tuning(model, tokenizer, pairs, [steps], **kwargs)
     for p in twin.parameters():
         p.requires_grad_(False)
-    return twin.eval()
+    return twin

@@ -1,0 +1,123 @@
+"""The robustness runner on a tiny model: every attack runs at a small budget on the repaired
+model and its reference with the same prompts, results carry n and ci95, the attacker's split
+is disjoint from what is evaluated, and bad input is refused before any attack runs."""
+import json
+
+import pytest
+import torch
+
+from unsafe_experts.attacks.organism import OrganismConfig, build_splits, eval_set
+from unsafe_experts.errors import ConfigError, ExpertSetError
+from unsafe_experts.evaluation.evaluate import EvaluationConfig
+from unsafe_experts.evaluation.suites import load_eval_set
+from unsafe_experts.models.architectures import moe_layers
+from unsafe_experts.robustness import expert_ranking
+from unsafe_experts.robustness.budgets import RobustnessConfig
+from unsafe_experts.robustness.runner import (ATTACKS, Target, attacker_split, check_attacks,
+                                              check_reference, run_robustness, setup)
+
+SMALL = dict(limit=2, router_budgets=[1, 2], rank_prompts=6, prefill_budgets=[1, 2], gcg_steps=[1],
+             gcg_goals=1, gcg_suffix_tokens=2, gcg_top_k=4, gcg_candidates=4, finetune_steps=[1, 2],
+             harmful_examples=[1], harmful_steps=1, quantisations=["bf16", "int8_weights"])
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("eval")
+    (folder / "eval_set.json").write_text(json.dumps(eval_set(build_splits(OrganismConfig.small()))))
+    return load_eval_set(folder / "eval_set.json")
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    (tmp_path / "training_metadata.json").write_text(json.dumps(
+        {"identified_experts_per_round": {"1": {"experts": [[0, 1], [1, 2]]}, "2": {"experts": [[0, 3]]}}}))
+    return tmp_path
+
+
+def evaluation():
+    return EvaluationConfig(max_new_tokens=4, batch_size=8)
+
+
+def test_every_attack_runs_on_both_models_with_n_and_intervals(make_model, tokenizer, suite, run_dir, monkeypatch):
+    after, before = make_model("olmoe", seed=1), make_model("olmoe", seed=2)
+    # a random tiny model never refuses: alternate refusals so the attacker has both groups to rank by
+    flips = iter(range(10**6))
+    monkeypatch.setattr(expert_ranking, "is_refusal", lambda text: next(flips) % 2 == 0)
+    snapshot = {n: p.clone() for n, p in after.named_parameters()}
+    names = check_attacks([])
+    s = setup(suite, evaluation(), RobustnessConfig(**SMALL), names, moe_layers(after), run_dir)
+    written = []
+    result = run_robustness([Target("after", after, tokenizer), Target("before", before, tokenizer)],
+                            s, names, progress=False, on_attack=lambda name, r: written.append(name))
+    assert written == names == list(ATTACKS)
+    assert set(result["attacks"]["router_known"]) == {"all", "round_1", "round_2"}
+    assert result["attacks"]["router_known"]["all"]["after"]["experts_off"] == [(0, 1), (1, 2), (0, 3)]
+    for name, table in result["attacks"].items():
+        for budget, row in table.items():
+            assert set(row) == {"after", "before"}, (name, budget)
+            for metrics in row.values():
+                figures = [m for m in metrics.values() if isinstance(m, dict) and "value" in m]
+                assert figures, (name, budget)
+                assert all("n" in m and "ci95" in m for m in figures)
+    known = result["attacks"]["router_known"]["all"]["after"]
+    assert "asr_all_families" in known and "plain_refusal" in known and "benign_loglik" in known
+    assert result["attacks"]["prefill"]["2"]["after"]["asr_plain"]["n"] == 2
+    assert result["attacks"]["router_steer"]["2"]["after"]["experts_forced"]
+    assert all(torch.equal(p, snapshot[n]) for n, p in after.named_parameters())  # nothing trained in place
+
+
+def test_the_router_attacks_say_why_they_are_skipped_when_nothing_is_complied(make_model, tokenizer, suite, monkeypatch):
+    model = make_model("olmoe")
+    monkeypatch.setattr(expert_ranking, "is_refusal", lambda text: True)
+    s = setup(suite, evaluation(), RobustnessConfig(**SMALL), ["router_unknown"], moe_layers(model))
+    result = run_robustness([Target("after", model, tokenizer)], s, ["router_unknown"], progress=False)
+    assert "no compliance" in result["attacks"]["router_unknown"]["1"]["after"]["skipped"]
+
+
+def test_the_attacker_split_never_holds_an_evaluated_prompt(suite):
+    from unsafe_experts.stats import subset
+
+    split = attacker_split(suite, 5, 0)
+    for s in suite.sets:
+        evaluated = {json.dumps(x.messages) for x in subset(s.items, 5, 0)}
+        own = {json.dumps(x.messages) for x in split[s.name + "/" + s.kind]}
+        assert not evaluated & own
+        assert len(own) == len(s.items) - min(5, len(s.items))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(router_budgets=[]), "router_budgets: an empty budget"),
+    (dict(prefill_budgets=[0]), "prefill_budgets: budgets must be positive integers, got 0"),
+    (dict(gcg_steps=[-3]), "gcg_steps: budgets must be positive integers, got -3"),
+    (dict(router_budgets=[17]), "router_budgets: 17 is more than the model's 16 experts"),
+    (dict(top_k_deltas=[0]), "top_k_deltas: 0"),
+    (dict(limit=None), "attacker's split has no"),
+    (dict(harmful_examples=[10**4]), "harmful_examples: 10000 is more than"),
+])
+def test_bad_budgets_are_named_before_anything_runs(make_model, suite, change, message):
+    model = make_model("olmoe")
+    names = [n for n in ATTACKS if n != "router_known"]  # that one needs a run folder
+    with pytest.raises(ConfigError, match=message):
+        setup(suite, evaluation(), RobustnessConfig(**{**SMALL, **change}), names, moe_layers(model))
+
+
+def test_an_unknown_attack_is_named():
+    with pytest.raises(ConfigError, match="attack 'router_magic': unknown; choose from none, router_known"):
+        check_attacks(["router_magic"])
+
+
+def test_a_run_folder_with_no_expert_list_is_refused(make_model, suite, tmp_path):
+    model = make_model("olmoe")
+    with pytest.raises(ExpertSetError, match="no expert list"):
+        setup(suite, evaluation(), RobustnessConfig(**SMALL), ["router_known"], moe_layers(model), tmp_path)
+    with pytest.raises(ConfigError, match="needs the run's folder"):
+        setup(suite, evaluation(), RobustnessConfig(**SMALL), ["router_known"], moe_layers(model))
+
+
+def test_a_reference_of_another_architecture_is_refused(make_model, tokenizer):
+    after = Target("after", make_model("olmoe"), tokenizer)
+    before = Target("before", make_model("qwen3_moe"), tokenizer)
+    after.layers, before.layers = moe_layers(after.model), moe_layers(before.model)
+    with pytest.raises(ConfigError, match="reference model: qwen3_moe"):
+        check_reference(after, before)
