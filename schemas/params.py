@@ -1,6 +1,7 @@
 """params.yaml: the single source of run parameters for the CLI, the flow and DVC.
 
-The `train` section is exactly the engine's TrainConfig and `evaluation` its EvaluationConfig
+The `train` section is exactly the engine's TrainConfig, `evaluation` its EvaluationConfig and
+`robustness` its RobustnessConfig
 (types and defaults come from them, so they cannot drift); unknown keys anywhere are errors
 that name the key. `resolve_run` is the one place a run's configuration is put together:
 
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from unsafe_experts.config import METHODS, RETENTION, ConfigError, TrainConfig
 from unsafe_experts.evaluation.evaluate import EvaluationConfig
 from unsafe_experts.attacks.organism import OrganismConfig
+from unsafe_experts.robustness.budgets import RobustnessConfig
 
 FORBID = ConfigDict(extra="forbid")
 
@@ -41,6 +43,7 @@ def _from_dataclass(cls, name: str) -> type[BaseModel]:
 TrainParams = _from_dataclass(TrainConfig, "TrainParams")
 OrganismParams = _from_dataclass(OrganismConfig, "OrganismParams")
 EvaluationParams = _from_dataclass(EvaluationConfig, "EvaluationParams")
+RobustnessParams = _from_dataclass(RobustnessConfig, "RobustnessParams")
 
 
 def check_model_name(name: str | None) -> str | None:
@@ -119,12 +122,16 @@ class Params(BaseModel):
     tracking: TrackingParams = TrackingParams()
     comparison: ComparisonParams = ComparisonParams()
     schedule: ScheduleParams = ScheduleParams()
+    robustness: RobustnessParams = RobustnessParams()
 
     def train_config(self) -> TrainConfig:
         return _checked("train", TrainConfig(**self.train.model_dump()))
 
     def evaluation_config(self) -> EvaluationConfig:
         return _checked("evaluation", EvaluationConfig(**self.evaluation.model_dump()))
+
+    def robustness_config(self) -> RobustnessConfig:
+        return _checked("robustness", RobustnessConfig(**self.robustness.model_dump()))
 
 
 def _checked(section: str, cfg):
@@ -146,6 +153,7 @@ def parse_params(data: dict, source: str = "params", check: bool = True) -> Para
         try:
             params.train_config()
             params.evaluation_config()
+            params.robustness_config()
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
     return params

@@ -10,8 +10,8 @@ from ..errors import ConfigError
 
 @dataclass
 class RobustnessConfig:
-    """Defaults sized for the demo organism on 2 CPU cores; the full axis is in params.yaml's
-    `robustness_full` (README, "Re-attack")."""
+    """Defaults are the full budget axes; params.yaml's `robustness` section holds the demo's
+    smaller ones (README, "Re-attack the repair")."""
     attacks: list[str] = option(factory=list, flag="--attack",
                                 help="attacks to run, repeat for several (default: every one "
                                      "in the table; `unsafe-experts robustness --help` lists them)")

@@ -55,16 +55,26 @@ class Setup:
     judge: Callable  # the plain set's judge
 
 
+def pooled(figures: list[dict]) -> dict:
+    """One share over several sets' answers (each figure's value x n successes)."""
+    flags = []
+    for m in figures:
+        hits = round(m["value"] * m["n"])
+        flags += [True] * hits + [False] * (m["n"] - hits)
+    return proportion(flags)
+
+
 def summary(metrics: dict) -> dict:
-    """The evaluation's metrics plus asr_all_families: every family's harmful answers pooled."""
-    asr = [m for k, m in metrics.items() if k.startswith("asr_") and "n" in m]
+    """The evaluation's metrics plus two pooled over the attack families: asr_all_families
+    (harmful requests answered) and format_refusal_all (benign requests in those formats
+    refused; XSTest's plain over_refusal is not among them)."""
     out = dict(metrics)
+    asr = [m for k, m in metrics.items() if k.startswith("asr_") and "n" in m]
+    formats = [m for k, m in metrics.items() if k.startswith("over_refusal_") and "n" in m]
     if asr:
-        flags = []
-        for m in asr:
-            hits = round(m["value"] * m["n"])
-            flags += [True] * hits + [False] * (m["n"] - hits)
-        out["asr_all_families"] = proportion(flags)
+        out["asr_all_families"] = pooled(asr)
+    if formats:
+        out["format_refusal_all"] = pooled(formats)
     return out
 
 
