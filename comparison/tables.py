@@ -19,12 +19,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from tracking import mlflow_runs
 from unsafe_experts.config import ConfigError
 from unsafe_experts.artefacts.run_metadata import METADATA, RunRecord
 from unsafe_experts.selection.methods import METHODS, PAIRED, trains_experts
 
-from . import tracking
-from .compare_stats import group_summary, paired
+from .seed_stats import group_summary, paired
 
 KEYS = ["method", "k", "seed", "organism_seed", "retention", "expert_lr", "ablated"]
 RUN = KEYS[:-1]  # what identifies a surgery run
@@ -75,7 +75,7 @@ def run_row(run_id: str, meta: dict) -> dict | None:
 
 def _metadata(run_id: str) -> dict | None:
     try:
-        path = tracking.client().download_artifacts(run_id, METADATA, tempfile.mkdtemp())
+        path = mlflow_runs.client().download_artifacts(run_id, METADATA, tempfile.mkdtemp())
     except Exception:  # a run without the artifact (failed early, or not a surgery run)
         return None
     return json.loads(Path(path).read_text())
@@ -85,7 +85,7 @@ def latest_runs(experiment: str, wanted: list[dict] | None = None) -> pd.DataFra
     """Finished, evaluated parent runs, newest per (method, k, seed, organism, retention, lr)."""
     # through this project's client, not mlflow's process-wide URI (setting that would leak
     # into whatever else the process tracks)
-    client = tracking.client()
+    client = mlflow_runs.client()
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'",
                               max_results=50000, order_by=["attributes.start_time DESC"]) if found else []
@@ -175,7 +175,7 @@ def overlap(table: pd.DataFrame) -> pd.DataFrame:
         mine, theirs = first(ours, k).rounds(), first(baseline, k).rounds()
         for r, g in mine.items():
             if r in theirs:
-                rows.append({"k": k, "round": r, "jaccard": tracking.jaccard(g.experts, theirs[r].experts),
+                rows.append({"k": k, "round": r, "jaccard": mlflow_runs.jaccard(g.experts, theirs[r].experts),
                              "spearman": spearman(g.scores, theirs[r].scores)})
     return pd.DataFrame(rows, columns=["k", "round", "jaccard", "spearman"])
 
@@ -409,8 +409,8 @@ def write_comparison(experiment: str, out_csv: str | Path, wanted: list[dict] | 
                                           budget(table, surgery), surgery))
     files["plot"] = asr_plot(table, out_csv.with_name("asr_vs_k.png"))
     files["frontier"] = frontier_plot(means, out_csv.with_name("frontier.png"))
-    run_id = tracking.start_run(experiment, "comparison", {"runs": len(table)}, {"method": "comparison"})
+    run_id = mlflow_runs.start_run(experiment, "comparison", {"runs": len(table)}, {"method": "comparison"})
     for path in files.values():
-        tracking.log_file(run_id, path)
-    tracking.end_run(run_id)
+        mlflow_runs.log_file(run_id, path)
+    mlflow_runs.end_run(run_id)
     return {"runs": len(table), "mlflow_run_id": run_id, **{k: str(v) for k, v in files.items()}}
