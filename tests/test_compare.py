@@ -3,8 +3,9 @@ import json
 import pandas as pd
 import pytest
 
+from comparison.outputs import write_comparison
 from comparison.seed_stats import paired, sign_flip_p, t_interval
-from comparison.tables import spearman, write_comparison
+from comparison.tables import spearman
 from tracking import mlflow_runs
 
 
