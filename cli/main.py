@@ -10,21 +10,27 @@ import threading
 
 from unsafe_experts.errors import UserError
 
-from . import ablate, attack, commands, register, train
+from . import (ablate, attack, compare, evaluate, flip_dataset, materialize, organism, register,
+               report, serve, tiny_model, train, validate)
 
+# one module per command, each with add_parser(sub) and run(args); --help and docs/cli.md list
+# the commands in this order
+COMMANDS = (train, ablate, attack, register, tiny_model, flip_dataset, validate, organism, evaluate,
+            compare, serve, report, materialize)
 # every engine error the user can fix derives from UserError; a file the OS refuses is one too
 USER_ERRORS = (UserError, OSError)
 
 
 def parser() -> tuple[argparse.ArgumentParser, dict]:
+    """The argument parser and command name -> its module's run."""
     p = argparse.ArgumentParser(prog="unsafe-experts", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    train.add_parser(sub)
-    ablate.add_parser(sub)
-    attack.add_parser(sub)
-    register.add_parser(sub)
-    handlers = {"train": train.run, "ablate": ablate.run, "attack": attack.run, "register": register.run,
-                **commands.add_parsers(sub)}
+    handlers = {}
+    for command in COMMANDS:
+        before = set(sub.choices)
+        command.add_parser(sub)
+        (name,) = set(sub.choices) - before  # the name lives in one place: the module's parser
+        handlers[name] = command.run
     return p, handlers
 
 

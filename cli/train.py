@@ -89,7 +89,7 @@ def run(args) -> int:
     from flows.surgery import surgery_flow
     from flows.temporary_server import start_temporary_server
     from schemas.dataset import validate_records
-    from tasks.tracking import ensure_reachable
+    from tracking.mlflow_runs import ensure_reachable
     from unsafe_experts.records import read_json_records
     from unsafe_experts.surgery import check_inputs
 
@@ -114,7 +114,7 @@ def run(args) -> int:
     except MlflowException as e:
         raise ConfigError(f"MLflow tracking failed ({e}); completed rounds are kept: run the same "
                           "command again once the tracking server answers") from None
-    from tasks.tracking import tracking_uri
+    from tracking.mlflow_runs import tracking_uri
 
     print(f"MLflow run {result['mlflow_run_id']}; browse with: "
           f"mlflow ui --backend-store-uri {tracking_uri()}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow, task
 
-from tasks.compare import write_comparison
+from comparison.outputs import write_comparison
 
 compare_task = task(write_comparison, name="compare-methods", retries=2, retry_delay_seconds=2)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from prefect import flow, runtime, task
 
 from tasks import surgery as steps
-from tasks import registry, tracking
-from tasks.digests import dvc_md5, git_commit
+from tracking import mlflow_runs, registry
+from tracking.digests import dvc_md5, git_commit
 from unsafe_experts.config import TrainConfig
 from unsafe_experts.models.distributed import launched_world
 from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluation_suite
@@ -23,7 +23,7 @@ from unsafe_experts.artefacts.atomic import write_json_atomic
 from unsafe_experts.artefacts.run_metadata import ROUNDS, RunRecord
 
 # retries only where they can help: the tracking server may blip; model steps are deterministic
-track = task(tracking.log_round, name="track-round", retries=2, retry_delay_seconds=2)
+track = task(mlflow_runs.log_round, name="track-round", retries=2, retry_delay_seconds=2)
 
 
 def _summary(metadata: dict, final: dict) -> dict[str, float]:
@@ -42,7 +42,7 @@ def _summary(metadata: dict, final: dict) -> dict[str, float]:
     if sft:
         out["final_sft_loss"] = sft[-1]
     if len(rounds) > 1:
-        out["jaccard_last_two_rounds"] = tracking.jaccard(last["experts"], per_round[rounds[-2]]["experts"])
+        out["jaccard_last_two_rounds"] = mlflow_runs.jaccard(last["experts"], per_round[rounds[-2]]["experts"])
     if "router_kl_before_after" in last:
         out["final_router_kl"] = last["router_kl_before_after"][1]
     return out
@@ -51,9 +51,9 @@ def _summary(metadata: dict, final: dict) -> dict[str, float]:
 def _evaluate(key, stage, evaluation, run_ids, step, evaluations, logged):
     result = steps.evaluate_stage(key, stage, evaluation)
     for run_id in run_ids:
-        tracking.log_evaluation(run_id, result, step, stage)
+        mlflow_runs.log_evaluation(run_id, result, step, stage)
     if len(run_ids) > 1:  # a round run: its samples in full, as text
-        tracking.log_samples_text(run_ids[-1], [{"stage": stage, **x} for x in result["samples"]])
+        mlflow_runs.log_samples_text(run_ids[-1], [{"stage": stage, **x} for x in result["samples"]])
     logged.add(stage)
     evaluations[stage] = result["metrics"]
 
@@ -65,21 +65,21 @@ def _write_evaluations(run_id, evaluations, evaluation_path, logged, plots_dir):
     evaluation_rounds.json (one row per round)."""
     for stage, metrics in evaluations.items():
         if stage not in logged:  # evaluated by the interrupted run this one resumes
-            tracking.log_evaluation(run_id, {"metrics": metrics, "samples": []},
-                                    tracking.stage_step(stage), stage)
+            mlflow_runs.log_evaluation(run_id, {"metrics": metrics, "samples": []},
+                                    mlflow_runs.stage_step(stage), stage)
     detail = {**evaluations, "final": evaluations[list(evaluations)[-1]]}
-    rows = tracking.safety_rows(evaluations)
-    tracking.log_file(run_id, tracking.safety_plot(rows, plots_dir / "safety_per_round.png"))
+    rows = mlflow_runs.safety_rows(evaluations)
+    mlflow_runs.log_file(run_id, mlflow_runs.safety_plot(rows, plots_dir / "safety_per_round.png"))
     if evaluation_path:
-        tracking.write_json(evaluation_path, tracking.compact_evaluation(evaluations))
-        tracking.write_json(Path(evaluation_path).with_name("evaluation_detail.json"), detail)
-        tracking.write_json(Path(evaluation_path).with_name("evaluation_rounds.json"), rows)
+        mlflow_runs.write_json(evaluation_path, mlflow_runs.compact_evaluation(evaluations))
+        mlflow_runs.write_json(Path(evaluation_path).with_name("evaluation_detail.json"), detail)
+        mlflow_runs.write_json(Path(evaluation_path).with_name("evaluation_rounds.json"), rows)
     return detail
 
 
 def _round(cfg, key, r, experiment, run_id, tags, previous, evaluation, evaluations, logged) -> list:
     """One round's tasks under its nested MLflow run; returns the round's experts."""
-    round_run = tracking.start_run(experiment, f"round-{r}", {"round": r}, tags, parent=run_id,
+    round_run = mlflow_runs.start_run(experiment, f"round-{r}", {"round": r}, tags, parent=run_id,
                                    description=f"Round {r} of {_run_name(cfg)}.")
     steps.identify(key, r)
     steps.repair(key, r)
@@ -89,14 +89,14 @@ def _round(cfg, key, r, experiment, run_id, tags, previous, evaluation, evaluati
     track.with_options(task_run_name=f"track-round-{r}")(
         round_run, r, done["identified"], done["timings"], done["logs"], previous)
     # round_N/ is a delta: its md5 names the delta's bytes, the base digest what it applies to
-    tracking.log_tags(round_run, {"checkpoint": done["path"], "checkpoint_kind": "delta",
+    mlflow_runs.log_tags(round_run, {"checkpoint": done["path"], "checkpoint_kind": "delta",
                                   "checkpoint_dvc_md5": dvc_md5(done["path"]),
                                   "checkpoint_bytes": done["bytes"],
                                   "checkpoint_base_sha256": done["base_sha256"]})
-    tracking.log_tags(run_id, {f"experts_round_{r}": tracking.expert_names(done["identified"]["experts"])})
+    mlflow_runs.log_tags(run_id, {f"experts_round_{r}": mlflow_runs.expert_names(done["identified"]["experts"])})
     if (evaluation.eval_set or evaluation.suite) and (evaluation.rounds == "every" or r == cfg.num_rounds):
         _evaluate(key, f"round_{r}", evaluation, [run_id, round_run], r, evaluations, logged)
-    tracking.end_run(round_run)
+    mlflow_runs.end_run(round_run)
     return done["identified"]["experts"]
 
 
@@ -115,10 +115,10 @@ def _flow_run_name() -> str:
 
 def _description(name: str, rounds: dict, evaluations: dict | None, metrics: dict) -> str:
     """One paragraph: which experts, did it work, at what cost."""
-    parts = [f"{name}: " + "; ".join(f"round {r} repaired {tracking.expert_names(x['experts'])}"
+    parts = [f"{name}: " + "; ".join(f"round {r} repaired {mlflow_runs.expert_names(x['experts'])}"
                                      for r, x in sorted(rounds.items(), key=lambda x: int(x[0]))) + "."]
     if evaluations:
-        compact = tracking.compact_evaluation(evaluations)
+        compact = mlflow_runs.compact_evaluation(evaluations)
         before, after = compact["before"], compact["after"]
         asr = [f"{n} {before[n]:.2f} -> {after[n]:.2f}" for n in sorted(after) if n.startswith("asr_") and n in before]
         cost = [f"{n} {before[n]:.2f} -> {after[n]:.2f}" for n in sorted(after)
@@ -142,20 +142,20 @@ def _description(name: str, rounds: dict, evaluations: dict | None, metrics: dic
 def _markdown(name, run_id, experiment, rounds, evaluations, metrics, description) -> str:
     lines = [f"# {name}", "", description, "", "## Experts repaired per round", "",
              "| round | experts |", "|---|---|"]
-    lines += [f"| {r} | {tracking.expert_names(x['experts'])} |"
+    lines += [f"| {r} | {mlflow_runs.expert_names(x['experts'])} |"
               for r, x in sorted(rounds.items(), key=lambda x: int(x[0]))]
     if evaluations:
-        compact = tracking.compact_evaluation(evaluations)
+        compact = mlflow_runs.compact_evaluation(evaluations)
         lines += ["", "## Evaluation before and after surgery", "", "| metric | before | after |",
                   "|---|---|---|"]
         lines += [f"| {n} | {compact['before'].get(n, float('nan')):.3f} | {v:.3f} |"
                   for n, v in compact["after"].items()]
     lines += ["", "## MLflow", "", f"Run `{run_id}` in experiment `{experiment}` "
-              f"({tracking.tracking_uri()}); open it with", "",
-              f"    mlflow ui --backend-store-uri {tracking.tracking_uri()}", "",
-              f"and go to `#/experiments/{tracking.experiment_id(experiment)}/runs/{run_id}"
+              f"({mlflow_runs.tracking_uri()}); open it with", "",
+              f"    mlflow ui --backend-store-uri {mlflow_runs.tracking_uri()}", "",
+              f"and go to `#/experiments/{mlflow_runs.experiment_id(experiment)}/runs/{run_id}"
               "?workflowType=machine_learning` (MLflow's model-training view); every run of the "
-              f"experiment, side by side: `{tracking.run_table_url(tracking.experiment_id(experiment))}`."]
+              f"experiment, side by side: `{mlflow_runs.run_table_url(mlflow_runs.experiment_id(experiment))}`."]
     return "\n".join(lines)
 
 
@@ -178,30 +178,30 @@ def _conclude(cfg, final, run_id, evaluations, evaluation_path, metrics_path, lo
         detail = None
         if evaluations is not None:
             detail = _write_evaluations(run_id, evaluations, evaluation_path, logged, where)
-        tracking.log_experts(run_id, metadata[ROUNDS], where)
+        mlflow_runs.log_experts(run_id, metadata[ROUNDS], where)
     if evaluations is not None or locality:
         metadata.update({"evaluation": detail} if detail is not None else {})
         metadata["locality"] = locality
         write_json_atomic(final["metadata"], metadata)
         write_model_card(final["output_dir"])  # now with the before/after figures
-    tracking.log_file(run_id, final["metadata"])
-    tracking.log_tags(run_id, {"final_model": final["final_model"], "final_model_kind": cfg.final_checkpoint,
+    mlflow_runs.log_file(run_id, final["metadata"])
+    mlflow_runs.log_tags(run_id, {"final_model": final["final_model"], "final_model_kind": cfg.final_checkpoint,
                                "final_model_dvc_md5": dvc_md5(final["final_model"])})
     if log_model:
-        tracking.log_dir(run_id, final["final_model"], "final_model")
+        mlflow_runs.log_dir(run_id, final["final_model"], "final_model")
     metrics = _summary(metadata, final)
     if locality:
         metrics.update(locality_ok=int(locality["ok"]), experts_changed=len(locality["experts"]),
                        routers_changed=len(locality["routers"]))
     if evaluations:
-        metrics.update(tracking.headline(evaluations))
-    tracking.log_metrics(run_id, metrics)
+        metrics.update(mlflow_runs.headline(evaluations))
+    mlflow_runs.log_metrics(run_id, metrics)
     # for `dvc metrics show`: the before values are in evaluation.json beside the after values
-    tracking.write_json(metrics_path, {k: v for k, v in metrics.items() if not k.endswith("_before")})
+    mlflow_runs.write_json(metrics_path, {k: v for k, v in metrics.items() if not k.endswith("_before")})
     name = _run_name(cfg)
     description = _description(name, metadata[ROUNDS], evaluations, metrics)
-    tracking.log_tags(run_id, {"mlflow.note.content": description})
-    tracking.save_run_table_view(tracking.experiment_id(experiment), run_id)
+    mlflow_runs.log_tags(run_id, {"mlflow.note.content": description})
+    mlflow_runs.save_run_table_view(mlflow_runs.experiment_id(experiment), run_id)
     # last, from what the run now holds; a registry failure is reported, never the run's
     registered = registry.register_after_run(register_model, run_id) if register_model else None
     create_markdown_artifact(_markdown(name, run_id, experiment, metadata[ROUNDS], evaluations,
@@ -231,28 +231,28 @@ def surgery_flow(cfg: TrainConfig, experiment: str = "unsafe-experts", log_model
     tags = {"method": cfg.method, "git_commit": commit, "data_dvc_md5": dvc_md5(cfg.dataset_path),
             "prefect_flow_run_id": runtime.flow_run.id or "none", "output_dir": cfg.output_dir,
             "world_size": launched_world()}  # processes under torchrun; 1 alone
-    run_id = tracking.start_run(experiment, _run_name(cfg),
+    run_id = mlflow_runs.start_run(experiment, _run_name(cfg),
                                 {**asdict(cfg), **({"evaluation": asdict(evaluation)} if evaluating else {})}, tags,
                                 description=f"{_run_name(cfg)}: running ({cfg.num_rounds} rounds of "
                                             f"{cfg.top_k_experts} experts by {cfg.method}).")
-    monitor = tracking.system_metrics(run_id)
+    monitor = mlflow_runs.system_metrics(run_id)
     key, logged = None, set()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 steps.validate_dataset(cfg.dataset_path, str(Path(tmp) / "validation_failures.csv"))
             except steps.DatasetValidationError as e:
-                tracking.log_file(run_id, e.failures_csv, "validation")
+                mlflow_runs.log_file(run_id, e.failures_csv, "validation")
                 raise
         prepared = steps.prepare(cfg, progress)
         key = prepared["key"]
-        tracking.log_dataset(run_id, cfg.dataset_path, prepared["records"], tags["data_dvc_md5"])
+        mlflow_runs.log_dataset(run_id, cfg.dataset_path, prepared["records"], tags["data_dvc_md5"])
         if evaluating:
-            tracking.log_eval_suite(run_id, evaluation_suite(evaluation))
-        tracking.log_tags(run_id, {f"dataset_{k}": v for k, v in prepared["dataset"].items()})
+            mlflow_runs.log_eval_suite(run_id, evaluation_suite(evaluation))
+        mlflow_runs.log_tags(run_id, {f"dataset_{k}": v for k, v in prepared["dataset"].items()})
         first = prepared["first_round"]
         if first > 1:  # the rounds before were completed by an interrupted run of this command
-            tracking.log_tags(run_id, {"resumed_after_round": first - 1})
+            mlflow_runs.log_tags(run_id, {"resumed_after_round": first - 1})
         evaluations: dict = dict(prepared["evaluation"])
         if evaluating and "before" not in evaluations:
             _evaluate(key, "before", evaluation, [run_id], 0, evaluations, logged)
@@ -266,14 +266,14 @@ def surgery_flow(cfg: TrainConfig, experiment: str = "unsafe-experts", log_model
                            evaluation_path, metrics_path, log_model, logged, experiment,
                            register_model)
         _stop(monitor)
-        tracking.end_run(run_id)
+        mlflow_runs.end_run(run_id)
         return result
     except BaseException as error:
         if key:  # first the run's own record: a tracking outage must not leave it "running"
             steps.discard(key, error)
         _stop(monitor)
         try:
-            tracking.end_run(run_id, "FAILED")
+            mlflow_runs.end_run(run_id, "FAILED")
         except Exception as tracking_error:  # the tracking server may be what failed
             warnings.warn(f"could not mark MLflow run {run_id} failed: {tracking_error}")
         raise

@@ -24,7 +24,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tasks.tracking, from any cwd
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tracking.mlflow_runs, from any cwd
 
 # MLflow's assistant panel opens by itself on a browser's first visit and covers a third of
 # the page; a user closes it once, the browser remembers, and so does this one
@@ -65,11 +65,11 @@ def browser(path: str | None) -> str:
 def pages(experiment, parent, first_round, view: bool) -> list[tuple[str, str, str, str | None]]:
     """(file name, URL path, selector that shows the page has rendered, the runs-table column
     to scroll to or None)."""
-    from tasks import tracking
+    from tracking import mlflow_runs
 
     exp, run = experiment.experiment_id, parent.info.run_id
     ml = "?workflowType=machine_learning"
-    table = tracking.run_table_url(exp) if view else f"#/experiments/{exp}{ml}"
+    table = mlflow_runs.run_table_url(exp) if view else f"#/experiments/{exp}{ml}"
     name = f"text={parent.info.run_name}"
     out = [("runs_table", table, name, None)]
     if view:  # the table is wider than a screen: its metrics, scrolled to
@@ -151,10 +151,10 @@ def run(args) -> int:
     except ImportError:
         raise UsageError("Playwright is not installed: pip install playwright==1.65.2") from None
     executable = browser(args.browser)
-    os.environ["MLFLOW_TRACKING_URI"] = args.backend_store_uri  # tasks.tracking's client
+    os.environ["MLFLOW_TRACKING_URI"] = args.backend_store_uri  # tracking.mlflow_runs' client
     from mlflow import MlflowClient
 
-    from tasks import tracking
+    from tracking import mlflow_runs
 
     client = MlflowClient(tracking_uri=args.backend_store_uri)
     experiment = client.get_experiment_by_name(args.experiment)
@@ -166,12 +166,12 @@ def run(args) -> int:
         raise UsageError(f"experiment {args.experiment!r} has no parent run")
     if args.save_view:
         for parent in reversed(parents):
-            tracking.save_run_table_view(experiment.experiment_id, parent.info.run_id)
+            mlflow_runs.save_run_table_view(experiment.experiment_id, parent.info.run_id)
         experiment = client.get_experiment(experiment.experiment_id)
     parent = parents[0]
     rounds = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
                     key=lambda r: r.info.run_name)
-    view = tracking.VIEW_TAG_PREFIX + tracking.RUN_TABLE_VIEW in experiment.tags
+    view = mlflow_runs.VIEW_TAG_PREFIX + mlflow_runs.RUN_TABLE_VIEW in experiment.tags
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,8 @@ from unsafe_experts.models.tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # every Python folder of the project: the engine, its callers and the tests
-SCANNED = ["unsafe_experts", "tests", "cli", "tasks", "flows", "bench", "scripts"]
+SCANNED = ["unsafe_experts", "tests", "cli", "tasks", "tracking", "comparison", "flows", "bench",
+           "scripts"]
 THE_TABLE = ROOT / "unsafe_experts" / "models" / "architectures.py"
 
 

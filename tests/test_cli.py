@@ -64,7 +64,7 @@ def test_train_end_to_end(tiny_dir, records_path, tmp_path, capsys, tracking_dir
 def check_mlflow_run(printed, meta, metrics, records_path, out):
     from mlflow import MlflowClient
 
-    from tasks.digests import dvc_md5
+    from tracking.digests import dvc_md5
 
     client = MlflowClient()
     run_id = printed.split("MLflow run ")[1].split(";")[0]
@@ -239,7 +239,7 @@ def test_unreachable_tracking_server_fails_fast_or_falls_back(tiny_dir, records_
     import socket
     import time
 
-    from tasks.tracking import DEFAULT_URI, ensure_reachable
+    from tracking.mlflow_runs import DEFAULT_URI, ensure_reachable
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))

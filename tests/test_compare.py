@@ -3,9 +3,10 @@ import json
 import pandas as pd
 import pytest
 
-from tasks import tracking
-from tasks.compare import spearman, write_comparison
-from tasks.compare_stats import paired, sign_flip_p, t_interval
+from comparison.outputs import write_comparison
+from comparison.seed_stats import paired, sign_flip_p, t_interval
+from comparison.tables import spearman
+from tracking import mlflow_runs
 
 
 def evaluation(asr, over_fmt=0.05):
@@ -31,12 +32,12 @@ def seed_run(experiment, tmp_path, organism, method, k, seed, asr, experts=None,
                                                    "scores": scores}},
             "timings": {"round_1": {"identify_s": 1.5, "identify_peak_memory_mb": 700.0}},
             "evaluation": evaluation(asr)}
-    run_id = tracking.start_run(experiment, f"{method}-k{k}-s{seed}", {"seed": seed}, {"method": method}, parent)
+    run_id = mlflow_runs.start_run(experiment, f"{method}-k{k}-s{seed}", {"seed": seed}, {"method": method}, parent)
     path = tmp_path / run_id / "training_metadata.json"
     path.parent.mkdir()
     path.write_text(json.dumps(meta))
-    tracking.log_file(run_id, path)
-    tracking.end_run(run_id)
+    mlflow_runs.log_file(run_id, path)
+    mlflow_runs.end_run(run_id)
     return run_id
 
 
@@ -102,7 +103,7 @@ def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
     overlap = pd.read_csv(tmp_path / "metrics" / "overlap.csv")
     assert overlap.to_dict("records") == [{"k": 2, "round": 1, "jaccard": pytest.approx(1 / 3),
                                            "spearman": pytest.approx(0.4)}]
-    files = {a.path for a in tracking.client().list_artifacts(result["mlflow_run_id"])}
+    files = {a.path for a in mlflow_runs.client().list_artifacts(result["mlflow_run_id"])}
     assert files == {"comparison.csv", "comparison.md", "comparison_summary.csv", "paired.csv",
                      "overlap.csv", "asr_vs_k.png", "frontier.png"}
     text = (tmp_path / "metrics" / "comparison.md").read_text()

@@ -8,7 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]
 # a path into one of the project's own folders, optionally ::test_name
-CITED = re.compile(r"(?<![\w/.])((?:unsafe_experts|cli|tasks|flows|schemas|tests|bench|docs)/[\w./-]*\w)"
+CITED = re.compile(r"(?<![\w/.])((?:unsafe_experts|cli|tasks|tracking|comparison|flows|schemas|tests|bench|docs)/[\w./-]*\w)"
                    r"(?:::(\w+))?")
 LINK = re.compile(r"\]\(([\w./-]+\.md)(?:#[\w-]+)?\)")
 

@@ -1,6 +1,7 @@
 """The layering rules, checked on the source: the engine package never imports orchestration
-(prefect, mlflow, dvc, pandera) nor the project's cli, tasks, flows or schemas packages; tasks
-never import flows."""
+(prefect, mlflow, dvc, pandera) nor the project's cli, tasks, tracking, comparison, flows or
+schemas packages; tasks never import flows or cli; tracking and comparison, which tasks and flows
+build on, import none of tasks, flows or cli."""
 import ast
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ORCHESTRATION = {"prefect", "mlflow", "dvc", "pandera"}
-PROJECT = {"cli", "tasks", "flows", "schemas"}
+PROJECT = {"cli", "tasks", "tracking", "comparison", "flows", "schemas"}
 
 
 def imported(path: Path) -> set[str]:
@@ -38,6 +39,12 @@ def test_engine_package_imports_no_orchestration_and_no_project_layer():
 
 def test_tasks_never_import_flows_or_cli():
     assert offenders("tasks", {"flows", "cli"}) == {}
+
+
+@pytest.mark.parametrize("package", ["tracking", "comparison"])
+def test_the_tracking_and_comparison_packages_import_no_tasks_flows_or_cli(package):
+    assert list((ROOT / package).rglob("*.py")), f"{package} package not found"
+    assert offenders(package, {"tasks", "flows", "cli"}) == {}
 
 
 @pytest.mark.parametrize("source, found", [

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from cli.main import main
 from conftest import one_error_line
-from tasks import registry, tracking
-from tasks.digests import dvc_md5
+from tracking import mlflow_runs, registry
+from tracking.digests import dvc_md5
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def store(tmp_path_factory):
     uri = f"sqlite:///{path / 'mlflow.db'}"
     previous = mlflow.get_tracking_uri()
     # also mlflow's process-wide URI, which `models:/` downloads read and which an earlier test
-    # in this process may have set (tasks/compare.py sets it)
+    # in this process may have set (comparison/tables.py sets it)
     mlflow.set_tracking_uri(uri)
     try:
         with pytest.MonkeyPatch.context() as patch:
@@ -39,18 +39,18 @@ def store(tmp_path_factory):
 def finished_run(final_model, log_model=False) -> str:
     """A parent run as the surgery flow leaves it: params, digests, experts, the evaluation's
     figures with the rounds as steps and `<figure>_before` beside them."""
-    run_id = tracking.start_run("registry", "gradient-k2-s42",
+    run_id = mlflow_runs.start_run("registry", "gradient-k2-s42",
                                 {"method": "gradient", "top_k_experts": 2, "num_rounds": 1,
                                  "model_name": "tiny-olmoe"}, {"data_dvc_md5": "d" * 32})
-    tracking.log_tags(run_id, {"final_model": str(final_model), "final_model_dvc_md5": dvc_md5(final_model),
+    mlflow_runs.log_tags(run_id, {"final_model": str(final_model), "final_model_dvc_md5": dvc_md5(final_model),
                                "experts_round_1": "L0_E3,L1_E5", "mlflow.note.content": "repaired"})
-    tracking.log_metrics(run_id, {"asr_flip_chars": 0.95, "over_refusal": 0.0}, step=0)
-    tracking.log_metrics(run_id, {"asr_flip_chars": 0.10, "over_refusal": 0.125}, step=1)
-    tracking.log_metrics(run_id, {"asr_flip_chars_before": 0.95, "over_refusal_before": 0.0,
+    mlflow_runs.log_metrics(run_id, {"asr_flip_chars": 0.95, "over_refusal": 0.0}, step=0)
+    mlflow_runs.log_metrics(run_id, {"asr_flip_chars": 0.10, "over_refusal": 0.125}, step=1)
+    mlflow_runs.log_metrics(run_id, {"asr_flip_chars_before": 0.95, "over_refusal_before": 0.0,
                                   "rounds": 1, "benign_loglik_change": -0.2})
     if log_model:
-        tracking.log_dir(run_id, final_model, "final_model")
-    tracking.end_run(run_id)
+        mlflow_runs.log_dir(run_id, final_model, "final_model")
+    mlflow_runs.end_run(run_id)
     return run_id
 
 
@@ -66,7 +66,7 @@ def test_a_run_becomes_a_version_that_loads_back(store, tiny_dir, log_model):
     run_id = finished_run(tiny_dir, log_model)
     done = registry.register_after_run(name, run_id)
     assert done["version"] == 1
-    client = tracking.client()  # the store of this module, whatever URI another test set globally
+    client = mlflow_runs.client()  # the store of this module, whatever URI another test set globally
     version = client.get_model_version(name, "1")
     assert version.run_id == run_id and version.description == "repaired"
     assert version.tags == {
@@ -90,11 +90,11 @@ def test_a_second_run_is_the_next_version(store, tiny_dir, capsys):
     run_id = finished_run(tiny_dir)
     assert main(["register", run_id, "--name", "repaired"]) == 0
     assert "registered model repaired version 2: models:/repaired/2" in capsys.readouterr().out
-    assert sorted(int(v.version) for v in tracking.client().search_model_versions("name = 'repaired'")) == [1, 2]
+    assert sorted(int(v.version) for v in mlflow_runs.client().search_model_versions("name = 'repaired'")) == [1, 2]
 
 
 def test_what_cannot_be_registered_is_one_error_line(store, tiny_dir, capsys):
-    unfinished = tracking.start_run("registry", "running", {"method": "gradient"}, {})
+    unfinished = mlflow_runs.start_run("registry", "running", {"method": "gradient"}, {})
     finished = finished_run(tiny_dir)
     capsys.readouterr()  # MLflow's own log lines on creating the store
     assert main(["register", "0" * 32, "--name", "repaired"]) == 2
@@ -103,7 +103,7 @@ def test_what_cannot_be_registered_is_one_error_line(store, tiny_dir, capsys):
     one_error_line(capsys, "has no final model")
     assert main(["register", finished, "--name", "team/repaired"]) == 2
     one_error_line(capsys, "contain no '/' or ':'")
-    assert not tracking.client().search_registered_models("name LIKE '%/%'")
+    assert not mlflow_runs.client().search_registered_models("name LIKE '%/%'")
 
 
 class Unavailable(http.server.BaseHTTPRequestHandler):

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from tasks import tracking
+from tracking import mlflow_runs
 
 
 def metric(value, n=10):
@@ -29,34 +29,34 @@ def evaluations(rounds=2):
 
 def test_headline_and_compact_are_generic():
     ev = evaluations()
-    head = tracking.headline(ev)
+    head = mlflow_runs.headline(ev)
     assert {f"asr_{f}_before" for f in FAMILIES} <= set(head)
     assert head["over_refusal_before"] == 0.0 and "over_refusal_persona_before" not in head
     assert head["benign_loglik_change"] == pytest.approx(-0.1)
-    compact = tracking.compact_evaluation({**ev, "final": ev["round_2"]})
+    compact = mlflow_runs.compact_evaluation({**ev, "final": ev["round_2"]})
     assert compact["before"]["asr_persona"] == 0.9 and compact["after"]["asr_persona"] == pytest.approx(0.1)
     # the parent's metrics: one per figure (rounds as history) + headline + about a dozen summary
     assert len(ev["before"]) + len(head) + 12 <= 42
 
 
 def test_evaluation_rows_and_steps():
-    rows = tracking.evaluation_rows("round_2", 2, {"asr_persona": metric(0.5)})
+    rows = mlflow_runs.evaluation_rows("round_2", 2, {"asr_persona": metric(0.5)})
     assert rows == [{"stage": "round_2", "round": 2, "metric": "asr_persona", "value": 0.5, "n": 10,
                      "ci_low": 0.4, "ci_high": 0.6}]
-    assert [tracking.stage_step(s) for s in ("before", "round_1", "round_12")] == [0, 1, 12]
-    assert [r["round"] for r in tracking.safety_rows({**evaluations(), "final": {}})] == [0, 1, 2]
+    assert [mlflow_runs.stage_step(s) for s in ("before", "round_1", "round_12")] == [0, 1, 12]
+    assert [r["round"] for r in mlflow_runs.safety_rows({**evaluations(), "final": {}})] == [0, 1, 2]
 
 
 def test_plots_for_many_families_and_rounds(tmp_path):
-    rows = tracking.safety_rows(evaluations(3))
-    assert tracking.safety_plot(rows, tmp_path / "safety.png").stat().st_size > 10_000
+    rows = mlflow_runs.safety_rows(evaluations(3))
+    assert mlflow_runs.safety_plot(rows, tmp_path / "safety.png").stat().st_size > 10_000
     frames = []
     for r in (1, 2, 3):
         frame = pd.DataFrame([{"round": r, "layer": l, "expert": e, "score": (l + 1) * (e + 1) * r,
                                "rank": 0, "selected": (l, e) == (r % 2, 7)} for l in range(2) for e in range(8)])
         frames.append(frame)
-    assert tracking.heatmap_png(frames, tmp_path / "experts.png").stat().st_size > 10_000
-    assert tracking.expert_names([[0, 7], [1, 5]]) == "L0_E7,L1_E5"
+    assert mlflow_runs.heatmap_png(frames, tmp_path / "experts.png").stat().st_size > 10_000
+    assert mlflow_runs.expert_names([[0, 7], [1, 5]]) == "L0_E7,L1_E5"
 
 
 def test_an_eval_set_is_logged_as_its_suite_one_row_per_prompt(tmp_path, monkeypatch):
@@ -73,9 +73,9 @@ def test_an_eval_set_is_logged_as_its_suite_one_row_per_prompt(tmp_path, monkeyp
         "flip_words": [chat("w")], "plain": [chat("p1"), chat("p2")],
         "families": {"persona": {"harmful": [chat("h")], "benign": [chat("b")]}},
         "benign_refs": [[chat("q"), "answer"]]}))
-    run_id = tracking.start_run("eval-input", "eval-input", {}, {})
-    tracking.log_eval_suite(run_id, load_eval_set(tmp_path / "eval_set.json"))
-    (logged,) = MlflowClient(tracking.tracking_uri()).get_run(run_id).inputs.dataset_inputs
+    run_id = mlflow_runs.start_run("eval-input", "eval-input", {}, {})
+    mlflow_runs.log_eval_suite(run_id, load_eval_set(tmp_path / "eval_set.json"))
+    (logged,) = MlflowClient(mlflow_runs.tracking_uri()).get_run(run_id).inputs.dataset_inputs
     assert logged.dataset.name == "eval_set.json" and logged.tags[0].value == "evaluation"
     assert json.loads(logged.dataset.profile)["num_rows"] == 6
     assert json.loads(logged.dataset.schema)["mlflow_colspec"][0]["name"] == "set"
@@ -84,23 +84,23 @@ def test_an_eval_set_is_logged_as_its_suite_one_row_per_prompt(tmp_path, monkeyp
 def _view(client, exp_id):
     """The saved view as MLflow's UI reads it: an envelope with a name, a numeric creation time
     and the state as a JSON string."""
-    envelope = json.loads(client.get_experiment(exp_id).tags[tracking.VIEW_TAG_PREFIX + tracking.RUN_TABLE_VIEW])
+    envelope = json.loads(client.get_experiment(exp_id).tags[mlflow_runs.VIEW_TAG_PREFIX + mlflow_runs.RUN_TABLE_VIEW])
     assert isinstance(envelope["name"], str) and isinstance(envelope["createdAt"], int)
     return json.loads(envelope["state"])
 
 
 def _parent(exp, families, rounds, seed):
     params = {"method": "gradient", "top_k_experts": 2, "seed": seed, "num_rounds": rounds}
-    run_id = tracking.start_run(exp, f"gradient-k2-s{seed}", params, {})
+    run_id = mlflow_runs.start_run(exp, f"gradient-k2-s{seed}", params, {})
     ev = {"before": {f"asr_{f}": metric(0.9) for f in families} | {"over_refusal": metric(0.0),
                                                                    "benign_loglik": metric(-3.0)}}
     for r in range(1, rounds + 1):
         ev[f"round_{r}"] = {f"asr_{f}": metric(0.1) for f in families} | {
             "over_refusal": metric(0.1), "benign_loglik": metric(-3.1)}
     for stage, result in ev.items():
-        tracking.log_evaluation(run_id, {"metrics": result, "samples": []}, tracking.stage_step(stage), stage)
-    tracking.log_metrics(run_id, {**tracking.headline(ev), "locality_ok": 1, "final_sft_loss": 0.5})
-    tracking.log_tags(run_id, {f"experts_round_{r}": f"L0_E{r},L1_E{r}" for r in range(1, rounds + 1)})
+        mlflow_runs.log_evaluation(run_id, {"metrics": result, "samples": []}, mlflow_runs.stage_step(stage), stage)
+    mlflow_runs.log_metrics(run_id, {**mlflow_runs.headline(ev), "locality_ok": 1, "final_sft_loss": 0.5})
+    mlflow_runs.log_tags(run_id, {f"experts_round_{r}": f"L0_E{r},L1_E{r}" for r in range(1, rounds + 1)})
     return run_id
 
 
@@ -111,8 +111,8 @@ def test_the_runs_table_view_shows_configuration_experts_and_before_beside_after
 
     exp = "view-layout"
     run_id = _parent(exp, ["persona", "flip_words"], rounds=2, seed=1)
-    exp_id = tracking.experiment_id(exp)
-    assert tracking.save_run_table_view(exp_id, run_id) == tracking.RUN_TABLE_VIEW
+    exp_id = mlflow_runs.experiment_id(exp)
+    assert mlflow_runs.save_run_table_view(exp_id, run_id) == mlflow_runs.RUN_TABLE_VIEW
     client = MlflowClient()
     state = _view(client, exp_id)
     m = lambda name: f"metrics.`{name}`"  # noqa: E731
@@ -132,14 +132,14 @@ def test_the_runs_table_view_shows_configuration_experts_and_before_beside_after
 
     # a later run with another attack family and a third round adds its columns, keeps the others
     later = _parent(exp, ["few_shot"], rounds=3, seed=2)
-    tracking.save_run_table_view(exp_id, later)
+    mlflow_runs.save_run_table_view(exp_id, later)
     columns = _view(client, exp_id)["selectedColumns"]
     assert columns[3:6] == ["tags.`experts_round_1`", "tags.`experts_round_2`", "tags.`experts_round_3`"]
     assert columns[-6:] == [m("asr_few_shot_before"), m("asr_few_shot"), m("asr_flip_words_before"),
                             m("asr_flip_words"), m("asr_persona_before"), m("asr_persona")]
     assert len(columns) == len(set(columns))
-    assert tracking.run_table_url(exp_id).endswith(
-        f"?workflowType=machine_learning&viewStateShareKey={tracking.RUN_TABLE_VIEW}")
+    assert mlflow_runs.run_table_url(exp_id).endswith(
+        f"?workflowType=machine_learning&viewStateShareKey={mlflow_runs.RUN_TABLE_VIEW}")
 
 
 def test_a_view_edited_by_hand_is_replaced_and_a_huge_one_is_cut_to_the_limit(tmp_path, monkeypatch):
@@ -150,12 +150,12 @@ def test_a_view_edited_by_hand_is_replaced_and_a_huge_one_is_cut_to_the_limit(tm
     exp = "view-limits"
     families = [f"family_{i:03d}" for i in range(150)]
     run_id = _parent(exp, families, rounds=1, seed=3)
-    exp_id = tracking.experiment_id(exp)
+    exp_id = mlflow_runs.experiment_id(exp)
     client = MlflowClient()
-    client.set_experiment_tag(exp_id, tracking.VIEW_TAG_PREFIX + tracking.RUN_TABLE_VIEW, "not json")
-    tracking.save_run_table_view(exp_id, run_id)
-    raw = client.get_experiment(exp_id).tags[tracking.VIEW_TAG_PREFIX + tracking.RUN_TABLE_VIEW]
-    assert len(raw) <= tracking.VIEW_TAG_LIMIT
+    client.set_experiment_tag(exp_id, mlflow_runs.VIEW_TAG_PREFIX + mlflow_runs.RUN_TABLE_VIEW, "not json")
+    mlflow_runs.save_run_table_view(exp_id, run_id)
+    raw = client.get_experiment(exp_id).tags[mlflow_runs.VIEW_TAG_PREFIX + mlflow_runs.RUN_TABLE_VIEW]
+    assert len(raw) <= mlflow_runs.VIEW_TAG_LIMIT
     columns = json.loads(json.loads(raw)["state"])["selectedColumns"]
     assert columns[:4] == ["params.`method`", "params.`top_k_experts`", "params.`seed`", "tags.`experts_round_1`"]
     assert 30 < len(columns) < 2 * len(families)  # the first families kept, the last ones left off

@@ -9,7 +9,7 @@ duplicated for a pointer), and its `final_model_dvc_md5` tag names the bytes tha
 fetches from the team's DVC remote. Either way `models:/NAME/VERSION` resolves to the source.
 
 A registry failure never loses the run: the run's metrics, tags and files are logged before,
-and a failure here is reported and tagged, not raised. It is bounded by tracking.py's HTTP
+and a failure here is reported and tagged, not raised. It is bounded by mlflow_runs.py's HTTP
 retry settings (each call fails within about a minute) and by not waiting for the version to
 become READY (the open-source registry creates it READY at once).
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
 
-from tasks import tracking
+from tracking import mlflow_runs
 from unsafe_experts.errors import UserError
 
 # figures that describe a repair's safety, tagged before and after on every version
@@ -75,12 +75,12 @@ def register_run(name: str, run_id: str) -> dict:
     """A new version of registered model `name` (created if absent) from a finished surgery
     run, tagged from the run; returns {"name", "version", "source"}. Raises RegistryError for
     a run that cannot be registered, MlflowException / OSError when the registry fails."""
-    c = tracking.client()
+    c = mlflow_runs.client()
     try:
         run = c.get_run(run_id)
     except MlflowException as e:
         if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise RegistryError(f"no MLflow run {run_id} in {tracking.tracking_uri()}") from None
+            raise RegistryError(f"no MLflow run {run_id} in {mlflow_runs.tracking_uri()}") from None
         raise
     tags = version_tags(run)
     source = source_uri(c, run)
@@ -101,14 +101,14 @@ def register_after_run(name: str, run_id: str) -> dict:
     tracking answers, and returned as {"name", "error"}, never raised."""
     try:
         done = register_run(name, run_id)
-        tracking.log_tags(run_id, {"registered_model": f"{name}/{done['version']}"})
+        mlflow_runs.log_tags(run_id, {"registered_model": f"{name}/{done['version']}"})
     except (MlflowException, OSError, RegistryError) as e:
         error = " ".join(str(e).split())[:300]
         warnings.warn(f"registering the final model as {name!r} failed ({error}); the run is "
                       f"intact: once the registry answers, `unsafe-experts register {run_id} "
                       f"--name {name}`")
         try:
-            tracking.log_tags(run_id, {"registered_model_error": error})
+            mlflow_runs.log_tags(run_id, {"registered_model_error": error})
         except Exception:  # the tracking server may be what failed
             pass
         return {"name": name, "error": error}

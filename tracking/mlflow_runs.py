@@ -203,7 +203,7 @@ def source_tags() -> dict[str, str]:
     import shlex
     import sys
 
-    from tasks.digests import git_commit
+    from tracking.digests import git_commit
 
     try:
         user = getpass.getuser()
