@@ -37,9 +37,12 @@ test-fast: $(STAMP)
 # The pipeline on the built-in demo: a tiny OLMoE and FlipAttack-style records, both built
 # offline by DVC stages; Prefect runs in-process, MLflow writes to ./mlflow.db.
 demo: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro train
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro train robustness
 	@echo
 	$(BIN)/unsafe-experts report outputs/gradient
+	@echo
+	@echo "The repair re-attacked (metrics/robustness.md; plots in metrics/robustness/):"
+	@cat metrics/robustness.md
 	@echo
 	@echo "Metrics: $(BIN)/dvc metrics show"
 	@echo "Runs:    $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db"

@@ -49,7 +49,9 @@ def add_fields(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif typing.get_origin(kind) is list:
-            parser.add_argument(flag, action="append", metavar="TEXT", **common)
+            (item,) = typing.get_args(kind) or (str,)
+            parser.add_argument(flag, action="append", type=item,
+                                metavar="TEXT" if item is str else item.__name__.upper(), **common)
         else:
             choices = f.metadata.get("choices")
             parse = _parse_as(kind) if nullable else kind

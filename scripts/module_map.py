@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # the engine's packages in the order they may import each other (tests/test_layering.py)
 ENGINE_ORDER = ["errors", "stats", "records", "data", "models", "text", "artefacts", "training",
                 "selection", "config", "attacks", "evaluation", "robustness", "surgery"]
-ORCHESTRATION = ["cli", "schemas", "tracking", "comparison", "tasks", "flows"]
+ORCHESTRATION = ["cli", "schemas", "tracking", "comparison", "reporting", "tasks", "flows"]
 
 
 def summary(path: Path) -> str | None:

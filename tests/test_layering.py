@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ORCHESTRATION = {"prefect", "mlflow", "dvc", "pandera"}
-PROJECT = {"cli", "tasks", "tracking", "comparison", "flows", "schemas"}
+PROJECT = {"cli", "tasks", "tracking", "comparison", "reporting", "flows", "schemas"}
 
 
 def imported(path: Path) -> set[str]:
@@ -41,8 +41,8 @@ def test_tasks_never_import_flows_or_cli():
     assert offenders("tasks", {"flows", "cli"}) == {}
 
 
-@pytest.mark.parametrize("package", ["tracking", "comparison"])
-def test_the_tracking_and_comparison_packages_import_no_tasks_flows_or_cli(package):
+@pytest.mark.parametrize("package", ["tracking", "comparison", "reporting"])
+def test_the_tracking_comparison_and_reporting_packages_import_no_tasks_flows_or_cli(package):
     assert list((ROOT / package).rglob("*.py")), f"{package} package not found"
     assert offenders(package, {"tasks", "flows", "cli"}) == {}
 

@@ -121,3 +121,50 @@ def test_a_reference_of_another_architecture_is_refused(make_model, tokenizer):
     after.layers, before.layers = moe_layers(after.model), moe_layers(before.model)
     with pytest.raises(ConfigError, match="reference model: qwen3_moe"):
         check_reference(after, before)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--attack", "bogus"], "attack 'bogus': unknown"),
+    (["--router_budget", "0"], "router_budgets: budgets must be positive integers, got 0"),
+    (["--router_budget", "999", "--attack", "router_unknown"], "router_budgets: 999 is more than"),
+    (["--attack", "router_known", "--run_dir", "{empty}"], "no expert list"),
+    (["--reference", "{other}"], "reference model: qwen3_moe"),
+])
+def test_the_command_refuses_bad_input_with_one_line_and_writes_nothing(tiny_dir, tokenizer, tmp_path, capsys,
+                                                                       flags, message):
+    from conftest import one_error_line
+    from cli.main import main
+    from unsafe_experts.models.tiny import tiny_model
+
+    (tmp_path / "eval_set.json").write_text(json.dumps(eval_set(build_splits(OrganismConfig.small()))))
+    (tmp_path / "empty").mkdir()
+    other = tmp_path / "other"
+    tiny_model("qwen3_moe", tokenizer).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    flags = [f.format(empty=tmp_path / "empty", other=other) for f in flags]
+    out = tmp_path / "out" / "robustness.json"
+    code = main(["robustness", "--model", str(tiny_dir), "--eval_set", str(tmp_path / "eval_set.json"),
+                 "--out", str(out), "--plots", str(tmp_path / "plots"), "--engine_only", *flags])
+    assert code == 2
+    one_error_line(capsys, message)
+    assert not out.parent.exists() and not (tmp_path / "plots").exists()
+
+
+def test_the_report_writes_the_table_headlines_and_a_plot_per_attack(make_model, tokenizer, suite, tmp_path):
+    from reporting.robustness_report import plots, table
+    from tasks.robustness import headlines, metric_name, write_summaries
+
+    model = make_model("olmoe")
+    names = ["none", "prefill"]
+    s = setup(suite, evaluation(), RobustnessConfig(**SMALL), names, moe_layers(model))
+    result = run_robustness([Target("after", model, tokenizer)], s, names, progress=False)
+    text = table(result)
+    assert "| prefill | 2 |" in text and "(asr_plain, n=2)" in text and "asr_all_families" in text
+    paths = plots(result, tmp_path / "plots")
+    assert sorted(p.name for p in paths) == ["robustness_none.png", "robustness_prefill.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths)
+    compact, page = write_summaries(result, tmp_path / "robustness.json", text)
+    assert json.loads(compact.read_text()) == headlines(result)
+    assert set(headlines(result)["prefill"]) == {"1", "2"} and page.read_text().startswith("| attack |")
+    assert metric_name("top_k", "-1", "after") == "robust_top_k_minus1_after_asr"
+    assert metric_name("none", "-", "before") == "robust_none_none_before_asr"

@@ -1,0 +1,119 @@
+"""`unsafe-experts robustness --model M`: re-attack a model (and its unrepaired reference, on
+the same prompts) with every attack of the table at every budget; write the result, its plots
+and the table, and log them on the surgery's MLflow run."""
+from __future__ import annotations
+
+import argparse
+
+from unsafe_experts.errors import ConfigError
+from unsafe_experts.evaluation.evaluate import EvaluationConfig
+from unsafe_experts.robustness.budgets import RobustnessConfig
+from unsafe_experts.robustness.runner import ATTACKS
+
+from .flags import add_fields, field_values
+
+EVAL, ROBUST = "eval__", "robust__"
+# evaluation options that mean nothing here: the robustness sample has its own limit, and the
+# weights must be in this process (a server cannot be masked, steered or fine-tuned)
+EVAL_SKIP = ("limit", "limit_seed", "samples", "rounds", "endpoint", "served_model",
+             "lm_eval_tasks", "lm_eval_limit")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("robustness", argument_default=argparse.SUPPRESS,
+                       help="re-attack a repaired model and its reference: router masks and "
+                            "steering, prefill, GCG, fine-tuning, top-k, quantisation",
+                       description="Attacks: " + "; ".join(f"{k}: {a.description}" for k, a in ATTACKS.items()))
+    p.add_argument("--model", required=True, help="the repaired model (a run's final_model)")
+    p.add_argument("--reference", help="the unrepaired model, attacked the same way on the same prompts")
+    p.add_argument("--run_dir", help="the surgery's output folder: the expert list of router_known, "
+                                     "and the MLflow run the results are logged on")
+    p.add_argument("--params", help="take the evaluation and robustness sections of this params.yaml "
+                                    "(flags win)")
+    add_fields(p.add_argument_group("evaluation (EvaluationConfig)"), EvaluationConfig, skip=EVAL_SKIP, dest=EVAL)
+    add_fields(p.add_argument_group("attacks and budgets (RobustnessConfig)"), RobustnessConfig, dest=ROBUST)
+    out = p.add_argument_group("this run")
+    out.add_argument("--out", help="the result (JSON: attack -> budget -> before/after metrics), "
+                                   "rewritten after every attack; the table and the headline "
+                                   "figures go beside it (.md, _headline.json)")
+    out.add_argument("--plots", help="a folder for robustness_<attack>.png")
+    out.add_argument("--experiment", help="MLflow experiment of the surgery run (default: "
+                                          "tracking.experiment or unsafe-experts)")
+    out.add_argument("--engine_only", action="store_true", help="no Prefect flow, no MLflow")
+    out.add_argument("--trust_remote_code", action="store_true")
+    out.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def resolve(args) -> tuple[EvaluationConfig, RobustnessConfig, str]:
+    """Dataclass defaults < params.yaml sections < flags, checked."""
+    from schemas.params import load_params
+
+    options = vars(args)
+    params = load_params(options["params"], check=False) if options.get("params") else None
+    evaluation = {**(params.evaluation.model_dump() if params else {}),
+                  **field_values(args, EvaluationConfig, EVAL)}
+    robust = {**(params.robustness.model_dump() if params else {}),
+              **field_values(args, RobustnessConfig, ROBUST)}
+    evaluation = EvaluationConfig(**{k: v for k, v in evaluation.items() if k not in ("endpoint", "served_model")})
+    if not evaluation.eval_set and not evaluation.suite:
+        raise ConfigError("--eval_set or --eval_suite is required (or --params with evaluation.eval_set)")
+    experiment = options.get("experiment") or (params.tracking.experiment if params else "unsafe-experts")
+    return evaluation.validate(), RobustnessConfig(**robust).validate(), experiment
+
+
+def run(args) -> int:
+    from unsafe_experts.evaluation.evaluate import evaluation_suite
+    from unsafe_experts.models.architectures import moe_layers
+    from unsafe_experts.robustness.runner import Target, check_attacks, check_reference, setup
+
+    from .loading import load_model
+
+    options = vars(args)
+    evaluation, config, experiment = resolve(args)
+    names = check_attacks(config.attacks)
+    suite = evaluation_suite(evaluation)  # data and judges checked before a model loads
+    trust = options.get("trust_remote_code", False)
+    after = Target("after", *load_model(args.model, trust))
+    after.layers = moe_layers(after.model)
+    targets = [after]
+    if options.get("reference"):
+        before = Target("before", *load_model(options["reference"], trust))
+        before.layers = moe_layers(before.model)
+        check_reference(after, before)
+        targets.append(before)
+    checked = setup(suite, evaluation, config, names, after.layers, options.get("run_dir"))
+    quiet = options.get("quiet", False)
+    out, plots_dir = options.get("out"), options.get("plots")
+    # every input is checked: from here on, what is done is written
+    if options.get("engine_only"):
+        return _engine_only(targets, checked, names, out, plots_dir, quiet)
+    from flows.robustness import robustness_flow
+    from flows.temporary_server import start_temporary_server
+    from tasks.robustness import register
+
+    start_temporary_server()
+    done = robustness_flow(register(targets, checked, names), names, out, plots_dir, experiment,
+                           options.get("run_dir"))
+    print(done["table"])
+    where = f"MLflow run {done['mlflow_run_id']}" if done["mlflow_run_id"] else "no surgery run found in MLflow"
+    print(f"\n{where}; result: {out or '(not written: no --out)'}; plots: {plots_dir or '(none)'}")
+    return 0
+
+
+def _engine_only(targets, checked, names, out, plots_dir, quiet) -> int:
+    from reporting.robustness_report import plots, table
+    from tasks.robustness import write_summaries
+    from unsafe_experts.artefacts.atomic import write_json_atomic
+    from unsafe_experts.robustness.runner import run_robustness
+
+    def save(name, partial):
+        if out:
+            write_json_atomic(out, partial)
+
+    result = run_robustness(targets, checked, names, progress=not quiet, on_attack=save)
+    if plots_dir:
+        plots(result, plots_dir)
+    if out:
+        write_summaries(result, out, table(result))
+    print(table(result))
+    return 0
