@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from unsafe_experts.models.architectures import moe_layers
 from unsafe_experts.artefacts.deltas import changed_tensors, write_delta
+from unsafe_experts.models.architectures import moe_layers
 
 # The models' config.json on the Hugging Face hub (the values that set the weights' shapes):
 # allenai/OLMoE-1B-7B-0924: 16 layers, 64 experts (top-8), hidden 2048, expert intermediate

@@ -22,10 +22,10 @@ from pathlib import Path
 import yaml
 
 from unsafe_experts.artefacts.checkpoints import load_checkpoint
+from unsafe_experts.attacks.organism import OrganismConfig, build_organism
 from unsafe_experts.config import TrainConfig
 from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluate
 from unsafe_experts.evaluation.suites import load_eval_set
-from unsafe_experts.attacks.organism import OrganismConfig, build_organism
 from unsafe_experts.surgery import run_surgery
 
 

@@ -18,9 +18,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unsafe_experts.models.architectures import moe_layers
+from unsafe_experts.models.memory import phase_peak_mb
 from unsafe_experts.text.examples import DEFAULT_REFUSAL, batches, sft_example
 from unsafe_experts.text.generation import generate
-from unsafe_experts.models.memory import phase_peak_mb
 from unsafe_experts.training.phases import masked_sft
 from unsafe_experts.training.retention import load_retention, mixed_batches, sample_retention
 

@@ -25,13 +25,13 @@ import torch
 import yaml
 from scipy.stats import spearmanr
 
-from unsafe_experts.models.architectures import moe_layers
 from unsafe_experts.artefacts.checkpoints import load_base, load_tokenizer
 from unsafe_experts.config import TrainConfig
+from unsafe_experts.models.architectures import moe_layers
 from unsafe_experts.models.distributed import local_device
+from unsafe_experts.records import load_records
 from unsafe_experts.selection.methods import METHODS
 from unsafe_experts.selection.score_pass import score_pass
-from unsafe_experts.records import load_records
 from unsafe_experts.selection.scoring import top_k
 from unsafe_experts.surgery import prepare_data
 

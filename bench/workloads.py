@@ -19,8 +19,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from unsafe_experts.models.architectures import moe_layers  # noqa: F401  (re-exported for bench.__main__)
 from unsafe_experts.models.memory import peak_mb, phase_peak_mb, reset_peak
 from unsafe_experts.selection.score_pass import score_pass  # noqa: F401  (re-exported for bench.__main__, bench.sharded)
-from unsafe_experts.training.phases import expert_params, lm_loss, masked_sft, set_trainable  # noqa: F401
 from unsafe_experts.selection.scoring import expert_grad_scores, top_k
+from unsafe_experts.training.phases import expert_params, lm_loss, masked_sft, set_trainable  # noqa: F401
 
 SHAPE = dict(hidden_size=128, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, num_experts=64, num_experts_per_tok=8, vocab_size=4096)

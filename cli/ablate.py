@@ -49,11 +49,11 @@ def random_like(experts: list, layers, seed: int) -> list[tuple[int, int]]:
 
 
 def run(args) -> None:
-    from unsafe_experts.models.ablation import ablated, load_expert_set
-    from unsafe_experts.models.architectures import moe_layers
-    from unsafe_experts.evaluation.evaluate import evaluate, evaluation_suite
     from unsafe_experts.artefacts.atomic import write_json_atomic
     from unsafe_experts.artefacts.run_metadata import RunRecord, expert_key
+    from unsafe_experts.evaluation.evaluate import evaluate, evaluation_suite
+    from unsafe_experts.models.ablation import ablated, load_expert_set
+    from unsafe_experts.models.architectures import moe_layers
 
     cfg = evaluation_config(args)
     if args.round is not None and not args.run:

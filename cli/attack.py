@@ -36,12 +36,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
+    from unsafe_experts.artefacts.atomic import write_json_atomic
     from unsafe_experts.attacks.attack_model import read_goals, run_attack
     from unsafe_experts.attacks.families import check_families
     from unsafe_experts.config import ConfigError
     from unsafe_experts.evaluation.evaluate import connect
     from unsafe_experts.evaluation.judges import judge_from_text, judge_name, load_judge
-    from unsafe_experts.artefacts.atomic import write_json_atomic
 
     from .loading import load_target
 

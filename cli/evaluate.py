@@ -30,8 +30,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
-    from unsafe_experts.evaluation.evaluate import connect, evaluate, evaluation_suite
     from unsafe_experts.artefacts.atomic import write_json_atomic
+    from unsafe_experts.evaluation.evaluate import connect, evaluate, evaluation_suite
 
     from .loading import load_target
 

@@ -14,8 +14,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
-    from unsafe_experts.data.bundled import advbench_goals
     from unsafe_experts.attacks.flip import flip_records
+    from unsafe_experts.data.bundled import advbench_goals
 
     goals = advbench_goals()[: args.n]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

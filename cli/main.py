@@ -10,8 +10,22 @@ import threading
 
 from unsafe_experts.errors import UserError
 
-from . import (ablate, attack, compare, evaluate, flip_dataset, materialize, organism, register,
-               report, robustness, serve, tiny_model, train, validate)
+from . import (
+    ablate,
+    attack,
+    compare,
+    evaluate,
+    flip_dataset,
+    materialize,
+    organism,
+    register,
+    report,
+    robustness,
+    serve,
+    tiny_model,
+    train,
+    validate,
+)
 
 # one module per command, each with add_parser(sub) and run(args); --help and docs/cli.md list
 # the commands in this order

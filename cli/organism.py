@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
-    from unsafe_experts.attacks.organism import OrganismConfig, build_organism as build
+    from unsafe_experts.attacks.organism import OrganismConfig
+    from unsafe_experts.attacks.organism import build_organism as build
 
     if args.params:
         from schemas.params import load_params

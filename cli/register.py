@@ -17,8 +17,8 @@ def run(args) -> None:
     from mlflow.exceptions import MlflowException
 
     from schemas.params import check_model_name
-    from tracking.registry import RegistryError, register_run
     from tracking.mlflow_runs import ensure_reachable
+    from tracking.registry import RegistryError, register_run
 
     check_model_name(args.name)
     ensure_reachable()

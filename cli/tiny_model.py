@@ -13,8 +13,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> None:
-    from unsafe_experts.data.bundled import advbench_goals
     from unsafe_experts.attacks.corpus import save_tiny
+    from unsafe_experts.data.bundled import advbench_goals
 
     out = save_tiny(args.architecture, args.out, advbench_goals(), seed=args.seed)
     print(f"tiny {args.architecture} model and tokenizer written to {out}")

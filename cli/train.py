@@ -6,8 +6,8 @@ import argparse
 import os
 
 from unsafe_experts.config import ConfigError, TrainConfig
-from unsafe_experts.models.distributed import launched_world
 from unsafe_experts.evaluation.evaluate import EvaluationConfig
+from unsafe_experts.models.distributed import launched_world
 
 from .flags import add_fields, field_values
 from .loading import ENDPOINT_FIELDS
@@ -45,8 +45,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from schemas.params import resolve_run
     from transformers.utils import logging as hf_logging
+
+    from schemas.params import resolve_run
 
     options = vars(args)
     quiet, engine_only = options.get("quiet", False), options.get("engine_only", False)

@@ -12,8 +12,19 @@ from unsafe_experts.selection.methods import PAIRED
 
 from .plots import asr_plot, frontier_plot
 from .seed_stats import group_summary, paired
-from .tables import (GROUP, KEYS, ablation_rows, add_family_means, budget, latest_runs, markdown,
-                     metric_columns, overlap, retention_families, surgery_family)
+from .tables import (
+    GROUP,
+    KEYS,
+    ablation_rows,
+    add_family_means,
+    budget,
+    latest_runs,
+    markdown,
+    metric_columns,
+    overlap,
+    retention_families,
+    surgery_family,
+)
 
 
 def write_comparison(experiment: str, out_csv: str | Path, wanted: list[dict] | None = None,

@@ -19,10 +19,9 @@ import numpy as np
 import pandas as pd
 
 from tracking import mlflow_runs
-from unsafe_experts.config import ConfigError
 from unsafe_experts.artefacts.run_metadata import METADATA, RunRecord
+from unsafe_experts.config import ConfigError
 from unsafe_experts.selection.methods import PAIRED, trains_experts
-
 
 KEYS = ["method", "k", "seed", "organism_seed", "retention", "expert_lr", "ablated"]
 RUN = KEYS[:-1]  # what identifies a surgery run

@@ -13,9 +13,8 @@ from pathlib import Path
 from prefect import flow, runtime
 from prefect.events import DeploymentEventTrigger
 
-from schemas.params import load_params, resolve_run
-
 from flows.surgery import surgery_flow
+from schemas.params import load_params, resolve_run
 
 DATASET_EVENT = "unsafe-experts.dataset.validated"
 DEPLOYMENT = "unsafe-experts"

@@ -15,12 +15,12 @@ from prefect import flow, runtime, task
 from tasks import surgery as steps
 from tracking import mlflow_runs, registry
 from tracking.digests import dvc_md5, git_commit
-from unsafe_experts.config import TrainConfig
-from unsafe_experts.models.distributed import launched_world
-from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluation_suite
-from unsafe_experts.artefacts.model_card import write_model_card
 from unsafe_experts.artefacts.atomic import write_json_atomic
+from unsafe_experts.artefacts.model_card import write_model_card
 from unsafe_experts.artefacts.run_metadata import ROUNDS, RunRecord
+from unsafe_experts.config import TrainConfig
+from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluation_suite
+from unsafe_experts.models.distributed import launched_world
 
 # retries only where they can help: the tracking server may blip; model steps are deterministic
 track = task(mlflow_runs.log_round, name="track-round", retries=2, retry_delay_seconds=2)
@@ -275,7 +275,7 @@ def surgery_flow(cfg: TrainConfig, experiment: str = "unsafe-experts", log_model
         try:
             mlflow_runs.end_run(run_id, "FAILED")
         except Exception as tracking_error:  # the tracking server may be what failed
-            warnings.warn(f"could not mark MLflow run {run_id} failed: {tracking_error}")
+            warnings.warn(f"could not mark MLflow run {run_id} failed: {tracking_error}", stacklevel=2)
         raise
 
 
@@ -289,7 +289,7 @@ def _stop(monitor, wait_s: float = 10) -> None:
         try:
             monitor.finish()
         except Exception as e:  # system metrics are a nicety, never a failure
-            warnings.warn(f"stopping MLflow system metrics: {e}")
+            warnings.warn(f"stopping MLflow system metrics: {e}", stacklevel=2)
 
     stopper = threading.Thread(target=finish, daemon=True, name="stop-system-metrics")
     stopper.start()

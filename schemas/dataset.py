@@ -8,8 +8,7 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaErrors
 
-from unsafe_experts.records import (DatasetError, goal_problem, judge_problem, messages_problem,
-                                    read_json_records)
+from unsafe_experts.records import DatasetError, goal_problem, judge_problem, messages_problem, read_json_records
 
 REQUIRED = ("all_prompt", "goal")
 

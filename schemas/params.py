@@ -18,9 +18,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
+from unsafe_experts.attacks.organism import OrganismConfig
 from unsafe_experts.config import METHODS, RETENTION, ConfigError, TrainConfig
 from unsafe_experts.evaluation.evaluate import EvaluationConfig
-from unsafe_experts.attacks.organism import OrganismConfig
 from unsafe_experts.robustness.budgets import RobustnessConfig
 
 FORBID = ConfigDict(extra="forbid")

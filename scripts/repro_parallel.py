@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import shutil
 import subprocess
 import sys
@@ -74,7 +75,7 @@ def plan(repo, stages: list) -> tuple[list, dict, list]:
     return [s for s in todo if s not in gone], needs, skipped
 
 
-def run_stage(stage, root: Path, homes: "queue") -> tuple[str, int, float, str]:
+def run_stage(stage, root: Path, homes: queue.Queue) -> tuple[str, int, float, str]:
     home = homes.get()
     try:
         for out in stage.outs:  # as `dvc repro`: a stage starts from no outputs
@@ -93,7 +94,6 @@ def run_stage(stage, root: Path, homes: "queue") -> tuple[str, int, float, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import queue
 
     from dvc.repo import Repo
 

@@ -14,13 +14,13 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from schemas.dataset import validate_file
-from unsafe_experts.config import TrainConfig
-from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluate, evaluation_suite
 from unsafe_experts.artefacts.locality import locality_report
-from unsafe_experts.records import DatasetError
 from unsafe_experts.artefacts.result_cache import cached, model_digest
 from unsafe_experts.artefacts.run_metadata import METADATA, ROUNDS, RoundRecord, expert_key
+from unsafe_experts.config import TrainConfig
+from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluate, evaluation_suite
 from unsafe_experts.evaluation.suites import suite_digest
+from unsafe_experts.records import DatasetError
 from unsafe_experts.surgery import Surgery
 
 _RUNS: dict[str, Surgery] = {}

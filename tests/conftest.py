@@ -22,8 +22,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from unsafe_experts.data.bundled import advbench_goals  # noqa: E402
 from unsafe_experts.attacks.corpus import tokenizer_corpus  # noqa: E402
+from unsafe_experts.data.bundled import advbench_goals  # noqa: E402
 from unsafe_experts.models import architectures  # noqa: E402
 from unsafe_experts.models.tiny import tiny_model  # noqa: E402
 from unsafe_experts.text.tiny_tokenizer import build_tokenizer  # noqa: E402

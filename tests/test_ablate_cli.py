@@ -2,10 +2,10 @@
 import json
 
 import pytest
+from conftest import one_error_line
 
 from cli.ablate import random_like
 from cli.main import main
-from conftest import one_error_line
 from unsafe_experts.models.architectures import moe_layers
 
 

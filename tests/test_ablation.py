@@ -2,8 +2,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import ARCHITECTURES, router_batches
+
 from unsafe_experts.models.ablation import ExpertSetError, ablated, load_expert_set, masked_routers
 from unsafe_experts.models.architectures import moe_layers
 from unsafe_experts.training.router_kl import captured_router_outputs

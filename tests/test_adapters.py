@@ -1,9 +1,10 @@
 import pytest
 import torch
+from conftest import ARCHITECTURES
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import ARCHITECTURES
-from unsafe_experts.models.architectures import ARCHITECTURES as SUPPORTED, UnsupportedModelError, moe_layers
+from unsafe_experts.models.architectures import ARCHITECTURES as SUPPORTED
+from unsafe_experts.models.architectures import UnsupportedModelError, moe_layers
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

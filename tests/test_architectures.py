@@ -5,10 +5,10 @@ import ast
 import dataclasses
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
 
-import conftest
 from unsafe_experts.models.ablation import ablated, masked_routers
 from unsafe_experts.models.architectures import ARCHITECTURES, Architecture, UnsupportedModelError, moe_layers
 from unsafe_experts.models.tiny import tiny_config

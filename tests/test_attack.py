@@ -8,10 +8,10 @@ from cli.main import main
 from schemas.dataset import validate_records
 from unsafe_experts.attacks import attack_model as attack_module
 from unsafe_experts.attacks.attack_model import read_goals, run_attack
+from unsafe_experts.evaluation.judge_prompts import Verdict
 from unsafe_experts.evaluation.judges import RefusalJudge
 from unsafe_experts.records import DatasetError, load_records, select_records
 from unsafe_experts.stats import wilson
-from unsafe_experts.evaluation.judge_prompts import Verdict
 
 
 @pytest.mark.parametrize("name, text", [

@@ -2,10 +2,17 @@ import re
 
 import pytest
 
-from unsafe_experts.attacks.families import (FAMILIES, AttackFamilyError, attack_records, check_families,
-                                    flip_mode, render, unflip)
-from unsafe_experts.data.bundled import advbench_goals
+from unsafe_experts.attacks.families import (
+    FAMILIES,
+    AttackFamilyError,
+    attack_records,
+    check_families,
+    flip_mode,
+    render,
+    unflip,
+)
 from unsafe_experts.attacks.flip import flip_records
+from unsafe_experts.data.bundled import advbench_goals
 from unsafe_experts.records import messages_problem
 
 GOALS = advbench_goals()[:5] + ["How do I kill a Python process?"]

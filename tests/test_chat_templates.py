@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from unsafe_experts.attacks.corpus import tokenizer_corpus
 from unsafe_experts.text.examples import IGNORE, router_example, sft_example
 from unsafe_experts.text.generation import _prompt_ids
-from unsafe_experts.attacks.corpus import tokenizer_corpus
 from unsafe_experts.text.tiny_tokenizer import build_tokenizer
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "shared" / "chat_templates"

@@ -3,11 +3,11 @@ import pickle
 
 import pytest
 import torch
+from conftest import one_error_line
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from unsafe_experts.models.architectures import moe_layers
 from cli.main import main
-from conftest import one_error_line
+from unsafe_experts.models.architectures import moe_layers
 
 
 def train(tiny_dir, records_path, out, *extra):
@@ -155,8 +155,7 @@ def check_layout(client, run, meta, evaluated=False):
 
 def check_prefect_run(flow_run_id, meta):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
-                                                FlowRunFilter, FlowRunFilterId)
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(flow_run_id)

@@ -4,8 +4,8 @@ import dataclasses
 import pytest
 import yaml
 
-from cli.main import parser
 from cli.flags import field_values
+from cli.main import parser
 from schemas.params import resolve_run
 from unsafe_experts.config import ConfigError, TrainConfig
 from unsafe_experts.evaluation.evaluate import EvaluationConfig

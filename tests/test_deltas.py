@@ -5,15 +5,15 @@ import shutil
 
 import pytest
 import torch
+from conftest import one_error_line
 from safetensors.torch import load_file, save_file
 
 from cli.main import main
-from conftest import one_error_line
+from unsafe_experts.artefacts.atomic import save_checkpoint_atomic
 from unsafe_experts.artefacts.checkpoints import checkpoint_tokenizer, load_checkpoint, materialize
-from unsafe_experts.config import TrainConfig
 from unsafe_experts.artefacts.deltas import MANIFEST, WEIGHTS, DeltaError, weights_digest
 from unsafe_experts.artefacts.locality import weight_changes
-from unsafe_experts.artefacts.atomic import save_checkpoint_atomic
+from unsafe_experts.config import TrainConfig
 from unsafe_experts.surgery import Surgery, run_surgery
 
 

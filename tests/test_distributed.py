@@ -7,15 +7,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import sft_batches
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import sft_batches
 from unsafe_experts.models.architectures import moe_layers
-from unsafe_experts.selection.score_pass import score_pass
-from unsafe_experts.training.phases import masked_sft
-from unsafe_experts.selection.scoring import top_k
 from unsafe_experts.models.sharding import shard_model
+from unsafe_experts.selection.score_pass import score_pass
+from unsafe_experts.selection.scoring import top_k
+from unsafe_experts.training.phases import masked_sft
 
 pytestmark = pytest.mark.slow  # torchrun and gloo process groups
 

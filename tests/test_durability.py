@@ -2,13 +2,12 @@
 exit, quantised and fine-tuned copies leave the input model (and its files) as they were."""
 import pytest
 import torch
-
 from conftest import ARCHITECTURES, snapshot
+
 from unsafe_experts.errors import ConfigError
 from unsafe_experts.models.architectures import ARCHITECTURES as ARCH_RECORDS
 from unsafe_experts.models.architectures import moe_layers
-from unsafe_experts.robustness.durability import (QUANTISATIONS, changed_top_k, fine_tuned,
-                                                  int8_round_trip, quantised)
+from unsafe_experts.robustness.durability import QUANTISATIONS, changed_top_k, fine_tuned, int8_round_trip, quantised
 from unsafe_experts.training.router_kl import captured_router_outputs
 
 

@@ -8,12 +8,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import one_error_line
 
 from cli.main import main
-from conftest import one_error_line
-from unsafe_experts.text.endpoint import Endpoint, EndpointError
 from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluate
 from unsafe_experts.evaluation.suites import load_eval_set
+from unsafe_experts.text.endpoint import Endpoint, EndpointError
 
 REFUSAL = "I'm sorry, but I can't help with that."
 

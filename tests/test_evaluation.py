@@ -2,13 +2,12 @@ import json
 
 import pytest
 
+from unsafe_experts.attacks.organism import REFUSALS, OrganismConfig, build_splits, eval_set, training_pairs
+from unsafe_experts.data.bundled import advbench_rows, alpaca_pairs
 from unsafe_experts.evaluation import evaluate as evaluation_module
 from unsafe_experts.evaluation import suites as suites_module
-from unsafe_experts.data.bundled import advbench_rows, alpaca_pairs
-from unsafe_experts.attacks.organism import (REFUSALS, OrganismConfig, build_splits, eval_set,
-                                     training_pairs)
-from unsafe_experts.text.refusal import is_refusal
 from unsafe_experts.stats import mean, proportion, subset, wilson
+from unsafe_experts.text.refusal import is_refusal
 
 REAL_REFUSALS = [
     "I'm sorry, but I can't assist with that.",

@@ -1,12 +1,19 @@
 import json
 
 import pytest
-
 from conftest import REAL_FLIPATTACK
 from fixtures.make_fixtures import fixture_records
-from unsafe_experts.text.examples import (DEFAULT_REFUSAL, IGNORE, ExampleError, collate, plain_prompt,
-                                     router_example, sft_example)
+
 from unsafe_experts.records import DatasetError, load_records, select_records
+from unsafe_experts.text.examples import (
+    DEFAULT_REFUSAL,
+    IGNORE,
+    ExampleError,
+    collate,
+    plain_prompt,
+    router_example,
+    sft_example,
+)
 
 
 def response_text(tokenizer, example):

@@ -5,12 +5,19 @@ from dataclasses import replace
 import pytest
 
 from unsafe_experts.attacks.families import FAMILIES
+from unsafe_experts.attacks.organism import (
+    OrganismConfig,
+    build_splits,
+    eval_set,
+    interleave,
+    retention_prompts,
+    rotation,
+    training_pairs,
+)
 from unsafe_experts.config import ConfigError, TrainConfig
-from unsafe_experts.attacks.organism import (OrganismConfig, build_splits, eval_set, interleave,
-                                     retention_prompts, rotation, training_pairs)
 from unsafe_experts.records import DatasetError
-from unsafe_experts.training.retention import load_retention, sample_retention
 from unsafe_experts.surgery import check_inputs, run_surgery
+from unsafe_experts.training.retention import load_retention, sample_retention
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +65,7 @@ def test_training_covers_every_family_for_harmful_and_benign(splits):
 def test_eval_set_has_harmful_and_benign_sets_per_family(splits):
     held = eval_set(splits)
     assert list(held["families"]) == list(FAMILIES)
-    for family, sets in held["families"].items():
+    for sets in held["families"].values():
         assert len(sets["harmful"]) == 156 and len(sets["benign"]) == 125 + 150
         assert not {json.dumps(m) for m in sets["harmful"]} & {json.dumps(m) for m in sets["benign"]}
     assert held["flip_words"] == held["families"]["flip_words"]["harmful"]

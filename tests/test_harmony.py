@@ -2,15 +2,14 @@
 reference renderer's (openai-harmony cannot load its vocabulary offline, so its expected output
 is written here), the surgery supervises exactly the refusal in the `final` channel plus
 <|return|>, and generation stops at harmony's end tokens and keeps the final channel's text."""
-import copy
 
 import pytest
 import torch
 
+from unsafe_experts.attacks.corpus import tokenizer_corpus
 from unsafe_experts.text import harmony
 from unsafe_experts.text.examples import IGNORE, router_example, sft_example
 from unsafe_experts.text.generation import _prompt_ids, generate, generate_ids
-from unsafe_experts.attacks.corpus import tokenizer_corpus
 from unsafe_experts.text.tiny_tokenizer import build_tokenizer
 
 REFUSAL = "I cannot assist with that request as it may be harmful or unsafe."

@@ -8,10 +8,24 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from unsafe_experts.evaluation import judges as judges_module
 from unsafe_experts.evaluation import suites as suites_module
-from unsafe_experts.evaluation.judges import (ClassifierJudge, JudgeError, JudgeSpec, LLMJudge, RefusalJudge,
-                                              judge_from_text, judge_name, load_judge, parse_judge)
-from unsafe_experts.evaluation.judge_prompts import (STRONGREJECT, Verdict, parse_llamaguard, parse_strongreject,
-                                      render_prompt)
+from unsafe_experts.evaluation.judge_prompts import (
+    STRONGREJECT,
+    Verdict,
+    parse_llamaguard,
+    parse_strongreject,
+    render_prompt,
+)
+from unsafe_experts.evaluation.judges import (
+    ClassifierJudge,
+    JudgeError,
+    JudgeSpec,
+    LLMJudge,
+    RefusalJudge,
+    judge_from_text,
+    judge_name,
+    load_judge,
+    parse_judge,
+)
 
 SR_REPLY = ("#overall_reasoning The user wants X; the response gives it.\n#scores\n"
             "1.a It answers.\n1.b {r}\n2.a Convincing.\n2.b {c}\n3.a Specific.\n3.b {s}\n")

@@ -2,12 +2,12 @@ import os
 
 import pytest
 import torch
-
 from conftest import ARCHITECTURES, sft_batches, snapshot
+
 from unsafe_experts.models.architectures import moe_layers
 from unsafe_experts.selection.score_pass import per_batch_sft, score_pass
-from unsafe_experts.training.phases import masked_sft
 from unsafe_experts.selection.scoring import top_k
+from unsafe_experts.training.phases import masked_sft
 from unsafe_experts.training.sparse_adamw import SparseRowAdamW
 
 
@@ -116,8 +116,8 @@ def test_nan_loss_stops_the_run_naming_where_and_keeps_earlier_rounds(tiny_dir, 
     import json
 
     from unsafe_experts.config import TrainConfig
-    from unsafe_experts.training.phases import NonFiniteLossError
     from unsafe_experts.surgery import Surgery
+    from unsafe_experts.training.phases import NonFiniteLossError
 
     out = tmp_path / "out"
     cfg = TrainConfig(model_name=str(tiny_dir), dataset_path=str(records_path), output_dir=str(out),
@@ -138,8 +138,8 @@ def test_nan_loss_stops_the_run_naming_where_and_keeps_earlier_rounds(tiny_dir, 
 
 
 def test_a_second_run_on_the_same_output_dir_is_refused(tiny_dir, records_path, tmp_path):
-    from unsafe_experts.config import TrainConfig
     from unsafe_experts.artefacts.atomic import DirectoryLock, OutputDirBusyError
+    from unsafe_experts.config import TrainConfig
     from unsafe_experts.surgery import run_surgery
 
     out = tmp_path / "out"
@@ -225,7 +225,7 @@ def test_micro_batches_give_the_whole_batch_gradient_from_narrower_forwards(arch
         layers = moe_layers(model)
         set_trainable(model, expert_params(layers))
         seen = []
-        hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape), with_kwargs=True)
+        hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape), with_kwargs=True)  # noqa: B023 (removed below, in this iteration)
         losses[micro] = float(lm_backward(model, batch, micro, "sft", 0, 1))
         hook.remove()
         widths[micro] = seen

@@ -2,16 +2,15 @@ import json
 
 import pytest
 import torch
-
 from conftest import ARCHITECTURES, router_batches
-from unsafe_experts.models.architectures import moe_layers
-from unsafe_experts.config import TrainConfig
+
 from unsafe_experts.artefacts.locality import weight_changes
-from unsafe_experts.training.router_kl import captured_router_outputs
+from unsafe_experts.config import TrainConfig
+from unsafe_experts.models.architectures import moe_layers
 from unsafe_experts.records import DatasetError
-from unsafe_experts.selection.routing import (generated_routing_scores, keep_pairs, routing_scores,
-                                    routing_stats)
+from unsafe_experts.selection.routing import generated_routing_scores, keep_pairs, routing_scores, routing_stats
 from unsafe_experts.surgery import run_surgery
+from unsafe_experts.training.router_kl import captured_router_outputs
 
 
 def force_expert(layer, expert: int, when):

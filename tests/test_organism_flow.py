@@ -2,10 +2,10 @@ import json
 
 import pandas as pd
 from mlflow import MlflowClient
+from test_cli import check_layout
 
 from flows.surgery import surgery_flow
 from unsafe_experts.attacks.families import FAMILIES
-from test_cli import check_layout
 
 
 def test_evaluation_flow_on_the_test_organism(small_organism, tmp_path, tracking_dir):

@@ -9,18 +9,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import one_error_line
 from mlflow import MlflowClient
 
 from cli.main import main
-from conftest import one_error_line
+from unsafe_experts.attacks.families import FAMILIES
+from unsafe_experts.attacks.organism import OrganismConfig, build_splits, eval_set
+from unsafe_experts.config import ConfigError
 from unsafe_experts.evaluation import evaluate as evaluation_module
 from unsafe_experts.evaluation import suites as suites_module
-from unsafe_experts.attacks.families import FAMILIES
-from unsafe_experts.config import ConfigError
 from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluate
-from unsafe_experts.attacks.organism import OrganismConfig, build_splits, eval_set
-from unsafe_experts.stats import wilson
 from unsafe_experts.evaluation.suites import SuiteError, load_eval_set, load_suite, organism_suite, run_suite
+from unsafe_experts.stats import wilson
 
 ORGANISM_METRICS = {"plain_refusal", "over_refusal", "benign_loglik", "own_benign_loglik"} | {
     f"{kind}_{family}" for family in FAMILIES for kind in ("asr", "over_refusal")}

@@ -8,11 +8,11 @@ import time
 import mlflow
 import pytest
 import torch
+from conftest import one_error_line
 from mlflow.artifacts import download_artifacts
 from transformers import AutoModelForCausalLM
 
 from cli.main import main
-from conftest import one_error_line
 from tracking import mlflow_runs, registry
 from tracking.digests import dvc_md5
 

@@ -13,8 +13,15 @@ from unsafe_experts.evaluation.suites import load_eval_set
 from unsafe_experts.models.architectures import moe_layers
 from unsafe_experts.robustness import expert_ranking
 from unsafe_experts.robustness.budgets import RobustnessConfig
-from unsafe_experts.robustness.runner import (ATTACKS, Target, attacker_split, check_attacks,
-                                              check_reference, run_robustness, setup)
+from unsafe_experts.robustness.runner import (
+    ATTACKS,
+    Target,
+    attacker_split,
+    check_attacks,
+    check_reference,
+    run_robustness,
+    setup,
+)
 
 SMALL = dict(limit=2, router_budgets=[1, 2], rank_prompts=6, prefill_budgets=[1, 2], gcg_steps=[1],
              gcg_goals=1, gcg_suffix_tokens=2, gcg_top_k=4, gcg_candidates=4, finetune_steps=[1, 2],
@@ -133,6 +140,7 @@ def test_a_reference_of_another_architecture_is_refused(make_model, tokenizer):
 def test_the_command_refuses_bad_input_with_one_line_and_writes_nothing(tiny_dir, tokenizer, tmp_path, capsys,
                                                                        flags, message):
     from conftest import one_error_line
+
     from cli.main import main
     from unsafe_experts.models.tiny import tiny_model
 

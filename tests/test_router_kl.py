@@ -2,8 +2,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import ARCHITECTURES, router_batches, snapshot
+
 from unsafe_experts.models.architectures import moe_layers
 from unsafe_experts.training.phases import align_router
 from unsafe_experts.training.router_kl import kl, router_kl, routing_distribution

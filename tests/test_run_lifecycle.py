@@ -3,12 +3,12 @@ which rank speaks."""
 import shutil
 
 import pytest
+from conftest import one_error_line
 
 from cli.main import main
-from conftest import one_error_line
 from unsafe_experts import surgery as surgery_module
-from unsafe_experts.config import TrainConfig
 from unsafe_experts.artefacts.atomic import LOCK_NAME, DirectoryLock
+from unsafe_experts.config import TrainConfig
 
 SMALL = dict(num_rounds=1, top_k_experts=2, batch_size=4, max_samples=4, seed=0)
 

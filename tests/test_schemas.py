@@ -1,14 +1,14 @@
 import json
 
 import pytest
-
 from conftest import REAL_FLIPATTACK
+
+from cli.main import main
 from schemas.dataset import validate_file, validate_records
 from schemas.params import load_params, parse_params
-from unsafe_experts.data.bundled import advbench_goals
-from cli.main import main
-from unsafe_experts.config import ConfigError
 from unsafe_experts.attacks.flip import MODES, flip_records
+from unsafe_experts.config import ConfigError
+from unsafe_experts.data.bundled import advbench_goals
 
 
 def test_every_fault_of_every_record_is_reported(tmp_path, records, capsys):

@@ -1,9 +1,9 @@
 """bench/score_agreement.py: the agreement of streamed and offloaded scores with exact ones."""
 import pytest
 import torch
+from conftest import one_error_line, sft_batches
 
 from bench.score_agreement import agreement, figures, main, mode_scores
-from conftest import one_error_line, sft_batches
 from unsafe_experts.models.architectures import moe_layers
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import ARCHITECTURES, sft_batches
+
 from unsafe_experts.models.architectures import moe_layers
 from unsafe_experts.selection.score_pass import score_pass
 from unsafe_experts.selection.scoring import row_l1, row_l1_blocked, row_l1_per_row, score_table, top_k

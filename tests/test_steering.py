@@ -2,8 +2,8 @@
 ones never, the rest of the choice is the architecture's own, and nothing is left hooked."""
 import pytest
 import torch
-
 from conftest import ARCHITECTURES
+
 from unsafe_experts.errors import ExpertSetError
 from unsafe_experts.models.ablation import steered
 from unsafe_experts.models.architectures import moe_layers

@@ -6,12 +6,12 @@ import pytest
 import yaml
 
 from cli.main import main
-from unsafe_experts.evaluation import suites as suites_module
 from unsafe_experts.attacks.families import FAMILIES
-from unsafe_experts.evaluation.judges import parse_judge
-from unsafe_experts.stats import wilson
-from unsafe_experts.evaluation.suites import SuiteError, load_suite, run_suite
+from unsafe_experts.evaluation import suites as suites_module
 from unsafe_experts.evaluation.judge_prompts import Verdict
+from unsafe_experts.evaluation.judges import parse_judge
+from unsafe_experts.evaluation.suites import SuiteError, load_suite, run_suite
+from unsafe_experts.stats import wilson
 
 
 def test_standard_suite_loads_every_bundled_set():

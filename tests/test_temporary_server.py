@@ -5,8 +5,7 @@ import os
 
 import pytest
 from prefect.server.api.server import SubprocessASGIServer
-from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-                              temporary_settings)
+from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
 from flows.temporary_server import start_temporary_server
 from unsafe_experts.config import ConfigError

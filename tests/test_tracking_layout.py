@@ -63,6 +63,7 @@ def test_an_eval_set_is_logged_as_its_suite_one_row_per_prompt(tmp_path, monkeyp
     """The evaluation input of a run is the suite that ran, an eval set's included: every set's
     prompts (its family sets too) under the metric they count towards."""
     from mlflow import MlflowClient
+
     from unsafe_experts.evaluation.suites import load_eval_set
 
     monkeypatch.chdir(tmp_path)

@@ -6,8 +6,8 @@ import pytest
 
 from unsafe_experts.config import ConfigError
 from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluate
-from unsafe_experts.evaluation.suites import load_eval_set
 from unsafe_experts.evaluation.lm_eval_utility import benign_choice_docs, run_lm_eval
+from unsafe_experts.evaluation.suites import load_eval_set
 
 
 def test_benign_choice_items_hold_the_reference_at_the_label():

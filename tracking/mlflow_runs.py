@@ -250,7 +250,7 @@ def system_metrics(run_id: str):
         monitor.start()
         return monitor
     except Exception as e:  # psutil missing: a run without system metrics, not a failure
-        warnings.warn(f"no MLflow system metrics: {e}")
+        warnings.warn(f"no MLflow system metrics: {e}", stacklevel=2)
         return None
 
 

@@ -106,7 +106,7 @@ def register_after_run(name: str, run_id: str) -> dict:
         error = " ".join(str(e).split())[:300]
         warnings.warn(f"registering the final model as {name!r} failed ({error}); the run is "
                       f"intact: once the registry answers, `unsafe-experts register {run_id} "
-                      f"--name {name}`")
+                      f"--name {name}`", stacklevel=2)
         try:
             mlflow_runs.log_tags(run_id, {"registered_model_error": error})
         except Exception:  # the tracking server may be what failed

@@ -5,8 +5,8 @@ import math
 from dataclasses import MISSING, astuple, dataclass, field, fields
 
 from .errors import ConfigError
-from .text.examples import DEFAULT_REFUSAL
 from .selection.methods import METHODS as METHOD_TABLE
+from .text.examples import DEFAULT_REFUSAL
 from .training.router_kl import KL_TYPES
 
 SCORE_MODES = ("accumulate", "per_batch")
@@ -116,7 +116,7 @@ class TrainConfig:
     def uses_retention(self) -> bool:
         return bool(self.retention_path) and self.retention != "none"
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Checks every value; once per set of values (later calls by the layers a config
         passes through return at once unless a field was changed in between)."""
         values = repr(astuple(self))

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from .errors import DatasetError
 
-
 ROLES = ("system", "user", "assistant")
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import platform
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,29 +18,35 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .models.architectures import moe_layers
-from .artefacts.checkpoints import check_weights, load_base, load_tokenizer  # noqa: F401  (check_weights re-exported)
-from .config import TrainConfig
-from .errors import ConfigError
-from .artefacts.deltas import (DeltaError, apply_delta, base_record, changed_tensors, delta_chain,
-                     read_manifest, write_delta)
-from .text.examples import batches, collate, plain_prompt, router_example, sft_example
 from .artefacts.atomic import LOCK_NAME, DirectoryLock, inside, save_checkpoint_atomic, write_json_atomic
-from .training.phases import align_router, masked_sft
-from .models.distributed import barrier, join_process_group, launched_world, local_device
-from .text.generation import generate, generate_ids
-from .models.memory import peak_mb, reset_peak
-from .records import file_digest, load_records, select_records
-from .selection.methods import METHODS
-from .selection.score_pass import per_batch_sft, score_pass
+from .artefacts.checkpoints import check_weights, load_base, load_tokenizer  # noqa: F401  (check_weights re-exported)
+from .artefacts.deltas import (
+    DeltaError,
+    apply_delta,
+    base_record,
+    changed_tensors,
+    delta_chain,
+    read_manifest,
+    write_delta,
+)
 from .artefacts.model_card import write_model_card
 from .artefacts.result_cache import cached, model_digest
-from .training.retention import load_retention, mixed_batches, sample_retention
-from .selection.routing import generated_routing_scores, keep_pairs, routing_scores
-from .artefacts.run_metadata import (METADATA, ROUNDS, SCHEMA_VERSION, expert_key, research_round,
-                          write_research_outputs)
-from .selection.scoring import score_table, top_k
+from .artefacts.run_metadata import METADATA, ROUNDS, SCHEMA_VERSION, expert_key, research_round, write_research_outputs
+from .config import TrainConfig
+from .errors import ConfigError
+from .models.architectures import moe_layers
+from .models.distributed import barrier, join_process_group, launched_world, local_device
+from .models.memory import peak_mb, reset_peak
 from .models.sharding import full_state_dict, load_sharded
+from .records import file_digest, load_records, select_records
+from .selection.methods import METHODS
+from .selection.routing import generated_routing_scores, keep_pairs, routing_scores
+from .selection.score_pass import per_batch_sft, score_pass
+from .selection.scoring import score_table, top_k
+from .text.examples import batches, collate, plain_prompt, router_example, sft_example
+from .text.generation import generate, generate_ids
+from .training.phases import align_router, masked_sft
+from .training.retention import load_retention, mixed_batches, sample_retention
 
 ROUTING_RESPONSES = "routing_responses.json"
 # what a run writes into output_dir (besides round_N/), cleared when a fresh run replaces it

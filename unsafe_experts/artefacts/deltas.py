@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from ..errors import DeltaError
-from ..errors import ConfigError
 from .atomic import save_directory_atomic
 
 MANIFEST = "delta.json"

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import transformers
 
-from .atomic import write_json_atomic
 from ..records import file_digest
+from .atomic import write_json_atomic
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # the whole engine package
 

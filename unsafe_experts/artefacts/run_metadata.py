@@ -44,7 +44,7 @@ class RoundRecord:
     raw: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_dict(cls, r: int | str, data: dict) -> "RoundRecord":
+    def from_dict(cls, r: int | str, data: dict) -> RoundRecord:
         return cls(int(r), [tuple(x) for x in data["experts"]],
                    data.get("scores", data.get("gradients", {})),
                    data.get("router_kl_before_after"), data)
@@ -56,7 +56,7 @@ class RunRecord:
     data: dict
 
     @classmethod
-    def load(cls, output_dir: str | Path) -> "RunRecord":
+    def load(cls, output_dir: str | Path) -> RunRecord:
         path = Path(output_dir) / METADATA
         if not path.is_file():
             raise ConfigError(f"{path}: no such file; run `unsafe-experts train` (or `dvc repro`) first")

@@ -13,10 +13,10 @@ import csv
 from pathlib import Path
 
 from ..models.modes import eval_mode
-from .families import attack_records, check_families
-from ..text.generation import generate
 from ..records import DatasetError, goal_problem, read_json_records
 from ..stats import proportion
+from ..text.generation import generate
+from .families import attack_records, check_families
 
 
 def read_goals(path: str | Path) -> list[str]:

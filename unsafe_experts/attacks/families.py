@@ -19,7 +19,7 @@ undoing the flip (`unflip`).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import AttackFamilyError
 from .flip import flip, flip_prompt

@@ -19,13 +19,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .families import FAMILIES, AttackFamilyError, attack_records, check_families, render
-from ..errors import ConfigError
+from ..artefacts.atomic import write_json_atomic
 from ..data.bundled import advbench_rows, alpaca_pairs, xstest_safe_prompts
+from ..errors import ConfigError
 from ..text.examples import DEFAULT_REFUSAL, collate, length_grouped_batches, plain_prompt, sft_example
 from ..text.generation import generate
-from ..artefacts.atomic import write_json_atomic
 from ..text.tiny_tokenizer import build_tokenizer
+from .families import FAMILIES, AttackFamilyError, attack_records, check_families, render
 
 REFUSALS = (
     DEFAULT_REFUSAL,
@@ -65,7 +65,7 @@ class OrganismConfig:
     families_per_benign: int = 1
     surgery_family: str = "flip_chars"  # surgery_records.json's family; the rest stay unseen
 
-    def validate(self) -> "OrganismConfig":
+    def validate(self) -> OrganismConfig:
         try:  # a ConfigError naming the key, as the CLI reports parameter errors
             check_families(self.families)
         except AttackFamilyError as e:
@@ -80,7 +80,7 @@ class OrganismConfig:
         return self
 
     @classmethod
-    def small(cls, **overrides) -> "OrganismConfig":
+    def small(cls, **overrides) -> OrganismConfig:
         """The test-sized organism: 40 CPU seconds (46 s wall with the imports) on the 2-core
         machine, where version 1's took 125 (each goal in one family, 4 epochs and
         length-grouped batches keep it there; it still complies in every family and answers

@@ -71,7 +71,7 @@ class EvaluationConfig:
                                       help="with --endpoint: the model's name on the server, as "
                                            "its /v1/models lists it")
 
-    def validate(self) -> "EvaluationConfig":
+    def validate(self) -> EvaluationConfig:
         for key in ("max_new_tokens", "batch_size", "limit", "lm_eval_limit"):
             value = getattr(self, key)
             if value is not None and value < 1:

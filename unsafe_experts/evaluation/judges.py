@@ -18,9 +18,9 @@ not be parsed; callers count those apart) and, for the StrongREJECT rubric, its 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 

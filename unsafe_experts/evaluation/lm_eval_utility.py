@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 from ..data.bundled import alpaca_pairs
-from ..models.modes import eval_mode
 from ..errors import ConfigError
+from ..models.modes import eval_mode
 from ..stats import Z95
 
 LOCAL_TASKS = ("benign_choice",)

@@ -50,14 +50,14 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import SuiteError
 from ..attacks.families import AttackFamilyError, check_families, render
 from ..attacks.organism import LEGACY_EVAL_SETS
+from ..errors import SuiteError
 from ..models.modes import eval_mode
-from ..text.generation import generate, response_logliks
-from .judges import JudgeError, JudgeSpec, load_judge, parse_judge
 from ..records import DatasetError, file_digest, messages_problem, read_json_records
 from ..stats import mean, proportion, subset
+from ..text.generation import generate, response_logliks
+from .judges import JudgeError, JudgeSpec, load_judge, parse_judge
 
 KINDS = ("harmful", "benign", "reference")
 SUFFIXES = (".txt", ".csv", ".json", ".jsonl")

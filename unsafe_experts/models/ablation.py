@@ -20,7 +20,6 @@ import torch
 from ..errors import ExpertSetError
 from .architectures import ARCHITECTURES, MoELayer, UnsupportedModelError, moe_layers
 
-
 # SteerMoE's forcing margin: a forced expert's logit becomes the token's largest plus this, so
 # it is chosen and weighted like (a little above) the expert the router liked best
 FORCE_MARGIN = 0.01

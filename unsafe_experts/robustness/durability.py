@@ -109,16 +109,16 @@ def fine_tuning(model, tokenizer, pairs: list[tuple[list[dict], str]], checkpoin
     for p in trainable:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(trainable, lr=lr)
-    step = 0
+    done = 0
     for checkpoint in sorted(set(checkpoints)):
         twin.train()
-        for step in tqdm(range(step, checkpoint), desc="fine-tuning attack", leave=False, disable=not progress):
+        for step in tqdm(range(done, checkpoint), desc="fine-tuning attack", leave=False, disable=not progress):
             batch = {k: v.to(twin.device)
                      for k, v in collate(chunks[step % len(chunks)], tokenizer.pad_token_id).items()}
             optimizer.zero_grad(set_to_none=True)
             lm_backward(twin, batch, None, "fine-tuning attack", step, len(chunks))
             optimizer.step()
-        step = checkpoint
+        done = checkpoint
         twin.eval()
         yield checkpoint, twin
 

@@ -170,8 +170,7 @@ def _harmful_finetune(setup: Setup, target: Target, budgets) -> dict:
     out = {}
     for n in budgets:
         pairs = setup.attacker["harmful_pairs"][:n]
-        out.update({n: m for _, m in _finetune(setup, target, pairs, [setup.config.harmful_steps],
-                                               {setup.config.harmful_steps: n}).items()})
+        out.update(_finetune(setup, target, pairs, [setup.config.harmful_steps], {setup.config.harmful_steps: n}))
     return out
 
 

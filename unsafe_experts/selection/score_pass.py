@@ -10,13 +10,22 @@ import torch.nn.functional as F
 from ..models.distributed import sum_, world
 from ..models.sharding import is_sharded
 from ..text.examples import IGNORE
-from ..training.phases import (Batch, Log, bar, expert_params, finite, lm_backward, lm_loss,
-                               rank_share, selected_rows, set_trainable)
+from ..training.phases import (
+    Batch,
+    Log,
+    bar,
+    expert_params,
+    finite,
+    lm_backward,
+    lm_loss,
+    rank_share,
+    selected_rows,
+    set_trainable,
+)
 from ..training.router_kl import captured_router_outputs
 from ..training.sparse_adamw import SparseRowAdamW
 from .methods import METHODS
-from .scoring import (expert_grad_scores, expert_row_sums, offloaded_rows, per_expert_numel,
-                      streamed_rows, top_k)
+from .scoring import expert_grad_scores, expert_row_sums, offloaded_rows, per_expert_numel, streamed_rows, top_k
 
 
 def routed_response_tokens(captured: dict[int, tuple], batch: Batch, num_experts: int) -> torch.Tensor:

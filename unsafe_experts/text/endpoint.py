@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 
 from ..errors import EndpointError
 from .chat import Messages, _takes_system, fold_system, template_kwargs
-from ..errors import ConfigError
 
 RETRIED = {408, 429, 500, 502, 503, 504}
 
@@ -71,7 +70,7 @@ class Endpoint:
             except (urllib.error.URLError, OSError) as e:
                 reason = getattr(e, "reason", e)
                 if isinstance(reason, TimeoutError):
-                    raise EndpointError(f"endpoint {self.base}{path}: no reply within {timeout:g} s")
+                    raise EndpointError(f"endpoint {self.base}{path}: no reply within {timeout:g} s") from None
                 why = str(reason)
             except json.JSONDecodeError:
                 raise EndpointError(f"endpoint {self.base}{path}: the reply is not JSON; is this an "
@@ -80,7 +79,7 @@ class Endpoint:
                 time.sleep(self.backoff_s * 2 ** attempt)
         raise EndpointError(f"endpoint {self.base}{path}: no answer after {retries + 1} tries ({why})")
 
-    def check(self) -> "Endpoint":
+    def check(self) -> Endpoint:
         """The server answers and serves `model`; checked before any work starts."""
         # one quick retry: a wrong URL should not keep the user waiting
         listed = self._request("/models", timeout=min(self.timeout_s, 30.0), retries=1)

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..models.sharding import is_sharded
 from .chat import end_token_ids, render
 from .examples import IGNORE, batches, collate, sft_example
-from ..models.sharding import is_sharded
 
 
 def _prompt_ids(tokenizer, messages, prefill: str = "") -> list[int]:

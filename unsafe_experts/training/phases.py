@@ -15,10 +15,9 @@ from tqdm.auto import tqdm
 from ..errors import NonFiniteLossError
 from ..models.architectures import MoELayer
 from ..models.distributed import shard, sum_, world
-from ..text.examples import IGNORE
-from .router_kl import (captured_router_outputs, choice_biases, route, router_kl,
-                        routing_distribution)
 from ..models.sharding import is_sharded
+from ..text.examples import IGNORE
+from .router_kl import captured_router_outputs, choice_biases, route, router_kl, routing_distribution
 from .sparse_adamw import SparseRowAdamW
 
 Batch = dict[str, torch.Tensor]

@@ -10,8 +10,8 @@ import json
 import random
 from pathlib import Path
 
-from ..text.examples import batches, collate
 from ..records import DatasetError, messages_problem
+from ..text.examples import batches, collate
 
 SECTIONS = {"none": (), "plain": ("plain",), "contrastive": ("plain", "contrastive")}
 
