@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: setup test test-fast demo compare clean
+.PHONY: setup test test-fast demo robustness-full compare clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,18 @@ demo: $(STAMP)
 	@echo
 	@echo "Metrics: $(BIN)/dvc metrics show"
 	@echo "Runs:    $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db"
+
+# The repair of `make demo` re-attacked along the whole budget axes, 48 prompts per set
+# (the demo runs small budgets on 16); docs/results.md has what it cost.
+robustness-full: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro train
+	$(BIN)/unsafe-experts robustness --params params.yaml --quiet --model outputs/gradient/final_model \
+	  --reference build/organism/model --run_dir outputs/gradient --robust_limit 48 \
+	  --router_budget 1 --router_budget 2 --router_budget 4 --router_budget 8 --router_budget 16 \
+	  --gcg_step 5 --gcg_step 20 --gcg_step 50 --finetune_step 10 --finetune_step 40 \
+	  --finetune_step 100 --harmful_examples 4 --harmful_examples 16 --harmful_examples 64 \
+	  --out metrics/robustness_full.json --plots metrics/robustness_full
+	@cat metrics/robustness_full.md
 
 # The methods side by side (params.yaml comparison): 37 surgeries on two organisms, then 5
 # ablations and the table. The second organism's build, the surgeries and the ablations run two

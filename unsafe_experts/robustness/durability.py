@@ -8,6 +8,7 @@ the files it was loaded from) are never altered.
 from __future__ import annotations
 
 import copy
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -67,7 +68,12 @@ def _int8_weights(model):
 def _int8_dynamic(model):
     """torch's own dynamic quantisation: nn.Linear layers only (attention, lm_head, shared
     experts); the fused 3-D routed experts and the routers are not nn.Linear and stay fp32."""
-    return torch.ao.quantization.quantize_dynamic(model.cpu(), {nn.Linear}, dtype=torch.qint8)
+    with warnings.catch_warnings():
+        # torch marks its eager quantisation deprecated (torchao replaces it); it is what the
+        # issue names as "torch's own", and it still runs, so the notice is not repeated per call
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.ao.quantization.quantize_dynamic(model.cpu(), {nn.Linear}, dtype=torch.qint8)
 
 
 # kind -> what a copy of the model goes through
