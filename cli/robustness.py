@@ -4,6 +4,7 @@ and the table, and log them on the surgery's MLflow run."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from unsafe_experts.errors import ConfigError
 from unsafe_experts.evaluation.evaluate import EvaluationConfig
@@ -61,6 +62,24 @@ def resolve(args) -> tuple[EvaluationConfig, RobustnessConfig, str]:
     return evaluation.validate(), RobustnessConfig(**robust).validate(), experiment
 
 
+def check_outputs(out: str | None, plots_dir: str | None) -> None:
+    """Where the run will write, checked before a model loads: each output is replaced by a
+    rename, so a symbolic link there would be replaced too (it is refused instead), and a
+    folder or a file in the way is named now rather than after an hour of attacks."""
+    from tasks.robustness import summary_paths
+
+    for path in [Path(out), *summary_paths(out)] if out else []:
+        if path.is_symlink():
+            raise ConfigError(f"--out: {path} is a symbolic link; give the path of a plain file")
+        if path.is_dir():
+            raise ConfigError(f"--out: {path} is a folder; give a file path")
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise ConfigError(f"--out: {parent} is a file, not a folder")
+    if plots_dir and Path(plots_dir).exists() and not Path(plots_dir).is_dir():
+        raise ConfigError(f"--plots: {plots_dir} is a file; give a folder")
+
+
 def run(args) -> int:
     from unsafe_experts.evaluation.evaluate import evaluation_suite
     from unsafe_experts.models.architectures import moe_layers
@@ -71,6 +90,11 @@ def run(args) -> int:
     options = vars(args)
     evaluation, config, experiment = resolve(args)
     names = check_attacks(config.attacks)
+    check_outputs(options.get("out"), options.get("plots"))
+    if options.get("quiet"):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     suite = evaluation_suite(evaluation)  # data and judges checked before a model loads
     trust = options.get("trust_remote_code", False)
     after = Target("after", *load_model(args.model, trust))
@@ -102,13 +126,12 @@ def run(args) -> int:
 
 def _engine_only(targets, checked, names, out, plots_dir, quiet) -> int:
     from reporting.robustness_report import plots, table
-    from tasks.robustness import write_summaries
-    from unsafe_experts.artefacts.atomic import write_json_atomic
+    from tasks.robustness import save_result, write_summaries
     from unsafe_experts.robustness.runner import run_robustness
 
     def save(name, partial):
         if out:
-            write_json_atomic(out, partial)
+            save_result(out, partial)
 
     result = run_robustness(targets, checked, names, progress=not quiet, on_attack=save)
     if plots_dir:

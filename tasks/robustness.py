@@ -45,7 +45,7 @@ def attack(key: str, name: str, out: str | None, progress: bool = True) -> dict:
     state["result"] = merge(state["result"], part)
     state["result"]["setup"]["attacks"] = state["names"]
     if out:
-        write_json_atomic(out, state["result"])
+        save_result(out, state["result"])
     found = {b: {label: (h[1]["value"] if (h := headline(m)) else None) for label, m in row.items()}
              for b, row in part["attacks"][name].items()}
     get_run_logger().info("%s: %s", name, json.dumps(found))
@@ -77,10 +77,20 @@ def headlines(result: dict) -> dict:
                 for b, row in budgets.items()} for a, budgets in result["attacks"].items()}
 
 
-def write_summaries(result: dict, out: str, text: str) -> list[Path]:
-    """Beside the result: <out>_headline.json (DVC metrics) and <out>.md (the table)."""
+def save_result(out: str, result: dict) -> None:
+    """The result so far, replacing the file atomically (its folder made when missing)."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, result)
+
+
+def summary_paths(out: str) -> list[Path]:
+    """<out>_headline.json (the DVC metrics) and <out>.md (the table), beside the result."""
     out = Path(out)
-    compact, page = out.with_name(out.stem + "_headline.json"), out.with_suffix(".md")
+    return [out.with_name(out.stem + "_headline.json"), out.with_suffix(".md")]
+
+
+def write_summaries(result: dict, out: str, text: str) -> list[Path]:
+    compact, page = summary_paths(out)
     write_json_atomic(compact, headlines(result))
     write_bytes_atomic(page, (text + "\n").encode())
     return [compact, page]

@@ -61,6 +61,7 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
                                 ablations=[{"run": "organism/gradient-k2-s42-plain-lr0.001", "round": 1}],
                                 random_ablations=[{"run": "organism/gradient-k2-s42-plain-lr0.001",
                                                    "round": 1, "seed": 1}])
+    params["robustness"].update(attacks=["none", "router_known", "prefill"], limit=4, router_budgets=[1])
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "small"],
                    cwd=clone, check=True)
@@ -69,9 +70,12 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
     env.pop("PREFECT_API_URL", None)  # the CLI starts its own ephemeral server
 
     first = dvc(["repro"], clone, env)
-    for stage in ("organism", "organism_second", "validate", "train", "compare_run@0", "compare_run@1",
-                  "compare_ablate@0", "compare_ablate_random@0", "compare"):
+    for stage in ("organism", "organism_second", "validate", "train", "robustness", "compare_run@0",
+                  "compare_run@1", "compare_ablate@0", "compare_ablate_random@0", "compare"):
         assert f"Running stage '{stage}'" in first
+    robustness = json.loads((clone / "metrics/robustness.json").read_text())
+    assert list(robustness["attacks"]) == ["none", "router_known", "prefill"]
+    assert set(robustness["attacks"]["router_known"]["all"]) == {"after", "before"}
     table = (clone / "metrics/comparison.csv").read_text().splitlines()
     header = table[0].split(",")
     assert header[:8] == ["method", "k", "seed", "organism_seed", "retention", "expert_lr", "ablated", "rounds"]

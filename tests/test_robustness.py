@@ -136,6 +136,16 @@ def test_a_reference_of_another_architecture_is_refused(make_model, tokenizer):
     (["--router_budget", "999", "--attack", "router_unknown"], "router_budgets: 999 is more than"),
     (["--attack", "router_known", "--run_dir", "{empty}"], "no expert list"),
     (["--reference", "{other}"], "reference model: qwen3_moe"),
+    (["--attack", "prefill", "--prefill_budget", "9"], "prefill_budgets: 9 is more than the 4 openings"),
+    (["--attack", "gcg", "--gcg_goals", "1000"], "gcg_goals: 1000 is more than"),
+    (["--attack", "top_k", "--top_k_delta", "9"], "top_k_deltas: +9 gives top-k 11"),
+    (["--attack", "router_known", "--run_dir", "{corrupt}"], "not readable as JSON"),
+    (["--attack", "router_known", "--run_dir", "{listed}"], "no expert list"),
+    (["--attack", "router_known", "--run_dir", "{emptyround}"], "round_1 lists no expert"),
+    (["--out", "{tmp}/userdir"], "is a folder"),
+    (["--out", "{tmp}/link.json"], "is a symbolic link"),
+    (["--out", "{tmp}/userfile/r.json"], "is a file, not a folder"),
+    (["--plots", "{tmp}/userfile"], "--plots: "),
 ])
 def test_the_command_refuses_bad_input_with_one_line_and_writes_nothing(tiny_dir, tokenizer, tmp_path, capsys,
                                                                        flags, message):
@@ -149,13 +159,29 @@ def test_the_command_refuses_bad_input_with_one_line_and_writes_nothing(tiny_dir
     other = tmp_path / "other"
     tiny_model("qwen3_moe", tokenizer).save_pretrained(other)
     tokenizer.save_pretrained(other)
-    flags = [f.format(empty=tmp_path / "empty", other=other) for f in flags]
+    for name, text in {"corrupt": '{"identified', "listed": "[1, 2]",
+                       "emptyround": '{"identified_experts_per_round": {"1": {"experts": []}}}'}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "training_metadata.json").write_text(text)
+    (tmp_path / "userdir").mkdir()
+    (tmp_path / "userfile").write_text("mine")
+    (tmp_path / "target.json").write_text("mine too")
+    (tmp_path / "link.json").symlink_to(tmp_path / "target.json")
+    names = dict(empty=tmp_path / "empty", other=other, tmp=tmp_path, corrupt=tmp_path / "corrupt",
+                 listed=tmp_path / "listed", emptyround=tmp_path / "emptyround")
+    flags = [f.format(**names) for f in flags]
     out = tmp_path / "out" / "robustness.json"
+    given = {"--out": str(out), "--plots": str(tmp_path / "plots")}
+    for key in ("--out", "--plots"):
+        if key in flags:  # the case names its own
+            given.pop(key)
     code = main(["robustness", "--model", str(tiny_dir), "--eval_set", str(tmp_path / "eval_set.json"),
-                 "--out", str(out), "--plots", str(tmp_path / "plots"), "--engine_only", *flags])
+                 "--engine_only", *[x for kv in given.items() for x in kv], *flags])
     assert code == 2
     one_error_line(capsys, message)
     assert not out.parent.exists() and not (tmp_path / "plots").exists()
+    assert (tmp_path / "userfile").read_text() == "mine" and (tmp_path / "target.json").read_text() == "mine too"
+    assert (tmp_path / "link.json").is_symlink() and list((tmp_path / "userdir").iterdir()) == []
 
 
 def test_the_report_writes_the_table_headlines_and_a_plot_per_attack(make_model, tokenizer, suite, tmp_path):

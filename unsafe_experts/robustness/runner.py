@@ -13,9 +13,11 @@ Adding an attack is one entry of ATTACKS: (its budgets, how it runs on one model
 """
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -31,7 +33,7 @@ from .budgets import RobustnessConfig
 from .durability import changed_top_k, fine_tuning, quantised
 from .expert_ranking import rank_experts
 from .gcg import GCGConfig
-from .prompt_attacks import gcg_attack, prefill_attack, target_for
+from .prompt_attacks import PREFILLS, gcg_attack, prefill_attack, target_for
 
 
 @dataclass
@@ -239,14 +241,21 @@ def attacker_split(suite: Suite, limit: int | None, seed: int) -> dict[str, list
 
 def run_experts(run_dir, layers) -> dict[str, list[tuple[int, int]]]:
     """{"all": every expert any round changed, "round_R": round R's} of a run folder."""
-    import json
-    from pathlib import Path
-
     meta = Path(run_dir) / "training_metadata.json"
-    rounds = json.loads(meta.read_text()).get("identified_experts_per_round", {}) if meta.is_file() else {}
-    if not rounds:
+    try:
+        data = json.loads(meta.read_text()) if meta.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise ExpertSetError(f"{meta}: not readable as JSON ({e})") from None
+    rounds = data.get("identified_experts_per_round") if isinstance(data, dict) else None
+    if not rounds or not isinstance(rounds, dict):
         raise ExpertSetError(f"{run_dir}: no expert list (no training_metadata.json with a completed round)")
+    bad = [r for r in rounds if not str(r).isdigit()]
+    if bad:
+        raise ExpertSetError(f"{meta}: round {bad[0]!r} is not a round number")
     per_round = {f"round_{r}": load_expert_set(run_dir, int(r), layers) for r in sorted(rounds, key=int)}
+    empty = [name for name, experts in per_round.items() if not experts]
+    if empty:
+        raise ExpertSetError(f"{meta}: {empty[0]} lists no expert; there is nothing to switch off")
     union = list(dict.fromkeys(p for experts in per_round.values() for p in experts))
     return {"all": union, **per_round}
 
@@ -294,11 +303,22 @@ def setup(suite: Suite, evaluation: EvaluationConfig, config: RobustnessConfig, 
         if not attacker[need]:
             raise ConfigError(f"the attacker's split has no {need.replace('_', ' ')}: the evaluation "
                               f"sample (limit {config.limit}) takes every prompt of the sets; lower limit")
+    smallest = min(layer.num_experts for layer in layers)
+    for delta in config.top_k_deltas if "top_k" in names else []:
+        if not 1 <= layers[0].top_k + delta <= smallest:
+            raise ConfigError(f"top_k_deltas: {delta:+d} gives top-k {layers[0].top_k + delta}; a "
+                              f"router picks 1 to {smallest} experts")
+    if "prefill" in names and max(config.prefill_budgets) > len(PREFILLS):
+        raise ConfigError(f"prefill_budgets: {max(config.prefill_budgets)} is more than the "
+                          f"{len(PREFILLS)} openings there are")
+    evaluated = subset(plain_set.items, config.limit, config.limit_seed)
+    if "gcg" in names and config.gcg_goals > len(evaluated):
+        raise ConfigError(f"gcg_goals: {config.gcg_goals} is more than the {len(evaluated)} plain "
+                          "requests evaluated (robustness limit)")
     if max(config.harmful_examples) > len(attacker["harmful_pairs"]) and "harmful_pairs" in needs:
         raise ConfigError(f"harmful_examples: {max(config.harmful_examples)} is more than the "
                           f"{len(attacker['harmful_pairs'])} goals of the attacker's split")
-    return Setup(suite, evaluation, config, experts, attacker,
-                 subset(plain_set.items, config.limit, config.limit_seed),
+    return Setup(suite, evaluation, config, experts, attacker, evaluated,
                  load_judge(plain_set.judge, evaluation.batch_size))
 
 
