@@ -62,7 +62,7 @@ def resolve(args) -> tuple[EvaluationConfig, RobustnessConfig, str]:
     return evaluation.validate(), RobustnessConfig(**robust).validate(), experiment
 
 
-def check_outputs(out: str | None, plots_dir: str | None) -> None:
+def check_outputs(out: str | None, plots_dir: str | None, names: list[str]) -> None:
     """Where the run will write, checked before a model loads: each output is replaced by a
     rename, so a symbolic link there would be replaced too (it is refused instead), and a
     folder or a file in the way is named now rather than after an hour of attacks."""
@@ -78,6 +78,11 @@ def check_outputs(out: str | None, plots_dir: str | None) -> None:
             raise ConfigError(f"--out: {parent} is a file, not a folder")
     if plots_dir and Path(plots_dir).exists() and not Path(plots_dir).is_dir():
         raise ConfigError(f"--plots: {plots_dir} is a file; give a folder")
+    from reporting.robustness_report import plot_path
+
+    for path in [plot_path(plots_dir, name) for name in names] if plots_dir else []:
+        if path.is_symlink():  # a plot is saved by opening its path, which would write through
+            raise ConfigError(f"--plots: {path} is a symbolic link; the run will not write through it")
 
 
 def run(args) -> int:
@@ -90,7 +95,7 @@ def run(args) -> int:
     options = vars(args)
     evaluation, config, experiment = resolve(args)
     names = check_attacks(config.attacks)
-    check_outputs(options.get("out"), options.get("plots"))
+    check_outputs(options.get("out"), options.get("plots"), names)
     if options.get("quiet"):
         from transformers.utils import logging as hf_logging
 

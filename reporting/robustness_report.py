@@ -47,6 +47,10 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_path(folder: str | Path, attack: str) -> Path:
+    return Path(folder) / f"robustness_{attack}.png"
+
+
 def plots(result: dict, folder: str | Path) -> list[Path]:
     """robustness_<attack>.png per attack: the headline share against the budget, one line per
     model, with 95% intervals."""
@@ -77,7 +81,7 @@ def plots(result: dict, folder: str | Path) -> list[Path]:
         ax.set_title(attack)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = folder / f"robustness_{attack}.png"
+        path = plot_path(folder, attack)
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)

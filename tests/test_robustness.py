@@ -146,6 +146,7 @@ def test_a_reference_of_another_architecture_is_refused(make_model, tokenizer):
     (["--out", "{tmp}/link.json"], "is a symbolic link"),
     (["--out", "{tmp}/userfile/r.json"], "is a file, not a folder"),
     (["--plots", "{tmp}/userfile"], "--plots: "),
+    (["--attack", "none", "--plots", "{tmp}/userdir2"], "robustness_none.png is a symbolic link"),
 ])
 def test_the_command_refuses_bad_input_with_one_line_and_writes_nothing(tiny_dir, tokenizer, tmp_path, capsys,
                                                                        flags, message):
@@ -167,6 +168,8 @@ def test_the_command_refuses_bad_input_with_one_line_and_writes_nothing(tiny_dir
     (tmp_path / "userfile").write_text("mine")
     (tmp_path / "target.json").write_text("mine too")
     (tmp_path / "link.json").symlink_to(tmp_path / "target.json")
+    (tmp_path / "userdir2").mkdir()
+    (tmp_path / "userdir2" / "robustness_none.png").symlink_to(tmp_path / "target.json")
     names = dict(empty=tmp_path / "empty", other=other, tmp=tmp_path, corrupt=tmp_path / "corrupt",
                  listed=tmp_path / "listed", emptyround=tmp_path / "emptyround")
     flags = [f.format(**names) for f in flags]

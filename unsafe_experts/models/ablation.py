@@ -78,7 +78,7 @@ def steered(model, layers: list[MoELayer] | None, off: Iterable[tuple[int, int]]
     off = check_experts(list(off), layers, "ablation")
     on = [p for p in check_experts(list(on), layers, "steering") if p not in off]
     top_k = {layer.index: layer.top_k for layer in layers}
-    masked, forced = _by_layer(off), {}
+    masked, forced = by_layer(off), {}
     for layer_index, expert in on:
         if len(forced.get(layer_index, [])) < top_k[layer_index]:
             forced.setdefault(layer_index, []).append(expert)
@@ -91,7 +91,8 @@ def steered(model, layers: list[MoELayer] | None, off: Iterable[tuple[int, int]]
         yield [(i, e) for i, experts in sorted(forced.items()) for e in experts]
 
 
-def _by_layer(pairs: list[tuple[int, int]]) -> dict[int, list[int]]:
+def by_layer(pairs: list[tuple[int, int]]) -> dict[int, list[int]]:
+    """(layer, expert) pairs grouped: decoder layer index -> its experts, in the given order."""
     grouped: dict[int, list[int]] = {}
     for layer_index, expert in pairs:
         grouped.setdefault(layer_index, []).append(expert)

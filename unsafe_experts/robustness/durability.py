@@ -21,6 +21,11 @@ from ..text.examples import batches, collate, sft_example
 from ..training.phases import lm_backward
 
 
+def top_k_range(layers) -> range:
+    """The experts per token a router can be asked for: 1 to the smallest layer's count."""
+    return range(1, min(layer.num_experts for layer in layers) + 1)
+
+
 @contextmanager
 def changed_top_k(model, top_k: int):
     """Every router picks `top_k` experts per token inside the block (the blocks that keep
@@ -29,9 +34,8 @@ def changed_top_k(model, top_k: int):
     if ARCHITECTURES[model.config.model_type].fixed_top_k:
         raise ConfigError(f"top_k {top_k}: {model.config.model_type}'s router picks a built-in "
                           "number of experts; top-k cannot change at inference")
-    smallest = min(layer.num_experts for layer in layers)
-    if not 1 <= top_k <= smallest:
-        raise ConfigError(f"top_k {top_k}: a router can pick 1 to {smallest} experts")
+    if top_k not in top_k_range(layers):
+        raise ConfigError(f"top_k {top_k}: a router can pick 1 to {top_k_range(layers)[-1]} experts")
     owners = [layer.router for layer in layers]
     owners += [b for b in (_block(model, layer.index) for layer in layers) if hasattr(b, "top_k")]
     saved = [o.top_k for o in owners]

@@ -30,7 +30,7 @@ from ..models.architectures import MoELayer, moe_layers
 from ..models.modes import eval_mode
 from ..stats import proportion, subset
 from .budgets import RobustnessConfig
-from .durability import changed_top_k, fine_tuning, quantised
+from .durability import changed_top_k, fine_tuning, quantised, top_k_range
 from .expert_ranking import rank_experts
 from .gcg import GCGConfig
 from .prompt_attacks import PREFILLS, gcg_attack, prefill_attack, target_for
@@ -303,11 +303,10 @@ def setup(suite: Suite, evaluation: EvaluationConfig, config: RobustnessConfig, 
         if not attacker[need]:
             raise ConfigError(f"the attacker's split has no {need.replace('_', ' ')}: the evaluation "
                               f"sample (limit {config.limit}) takes every prompt of the sets; lower limit")
-    smallest = min(layer.num_experts for layer in layers)
     for delta in config.top_k_deltas if "top_k" in names else []:
-        if not 1 <= layers[0].top_k + delta <= smallest:
+        if layers[0].top_k + delta not in top_k_range(layers):
             raise ConfigError(f"top_k_deltas: {delta:+d} gives top-k {layers[0].top_k + delta}; a "
-                              f"router picks 1 to {smallest} experts")
+                              f"router picks 1 to {top_k_range(layers)[-1]} experts")
     if "prefill" in names and max(config.prefill_budgets) > len(PREFILLS):
         raise ConfigError(f"prefill_budgets: {max(config.prefill_budgets)} is more than the "
                           f"{len(PREFILLS)} openings there are")

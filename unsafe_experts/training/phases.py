@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import NonFiniteLossError
+from ..models.ablation import by_layer
 from ..models.architectures import MoELayer
 from ..models.distributed import shard, sum_, world
 from ..models.sharding import is_sharded
@@ -89,13 +90,6 @@ def expert_params(layers: list[MoELayer], only: set[int] | None = None) -> list:
             for p in layer.expert_params.values()]
 
 
-def _by_layer(selection: list[tuple[int, int]]) -> dict[int, list[int]]:
-    grouped: dict[int, list[int]] = {}
-    for layer_index, expert in selection:
-        grouped.setdefault(layer_index, []).append(expert)
-    return grouped
-
-
 def rank_share(batch: Batch, device) -> Batch:
     """This rank's share of the batch, on the device."""
     return {k: v.to(device) for k, v in shard(batch).items()}
@@ -112,7 +106,7 @@ def bar(items, desc: str, progress: bool):
 
 
 def selected_rows(layers, selection) -> list[tuple[torch.nn.Parameter, list[int]]]:
-    grouped = _by_layer(selection)
+    grouped = by_layer(selection)
     return [(p, grouped[layer.index]) for layer in layers if layer.index in grouped
             for p in layer.expert_params.values()]
 
@@ -120,7 +114,7 @@ def selected_rows(layers, selection) -> list[tuple[torch.nn.Parameter, list[int]
 def masked_sft(model, layers, batches, selection, lr, weight_decay, epochs, log: Log,
                desc="sft", progress=True, micro: int | None = None) -> int:
     """Train only the selected experts; returns the optimizer state size in bytes."""
-    set_trainable(model, expert_params(layers, only=set(_by_layer(selection))))
+    set_trainable(model, expert_params(layers, only=set(by_layer(selection))))
     opt = SparseRowAdamW(lr=lr, weight_decay=weight_decay)
     for p, experts in selected_rows(layers, selection):
         opt.add_rows(p, experts)
