@@ -59,13 +59,14 @@ robustness-full: $(STAMP)
 	  --out metrics/robustness_full.json --plots metrics/robustness_full
 	@cat metrics/robustness_full.md
 
-# The methods side by side (params.yaml comparison): 37 surgeries on two organisms, then 5
-# ablations and the table. The second organism's build, the surgeries and the ablations run two
-# at a time (scripts/repro_parallel.py waits for what a stage depends on and records each in
-# dvc.lock as `dvc repro` would); docs/results.md has what it cost.
+# The methods side by side (params.yaml comparison): 58 surgeries on two organisms, 5
+# ablations, 37 of the surgeries and both organisms re-attacked, then the table. The second
+# organism's build, the surgeries, the ablations and the re-attacks run two at a time
+# (scripts/repro_parallel.py waits for what a stage depends on and records each in dvc.lock as
+# `dvc repro` would); docs/results.md has what it cost.
 compare: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro organism
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/repro_parallel.py organism_second compare_run@ compare_ablate --jobs 2
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/repro_parallel.py organism_second compare_run@ compare_ablate compare_robust --jobs 2
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro compare
 	@cat metrics/comparison.md
 

@@ -31,6 +31,10 @@ def add_parser(sub) -> None:
                                      "and the MLflow run the results are logged on")
     p.add_argument("--params", help="take the evaluation and robustness sections of this params.yaml "
                                     "(flags win)")
+    p.add_argument("--budgets", choices=("robustness", "comparison"), default="robustness",
+                   help="which section of --params holds the attacks and budgets: robustness (the "
+                        "demo's) or comparison (comparison.robustness, what `make compare` runs on "
+                        "every compared surgery)")
     add_fields(p.add_argument_group("evaluation (EvaluationConfig)"), EvaluationConfig, skip=EVAL_SKIP, dest=EVAL)
     add_fields(p.add_argument_group("attacks and budgets (RobustnessConfig)"), RobustnessConfig, dest=ROBUST)
     out = p.add_argument_group("this run")
@@ -53,8 +57,10 @@ def resolve(args) -> tuple[EvaluationConfig, RobustnessConfig, str]:
     params = load_params(options["params"], check=False) if options.get("params") else None
     evaluation = {**(params.evaluation.model_dump() if params else {}),
                   **field_values(args, EvaluationConfig, EVAL)}
-    robust = {**(params.robustness.model_dump() if params else {}),
-              **field_values(args, RobustnessConfig, ROBUST)}
+    if options.get("budgets", "robustness") == "comparison" and not params:
+        raise ConfigError("--budgets comparison reads comparison.robustness: give --params")
+    section = params and (params.comparison.robustness if options.get("budgets") == "comparison" else params.robustness)
+    robust = {**(section.model_dump() if section else {}), **field_values(args, RobustnessConfig, ROBUST)}
     evaluation = EvaluationConfig(**{k: v for k, v in evaluation.items() if k not in ("endpoint", "served_model")})
     if not evaluation.eval_set and not evaluation.suite:
         raise ConfigError("--eval_set or --eval_suite is required (or --params with evaluation.eval_set)")

@@ -1,5 +1,6 @@
-"""The comparison's files: the tables, the statistics over seeds and the plots, written beside
-the CSV and logged to an MLflow run named `comparison`."""
+"""The comparison's files: the tables, the statistics over seeds and the plots (the re-attacked
+runs' too, where there are any), written beside the CSV and logged to an MLflow run named
+`comparison`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,10 +8,12 @@ from pathlib import Path
 import pandas as pd
 
 from tracking import mlflow_runs
+from unsafe_experts.artefacts.atomic import write_bytes_atomic
 from unsafe_experts.config import ConfigError
 from unsafe_experts.selection.methods import PAIRED
 
-from .plots import asr_plot, frontier_plot
+from . import robust_tables
+from .plots import asr_plot, frontier_plot, robust_frontier_plot
 from .seed_stats import group_summary, paired
 from .tables import (
     GROUP,
@@ -26,11 +29,41 @@ from .tables import (
     surgery_family,
 )
 
+# the re-attack's files beside comparison.csv (robust_tables)
+ROBUST_FILES = {"robust_csv": "robustness_comparison.csv", "robust_paired": "robustness_paired.csv",
+                "robust_frontier": "robust_frontier.png"}
+
+
+def write_robustness(robust_dir: str | Path | None, folder: Path,
+                     runs_root: str | Path = robust_tables.RUNS_ROOT) -> tuple[str, dict[str, Path]]:
+    """The re-attacked runs' section of comparison.md and ROBUST_FILES in `folder`. Without a
+    robust_dir, one line and no file; with one that holds no result, the line and the files
+    empty (header-only tables, a plot that says so), so a pipeline that expects them finds them."""
+    if robust_dir is None:
+        return "No re-attacked runs were found (no comparison.robust_dir set).", {}
+    table = robust_tables.result_rows(robust_dir, runs_root) if Path(robust_dir).is_dir() else None
+    files = {key: folder / name for key, name in ROBUST_FILES.items()}
+    if table is None or table.empty:
+        table, text = pd.DataFrame(columns=robust_tables.COLUMNS), f"No re-attacked runs were found in {robust_dir}."
+        tests, points = pd.DataFrame(columns=robust_tables.PAIRED_COLUMNS), robust_tables.frontier_points(table, {})
+    else:
+        columns = robust_tables.attack_columns(table)
+        tests, left_out = robust_tables.paired_differences(table, columns)
+        points = robust_tables.frontier_points(table, columns)
+        text = robust_tables.markdown(table, columns, robust_tables.summary(table, columns), tests, left_out)
+    write_bytes_atomic(files["robust_csv"], table.to_csv(index=False).encode())
+    write_bytes_atomic(files["robust_paired"], tests.to_csv(index=False).encode())
+    robust_frontier_plot(points, files["robust_frontier"])
+    return text, files
+
 
 def write_comparison(experiment: str, out_csv: str | Path, wanted: list[dict] | None = None,
-                     ablation_dir: str | Path | None = None) -> dict:
+                     ablation_dir: str | Path | None = None, robust_dir: str | Path | None = None,
+                     runs_root: str | Path = robust_tables.RUNS_ROOT) -> dict:
     """comparison.csv, comparison.md, comparison_summary.csv, paired.csv, overlap.csv,
-    asr_vs_k.png and frontier.png beside `out_csv`, and the same files on an MLflow run named `comparison`."""
+    asr_vs_k.png and frontier.png beside `out_csv` (and, with `robust_dir`, ROBUST_FILES: the
+    compared runs re-attacked, their settings read under `runs_root`), and the same files on an
+    MLflow run named `comparison`."""
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     table = pd.concat([latest_runs(experiment, wanted), ablation_rows(ablation_dir)], ignore_index=True)
@@ -44,16 +77,18 @@ def write_comparison(experiment: str, out_csv: str | Path, wanted: list[dict] | 
     means = group_summary(table, GROUP, metrics)
     tests = paired(table, *PAIRED, metrics)
     overlaps = overlap(table)
+    # first: a bad re-attack result stops the comparison before it writes its own files
+    robust_text, robust_files = write_robustness(robust_dir, out_csv.parent, runs_root)
     files = {"csv": out_csv, "summary": out_csv.with_name("comparison_summary.csv"),
              "paired": out_csv.with_name("paired.csv"), "overlap": out_csv.with_name("overlap.csv"),
-             "markdown": out_csv.with_suffix(".md")}
+             "markdown": out_csv.with_suffix(".md"), **robust_files}
     table[columns].to_csv(files["csv"], index=False)
     means.to_csv(files["summary"], index=False)
     tests.to_csv(files["paired"], index=False)
     overlaps.to_csv(files["overlap"], index=False)
     surgery = surgery_family(table)
     files["markdown"].write_text(markdown(table, columns, means, tests, overlaps, retention_families(table, surgery),
-                                          budget(table, surgery), surgery))
+                                          budget(table, surgery), surgery) + "\n" + robust_text + "\n")
     files["plot"] = asr_plot(table, out_csv.with_name("asr_vs_k.png"))
     files["frontier"] = frontier_plot(means, out_csv.with_name("frontier.png"))
     run_id = mlflow_runs.start_run(experiment, "comparison", {"runs": len(table)}, {"method": "comparison"})

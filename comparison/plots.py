@@ -1,15 +1,19 @@
-"""The comparison's plots: attack success against k per attack family, and the frontier of
-mean attack success against benign-in-format refusal."""
+"""The comparison's plots: attack success against k per attack family, the frontier of mean
+attack success against benign-in-format refusal, and the re-attacked runs' frontier (success of
+the router attack against the same refusal)."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from unsafe_experts.artefacts.atomic import write_bytes_atomic
 from unsafe_experts.selection.methods import METHODS
 
+from .robust_tables import BEFORE_SETTING
 from .tables import ASR_MEAN, FORMAT_MEAN, main_setting, metric_columns, share_interval
 
 # the methods k does not vary (they select none or all experts), drawn as horizontal reference
@@ -57,7 +61,8 @@ def frontier_plot(means: pd.DataFrame, path: Path) -> Path:
                     linestyle="none", capsize=2, label=label)
         for (_, row), xi, yi in zip(part.iterrows(), x, y):
             note = f"k{row['k']}" + ("" if row["retention"] == usual[0] else f" {row['retention']}") + \
-                   ("" if row["expert_lr"] == usual[1] else f" lr{row['expert_lr']:g}")
+                   ("" if row["expert_lr"] == usual[1] else f" lr{row['expert_lr']:g}") + \
+                   ("" if row.get("defence", "none") == "none" else f" {row['defence']}")
             ax.annotate(note, (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set(xlabel="benign requests in attack formats refused (mean over families)",
            ylabel="attack success after surgery (mean over families)",
@@ -66,4 +71,45 @@ def frontier_plot(means: pd.DataFrame, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
+
+
+# one marker shape per organism in the re-attack frontier
+ORGANISM_MARKERS = "osD^vP<>"
+
+
+def robust_frontier_plot(points: pd.DataFrame, path: Path) -> Path:
+    """Each re-attacked run (robust_tables.frontier_points): ASR under the strongest router
+    attack it faced against benign-in-format refusal with no attack, 95% Wilson intervals;
+    colour per setting, shape per organism, the organisms attacked alone marked "before". A
+    repair that the router attack undoes sits high whatever its cost."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    organisms = list(dict.fromkeys(points["organism"]))
+    settings = sorted(s for s in set(points["setting"]) if s != BEFORE_SETTING)
+    colours = {s: f"C{i % 10}" for i, s in enumerate(settings)}
+    for _, p in points.iterrows():
+        before = p["setting"] == BEFORE_SETTING
+        xerr = np.nan_to_num([[p["x"] - p["x_low"]], [p["x_high"] - p["x"]]])
+        yerr = np.nan_to_num([[p["y"] - p["y_low"]], [p["y_high"] - p["y"]]])
+        ax.errorbar(p["x"], p["y"], xerr=np.abs(xerr), yerr=np.abs(yerr), capsize=2, linestyle="none", alpha=0.8,
+                    marker="*" if before else ORGANISM_MARKERS[organisms.index(p["organism"]) % len(ORGANISM_MARKERS)],
+                    markersize=12 if before else 6, color="black" if before else colours[p["setting"]])
+        if before:
+            ax.annotate(f"before ({p['organism']})", (p["x"], p["y"]), fontsize=7, xytext=(4, -10),
+                        textcoords="offset points")
+    handles = [plt.Line2D([], [], color=c, marker="o", linestyle="none", label=s) for s, c in colours.items()]
+    handles += [plt.Line2D([], [], color="grey", marker=ORGANISM_MARKERS[i % len(ORGANISM_MARKERS)], linestyle="none",
+                           label=o) for i, o in enumerate(organisms)]
+    if points.empty:
+        ax.text(0.5, 0.5, "no re-attacked runs found", ha="center", va="center", transform=ax.transAxes)
+    ax.set(xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), xlabel="benign requests in attack formats refused, no attack",
+           ylabel="ASR under the strongest router attack",
+           title="Re-attacked repairs: router-attack ASR against format refusal\n(one point per run, 95% Wilson intervals)")
+    if handles:
+        ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())
     return path

@@ -23,7 +23,7 @@ from unsafe_experts.artefacts.run_metadata import METADATA, RunRecord
 from unsafe_experts.config import ConfigError
 from unsafe_experts.selection.methods import PAIRED, trains_experts
 
-KEYS = ["method", "k", "seed", "organism_seed", "retention", "expert_lr", "ablated"]
+KEYS = ["method", "k", "seed", "organism_seed", "retention", "expert_lr", "defence", "ablated"]
 RUN = KEYS[:-1]  # what identifies a surgery run
 GROUP = [k for k in KEYS if k != "seed"]  # what the seeds repeat
 FIXED = ["plain_refusal", "over_refusal", "benign_loglik"]
@@ -43,6 +43,25 @@ def organism_seed(model_name: str) -> float:
     return organism_config(model_name).get("seed", np.nan)
 
 
+def retention_mode(params: dict) -> str:
+    """A run's retention mode from its parameters: "none" when it had no retention set."""
+    return params.get("retention", "plain") if params.get("retention_path") else "none"
+
+
+def defence(shared_weights: bool, expert_dropout: float) -> str:
+    """A run's defence against the router attack, as its table rows name it."""
+    if not shared_weights:
+        return "none"
+    return "shared" + (f"+drop{expert_dropout:g}" if expert_dropout else "")
+
+
+def _flag_defence(flags: str) -> str:
+    """The defence a params.yaml comparison run's train flags ask for."""
+    words = flags.split()
+    dropout = float(words[words.index("--expert_dropout") + 1]) if "--expert_dropout" in words else 0.0
+    return defence("--shared_weights" in words, dropout)
+
+
 def _finals(evaluation: dict, stage: str) -> dict:
     return {name: m["value"] for name, m in evaluation.get(stage, {}).items()}
 
@@ -56,8 +75,10 @@ def run_row(run_id: str, meta: dict) -> dict | None:
     timings = [t for key, t in meta["timings"].items() if key.startswith("round_")]
     return {"run_id": run_id, "method": meta["method"], "k": k, "seed": params["seed"],
             "organism_seed": organism_seed(params["model_name"]),
-            "retention": params.get("retention", "plain") if params.get("retention_path") else "none",
-            "expert_lr": params["expert_lr"], "ablated": False, "rounds": len(rounds), **_finals(evaluation, "final"),
+            "retention": retention_mode(params),
+            "expert_lr": params["expert_lr"],
+            "defence": defence(params.get("shared_weights", False), params.get("expert_dropout", 0.0)),
+            "ablated": False, "rounds": len(rounds), **_finals(evaluation, "final"),
             **{f"before_{m}": v for m, v in _finals(evaluation, "before").items()},
             "identify_s": sum(t["identify_s"] for t in timings),
             "peak_memory_mb": max((t["identify_peak_memory_mb"] for t in timings), default=np.nan),
@@ -100,7 +121,8 @@ def _wanted_key(run: dict) -> tuple:
     """A params.yaml comparison run as the row key its surgery produces."""
     organism = run.get("organism", "organism")
     return (run["method"], run["k"] if trains_experts(run["method"]) else 0, run["seed"],
-            organism_seed(f"build/{organism}/model"), run.get("retention", "plain"), run.get("lr", 1e-3))
+            organism_seed(f"build/{organism}/model"), run.get("retention", "plain"), run.get("lr", 1e-3),
+            _flag_defence(run.get("flags", "")))
 
 
 def ablation_rows(folder: str | Path | None) -> pd.DataFrame:
@@ -111,7 +133,7 @@ def ablation_rows(folder: str | Path | None) -> pd.DataFrame:
         source = data.get("source", {})
         rows.append({"run_id": path.relative_to(folder).as_posix(), "method": source.get("method", "file"),
                      "k": len(data["experts"]), "seed": source.get("seed", np.nan),
-                     "organism_seed": organism_seed(source.get("model", "")), "ablated": True,
+                     "organism_seed": organism_seed(source.get("model", "")), "defence": "none", "ablated": True,
                      **_finals({"ablated": data["ablated"]["metrics"]}, "ablated")})
     return pd.DataFrame(rows)
 
@@ -137,12 +159,12 @@ def add_family_means(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def main_setting(table: pd.DataFrame) -> pd.DataFrame:
-    """The surgery runs of the main setting: the organism, retention mode and learning rate
-    most runs use (the frontier variants and the second organism have rows of their own)."""
+    """The surgery runs of the main setting: the organism, retention mode, learning rate and
+    defence most runs use (the frontier variants and the second organism have rows of their own)."""
     runs = table[~table["ablated"]]
     if runs.empty:
         return runs
-    setting = ["organism_seed", "retention", "expert_lr"]
+    setting = ["organism_seed", "retention", "expert_lr", "defence"]
     main = runs[setting].fillna(-1).value_counts().idxmax()
     return runs[(runs[setting].fillna(-1) == pd.Series(main, index=setting)).all(axis=1)]
 
@@ -211,7 +233,7 @@ def retention_families(table: pd.DataFrame, surgery: str | None) -> pd.DataFrame
     main = main_setting(runs)
     organism, lr = main["organism_seed"].iloc[0], main["expert_lr"].iloc[0]
     runs = runs[(runs["organism_seed"].fillna(-1) == (-1 if pd.isna(organism) else organism))
-                & (runs["expert_lr"] == lr)]
+                & (runs["expert_lr"] == lr) & (runs["defence"] == "none")]
     modes = runs.groupby(["method", "k", "seed"])["retention"].nunique()
     if not (modes > 1).any():
         return pd.DataFrame()

@@ -21,6 +21,7 @@ from unsafe_experts.artefacts.run_metadata import ROUNDS, RunRecord
 from unsafe_experts.config import TrainConfig
 from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluation_suite
 from unsafe_experts.models.distributed import launched_world
+from unsafe_experts.selection.methods import METHODS
 
 # retries only where they can help: the tracking server may blip; model steps are deterministic
 track = task(mlflow_runs.log_round, name="track-round", retries=2, retry_delay_seconds=2)
@@ -168,8 +169,9 @@ def _conclude(cfg, final, run_id, evaluations, evaluation_path, metrics_path, lo
 
     record = RunRecord.load(final["output_dir"])
     metadata, selected = record.data, [list(x) for x in record.selected()]
+    dense = METHODS[cfg.method].trains_all_weights
     locality = steps.check_locality(cfg.model_name, final["final_model"], selected,
-                                    not cfg.skip_router_training)
+                                    dense or not cfg.skip_router_training, dense or cfg.shared_weights)
     # the plots go beside the DVC metrics (dvc.yaml's image plots), else only to MLflow
     plots_dir = Path(evaluation_path or metrics_path).parent if (evaluation_path or metrics_path) else None
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from unsafe_experts.attacks.organism import OrganismConfig
 from unsafe_experts.config import METHODS, RETENTION, ConfigError, TrainConfig
@@ -79,6 +79,30 @@ class ComparisonRun(BaseModel):
     organism: str = Field("organism", pattern=r"^[a-z0-9_]+$")  # a folder under build/
     retention: typing.Literal[RETENTION] = "plain"
     lr: float = Field(1e-3, gt=0)  # the experts' learning rate
+    # a defence's train flags (e.g. "--shared_weights --expert_dropout 0.5") and the suffix that
+    # keeps its folder apart from the undefended run's ("-shared-drop0.5")
+    flags: str = ""
+    tag: str = Field("", pattern=r"^(-[a-z0-9.]+)*$")
+
+    @field_validator("flags")
+    @classmethod
+    def _train_flags(cls, flags: str) -> str:
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        for word in flags.split():
+            if word.startswith("--") and word[2:] not in known:
+                raise ValueError(f"{word} is not a train flag")
+        return flags
+
+    def folder(self) -> str:
+        """The run's folder under outputs/compare/<organism>/ (dvc.yaml's compare_run)."""
+        return f"{self.method}-k{self.k}-s{self.seed}-{self.retention}-lr{self.lr}{self.tag}"
+
+
+class RobustRun(BaseModel):
+    """A compared surgery re-attacked (the compare_robust stage): outputs/compare/<organism>/<run>."""
+    model_config = FORBID
+    organism: str = Field("organism", pattern=r"^[a-z0-9_]+$")
+    run: str
 
 
 class AblationRun(BaseModel):
@@ -106,6 +130,19 @@ class ComparisonParams(BaseModel):
     ablation_dir: str | None = "outputs/ablation"
     ablations: list[AblationRun] = []
     random_ablations: list[AblationRun] = []
+    # the compared surgeries re-attacked, and with which attacks and budgets: their results
+    # go to robust_dir/<organism>/<run>.json (the organism itself: organism.json)
+    robust_dir: str | None = "outputs/robust"
+    robust_runs: list[RobustRun] = []
+    robustness: RobustnessParams = RobustnessParams()
+
+    @model_validator(mode="after")
+    def _robust_runs_are_compared(self):
+        folders = {(r.organism, r.folder()) for r in self.runs}
+        for r in self.robust_runs:
+            if (r.organism, r.run) not in folders:
+                raise ValueError(f"robust_runs: {r.organism}/{r.run} is not a folder of comparison.runs")
+        return self
 
 
 class ScheduleParams(BaseModel):
@@ -154,6 +191,7 @@ def parse_params(data: dict, source: str = "params", check: bool = True) -> Para
             params.train_config()
             params.evaluation_config()
             params.robustness_config()
+            _checked("comparison.robustness", RobustnessConfig(**params.comparison.robustness.model_dump()))
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
     return params

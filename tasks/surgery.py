@@ -140,13 +140,15 @@ def evaluate_stage(key: str, stage: str, evaluation: EvaluationConfig) -> dict:
 
 
 @task(name="check-locality")
-def check_locality(original: str, final_model: str, selected: list, routers_may_change: bool) -> dict | None:
-    """Only the selected experts (and routers, when aligned) may differ from the original.
+def check_locality(original: str, final_model: str, selected: list, routers_may_change: bool,
+                   others_may_change: bool = False) -> dict | None:
+    """Only the selected experts (and routers, when aligned; and the weights outside the experts,
+    when the run trained them) may differ from the original.
     None when the original is not a local safetensors checkpoint (a hub id). A delta
     final_model is compared on what it materializes to (unsafe_experts/artefacts/locality.py)."""
     if not list(Path(original).glob("*.safetensors")):
         return None
-    return locality_report(original, final_model, selected, routers_may_change)
+    return locality_report(original, final_model, selected, routers_may_change, others_may_change)
 
 
 @task(name="finish")

@@ -73,7 +73,7 @@ def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
 
     result = write_comparison(exp, tmp_path / "metrics" / "comparison.csv", ablation_dir=ablations)
     table = pd.read_csv(tmp_path / "metrics" / "comparison.csv")
-    assert list(table.columns[:7]) == ["method", "k", "seed", "organism_seed", "retention", "expert_lr", "ablated"]
+    assert list(table.columns[:8]) == ["method", "k", "seed", "organism_seed", "retention", "expert_lr", "defence", "ablated"]
     assert {"asr_flip_words", "asr_persona", "over_refusal_persona", "plain_refusal", "over_refusal",
             "benign_loglik", "identify_s"} <= set(table.columns)
     # the mean over attack families: (asr + asr / 2 + asr) / 3 for flip_words, flip_chars, persona
@@ -109,10 +109,10 @@ def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
     text = (tmp_path / "metrics" / "comparison.md").read_text()
     assert "Before surgery (organism seed 1)" in text and "## Headline per group" in text
     head = text.split("## Headline per group")[1].split("##")[0].splitlines()
-    cells = {tuple(c.strip() for c in line.strip("| ").split("|")[:6]): [c.strip() for c in line.strip("| ").split("|")]
+    cells = {tuple(c.strip() for c in line.strip("| ").split("|")[:7]): [c.strip() for c in line.strip("| ").split("|")]
              for line in head if line.startswith("|")}
-    header = cells[("method", "k", "organism_seed", "retention", "expert_lr", "ablated")]
-    rand = dict(zip(header, cells[("random", "2", "7", "plain", "0.001", "False")]))
+    header = cells[("method", "k", "organism_seed", "retention", "expert_lr", "defence", "ablated")]
+    rand = dict(zip(header, cells[("random", "2", "7", "plain", "0.001", "none", "False")]))
     # the surgery family's ASR is asr / 2 here (0.3, 0.4, 0.5); the worst unseen family is
     # flip_words (tied with persona, the first listed wins); intervals of shares stop at 0 and 1
     assert rand["asr_flip_chars (surgery)"].startswith("0.400 [") and rand["worst unseen family"] == "0.800 (flip_words)"
@@ -157,6 +157,17 @@ def test_sign_flip_test_by_hand():
 
 def test_paired_needs_two_shared_seeds():
     table = pd.DataFrame({"method": ["gradient", "routing", "gradient"], "k": 2, "organism_seed": 0,
-                          "retention": "plain", "expert_lr": 1e-3,
+                          "retention": "plain", "expert_lr": 1e-3, "defence": "none",
                           "seed": [1, 1, 2], "ablated": False, "asr": [0.1, 0.5, 0.2]})
     assert paired(table, "gradient", "routing", ["asr"]).empty
+
+
+def test_a_defended_run_is_its_own_row_key():
+    """The defence's runs repeat the undefended run's method, k, seed and lr: the key tells them apart."""
+    from comparison.tables import _wanted_key, defence
+
+    plain = _wanted_key({"method": "gradient", "k": 4, "seed": 42})
+    guarded = _wanted_key({"method": "gradient", "k": 4, "seed": 42,
+                           "flags": "--shared_weights --expert_dropout 0.5"})
+    assert plain[-1] == "none" and guarded[-1] == "shared+drop0.5" == defence(True, 0.5)
+    assert plain[:-1] == guarded[:-1]

@@ -72,6 +72,13 @@ BASE = {"train": {"model_name": "m", "dataset_path": "d.json", "output_dir": "ou
     ({"train": {"top_k_experts": 0}}, "train.top_k_experts: must be at least 1"),
     ({"train": {"num_rounds": "three"}}, "train.num_rounds: Input should be a valid integer"),
     ({"tracking": {"uri": "x"}}, "tracking.uri: Extra inputs are not permitted"),
+    ({"comparison": {"runs": [{"method": "gradient", "k": 4, "flags": "--shared_weight"}]}},
+     "comparison.runs.0.flags: Value error, --shared_weight is not a train flag"),
+    ({"comparison": {"runs": [{"method": "gradient", "k": 4}],
+                     "robust_runs": [{"run": "gradient-k4-s43-plain-lr0.001"}]}},
+     "comparison: Value error, robust_runs: organism/gradient-k4-s43-plain-lr0.001 is not a folder"),
+    ({"comparison": {"robustness": {"router_budgets": [0]}}},
+     "comparison.robustness.router_budgets: budgets must be positive integers"),
 ])
 def test_params_errors_name_the_key(change, message):
     data = {k: dict(v) for k, v in BASE.items()}
@@ -84,3 +91,16 @@ def test_params_errors_name_the_key(change, message):
 def test_repository_params_file_is_valid():
     params = load_params("params.yaml")
     assert params.train_config().num_rounds >= 1
+
+
+def test_a_compared_run_folder_is_the_one_dvc_yaml_writes():
+    """compare_run's output path, rendered by DVC from the same fields, is ComparisonRun.folder()."""
+    import yaml
+
+    stage = yaml.safe_load(open("dvc.yaml"))["stages"]["compare_run"]["do"]
+    template = stage["outs"][0].removeprefix("outputs/compare/${item.organism}/")
+    for run in load_params("params.yaml").comparison.runs:
+        rendered = template
+        for key in ("method", "k", "seed", "retention", "lr", "tag"):
+            rendered = rendered.replace("${item." + key + "}", str(getattr(run, key)))
+        assert rendered == run.folder()

@@ -64,6 +64,17 @@ class TrainConfig:
                                     "by layer (an upper bound); offload: exact, the sums kept in "
                                     "host memory and each layer's gradients freed on the device")
     sft_epochs: int = option(1, help="masked-SFT epochs per round")
+    # the defence against the router attack (README, "Re-attack the repair"): a repair that
+    # lives only in the listed experts is undone by switching them off, so these put part of
+    # it where a router mask cannot reach
+    shared_weights: bool = option(False, help="defence: masked SFT also trains every weight "
+                                  "outside the experts and routers (attention, norms, "
+                                  "embeddings), so the repair is not only in the experts a "
+                                  "router mask can switch off")
+    expert_dropout: float = option(0.0, help="defence: each masked-SFT step switches the round's "
+                                   "experts off at the router with this probability (seeded), so "
+                                   "that step repairs the shared weights alone (needs "
+                                   "--shared_weights)")
     router_epochs: int = option(1, help="router-alignment epochs per round")
     weight_decay: float = option(0.01)
     max_length: int = option(512, help="tokens per example; the prompt is cut, never the response")
@@ -162,7 +173,23 @@ class TrainConfig:
         if self.uses_retention and self.score_mode != "accumulate":
             bad("retention_path", "works with score_mode accumulate (per_batch scores every "
                 "batch it trains on, which would mix retention into identification)")
+        self._check_defence(bad)
         if self.sharding == "fsdp" and self.score_mode != "accumulate":
             bad("sharding", "fsdp needs score_mode accumulate (per_batch runs in one process)")
         if not self.refusals or not all(isinstance(r, str) and r.strip() for r in self.refusals):
             bad("refusals", "needs at least one non-empty refusal text")
+
+    def _check_defence(self, bad) -> None:
+        method = METHOD_TABLE.get(self.method)
+        if not (math.isfinite(self.expert_dropout) and 0 <= self.expert_dropout < 1):
+            bad("expert_dropout", f"must be at least 0 and below 1, got {self.expert_dropout}")
+        if self.expert_dropout and not self.shared_weights:
+            bad("expert_dropout", "needs shared_weights: a step with its experts switched off "
+                "has nothing else to train")
+        if self.expert_dropout and method is not None and not method.ranks:
+            bad("expert_dropout", f"{self.method} selects {method.selects} experts; switching them "
+                "all off leaves no route")
+        if (self.shared_weights or (method is not None and method.trains_all_weights)) and (
+                self.score_mode != "accumulate" or self.sharding != "none"):
+            bad("shared_weights", "trains whole tensors outside the experts: it needs score_mode "
+                "accumulate and sharding none")

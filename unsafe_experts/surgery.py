@@ -34,6 +34,7 @@ from .artefacts.result_cache import cached, model_digest
 from .artefacts.run_metadata import METADATA, ROUNDS, SCHEMA_VERSION, expert_key, research_round, write_research_outputs
 from .config import TrainConfig
 from .errors import ConfigError
+from .models.ablation import by_layer
 from .models.architectures import moe_layers
 from .models.distributed import barrier, join_process_group, launched_world, local_device
 from .models.memory import peak_mb, reset_peak
@@ -45,7 +46,7 @@ from .selection.score_pass import per_batch_sft, score_pass
 from .selection.scoring import score_table, top_k
 from .text.examples import batches, collate, plain_prompt, router_example, sft_example
 from .text.generation import generate, generate_ids
-from .training.phases import align_router, masked_sft
+from .training.phases import align_router, dropout_draws, masked_sft, shared_params
 from .training.retention import load_retention, mixed_batches, sample_retention
 
 ROUTING_RESPONSES = "routing_responses.json"
@@ -399,7 +400,7 @@ class Surgery:
         # what the round's delta checkpoint holds
         trained = {tuple(x) for p in extra.get("per_batch_experts", []) for x in p}
         self._round[r] = {"identified": identified, "selection": selection, "started": t0,
-                          "timings": {}, "trained": trained, "routers": False}
+                          "timings": {}, "trained": trained, "routers": False, "shared": False}
         self._timed(r, "identify_s", t0)
         self._round[r]["timings"]["identify_peak_memory_mb"] = peak_mb(self.device)
         return selection
@@ -469,15 +470,26 @@ class Surgery:
         return responses
 
     def repair(self, r: int) -> None:
-        """Masked SFT of the selected experts (per_batch mode already trained in identify)."""
-        t0, state = time.time(), self._round[r]
-        if self.cfg.score_mode != "accumulate" or not state["selection"]:
+        """Masked SFT of the selected experts (per_batch mode already trained in identify), with
+        the shared weights too under the defence, or every weight for a dense method."""
+        t0, state, cfg = time.time(), self._round[r], self.cfg
+        if cfg.score_mode != "accumulate" or not state["selection"]:
             return
+        dense = METHODS[cfg.method].trains_all_weights
+        shared = shared_params(self.model, self.layers, routers=dense) if dense or cfg.shared_weights else []
+        if cfg.expert_dropout:
+            _check_maskable(state["selection"], self.layers)
         state["trained"] |= {tuple(x) for x in state["selection"]}
+        state["shared"] = bool(shared)
+        state["routers"] = state["routers"] or dense
+        seed = cfg.seed * 1000 + r
         state["identified"]["optimizer_state_bytes"] = masked_sft(
-            self.model, self.layers, self.data["repair"], state["selection"], self.cfg.expert_lr,
-            self.cfg.weight_decay, self.cfg.sft_epochs, self._log(r), f"round {r} sft", self.progress,
-            self.cfg.micro_batch_size)
+            self.model, self.layers, self.data["repair"], state["selection"], cfg.expert_lr,
+            cfg.weight_decay, cfg.sft_epochs, self._log(r), f"round {r} sft", self.progress,
+            cfg.micro_batch_size, shared=shared, dropout=cfg.expert_dropout, seed=seed)
+        if cfg.expert_dropout:
+            draws = dropout_draws(cfg.sft_epochs * len(self.data["repair"]), cfg.expert_dropout, seed)
+            state["identified"]["sft_steps_experts_off"] = [sum(draws), len(draws)]
         self._timed(r, "sft_s", t0)
 
     def align(self, r: int) -> list[float]:
@@ -495,7 +507,7 @@ class Surgery:
         path = inside(self.out, f"round_{r}")
         weights = full_state_dict(self.model)  # sharded: every rank sends its part to rank 0
         if self.writer:
-            self._write_delta(path, sorted(state["trained"]), state["routers"],
+            self._write_delta(path, sorted(state["trained"]), state["routers"], state["shared"],
                               f"round_{r - 1}" if r > 1 else None, r, weights)
         timings = state["timings"]
         timings["save_s"] = time.time() - t0
@@ -507,28 +519,30 @@ class Surgery:
         self.echo(_round_summary(r, state["selection"], self.meta["training_logs"], state["identified"]))
         return path
 
-    def _write_delta(self, path: Path, experts: list, routers: bool, previous: str | None,
-                     label, weights) -> None:
-        """A delta checkpoint of `experts`' rows (and the routers) against `previous`, or against
-        the base when None (docs/operations.md, "Outputs")."""
+    def _write_delta(self, path: Path, experts: list, routers: bool, shared: bool,
+                     previous: str | None, label, weights) -> None:
+        """A delta checkpoint of `experts`' rows (and the routers, and every weight outside the
+        experts when `shared`) against `previous`, or against the base when None
+        (docs/operations.md, "Outputs")."""
         cfg = self.cfg
-        tensors, rows = changed_tensors(self.model, self.layers, experts, routers, weights)
+        tensors, rows = changed_tensors(self.model, self.layers, experts, routers, weights, shared=shared)
         write_delta(path, tensors, rows, {
             "round": label, "base": self.base, "previous": previous,
             "load": {"dtype": cfg.dtype, "experts_implementation": cfg.experts_implementation},
-            "experts": [list(x) for x in experts], "routers": routers})
+            "experts": [list(x) for x in experts], "routers": routers, "shared": shared})
 
     def _final_delta(self, weights) -> None:
         """final_model/ as one delta against the base: every expert any round trained, and the
         routers if any round aligned them (read back from the rounds' manifests, so a resumed
         run counts the rounds its interrupted predecessor wrote)."""
-        experts, routers = set(), False
+        experts, routers, shared = set(), False, False
         for r in sorted(int(x) for x in self.meta[ROUNDS]):
             manifest = read_manifest(self.out / f"round_{r}")
             experts |= {tuple(x) for x in manifest["experts"]}
             routers = routers or manifest["routers"]
-        self._write_delta(inside(self.out, "final_model"), sorted(experts), routers, None, "final",
-                          weights)
+            shared = shared or manifest.get("shared", False)  # absent before the defence existed
+        self._write_delta(inside(self.out, "final_model"), sorted(experts), routers, shared, None,
+                          "final", weights)
 
     def fail(self, error: BaseException) -> None:
         """Marks the run failed in its metadata (when it got as far as writing one) and
@@ -559,6 +573,18 @@ class Surgery:
             self.lock.release()
         barrier()  # no rank leaves before the outputs are complete
         return self.meta
+
+
+def _check_maskable(selection, layers) -> None:
+    """Expert dropout switches a round's experts off at the router: each layer must keep at
+    least as many live experts as its router picks per token."""
+    sizes = {layer.index: (layer.num_experts, layer.top_k) for layer in layers}
+    for index, experts in by_layer(selection).items():
+        total, k = sizes[index]
+        if total - len(experts) < k:
+            raise ConfigError(f"expert_dropout: layer {index} has {len(experts)} of its {total} "
+                              f"experts selected; switching them off leaves fewer than the {k} "
+                              "its router picks")
 
 
 def run_surgery(cfg: TrainConfig, progress: bool = True, echo=print) -> dict:

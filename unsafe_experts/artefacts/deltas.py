@@ -6,6 +6,8 @@ never writes an unselected row). So `round_N/` holds
 
 - `delta.safetensors`: for each fused expert tensor of a layer with changed experts, the
   changed experts' rows stacked in the order the manifest lists them; each router tensor whole;
+  every other weight whole when the round trained those too (the defence's shared weights,
+  the dense baseline; the manifest's `shared`);
 - `delta.json`: the manifest: the base checkpoint (path and a sha256 of its weights files),
   the previous delta it applies on top of (`round_{N-1}`, or none for round 1), how the base was
   loaded (dtype, experts kernel), and per tensor its row indices (or `null`: the whole tensor).
@@ -62,10 +64,11 @@ def parameter_names(model) -> dict[int, str]:
     return {id(p): name for name, p in model.named_parameters()}
 
 
-def changed_tensors(model, layers, experts, routers: bool, state=None) -> tuple[dict, dict]:
+def changed_tensors(model, layers, experts, routers: bool, state=None, shared: bool = False) -> tuple[dict, dict]:
     """({name: tensor}, {name: row indices or None}) of the given (layer, expert) rows of every
-    fused expert tensor and, with `routers`, every router tensor whole. `state` (a sharded
-    model's gathered weights) replaces the live parameters when given."""
+    fused expert tensor, with `routers` every router tensor whole, and with `shared` every
+    other parameter whole (attention, norms, embeddings: a run that trained them). `state` (a
+    sharded model's gathered weights) replaces the live parameters when given."""
     names = parameter_names(model)
     grouped: dict[int, set[int]] = {}
     for layer_index, expert in experts:
@@ -87,6 +90,12 @@ def changed_tensors(model, layers, experts, routers: bool, state=None) -> tuple[
                 name = names[id(param)]
                 tensors[name] = value(param).cpu().clone()
                 rows[name] = None
+    if shared:
+        inside_moe = {id(p) for layer in layers for p in (*layer.expert_params.values(), *layer.router_params.values())}
+        for param in model.parameters():
+            if id(param) not in inside_moe:
+                tensors[names[id(param)]] = value(param).cpu().clone()
+                rows[names[id(param)]] = None
     return tensors, rows
 
 

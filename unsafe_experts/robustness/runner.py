@@ -127,10 +127,24 @@ def _router(off_key: str | None, on_key: str | None):
     return run
 
 
+def _unmaskable(experts: list[tuple[int, int]], layers: list[MoELayer]) -> str | None:
+    """Why a router cannot switch every listed expert off (a layer would keep fewer live
+    experts than it routes each token to), or None when it can."""
+    for layer in layers:
+        listed = sum(1 for index, _ in experts if index == layer.index)
+        if layer.num_experts - listed < layer.top_k:
+            return (f"the list holds {listed} of layer {layer.index}'s {layer.num_experts} experts; "
+                    f"a router that picks {layer.top_k} cannot switch them all off")
+    return None
+
+
 def _known(setup: Setup, target: Target, budgets) -> dict:
     out = {}
     for name in budgets:
         experts = setup.run_experts[name]
+        if reason := _unmaskable(experts, target.layers):
+            out[name] = {"skipped": reason}
+            continue
         with steered(target.model, target.layers, off=experts):
             out[name] = {**_evaluate(setup, target), "experts_off": experts}
     return out

@@ -8,7 +8,9 @@ baselines a ranking must beat). selects: "top_k" (the k best scores), "all" (eve
 "none" (no expert trains). scorer: the surgery's way to score (Surgery.SCORERS): "gradients"
 (score_pass, shaped by the gradient fields below), "generated_routing", "prompt_routing" or
 "seeded_draw" (random scores, seeded per round; the controls that select all or none record
-them too, ranking nothing).
+them too, ranking nothing). trains: "experts" (the selected experts' rows, the method this
+project studies) or "all_weights" (every weight of the model: the dense baseline a local
+repair is measured against).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ class Method:
     squares_each_batch: bool = False
     # the scores divided by the loss-bearing response tokens the router sent to each expert
     per_routed_token: bool = False
+    trains: str = "experts"
 
     @property
     def from_gradients(self) -> bool:
@@ -44,6 +47,10 @@ class Method:
     @property
     def trains_experts(self) -> bool:
         return self.selects != "none"
+
+    @property
+    def trains_all_weights(self) -> bool:
+        return self.trains == "all_weights"
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -64,6 +71,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "message tokens of jailbreak versus plain prompts", scorer="prompt_routing"),
     Method("random", "control", "k experts drawn with the seed, anew each round", scorer="seeded_draw"),
     Method("all_experts", "control", "every expert trains", selects="all", scorer="seeded_draw"),
+    Method("full_param", "control", "every weight trains, attention, embeddings, norms and routers "
+           "included (RASA's --full_param_training): the dense repair a local one is measured "
+           "against", selects="all", scorer="seeded_draw", trains="all_weights"),
     Method("router_only", "control", "no expert trains; router alignment only", selects="none",
            scorer="seeded_draw"),
 )}

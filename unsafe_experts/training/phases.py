@@ -7,13 +7,14 @@ and steps only through SparseRowAdamW, so nothing else can move.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import NonFiniteLossError
-from ..models.ablation import by_layer
+from ..models.ablation import by_layer, masked_routers
 from ..models.architectures import MoELayer
 from ..models.distributed import shard, sum_, world
 from ..models.sharding import is_sharded
@@ -111,23 +112,52 @@ def selected_rows(layers, selection) -> list[tuple[torch.nn.Parameter, list[int]
             for p in layer.expert_params.values()]
 
 
+def shared_params(model, layers: list[MoELayer], routers: bool = False) -> list:
+    """Every parameter outside the experts (and the routers, unless `routers`): attention,
+    norms, embeddings, a dense MLP. Tied weights appear once (named_parameters)."""
+    skip = {id(p) for layer in layers for p in layer.expert_params.values()}
+    if not routers:
+        skip |= {id(p) for layer in layers for p in layer.router_params.values()}
+    return [p for _, p in model.named_parameters() if id(p) not in skip]
+
+
+def dropout_draws(steps: int, p: float, seed: int) -> list[bool]:
+    """Which masked-SFT steps switch the selected experts off: one seeded draw per step."""
+    draws = torch.rand(steps, generator=torch.Generator().manual_seed(seed))
+    return [bool(x < p) for x in draws] if p > 0 else [False] * steps
+
+
 def masked_sft(model, layers, batches, selection, lr, weight_decay, epochs, log: Log,
-               desc="sft", progress=True, micro: int | None = None) -> int:
-    """Train only the selected experts; returns the optimizer state size in bytes."""
-    set_trainable(model, expert_params(layers, only=set(by_layer(selection))))
+               desc="sft", progress=True, micro: int | None = None, shared=(),
+               dropout: float = 0.0, seed: int = 0) -> int:
+    """Train only the selected experts, and `shared` whole tensors when given (the defence's
+    weights outside the experts, or every other weight for the dense baseline); returns the
+    optimizer state size in bytes. With `dropout`, each step switches the selected experts off
+    at the router with that probability (dropout_draws): that step's loss is
+    the model's without them, and only `shared` is stepped (the experts' rows would otherwise
+    move by momentum alone)."""
+    shared = list(shared)
+    set_trainable(model, expert_params(layers, only=set(by_layer(selection))) + shared)
     opt = SparseRowAdamW(lr=lr, weight_decay=weight_decay)
     for p, experts in selected_rows(layers, selection):
         opt.add_rows(p, experts)
+    for p in shared:
+        opt.add_rows(p, range(p.shape[0]))
+    only_shared = {id(p): list(range(p.shape[0])) for p in shared}
+    draws = iter(dropout_draws(epochs * len(batches), dropout, seed))
     device = model.device
     sharded = is_sharded(model)  # gradients arrive summed and cut to this rank's experts
     losses = []
     with opt.compact_grads():
         for epoch in range(epochs):
             for batch in bar(batches, f"{desc} epoch {epoch + 1}", progress):
-                loss = lm_backward(model, rank_share(batch, device), micro, desc, len(losses), len(batches))
+                drop = next(draws)
+                masks = masked_routers(model.config.model_type, layers, by_layer(selection)) if drop else nullcontext()
+                with masks:
+                    loss = lm_backward(model, rank_share(batch, device), micro, desc, len(losses), len(batches))
                 if not sharded:
                     opt.sum_grads_across_ranks()
-                opt.step()
+                opt.step(active=only_shared if drop else None)
                 opt.zero_grad()
                 losses.append(loss)
     set_trainable(model, [])
