@@ -129,3 +129,28 @@ def test_the_router_attack_skips_a_list_it_cannot_switch_off(make_model):
     everything = [(layer.index, e) for e in range(layer.num_experts)]
     assert "cannot switch them all off" in _unmaskable(everything, layers)
     assert _unmaskable(everything[:layer.num_experts - layer.top_k], layers) is None
+
+
+def test_switching_off_the_repaired_experts_gives_back_the_unrepaired_model_exactly(make_model, tokenizer, records):
+    """Why the router attack with the list known undoes any repair that changed only experts:
+    with them switched off, the repaired model computes exactly what the unrepaired one does
+    with them switched off. Only weights outside the list (routers, the defence's shared
+    weights) can keep anything of the repair."""
+    original = make_model("olmoe")
+    repaired = make_model("olmoe")
+    layers = moe_layers(repaired)
+    batches = sft_batches(tokenizer, records[:4])
+    masked_sft(repaired, layers, batches, SELECTION, lr=1e-2, weight_decay=0.0, epochs=2,
+               log=lambda *a: None, progress=False)
+    batch = batches[0]
+
+    def logits(model, off):
+        with torch.no_grad(), masked_routers(model.config.model_type, moe_layers(model), off):
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    assert not torch.equal(logits(original, {}), logits(repaired, {}))
+    assert torch.equal(logits(original, by_layer(SELECTION)), logits(repaired, by_layer(SELECTION)))
+    defended = make_model("olmoe")
+    masked_sft(defended, moe_layers(defended), batches, SELECTION, lr=1e-2, weight_decay=0.0, epochs=2,
+               log=lambda *a: None, progress=False, shared=shared_params(defended, moe_layers(defended)))
+    assert not torch.equal(logits(original, by_layer(SELECTION)), logits(defended, by_layer(SELECTION)))
