@@ -34,12 +34,13 @@ DEFAULTS = {"retention": "plain", "expert_lr": 1e-3, "shared_weights": False, "e
 SETTING = ["method", "k", "retention", "expert_lr", "shared_weights", "expert_dropout"]
 COLUMNS = ["organism", "organism_seed", "run", *SETTING[:2], "seed", *SETTING[2:], "setting", "attack", "budget",
            "metric", "value", "n", "ci_low", "ci_high", "plain_refusal", "format_refusal_all",
-           "format_refusal_all_ci_low", "format_refusal_all_ci_high", "skipped"]
+           "format_refusal_all_ci_low", "format_refusal_all_ci_high", "benign_loglik", "skipped"]
 # the robustness command's compact companion of each result (tasks/robustness.summary_paths:
 # <run>_headline.json, the DVC metrics), beside it in the same folder: not a result
 COMPANION = "_headline.json"
 NO_ATTACK = "none"
 COST = "format refusal (none)"  # the cost column: benign-in-format refusal with no attack
+UTILITY = "benign loglik (none)"  # the utility column: mean log-likelihood of benign answers, no attack
 ROUTER = "router_"  # the attacks on the router, the frontier's y axis
 
 
@@ -111,6 +112,8 @@ def _cell(metrics: dict) -> dict:
         m = metrics["format_refusal_all"]
         low, high = m.get("ci95") or (np.nan, np.nan)
         out.update(format_refusal_all=m["value"], format_refusal_all_ci_low=low, format_refusal_all_ci_high=high)
+    if "benign_loglik" in metrics:
+        out["benign_loglik"] = metrics["benign_loglik"]["value"]
     return out
 
 
@@ -180,6 +183,7 @@ def wide(table: pd.DataFrame, columns: dict[str, tuple[str, str]]) -> pd.DataFra
     for name, (attack, budget) in columns.items():
         out[name] = _pick(cells, attack, budget, "value", settings.index)
     out[COST] = _pick(cells, NO_ATTACK, "-", "format_refusal_all", settings.index)
+    out[UTILITY] = _pick(cells, NO_ATTACK, "-", "benign_loglik", settings.index)
     return out.reset_index()
 
 
@@ -193,7 +197,10 @@ def _pick(cells: pd.DataFrame, attack: str, budget: str, field: str, index) -> p
 
 
 def _interval_of(table: pd.DataFrame, organism: str, setting: str, column: str, columns) -> tuple:
-    """The Wilson interval a single run's file gives for a column's cell."""
+    """The Wilson interval a single run's file gives for a column's cell (none for utility, a
+    log-likelihood rather than a share)."""
+    if column == UTILITY:
+        return (np.nan, np.nan)
     attack, budget = columns.get(column, (NO_ATTACK, "-"))
     field = "ci" if column in columns else "format_refusal_all_ci"
     rows = table[(table["organism"] == organism) & (table["setting"] == setting) & (table["attack"] == attack)
@@ -235,7 +242,7 @@ def summary(table: pd.DataFrame, columns: dict[str, tuple[str, str]]) -> pd.Data
     seeds [95% t interval, cut at 0 and 1]; where one run has the cell, its value [Wilson
     interval]; where fewer runs than seeds have it (skipped), "(n = m)" after it."""
     runs = wide(table[table["run"] != BEFORE], columns)
-    metrics = [*columns, COST]
+    metrics = [*columns, COST, UTILITY]
     means = group_summary(runs, ["organism", "setting"], metrics) if len(runs) else pd.DataFrame()
     counts = runs.groupby(["organism", "setting"])[metrics].count() if len(runs) else pd.DataFrame()
     out = []
@@ -249,7 +256,9 @@ def summary(table: pd.DataFrame, columns: dict[str, tuple[str, str]]) -> pd.Data
             if count == 1:
                 low, high = _interval_of(table, g["organism"], g["setting"], m, columns)
             else:
-                low, high = np.clip(g[f"{m}_ci_low"], 0, 1), np.clip(g[f"{m}_ci_high"], 0, 1)
+                low, high = g[f"{m}_ci_low"], g[f"{m}_ci_high"]
+                if m != UTILITY:  # shares: the t interval cut at 0 and 1
+                    low, high = np.clip(low, 0, 1), np.clip(high, 0, 1)
             row[m] = _fmt(g[f"{m}_mean"], low, high) + (f" (n = {count})" if count < g["seeds"] else "")
         out.append(row)
     for organism, part in table[table["run"] == BEFORE].groupby("organism"):
@@ -284,7 +293,7 @@ def paired_differences(table: pd.DataFrame, columns: dict[str, tuple[str, str]])
         for other in order_settings(list(dict.fromkeys(part["setting"])), reference):
             if other == reference:
                 continue
-            found = paired(part, reference, other, [*columns, COST], by=("organism", "organism_seed"))
+            found = paired(part, reference, other, [*columns, COST, UTILITY], by=("organism", "organism_seed"))
             if found.empty:
                 left_out.append(f"{organism}: {reference} - {other}")
             else:
@@ -321,7 +330,8 @@ def markdown(table: pd.DataFrame, columns, means: pd.DataFrame, tests: pd.DataFr
              "one run: its own 95% Wilson interval over prompts; `before`: the organism attacked alone)",
              f"Each attack at one budget (every budget in robustness_comparison.csv); headline ASR pooled over the "
              f"attack families, or over plain requests for prompt attacks; n per cell: {', '.join(limits) or '-'}; "
-             f"`{COST}`: benign requests in attack formats refused with no attack, the repair's cost."]
+             f"`{COST}`: benign requests in attack formats refused with no attack, the repair's cost; "
+             f"`{UTILITY}`: mean log-likelihood of the reference answers to benign requests (higher is better)."]
     for organism, part in means.groupby("organism", sort=False):
         seed = table.loc[table["organism"] == organism, "organism_seed"].iloc[0]
         parts += [f"### {organism}" + ("" if pd.isna(seed) else f" (organism seed {seed:g})"),

@@ -29,7 +29,7 @@ def metrics(asr, fmt, prompt):
     if prompt:  # a prompt attack scores the plain requests alone
         return {"asr_plain": share(asr, 16)}
     return {"asr_flip_words": share(asr, 16), "over_refusal_flip_words": share(fmt, 16), "asr_all_families": share(asr),
-            "plain_refusal": share(0.9, 16), "format_refusal_all": share(fmt), "benign_loglik": {"value": -5.0}}
+            "plain_refusal": share(0.9, 16), "format_refusal_all": share(fmt), "benign_loglik": {"value": -5.0 - fmt}}
 
 
 def result(values, fmt=0.1, attacks=ATTACKS):
@@ -138,7 +138,10 @@ def test_the_section_summarises_over_seeds_and_pairs_on_seeds(tree, tmp_path):
     assert list(rows) == ["before", "gradient k4", "full_param", "gradient k4 +shared drop0.5"]
     # one column per attack at its headline budget, and the cost
     assert list(rows["gradient k4"])[2:] == ["none", "router_known all", "router_unknown 16", "prefill 4",
-                                             "finetune_harmful 16", "format refusal (none)"]
+                                             "finetune_harmful 16", "format refusal (none)", "benign loglik (none)"]
+    # utility is a log-likelihood, not a share: its t interval is not cut at 0 (-5.10, -5.12, -5.14)
+    spread = T2 * 0.02 / 3 ** 0.5
+    assert rows["gradient k4"]["benign loglik (none)"] == f"-5.120 [{-5.12 - spread:.3f}, {-5.12 + spread:.3f}]"
     half = T2 * 0.1 / 3 ** 0.5  # 0.5, 0.6, 0.7: mean 0.6, sd 0.1
     assert rows["gradient k4"]["seeds"] == "3"
     assert rows["gradient k4"]["router_unknown 16"] == f"0.600 [{0.6 - half:.3f}, {0.6 + half:.3f}]"
@@ -166,7 +169,7 @@ def test_the_section_summarises_over_seeds_and_pairs_on_seeds(tree, tmp_path):
     # router_known against a setting skipped on every seed has no pair; the one-seed defence none
     mine = paired[paired.organism == "organism"]
     assert not ((mine.metric == "router_known all") & (mine.comparison == "gradient k4 - full_param")).any()
-    assert set(mine.comparison) == {"gradient k4 - full_param"} and len(mine) == 5
+    assert set(mine.comparison) == {"gradient k4 - full_param"} and len(mine) == 6  # 4 attacks, cost, utility
     assert "Not paired (fewer than two seeds in common): organism: gradient k4 - gradient k4 +shared drop0.5" in text
     assert "### Re-attacked, paired on seeds" in text and text.startswith("## Re-attacked: ")
 
