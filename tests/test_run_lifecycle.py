@@ -290,3 +290,17 @@ def test_resuming_removes_only_the_runs_own_temporary_entries(tiny_dir, records_
     assert set(users) <= names, "a user's entry was removed"
     assert not set(leftovers) & names
     assert (out / ".git" / "inside").read_text() == "x"
+
+
+def test_only_the_names_the_atomic_writers_make_count_as_temporary():
+    from unsafe_experts.artefacts.atomic import is_temporary_of
+
+    def ours(name):
+        return name in {"round_2", "final_model", "training_metadata.json"}
+
+    for name in (".round_2.k3j4h5g6", ".round_2.old", ".final_model.a1b2c3d4",
+                 ".training_metadata.json.x1y2.tmp", ".training_metadata.json.abcd_123.tmp"):
+        assert is_temporary_of(name, ours), name
+    for name in (".git", ".venv", ".notes", LOCK_NAME, ".round_2.backup", ".draft.tmp", "round_2",
+                 ".round_3.k3j4h5g6", ".training_metadata.json", "training_metadata.json.x1y2.tmp"):
+        assert not is_temporary_of(name, ours), name

@@ -63,7 +63,9 @@ def save_checkpoint_atomic(model, tokenizer, path: str | Path, state_dict=None) 
 
 
 LOCK_NAME = ".unsafe-experts.lock"
-_TEMPORARY_SUFFIX = re.compile(r"[A-Za-z0-9_]+(\.tmp)?|old")
+# what the writers above append to ".NAME.": mkstemp's random part and ".tmp", mkdtemp's eight
+# random characters, save_directory_atomic's "old"
+_TEMPORARY_SUFFIX = re.compile(r"[A-Za-z0-9_]+\.tmp|[a-z0-9_]{8}|old")
 
 
 def is_temporary_of(name: str, is_target) -> bool:
