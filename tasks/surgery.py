@@ -18,7 +18,7 @@ from unsafe_experts.artefacts.locality import locality_report
 from unsafe_experts.artefacts.result_cache import cached, model_digest
 from unsafe_experts.artefacts.run_metadata import METADATA, ROUNDS, RoundRecord, expert_key
 from unsafe_experts.config import TrainConfig
-from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluate, evaluation_suite
+from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluate, evaluation_suite, is_evaluation_result
 from unsafe_experts.evaluation.suites import suite_digest
 from unsafe_experts.records import DatasetError
 from unsafe_experts.surgery import Surgery
@@ -132,7 +132,10 @@ def evaluate_stage(key: str, stage: str, evaluation: EvaluationConfig) -> dict:
         cache_key = {"model": digest, "suite": suite_digest(suite),
                      "evaluation": {**asdict(evaluation), "rounds": None}, "dtype": str(surgery.model.dtype),
                      "device": surgery.model.device.type}
-    result = cached(surgery.cfg.cache_dir, "evaluation_before", cache_key, run)
+    used: dict = {}
+    result = cached(surgery.cfg.cache_dir, "evaluation_before", cache_key, run, is_evaluation_result, used)
+    for kind, entry in used.items():  # which cache entry the figures came from
+        surgery.record("cache", kind, entry)
     surgery.record("evaluation", stage, result["metrics"])  # kept if the run is resumed
     get_run_logger().info("evaluation %s: %s", stage, ", ".join(
         f"{name} {m['value']:.3f}" for name, m in result["metrics"].items()))

@@ -14,6 +14,7 @@ from unsafe_experts.artefacts.checkpoints import checkpoint_tokenizer, load_chec
 from unsafe_experts.artefacts.deltas import MANIFEST, WEIGHTS, DeltaError, weights_digest
 from unsafe_experts.artefacts.locality import weight_changes
 from unsafe_experts.config import TrainConfig
+from unsafe_experts.records import file_digest
 from unsafe_experts.surgery import Surgery, run_surgery
 
 
@@ -162,21 +163,116 @@ def test_materialize_refuses_a_missing_round_or_another_base(tiny_dir, records_p
     assert (tmp_path / "ok" / "model.safetensors").is_file()
 
 
-def test_a_resumed_run_refuses_a_base_whose_weights_changed(tiny_dir, records_path, tmp_path):
-    base = tmp_path / "base"
-    shutil.copytree(tiny_dir, base)
-    cfg = config(base, records_path, tmp_path / "out")
+def interrupted_after_round_1(cfg):
+    """The state a run killed after its first round leaves (round_1/ and the metadata)."""
     interrupted = Surgery(cfg, progress=False, echo=lambda *a: None)
     interrupted.start()
     for phase in (interrupted.identify, interrupted.repair, interrupted.align, interrupted.checkpoint):
         phase(1)
     interrupted.fail(KeyboardInterrupt())
-    weights = load_file(base / "model.safetensors")
-    name = next(iter(weights))
-    weights[name] = weights[name] * 2
-    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(DeltaError, match="were trained on a base with digest"):
+
+
+def change_config(base):
+    """The same weights under another architecture setting (rope_theta)."""
+    config_file = base / "config.json"
+    values = json.loads(config_file.read_text())
+    values["rope_theta"] = values.get("rope_theta", 10000.0) * 2
+    config_file.write_text(json.dumps(values, indent=2))
+
+
+@pytest.mark.parametrize("change, message", [("weights", "were trained on a base with digest"),
+                                             ("config", "config.json digest")])
+def test_a_resumed_run_refuses_a_base_whose_weights_changed(change, message, tiny_dir, records_path, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    cfg = config(base, records_path, tmp_path / "out")
+    interrupted_after_round_1(cfg)
+    if change == "weights":
+        weights = load_file(base / "model.safetensors")
+        name = next(iter(weights))
+        weights[name] = weights[name] * 2
+        save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    else:  # the architecture the rounds' weights are loaded into, weights untouched
+        change_config(base)
+    with pytest.raises(DeltaError, match=message):
         run_surgery(cfg, progress=False, echo=lambda *a: None)
+
+
+def test_materialize_refuses_a_base_whose_config_changed(tiny_dir, records_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_surgery(config(tiny_dir, records_path, out, num_rounds=1), progress=False, echo=lambda *a: None)
+    manifest = json.loads((out / "round_1" / MANIFEST).read_text())
+    assert manifest["base"]["config_sha256"] == file_digest(tiny_dir / "config.json")
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_dir, other)
+    change_config(other)
+    capsys.readouterr()
+    target = tmp_path / "full"
+    assert main(["materialize", str(out), "--round", "1", "--out", str(target), "--base", str(other)]) == 2
+    one_error_line(capsys, f"base {other} has config.json digest")
+    assert not target.exists()
+    # a manifest written before the config digest existed: its base's config is not checked
+    for delta in (out / "round_1", out / "final_model"):
+        if (delta / MANIFEST).is_file():
+            old = json.loads((delta / MANIFEST).read_text())
+            del old["base"]["config_sha256"]
+            (delta / MANIFEST).write_text(json.dumps(old))
+    assert main(["materialize", str(out), "--round", "1", "--out", str(target), "--base", str(other)]) == 0
+
+
+def damage_data(file, at=-4):
+    """Flips bytes in the tensor data of a safetensors file, leaving its header intact."""
+    data = bytearray(file.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    assert len(data) + at >= header  # inside the data, past the header
+    data[at:] = bytes(0xFF for _ in data[at:])  # a float32's bytes all 0xFF: NaN
+    file.write_bytes(bytes(data))
+
+
+def test_a_delta_whose_bytes_changed_is_refused_naming_both_digests(tiny_dir, records_path, tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    cfg = config(base, records_path, tmp_path / "out")
+    interrupted_after_round_1(cfg)
+    delta = tmp_path / "out" / "round_1"
+    manifest = json.loads((delta / MANIFEST).read_text())
+    assert manifest["delta_sha256"] == file_digest(delta / WEIGHTS)
+    load_checkpoint(delta)  # sound: loads
+    damage_data(delta / WEIGHTS)
+    found = file_digest(delta / WEIGHTS)
+    # every way a delta is applied: loading (evaluate, attack), materialize, resume, locality
+    with pytest.raises(DeltaError, match=f"{delta / WEIGHTS}: sha256 {found}, but {MANIFEST} "
+                                         f"records {manifest['delta_sha256']}"):
+        load_checkpoint(delta)
+    capsys.readouterr()
+    target = tmp_path / "full"
+    assert main(["materialize", str(tmp_path / "out"), "--round", "1", "--out", str(target)]) == 2
+    one_error_line(capsys, f"{delta / WEIGHTS}: sha256 {found}")
+    assert not target.exists()
+    with pytest.raises(DeltaError, match="was changed or damaged after it was written"):
+        run_surgery(cfg, progress=False, echo=lambda *a: None)
+    with pytest.raises(DeltaError, match="was changed or damaged"):
+        weight_changes(base, delta)
+
+
+def test_an_old_delta_without_a_digest_loads_and_a_bad_header_is_named(tiny_dir, records_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_surgery(config(tiny_dir, records_path, out, num_rounds=1), progress=False, echo=lambda *a: None)
+    delta = out / "round_1"
+    sound, _ = load_checkpoint(delta)
+    old = json.loads((delta / MANIFEST).read_text())
+    del old["delta_sha256"], old["base"]["config_sha256"]  # as written before the digests
+    (delta / MANIFEST).write_text(json.dumps(old))
+    model, _ = load_checkpoint(delta)  # accepted, unverified
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), sound.state_dict().values()))
+    data = bytearray((delta / WEIGHTS).read_bytes())
+    data[:8] = (1 << 40).to_bytes(8, "little")  # a header length past the end of the file
+    (delta / WEIGHTS).write_bytes(bytes(data))
+    capsys.readouterr()
+    target = tmp_path / "full"
+    assert main(["materialize", str(out), "--round", "1", "--out", str(target)]) == 2
+    one_error_line(capsys, f"{delta / WEIGHTS}: not a readable safetensors file")
+    assert not target.exists()
 
 
 def test_per_batch_rounds_store_every_expert_a_batch_trained(tiny_dir, records_path, tmp_path):

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pandas as pd
 from mlflow import MlflowClient
@@ -91,6 +92,9 @@ def test_a_comparison_run_shares_work_without_changing_results(small_organism, t
     assert entries == {"retention_answers": 1, "evaluation_before": 1}
     cached_run, cached_answers = run(2, "b", str(cache))
     assert {kind.name: len(list(kind.glob("*.json"))) for kind in cache.iterdir()} == entries  # hits
+    used = json.loads((tmp_path / "b" / "training_metadata.json").read_text())["cache"]
+    assert {kind: (Path(x["entry"]).parent.name, x["hit"]) for kind, x in used.items()} == {
+        "retention_answers": ("retention_answers", True), "evaluation_before": ("evaluation_before", True)}
     fresh_run, fresh_answers = run(2, "c", None)
     assert cached_run == fresh_run and cached_answers == fresh_answers
     assert cached_run["before"] == first["before"]

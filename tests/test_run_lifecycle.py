@@ -1,5 +1,6 @@
 """A run's lifecycle around its output directory: the lock, a finished run asked again, and
 which rank speaks."""
+import os
 import shutil
 
 import pytest
@@ -120,10 +121,15 @@ def test_overwrite_with_fewer_rounds_clears_the_old_rounds(tiny_dir, records_pat
     out = tmp_path / "out"
     assert main([*flags(tiny_dir, records_path, out), "--num_rounds", "2"]) == 0
     (out / "notes.txt").write_text("mine")
+    (out / "notes.tmp").write_text("mine too")  # a .tmp of the user's: was removed
+    (out / "round_notes").write_text("mine too")  # a round_ name that is no round: was removed
+    (out / ".git").mkdir()
     (out / ".training_metadata.json.abc.tmp").write_text("{")
+    (out / ".round_2.old").mkdir()
     assert main([*flags(tiny_dir, records_path, out), "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "expert_gradients.pkl", "final_model", "notes.txt", "round_1", "training_metadata.json"]
+        ".git", "expert_gradients.pkl", "final_model", "notes.tmp", "notes.txt", "round_1", "round_notes",
+        "training_metadata.json"]
 
 
 def test_a_full_disk_during_a_checkpoint_is_one_error_line(tiny_dir, records_path, tmp_path, capsys,
@@ -158,3 +164,143 @@ def test_a_kill_after_the_final_rename_resumes_and_leaves_no_temporary_file(tiny
     assert meta["status"] == "completed" and meta["resumed"][0]["after_round"] == 1
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
     assert (out / "final_model" / "model.safetensors").is_file()
+
+
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_path):
+    from unsafe_experts.errors import ConfigError
+
+    out, precious = tmp_path / "out", tmp_path / "precious.txt"
+    out.mkdir()
+    precious.write_text("the user's file")
+    (out / LOCK_NAME).symlink_to(precious)  # the PID used to be written through it
+    with pytest.raises(ConfigError, match=f"the lock file {out / LOCK_NAME} is a symbolic link"):
+        DirectoryLock(out).acquire()
+    assert precious.read_text() == "the user's file"
+    (out / LOCK_NAME).unlink()
+    os.link(precious, out / LOCK_NAME)  # a hard link: truncating it would empty the user's file
+    with pytest.raises(ConfigError, match="is not a plain file of its own"):
+        DirectoryLock(out).acquire()
+    assert precious.read_text() == "the user's file"
+
+
+def test_the_lock_is_never_held_twice_when_its_file_goes_between_open_and_flock(tmp_path, monkeypatch):
+    """B opens the lock file while A holds it; A releases (removes the file, unlocks); B's flock
+    then succeeds on the removed file. C, arriving after, creates a new file and locks that: B
+    must not count as holding the lock, or both run at once."""
+    import fcntl
+    import threading
+    import types
+
+    from unsafe_experts.artefacts import atomic
+    from unsafe_experts.errors import OutputDirBusyError
+
+    a = DirectoryLock(tmp_path).acquire()
+    b_opened, a_released = threading.Event(), threading.Event()
+
+    def flock(fd, operation):
+        if threading.current_thread().name == "B" and not a_released.is_set():
+            b_opened.set()  # B has the file open and is about to lock it
+            a_released.wait(10)
+        return fcntl.flock(fd, operation)
+
+    monkeypatch.setattr(atomic, "fcntl", types.SimpleNamespace(
+        flock=flock, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB, LOCK_UN=fcntl.LOCK_UN))
+    got = {}
+
+    def take():
+        try:
+            got["B"] = DirectoryLock(tmp_path).acquire()
+        except OutputDirBusyError as e:
+            got["B"] = e
+
+    b = threading.Thread(target=take, name="B")
+    b.start()
+    assert b_opened.wait(10)
+    a.release()
+    a_released.set()
+    b.join(10)
+    holders = [x for x in [got["B"]] if isinstance(x, DirectoryLock)]
+    try:
+        holders.append(DirectoryLock(tmp_path).acquire())  # C
+    except OutputDirBusyError:
+        pass
+    assert len(holders) == 1, "the lock was held twice"
+    holders[0].release()
+
+
+def _contend(directory, rounds, overlaps):
+    from unsafe_experts.errors import OutputDirBusyError
+
+    for _ in range(rounds):
+        try:
+            lock = DirectoryLock(directory).acquire()
+        except OutputDirBusyError:
+            continue
+        try:  # exclusive while held: a second holder would find the marker there
+            os.close(os.open(os.path.join(directory, "held"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            with overlaps.get_lock():
+                overlaps.value += 1
+        else:
+            os.unlink(os.path.join(directory, "held"))
+        lock.release()
+
+
+def test_two_processes_contending_for_the_lock_never_hold_it_together(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    overlaps = context.Value("i", 0)
+    workers = [context.Process(target=_contend, args=(str(tmp_path), 400, overlaps)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert overlaps.value == 0
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("again", [[], ["--overwrite"]])
+def test_resuming_removes_only_the_runs_own_temporary_entries(tiny_dir, records_path, tmp_path, again):
+    import json
+
+    out = tmp_path / "out"
+    assert main([*flags(tiny_dir, records_path, out), "--num_rounds", "2"]) == 0
+    meta_path = out / "training_metadata.json"
+    meta = json.loads(meta_path.read_text())  # a run that failed after round 1
+    meta["identified_experts_per_round"].pop("2")
+    meta_path.write_text(json.dumps({**meta, "status": "failed"}))
+    shutil.rmtree(out / "round_2")
+    shutil.rmtree(out / "final_model")
+    users = {".git": "dir", ".venv": "dir", ".notes": "file", "notes.tmp": "file", ".draft.tmp": "file",
+             ".round_notes": "file"}
+    leftovers = {".round_2.k3j4h5g6": "dir", ".final_model.old": "dir", ".final_model.a1b2c3d4": "dir",
+                 ".training_metadata.json.x1y2.tmp": "file", ".retention_answers.json.abcdefgh.tmp": "file"}
+    for name, kind in {**users, **leftovers}.items():
+        if kind == "dir":
+            (out / name).mkdir()
+            (out / name / "inside").write_text("x")
+        else:
+            (out / name).write_text("x")
+    assert main([*flags(tiny_dir, records_path, out), "--num_rounds", "2", *again]) == 0
+    meta = json.loads(meta_path.read_text())
+    assert meta["status"] == "completed" and meta["resumed"][0]["after_round"] == 1
+    names = {p.name for p in out.iterdir()}
+    assert set(users) <= names, "a user's entry was removed"
+    assert not set(leftovers) & names
+    assert (out / ".git" / "inside").read_text() == "x"
+
+
+def test_only_the_names_the_atomic_writers_make_count_as_temporary():
+    from unsafe_experts.artefacts.atomic import is_temporary_of
+
+    def ours(name):
+        return name in {"round_2", "final_model", "training_metadata.json"}
+
+    for name in (".round_2.k3j4h5g6", ".round_2.old", ".final_model.a1b2c3d4",
+                 ".training_metadata.json.x1y2.tmp", ".training_metadata.json.abcd_123.tmp"):
+        assert is_temporary_of(name, ours), name
+    for name in (".git", ".venv", ".notes", LOCK_NAME, ".round_2.backup", ".draft.tmp", "round_2",
+                 ".round_3.k3j4h5g6", ".training_metadata.json", "training_metadata.json.x1y2.tmp"):
+        assert not is_temporary_of(name, ours), name

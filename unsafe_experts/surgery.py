@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 import shutil
 import time
 from dataclasses import asdict
@@ -18,13 +19,21 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .artefacts.atomic import LOCK_NAME, DirectoryLock, inside, save_checkpoint_atomic, write_json_atomic
+from .artefacts.atomic import (
+    LOCK_NAME,
+    DirectoryLock,
+    inside,
+    is_temporary_of,
+    save_checkpoint_atomic,
+    write_json_atomic,
+)
 from .artefacts.checkpoints import check_weights, load_base, load_tokenizer  # noqa: F401  (check_weights re-exported)
 from .artefacts.deltas import (
     DeltaError,
     apply_delta,
     base_record,
     changed_tensors,
+    check_config,
     delta_chain,
     read_manifest,
     write_delta,
@@ -53,6 +62,18 @@ ROUTING_RESPONSES = "routing_responses.json"
 # what a run writes into output_dir (besides round_N/), cleared when a fresh run replaces it
 OUTPUT_FILES = {METADATA, "final_model", "expert_gradients.pkl", "retention_answers.json",
                 ROUTING_RESPONSES}
+
+
+def _is_output(name: str) -> bool:
+    """An entry of output_dir that a run writes: round_N/ or one of OUTPUT_FILES."""
+    return name in OUTPUT_FILES or re.fullmatch(r"round_\d+", name) is not None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def check_device(device: str | None) -> None:
@@ -250,11 +271,13 @@ class Surgery:
         # trained on, which every rank checks before training
         self.base = base_record(cfg.model_name) if self.writer or resuming_deltas else None
         if resuming_deltas:
-            expected = read_manifest(source)["base"]["sha256"]
+            recorded = read_manifest(source)["base"]
+            expected = recorded["sha256"]
             if self.base["sha256"] != expected:
                 raise DeltaError(f"model_name: {cfg.model_name} has weights digest "
                                  f"{self.base['sha256'][:16]}..., but the completed rounds in "
                                  f"{self.out} were trained on a base with digest {expected[:16]}...")
+            check_config(recorded, self.base["config_sha256"], f"model_name: {cfg.model_name}")
         self.layers = moe_layers(self.model)
         self.meta = {
             "schema_version": SCHEMA_VERSION,
@@ -287,17 +310,13 @@ class Surgery:
         """A fresh run (--overwrite) removes what an earlier run wrote here, so a longer earlier
         run's round_3/ never sits beside metadata that says two rounds; other files stay."""
         for path in self.out.iterdir():
-            ours = (path.name.startswith(("round_", ".round_", ".final_model"))
-                    or path.name in OUTPUT_FILES or path.name.endswith(".tmp"))
-            if ours and path.is_dir():
-                shutil.rmtree(path)
-            elif ours:
-                path.unlink()
+            if _is_output(path.name) or is_temporary_of(path.name, _is_output):
+                _remove(path)
 
     def _continue(self, previous: dict, done: list[int]) -> None:
         """Keeps what the interrupted run completed; drops half-written leftovers."""
         last = done[-1] if done else 0
-        for key in (ROUNDS, "evaluation"):
+        for key in (ROUNDS, "evaluation", "cache"):
             if key in previous:
                 self.meta[key] = previous[key]
         self.meta["training_logs"] = [x for x in previous["training_logs"] if x["round"] <= last]
@@ -305,11 +324,11 @@ class Surgery:
                                 if k.startswith("round_") and int(k[6:]) <= last}
         self.meta["resumed"] = previous.get("resumed", []) + [{"after_round": last, "at": time.time()}]
         self.echo(f"resuming {self.out} after round {last}")
-        for leftover in self.out.glob(".*"):
-            if leftover.is_dir():  # a checkpoint that was being written when the run died
-                shutil.rmtree(leftover)
-            elif leftover.name.endswith(".tmp"):  # a file write the kill cut short
-                leftover.unlink()
+        for leftover in self.out.iterdir():
+            # only what this run's atomic writers left half-written (a checkpoint being written,
+            # a file write the kill cut short); the folder's other hidden entries are the user's
+            if is_temporary_of(leftover.name, _is_output):
+                _remove(leftover)
 
     def record(self, key: str, stage: str, value) -> None:
         """Adds a result of the workflow (an evaluation) to the metadata, written at once."""
@@ -357,9 +376,14 @@ class Surgery:
             key = {"model": digest, "prompts": hashlib.sha256("\n".join(order).encode()).hexdigest(),
                    "max_new_tokens": cfg.retention_max_new_tokens, "batch_size": cfg.batch_size,
                    "dtype": str(self.model.dtype), "device": self.model.device.type}
+        used: dict = {}
         answers = cached(cfg.cache_dir, "retention_answers", key, lambda: generate(
             self.model, self.tokenizer, [keyed[k] for k in order], cfg.retention_max_new_tokens,
-            cfg.batch_size, desc="retention answers", progress=self.progress))
+            cfg.batch_size, desc="retention answers", progress=self.progress),
+            valid=lambda v: isinstance(v, list) and len(v) == len(order) and all(isinstance(a, str) for a in v),
+            used=used)
+        if used:  # the metadata names the cache entry the answers came from
+            self.meta.setdefault("cache", {}).update(used)
         by_prompt = dict(zip(order, answers))
         return [by_prompt[json.dumps(m, sort_keys=True)] for m in prompts]
 

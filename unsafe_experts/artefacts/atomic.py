@@ -1,14 +1,17 @@
 """Atomic writes: a reader never sees a half-written file or checkpoint."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
-from ..errors import OutputDirBusyError
+from ..errors import ConfigError, OutputDirBusyError
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -60,32 +63,87 @@ def save_checkpoint_atomic(model, tokenizer, path: str | Path, state_dict=None) 
 
 
 LOCK_NAME = ".unsafe-experts.lock"
+# what the writers above append to ".NAME.": mkstemp's random part and ".tmp", mkdtemp's eight
+# random characters, save_directory_atomic's "old"
+_TEMPORARY_SUFFIX = re.compile(r"[A-Za-z0-9_]+\.tmp|[a-z0-9_]{8}|old")
+
+
+def is_temporary_of(name: str, is_target) -> bool:
+    """Whether `name` is a temporary entry an atomic writer above made for an entry that
+    `is_target(entry_name)` accepts: `.NAME.XXXXXXXX.tmp` (write_bytes_atomic), `.NAME.XXXXXXXX`
+    and `.NAME.old` (save_directory_atomic). Nothing else a folder holds matches: a user's
+    `.git`, `.venv` or notes, or the lock file."""
+    if not name.startswith("."):
+        return False
+    for i, char in enumerate(name):
+        if char == "." and i > 1 and _TEMPORARY_SUFFIX.fullmatch(name[i + 1:]) and is_target(name[1:i]):
+            return True
+    return False
 
 
 class DirectoryLock:
     """An exclusive lock on an output directory for the length of a run. flock is released by
-    the kernel when the process dies, so a killed run never leaves a stale lock behind."""
+    the kernel when the process dies, so a killed run never leaves a stale lock behind.
+
+    The lock file is opened without following links (a symbolic link there is refused, never
+    written through), and must be a regular file with one link. The holder removes it before
+    unlocking; a process that opened the file just before that removal and locks it just after
+    holds a lock on a file no longer in the folder, so acquire checks that the file it locked
+    is still the one at the path, and tries again if not."""
 
     def __init__(self, directory: str | Path):
         self.path = Path(directory) / LOCK_NAME
         self.fd: int | None = None
 
-    def acquire(self) -> DirectoryLock:
-        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+    def _open(self) -> int | None:
+        """The lock file's descriptor, created if absent; None when the file was removed
+        between the open and the check (its holder released it: try again)."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise ConfigError(f"output_dir: the lock file {self.path} is a symbolic link; it is "
+                                  "never written through a link: remove it") from None
+            raise ConfigError(f"output_dir: cannot open the lock file {self.path} ({e.strerror})") from None
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 0:
             os.close(fd)
-            raise OutputDirBusyError(
-                f"output_dir: {self.path.parent} is in use by another run (pid {holder}); "
-                "wait for it or choose another --output_dir") from None
+            return None
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            os.close(fd)
+            raise ConfigError(f"output_dir: the lock file {self.path} is not a plain file of its own "
+                              "(a hard link, folder or device), which locking would overwrite: remove it")
+        return fd
+
+    def acquire(self) -> DirectoryLock:
+        while True:
+            fd = self._open()
+            if fd is None:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise OutputDirBusyError(
+                    f"output_dir: {self.path.parent} is in use by another run (pid {holder}); "
+                    "wait for it or choose another --output_dir") from None
+            try:
+                now = os.stat(self.path, follow_symlinks=False)
+            except FileNotFoundError:
+                now = None
+            locked = os.fstat(fd)
+            if now is not None and (now.st_dev, now.st_ino) == (locked.st_dev, locked.st_ino):
+                break
+            os.close(fd)  # its holder removed the file after we opened it: not the lock any more
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
         return self
 
     def release(self) -> None:
+        """Removes the lock file, then unlocks: whoever locks the removed file afterwards sees
+        that it is no longer at the path (acquire) and tries again."""
         if self.fd is not None:
             self.path.unlink(missing_ok=True)
             fcntl.flock(self.fd, fcntl.LOCK_UN)

@@ -8,9 +8,15 @@ never writes an unselected row). So `round_N/` holds
   changed experts' rows stacked in the order the manifest lists them; each router tensor whole;
   every other weight whole when the round trained those too (the defence's shared weights,
   the dense baseline; the manifest's `shared`);
-- `delta.json`: the manifest: the base checkpoint (path and a sha256 of its weights files),
-  the previous delta it applies on top of (`round_{N-1}`, or none for round 1), how the base was
-  loaded (dtype, experts kernel), and per tensor its row indices (or `null`: the whole tensor).
+- `delta.json`: the manifest: the base checkpoint (path, a sha256 of its weights files and one
+  of its config.json), the previous delta it applies on top of (`round_{N-1}`, or none for
+  round 1), how the base was loaded (dtype, experts kernel), per tensor its row indices (or
+  `null`: the whole tensor), and `delta_sha256`, the sha256 of delta.safetensors, checked
+  before any of its bytes are applied.
+
+Deltas and manifests written before those digests existed have no `delta_sha256` or
+`base.config_sha256`: they are still accepted (they sit in users' run folders), unverified on
+that point; every delta written now carries both.
 
 Tensors are named as in the loaded model's `state_dict()` (transformers' fused layout, e.g.
 `model.layers.3.mlp.experts.gate_up_proj`), not as in the base's files, which may keep one
@@ -31,6 +37,7 @@ from .atomic import save_directory_atomic
 MANIFEST = "delta.json"
 WEIGHTS = "delta.safetensors"
 FORMAT = "unsafe-experts-delta/1"
+CONFIG = "config.json"
 
 
 def is_delta(path: str | Path) -> bool:
@@ -58,6 +65,15 @@ def weights_digest(model_name: str | Path) -> str:
         raise DeltaError(f"{model_name}: no safetensors weights to take a digest of")
     lines = "".join(f"{p.name}\0{file_digest(p)}\n" for p in files)
     return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def config_digest(model_name: str | Path) -> str | None:
+    """sha256 of the base's config.json (the architecture the weights are loaded into: top-k,
+    expert count, rope...); None when it has none."""
+    from ..records import file_digest
+
+    path = base_dir(model_name) / CONFIG
+    return file_digest(path) if path.is_file() else None
 
 
 def parameter_names(model) -> dict[int, str]:
@@ -100,14 +116,18 @@ def changed_tensors(model, layers, experts, routers: bool, state=None, shared: b
 
 
 def write_delta(path: str | Path, tensors: dict, rows: dict, manifest: dict) -> None:
-    """delta.safetensors and delta.json into `path`, written to a hidden sibling and renamed."""
+    """delta.safetensors and delta.json into `path`, written to a hidden sibling and renamed;
+    the manifest records the sha256 of the weights file as written (`delta_sha256`)."""
     from safetensors.torch import save_file
+
+    from ..records import file_digest
 
     def write(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS),
                   metadata={"format": FORMAT})
         (tmp / MANIFEST).write_text(json.dumps(
-            {"format": FORMAT, **manifest, "tensors": rows}, indent=1) + "\n")
+            {"format": FORMAT, **manifest, "delta_sha256": file_digest(tmp / WEIGHTS),
+             "tensors": rows}, indent=1) + "\n")
 
     save_directory_atomic(path, write)
 
@@ -145,18 +165,49 @@ def delta_chain(path: str | Path) -> list[Path]:
     return chain[::-1]
 
 
-@torch.no_grad()
-def apply_delta(model, path: str | Path) -> None:
-    """Writes a delta's rows and tensors into the model's parameters in place."""
+def check_weights_file(path: str | Path, manifest: dict) -> None:
+    """delta.safetensors is the file the manifest was written with (its sha256), or a
+    DeltaError naming it and both digests. A manifest from before the digest was recorded has
+    no `delta_sha256`: accepted unverified (such deltas exist in users' run folders)."""
+    from ..records import file_digest
+
+    expected = manifest.get("delta_sha256")
+    if expected is None:
+        return  # written before delta_sha256 existed: nothing to check against
+    file = Path(path) / WEIGHTS
+    found = file_digest(file)
+    if found != expected:
+        raise DeltaError(f"{file}: sha256 {found}, but {MANIFEST} records {expected}: the delta "
+                         "was changed or damaged after it was written")
+
+
+def _load_weights(path: str | Path) -> dict:
     from safetensors.torch import load_file
 
-    rows = read_manifest(path)["tensors"]
-    saved = load_file(str(Path(path) / WEIGHTS))
+    file = Path(path) / WEIGHTS
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise DeltaError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+@torch.no_grad()
+def apply_delta(model, path: str | Path) -> None:
+    """Writes a delta's rows and tensors into the model's parameters in place, once its
+    weights file matches the manifest's digest; every load of a delta (materialize, evaluate,
+    a resumed run, the locality check) comes through here."""
+    manifest = read_manifest(path)
+    check_weights_file(path, manifest)
+    rows, saved = manifest["tensors"], _load_weights(path)
     params = dict(model.named_parameters())
     for name, index in rows.items():
         if name not in params or name not in saved:
             raise DeltaError(f"{path}: tensor {name} is not in the model or not in {WEIGHTS}")
         param, value = params[name], saved[name]
+        want = param.shape if index is None else (len(index), *param.shape[1:])
+        if tuple(value.shape) != tuple(want):
+            raise DeltaError(f"{path}: tensor {name} has shape {tuple(value.shape)} in {WEIGHTS}, "
+                             f"expected {tuple(want)}")
         if index is None:
             param.copy_(value)
         else:
@@ -164,17 +215,33 @@ def apply_delta(model, path: str | Path) -> None:
 
 
 def check_base(manifest: dict, base: str | Path, where: str | Path) -> None:
-    """The base's weights are the ones the delta was made on, or a DeltaError naming both."""
-    expected = manifest["base"]["sha256"]
+    """The base's weights and config.json are the ones the delta was made on, or a DeltaError
+    naming both digests. A manifest from before the config digest was recorded has no
+    `config_sha256`: its config is not checked."""
+    recorded = manifest["base"]
+    expected = recorded["sha256"]
     found = weights_digest(base)
     if found != expected:
         raise DeltaError(f"{where}: base {base} has weights digest {found[:16]}..., but the delta "
-                         f"was made on {manifest['base']['path']} with digest {expected[:16]}...")
+                         f"was made on {recorded['path']} with digest {expected[:16]}...")
+    check_config(recorded, config_digest(base), f"{where}: base {base}")
+
+
+def check_config(recorded: dict, found: str | None, what: str) -> None:
+    """`found` (a base's config.json digest) is the manifest base record's, or a DeltaError;
+    a record without `config_sha256` (written before it existed) is accepted."""
+    expected = recorded.get("config_sha256")
+    if expected is not None and found != expected:
+        raise DeltaError(f"{what} has {CONFIG} digest {(found or 'none (no file)')[:16]}..., but the "
+                         f"delta was made on {recorded['path']} whose {CONFIG} has digest "
+                         f"{expected[:16]}...: the architecture it loads into changed")
 
 
 def base_record(model_name: str | Path) -> dict:
     """The manifest's `base`: a local checkpoint by its absolute path (so a delta can be
-    materialized from another working directory), a hub id as given; and the weights digest."""
+    materialized from another working directory), a hub id as given; the weights digest and
+    the config.json digest."""
     local = Path(model_name).is_dir()
     return {"path": str(Path(model_name).resolve()) if local else str(model_name),
-            "given": str(model_name), "local": local, "sha256": weights_digest(model_name)}
+            "given": str(model_name), "local": local, "sha256": weights_digest(model_name),
+            "config_sha256": config_digest(model_name)}

@@ -109,6 +109,19 @@ def evaluation_suite(config: EvaluationConfig) -> Suite:
     raise ConfigError("eval_set or suite: give one (an organism's eval_set.json, or a suite)")
 
 
+def is_evaluation_result(value) -> bool:
+    """Whether `value` has the form evaluate() returns, as far as its readers rely on it
+    (a cached result of an evaluation is checked against this before it is used)."""
+    def figure(m) -> bool:
+        return isinstance(m, dict) and type(m.get("value")) in (int, float) and isinstance(m.get("n"), int)
+
+    return (isinstance(value, dict) and isinstance(value.get("metrics"), dict)
+            and all(isinstance(name, str) and figure(m) for name, m in value["metrics"].items())
+            and isinstance(value.get("samples"), list)
+            and all(isinstance(x, dict) for x in value["samples"])
+            and isinstance(value.get("left_out"), list))
+
+
 def evaluate(model, tokenizer, suite: Suite, config: EvaluationConfig | None = None,
              progress: bool = False, endpoint: Endpoint | None = None,
              trust_remote_code: bool = False, judges: dict | None = None) -> dict:
