@@ -5,6 +5,8 @@ directory must still hold the run's bytes (its recorded digest); against a track
 is uploaded as the run's artifact, a delta materialized first (tracking/registry.py)."""
 from __future__ import annotations
 
+import sys
+
 from unsafe_experts.config import ConfigError
 
 
@@ -22,16 +24,21 @@ def run(args) -> None:
     from mlflow.exceptions import MlflowException
 
     from schemas.params import check_model_name
-    from tracking.mlflow_runs import ensure_reachable
+    from tracking import mlflow_runs
     from tracking.registry import RegistryError, register_run
 
     check_model_name(args.name)
-    ensure_reachable()
+    mlflow_runs.ensure_reachable()
     try:
         done = register_run(args.name, args.run_id, base=args.base)
     except RegistryError as e:
         raise ConfigError(str(e)) from None
     except MlflowException as e:
         raise ConfigError(f"MLflow registry failed ({e})") from None
+    try:  # as --register_model tags it; the version exists either way
+        mlflow_runs.log_tags(args.run_id, {"registered_model": f"{done['name']}/{done['version']}"})
+    except MlflowException as e:
+        print(f"warning: the run was not tagged registered_model ({' '.join(str(e).split())[:200]})",
+              file=sys.stderr)
     print(f"registered model {done['name']} version {done['version']}: "
           f"models:/{done['name']}/{done['version']} (source {done['source']})")

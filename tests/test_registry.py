@@ -221,6 +221,7 @@ def test_a_run_without_log_model_is_uploaded_to_a_server_and_loads_back(
     expected = {**run_tags(final), **({"materialized_from_delta": "true"} if kind == "delta" else {})}
     assert version.run_id == run_id and version.tags == expected and version.description == "repaired"
     assert version.source == f"{run.info.artifact_uri}/final_model"
+    assert client.get_run(run_id).data.tags["registered_model"] == f"{name}/1"
     if artifacts == "server":
         assert version.source.startswith("mlflow-artifacts:")
     # as a teammate's process does: `models:/` resolves through mlflow's process-wide URI (its
