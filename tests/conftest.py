@@ -123,7 +123,8 @@ def one_error_line(capsys, message: str) -> str:
 
 def mlflow_server(port: int, store: str, *args: str):
     """A real `mlflow server` on 127.0.0.1:`port` with the backend store `store` (and any
-    further flags, e.g. `--artifacts-destination`), once it answers its health check."""
+    further flags, e.g. `--artifacts-destination`), once it answers its health check. It runs
+    in the SQLite store's folder, so what it writes by default (./mlruns) lands there."""
     import subprocess
     import sys
     import time
@@ -133,6 +134,7 @@ def mlflow_server(port: int, store: str, *args: str):
     server = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port),
                                "--workers", "1", "--backend-store-uri", store, *args],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              cwd=Path(store.removeprefix("sqlite:///")).parent,
                               start_new_session=True)  # its own group: the workers go with it
     deadline = time.time() + 240
     while time.time() < deadline:

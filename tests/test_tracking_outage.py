@@ -52,6 +52,7 @@ def test_a_tracking_server_lost_mid_run_fails_it_in_seconds_and_it_resumes_when_
     store = f"sqlite:///{tmp_path / 'tracking.db'}"
     server = mlflow_server(port, store)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.chdir(tmp_path)  # the experiment's artifacts (mlruns/) land here
     checkpoint, lost = surgery_module.Surgery.checkpoint, {}
 
     def checkpoint_then_lose_the_server(self, r):
