@@ -121,6 +121,51 @@ def one_error_line(capsys, message: str) -> str:
     return err
 
 
+def mlflow_server(port: int, store: str, *args: str):
+    """A real `mlflow server` on 127.0.0.1:`port` with the backend store `store` (and any
+    further flags, e.g. `--artifacts-destination`), once it answers its health check. It runs
+    in the SQLite store's folder, so what it writes by default (./mlruns) lands there."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    mlflow = Path(sys.executable).parent / "mlflow"
+    server = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1", "--backend-store-uri", store, *args],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              cwd=Path(store.removeprefix("sqlite:///")).parent,
+                              start_new_session=True)  # its own group: the workers go with it
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        assert server.poll() is None, "the MLflow server did not start"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return server
+        except OSError:
+            time.sleep(0.5)
+    stop_server(server)
+    raise AssertionError("the MLflow server did not answer within 240 s")
+
+
+def stop_server(server) -> None:
+    import signal
+
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.wait()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 

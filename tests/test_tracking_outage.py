@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+from conftest import free_port, mlflow_server, stop_server
 
 from cli.main import main
 
@@ -41,58 +42,23 @@ def test_a_failing_tracking_server_is_one_error_in_seconds(tiny_dir, records_pat
     assert time.time() - started < 120
 
 
-def _mlflow_server(port: int, store: str):
-    import subprocess
-    import sys
-    import urllib.request
-    from pathlib import Path
-
-    mlflow = Path(sys.executable).parent / "mlflow"
-    server = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--workers", "1", "--backend-store-uri", store],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)  # its own group: the workers go with it
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        assert server.poll() is None, "the MLflow server did not start"
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return server
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError("the MLflow server did not answer within 240 s")
-
-
-def _stop(server) -> None:
-    import os
-    import signal
-
-    try:
-        os.killpg(server.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    server.wait()
-
-
 def test_a_tracking_server_lost_mid_run_fails_it_in_seconds_and_it_resumes_when_back(
         tiny_dir, records_path, tmp_path, monkeypatch, capsys, prefect_harness):
     import json
-    import socket
 
     from unsafe_experts import surgery as surgery_module
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     store = f"sqlite:///{tmp_path / 'tracking.db'}"
-    server = _mlflow_server(port, store)
+    server = mlflow_server(port, store)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.chdir(tmp_path)  # the experiment's artifacts (mlruns/) land here
     checkpoint, lost = surgery_module.Surgery.checkpoint, {}
 
     def checkpoint_then_lose_the_server(self, r):
         path = checkpoint(self, r)
         if r == 1:  # round 1 is on disk and in the metadata: the server goes away
-            _stop(server)
+            stop_server(server)
             lost["at"] = time.time()
         return path
 
@@ -110,9 +76,9 @@ def test_a_tracking_server_lost_mid_run_fails_it_in_seconds_and_it_resumes_when_
         assert failed_after < 120, f"the run took {failed_after:.0f} s to give up"
 
         monkeypatch.setattr(surgery_module.Surgery, "checkpoint", checkpoint)
-        server = _mlflow_server(port, store)  # tracking is back: the same command resumes
+        server = mlflow_server(port, store)  # tracking is back: the same command resumes
         assert main(args) == 0
         meta = json.loads((out / "training_metadata.json").read_text())
         assert meta["status"] == "completed" and meta["resumed"][0]["after_round"] == 1
     finally:
-        _stop(server)
+        stop_server(server)

@@ -3,10 +3,21 @@
 Where the bytes live: a version's source is a URI, and MLflow's open-source registry records it
 without copying anything. With `--log_model` the run already holds the model as its
 `final_model` artifact, so the version points there (anyone who can read the tracking server's
-artifact store can download it; one copy, the one --log_model makes). Without it the version
-points at the run's own `final_model/` directory (no copy at all: a model of 61 GB is not
-duplicated for a pointer), and its `final_model_dvc_md5` tag names the bytes that `dvc pull`
-fetches from the team's DVC remote. Either way `models:/NAME/VERSION` resolves to the source.
+artifact store can download it; one copy, the one --log_model makes). Without it:
+
+- on a local store (a SQLite or file URI) the version points at the run's own `final_model/`
+  directory (no copy at all: a model of 61 GB is not duplicated for a pointer), and its
+  `final_model_dvc_md5` tag names the bytes that `dvc pull` fetches from the team's DVC remote;
+- on a tracking server (an http(s) URI) a local path is refused as a source (and would mean
+  nothing on another machine), so the directory is uploaded first as the run's `final_model`
+  artifact, the copy --log_model would have made, and the version points there. A delta
+  final model (`final_checkpoint: delta`) is materialized on its base before the upload, so
+  the version is a loadable checkpoint (tag `materialized_from_delta`).
+
+Either way `models:/NAME/VERSION` resolves to the source. Before a run's directory is used, its
+DVC digest must still be the run's `final_model_dvc_md5`: a directory a later run overwrote is
+refused, never registered under this run's tags (a run too old to have the digest is registered
+with a warning).
 
 A registry failure never loses the run: the run's metrics, tags and files are logged before,
 and a failure here is reported and tagged, not raised. It is bounded by mlflow_runs.py's HTTP
@@ -15,6 +26,7 @@ become READY (the open-source registry creates it READY at once).
 """
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,7 +34,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
 
 from tracking import mlflow_runs
+from tracking.digests import dvc_md5
 from unsafe_experts.errors import UserError
+
+ARTIFACT = "final_model"  # the run's artifact path of its final model (--log_model's too)
+# a run tag set while `register` uploads the final model to a server: "started", then "done"
+# ("materialized" for a delta written out in full); an upload cut short is redone, never
+# registered half
+UPLOAD_TAG = "final_model_upload"
+MATERIALIZED = {"materialized_from_delta": "true"}
 
 # figures that describe a repair's safety, tagged before and after on every version
 SAFETY_PREFIXES = ("asr_", "over_refusal", "plain_refusal")
@@ -58,23 +78,101 @@ def version_tags(run) -> dict[str, str]:
     return {**out, **safety_tags(run.data.metrics)}
 
 
-def source_uri(c, run) -> str:
-    """The logged artifact's real location when the run logged the model (--log_model), else
-    the run's final_model directory as a file URI."""
-    run_id = run.info.run_id
-    if c.list_artifacts(run_id, "final_model"):
-        return RunsArtifactRepository.get_underlying_uri(f"runs:/{run_id}/final_model")
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def local_final_model(run) -> Path:
+    """The run's final_model directory here, as the run tagged it."""
     final = Path(run.data.tags["final_model"])
     if not final.is_dir():  # the tag is the path the run wrote, relative to where it ran
-        raise RegistryError(f"{final}: run {run_id}'s final model is not here; register from the "
-                            "directory the run ran in (or `dvc pull` it), or log it with --log_model")
-    return final.resolve().as_uri()
+        raise RegistryError(f"{final}: run {run.info.run_id}'s final model is not here; register "
+                            "from the directory the run ran in (or `dvc pull` it), or log it with "
+                            "--log_model")
+    return final
 
 
-def register_run(name: str, run_id: str) -> dict:
+def check_digest(run, final: Path) -> None:
+    """The directory must hold the bytes the run wrote: its DVC digest, computed as the run
+    computed it (tracking/digests.py), against the run's `final_model_dvc_md5`. A run logged
+    before the digest was has nothing to compare with: a warning, and the directory as it is."""
+    run_id = run.info.run_id
+    recorded = run.data.tags.get("final_model_dvc_md5")
+    found = dvc_md5(final)
+    if recorded is None:
+        warnings.warn(f"run {run_id} recorded no final_model_dvc_md5 (a run older than the digest): "
+                      f"{final} is registered as it is now (dvc md5 {found}), unchecked", stacklevel=3)
+    elif found != recorded:
+        raise RegistryError(f"{final}: the final model changed after run {run_id} (the run recorded "
+                            f"final_model_dvc_md5 {recorded}, the directory now has {found}); these "
+                            "are not the run's weights: restore the run's outputs (`dvc checkout` "
+                            "at its git commit) or register the run that wrote them")
+
+
+def upload(c, run, final: Path, base: str | None = None) -> dict[str, str]:
+    """The directory as the run's `final_model` artifact, a delta materialized on its base
+    first (in a temporary directory: TMPDIR needs room for the full model, and memory for
+    loading it); returns the version tags the upload adds."""
+    from unsafe_experts.artefacts.deltas import DeltaError, is_delta
+
+    run_id = run.info.run_id
+    if not is_delta(final):
+        mlflow_runs.log_tags(run_id, {UPLOAD_TAG: "started"})
+        c.log_artifacts(run_id, str(final), ARTIFACT)
+        mlflow_runs.log_tags(run_id, {UPLOAD_TAG: "done"})
+        return {}
+    from unsafe_experts.artefacts.atomic import save_checkpoint_atomic
+    from unsafe_experts.artefacts.checkpoints import load_checkpoint
+
+    trust = run.data.params.get("trust_remote_code") == "True"
+    with tempfile.TemporaryDirectory(prefix="unsafe-experts-register-") as tmp:
+        try:
+            model, tokenizer = load_checkpoint(final, trust, base)
+        except DeltaError as e:
+            raise RegistryError(f"{final} is a delta final model and is materialized before the "
+                                f"upload, which failed: {e} (register --base BASE)") from None
+        full = Path(tmp) / ARTIFACT
+        save_checkpoint_atomic(model, tokenizer, full)
+        del model
+        mlflow_runs.log_tags(run_id, {UPLOAD_TAG: "started"})
+        c.log_artifacts(run_id, str(full), ARTIFACT)
+    mlflow_runs.log_tags(run_id, {UPLOAD_TAG: "materialized"})
+    return MATERIALIZED
+
+
+def artifact_source(run_id: str) -> str:
+    """The real location of the run's final_model artifact, from this store (not mlflow's
+    process-wide tracking URI, which a caller may have pointed elsewhere)."""
+    return RunsArtifactRepository.get_underlying_uri(f"runs:/{run_id}/{ARTIFACT}",
+                                                     tracking_uri=mlflow_runs.tracking_uri())
+
+
+def source_uri(c, run, verify: bool = True, base: str | None = None) -> tuple[str, dict[str, str]]:
+    """(the version's source, the tags the source adds): the logged artifact's real location
+    when the run holds the model (--log_model, or an earlier upload), else on a local store
+    the run's final_model directory as a file URI, and on a server that directory uploaded as
+    the run's artifact. The directory's digest is checked first (`verify`)."""
+    run_id = run.info.run_id
+    uploaded = run.data.tags.get(UPLOAD_TAG)
+    if uploaded != "started" and c.list_artifacts(run_id, ARTIFACT):
+        tags = MATERIALIZED if uploaded == "materialized" else {}
+        return artifact_source(run_id), tags
+    final = local_final_model(run)
+    if verify:
+        check_digest(run, final)
+    if not is_server(mlflow_runs.tracking_uri()):
+        return final.resolve().as_uri(), {}
+    tags = upload(c, run, final, base)
+    return artifact_source(run_id), tags
+
+
+def register_run(name: str, run_id: str, verify: bool = True, base: str | None = None) -> dict:
     """A new version of registered model `name` (created if absent) from a finished surgery
-    run, tagged from the run; returns {"name", "version", "source"}. Raises RegistryError for
-    a run that cannot be registered, MlflowException / OSError when the registry fails."""
+    run, tagged from the run; returns {"name", "version", "source"}. `verify`: check the run's
+    final_model directory against its recorded digest before using it; `base`: a delta final
+    model's base, where it is not at the path its manifest names. Raises RegistryError for a
+    run that cannot be registered (or whose directory changed), MlflowException / OSError when
+    the registry fails."""
     c = mlflow_runs.client()
     try:
         run = c.get_run(run_id)
@@ -83,7 +181,8 @@ def register_run(name: str, run_id: str) -> dict:
             raise RegistryError(f"no MLflow run {run_id} in {mlflow_runs.tracking_uri()}") from None
         raise
     tags = version_tags(run)
-    source = source_uri(c, run)
+    source, added = source_uri(c, run, verify, base)
+    tags.update(added)
     try:
         c.create_registered_model(name, description="Mixture-of-Experts models repaired by "
                                   "unsafe-experts surgery; one version per run.")
@@ -100,9 +199,10 @@ def register_after_run(name: str, run_id: str) -> dict:
     """register_run at the end of a pipeline run: a failure is reported, tagged on the run when
     tracking answers, and returned as {"name", "error"}, never raised."""
     try:
-        done = register_run(name, run_id)
+        # the flow took the directory's digest moments ago: no second pass over the weights
+        done = register_run(name, run_id, verify=False)
         mlflow_runs.log_tags(run_id, {"registered_model": f"{name}/{done['version']}"})
-    except (MlflowException, OSError, RegistryError) as e:
+    except (MlflowException, OSError, UserError) as e:
         error = " ".join(str(e).split())[:300]
         warnings.warn(f"registering the final model as {name!r} failed ({error}); the run is "
                       f"intact: once the registry answers, `unsafe-experts register {run_id} "
