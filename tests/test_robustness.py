@@ -205,3 +205,20 @@ def test_the_report_writes_the_table_headlines_and_a_plot_per_attack(make_model,
     assert set(headlines(result)["prefill"]) == {"1", "2"} and page.read_text().startswith("| attack |")
     assert metric_name("top_k", "-1", "after") == "robust_top_k_minus1_after_asr"
     assert metric_name("none", "-", "before") == "robust_none_none_before_asr"
+
+
+def test_the_comparison_budgets_are_read_from_params_or_refused_without_them(tmp_path, capsys):
+    """`--budgets comparison` takes comparison.robustness (what make compare runs), and needs
+    --params to find it."""
+    from argparse import Namespace
+
+    from cli.main import main
+    from cli.robustness import resolve
+    from conftest import one_error_line
+
+    assert main(["robustness", "--model", str(tmp_path), "--budgets", "comparison",
+                 "--eval_set", str(tmp_path / "e.json")]) == 2
+    one_error_line(capsys, "--budgets comparison reads comparison.robustness: give --params")
+    _, config, _ = resolve(Namespace(params="params.yaml", budgets="comparison"))
+    _, demo, _ = resolve(Namespace(params="params.yaml", budgets="robustness"))
+    assert "gcg" not in config.attacks and config.router_budgets == [4, 16] and demo.router_budgets == [16]
