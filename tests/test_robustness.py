@@ -212,9 +212,10 @@ def test_the_comparison_budgets_are_read_from_params_or_refused_without_them(tmp
     --params to find it."""
     from argparse import Namespace
 
+    from conftest import one_error_line
+
     from cli.main import main
     from cli.robustness import resolve
-    from conftest import one_error_line
 
     assert main(["robustness", "--model", str(tmp_path), "--budgets", "comparison",
                  "--eval_set", str(tmp_path / "e.json")]) == 2
