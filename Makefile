@@ -44,8 +44,7 @@ demo: $(STAMP)
 	@echo "The repair re-attacked (metrics/robustness.md; plots in metrics/robustness/):"
 	@cat metrics/robustness.md
 	@echo
-	@echo "Metrics: $(BIN)/dvc metrics show"
-	@echo "Runs:    $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db"
+	@$(BIN)/python scripts/where_to_look.py
 
 # The repair of `make demo` re-attacked along the whole budget axes, 48 prompts per set
 # (the demo runs small budgets on 16); docs/results.md has what it cost.
