@@ -91,6 +91,9 @@ class TrainConfig:
     retention_path: str | None = option(None, help="retention.json ({plain, contrastive}) or a JSON "
                                         "list of chat prompts, answered by the model before surgery "
                                         "and mixed into the masked SFT; '' for none")
+    contrast_weight: float = option(1.0, help="contrastive method: weight of the benign-in-format "
+                                    "gradient subtracted from the jailbreak-refusal gradient "
+                                    "(each over its mean); 0 ranks as gradient does")
     retention_samples: int = option(256, help="retention prompts used at most")
     retention_max_new_tokens: int = option(48, help="length of the model's retention answers")
     routing_max_new_tokens: int = option(48, help="routing method: greedy tokens generated per "
@@ -168,6 +171,12 @@ class TrainConfig:
             value, allowed = getattr(self, f.name), f.metadata.get("choices")
             if allowed and value not in allowed and not (value is None and f.default is None):
                 bad(f.name, f"must be one of {', '.join(map(str, allowed))}, got {value!r}")
+        if not math.isfinite(self.contrast_weight) or self.contrast_weight < 0:
+            bad("contrast_weight", f"must not be negative and must be finite, got {self.contrast_weight}")
+        if (self.method in METHOD_TABLE and METHOD_TABLE[self.method].needs_benign_in_format
+                and not self.retention_path):
+            bad("retention_path", f"method {self.method} needs a retention file with a contrastive "
+                "section (benign requests in attack formats)")
         if self.retention == "contrastive" and not self.retention_path:
             bad("retention", "contrastive needs a retention_path with a contrastive section")
         if self.uses_retention and self.score_mode != "accumulate":

@@ -49,6 +49,7 @@ from .models.distributed import barrier, join_process_group, launched_world, loc
 from .models.memory import peak_mb, reset_peak
 from .models.sharding import full_state_dict, load_sharded
 from .records import file_digest, load_records, select_records
+from .selection.contrastive import benign_in_format_sample, contrast
 from .selection.methods import METHODS
 from .selection.routing import generated_routing_scores, keep_pairs, routing_scores
 from .selection.score_pass import per_batch_sft, score_pass
@@ -60,8 +61,9 @@ from .training.retention import load_retention, mixed_batches, sample_retention
 
 ROUTING_RESPONSES = "routing_responses.json"
 # what a run writes into output_dir (besides round_N/), cleared when a fresh run replaces it
+BENIGN_IN_FORMAT = "benign_in_format_answers.json"
 OUTPUT_FILES = {METADATA, "final_model", "expert_gradients.pkl", "retention_answers.json",
-                ROUTING_RESPONSES}
+                ROUTING_RESPONSES, BENIGN_IN_FORMAT}
 
 
 def _is_output(name: str) -> bool:
@@ -162,6 +164,8 @@ def check_inputs(cfg: TrainConfig, records: list[dict] | None = None) -> dict:
     select_records(records, cfg.max_samples, cfg.seed, cfg.require_judge_success)
     if cfg.uses_retention:
         load_retention(cfg.retention_path, cfg.retention)
+    if METHODS[cfg.method].needs_benign_in_format:
+        load_retention(cfg.retention_path, "contrastive")
     check_device(cfg.device)
     info = _count_experts(cfg)
     _check_output_dir(cfg)
@@ -441,6 +445,45 @@ class Surgery:
                           streamed=cfg.score_memory == "streamed", score=cfg.method,
                           offload=cfg.score_memory == "offload"), {}
 
+    def _contrastive_gradient_scores(self, r: int) -> tuple[torch.Tensor, dict]:
+        """The jailbreak-refusal scores contrasted with the benign-in-format ones (contrastive.py);
+        both sides' own tables are kept in the round's record."""
+        cfg = self.cfg
+        harm, _ = self._gradient_scores(r)
+        log = self._log(r)
+        benign = score_pass(self.model, self.layers, self._benign_in_format(), lambda kind, v: log(f"benign_{kind}", v),
+                            f"round {r} benign score", self.progress,
+                            streamed=cfg.score_memory == "streamed", score=cfg.method,
+                            offload=cfg.score_memory == "offload")
+        return contrast(harm, benign, cfg.contrast_weight), {
+            "contrast_harm": score_table(harm, self.layers), "contrast_benign": score_table(benign, self.layers)}
+
+    def _benign_in_format(self) -> list:
+        """As many benign-in-format prompts as the surgery has jailbreaks (a seeded draw from the
+        retention file's contrastive section), each with the model's answer before surgery as
+        its target: drawn and answered once, kept in benign_in_format_answers.json so that a
+        resumed run scores against the same answers."""
+        if "benign_in_format" in self.data:
+            return self.data["benign_in_format"]
+        cfg = self.cfg
+        saved = self.out / BENIGN_IN_FORMAT
+        if self.first_round > 1 and saved.is_file():
+            kept = [tuple(row) for row in json.loads(saved.read_text())]
+        else:
+            prompts = load_retention(cfg.retention_path, "contrastive")["contrastive"]
+            chosen = benign_in_format_sample(prompts, len(self.data["sft_examples"]), cfg.seed)
+            kept = [(m, a) for m, a in zip(chosen, self._answer(chosen)) if a]
+            if self.writer:
+                write_json_atomic(saved, [list(row) for row in kept])
+        if not kept:
+            raise ConfigError(f"retention_path: the model answered none of the {BENIGN_IN_FORMAT} "
+                              "prompts; the contrastive score has no benign side")
+        examples = [sft_example(self.tokenizer, m, a, cfg.max_length, cfg.truncation, index=i)
+                    for i, (m, a) in enumerate(kept)]
+        pad = self.tokenizer.pad_token_id
+        self.data["benign_in_format"] = [collate(b, pad) for b in batches(examples, cfg.batch_size)]
+        return self.data["benign_in_format"]
+
     def _prompt_routing_scores(self, r: int) -> tuple[torch.Tensor, dict]:
         parts = routing_scores(self.model, self.layers, self.data["safe"], self.data["unsafe"])
         return parts["score"], self._routing_tables(parts)
@@ -463,7 +506,8 @@ class Surgery:
 
     # a method row's scorer -> how this surgery scores it (see selection/methods.py)
     SCORERS = {"gradients": _gradient_scores, "prompt_routing": _prompt_routing_scores,
-               "generated_routing": _generated_routing_scores, "seeded_draw": _seeded_draw}
+               "generated_routing": _generated_routing_scores, "seeded_draw": _seeded_draw,
+               "contrastive_gradients": _contrastive_gradient_scores}
 
     def _routing_tables(self, parts: dict) -> dict:
         return {f"routing_{k}": score_table(v, self.layers) for k, v in parts.items() if k != "score"}

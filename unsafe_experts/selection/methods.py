@@ -6,11 +6,12 @@ kind: "gradient" (a score from the refusal loss's gradients, one scoring pass), 
 score from how the router treats jailbreak versus plain prompts) or "control" (no ranking: the
 baselines a ranking must beat). selects: "top_k" (the k best scores), "all" (every expert) or
 "none" (no expert trains). scorer: the surgery's way to score (Surgery.SCORERS): "gradients"
-(score_pass, shaped by the gradient fields below), "generated_routing", "prompt_routing" or
-"seeded_draw" (random scores, seeded per round; the controls that select all or none record
-them too, ranking nothing). trains: "experts" (the selected experts' rows, the method this
-project studies) or "all_weights" (every weight of the model: the dense baseline a local
-repair is measured against).
+(score_pass, shaped by the gradient fields below), "contrastive_gradients" (two such passes,
+jailbreak refusals and benign requests in attack formats answered as before, contrasted:
+contrastive.py), "generated_routing", "prompt_routing" or "seeded_draw" (random scores, seeded
+per round; the controls that select all or none record them too, ranking nothing). trains:
+"experts" (the selected experts' rows, the method this project studies) or "all_weights"
+(every weight of the model: the dense baseline a local repair is measured against).
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ class Method:
     # the scores divided by the loss-bearing response tokens the router sent to each expert
     per_routed_token: bool = False
     trains: str = "experts"
+    # reads the benign-in-format prompts (the retention file's contrastive section)
+    needs_benign_in_format: bool = False
 
     @property
     def from_gradients(self) -> bool:
@@ -64,6 +67,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            squares_each_batch=True),
     Method("snip", "gradient", "mean |grad x weight| per expert (SNIP saliency)",
            reduction="l1_times_weight"),
+    Method("contrastive", "gradient", "mean |grad| of refusing the jailbreaks over its mean, minus "
+           "--contrast_weight x the same of answering benign requests in attack formats (the "
+           "model's own answers): experts the benign requests need rank lower", reduction="l1",
+           scorer="contrastive_gradients", needs_benign_in_format=True),
     Method("routing", "routing", "risk difference of router top-k activation on the generated "
            "tokens of complied jailbreaks versus refused plain requests (detect_expert.py)",
            scorer="generated_routing"),
