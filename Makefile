@@ -65,7 +65,7 @@ robustness-full: $(STAMP)
 # `dvc repro` would); docs/results.md has what it cost.
 compare: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro organism
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/repro_parallel.py organism_second compare_run@ compare_ablate compare_robust --jobs 2
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/repro_parallel.py organism_builds@ compare_run@ compare_ablate compare_robust --jobs 2
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro compare
 	@cat metrics/comparison.md
 

@@ -122,8 +122,10 @@ class ComparisonParams(BaseModel):
     eval_limit: int | None = Field(None, ge=1)
     # the retention answers and evaluation before surgery, shared by the runs of one organism
     cache_dir: str = "outputs/cache"
-    # a second organism of the demo's recipe with this seed, built into build/organism_seed<N>
-    second_organism_seed: int = 1
+    # more organisms of the demo's recipe, one per seed, built into build/organism_seed<N>
+    organism_seeds: list[int] = [1]
+    # the organisms attacked alone (compare_robust_organism): "organism" or organism_seed<N>
+    robust_organisms: list[str] = ["organism"]
     run_defaults: dict = {}  # the YAML anchor the runs merge (`<<: *run`)
     runs: list[ComparisonRun] = []
     # `unsafe-experts ablate --out` files read as `ablated` rows (the compare_ablate stages)
@@ -135,6 +137,16 @@ class ComparisonParams(BaseModel):
     robust_dir: str | None = "outputs/robust"
     robust_runs: list[RobustRun] = []
     robustness: RobustnessParams = RobustnessParams()
+
+    @model_validator(mode="after")
+    def _organisms_are_built(self):
+        built = {"organism", *(f"organism_seed{n}" for n in self.organism_seeds)}
+        named = [("runs", r.organism) for r in self.runs] + [("robust_runs", r.organism) for r in self.robust_runs]
+        for key, organism in named + [("robust_organisms", o) for o in self.robust_organisms]:
+            if organism not in built:
+                raise ValueError(f"{key}: organism {organism!r} is not built (organism, or organism_seed<N> "
+                                 f"for N in organism_seeds: {self.organism_seeds})")
+        return self
 
     @model_validator(mode="after")
     def _robust_runs_are_compared(self):

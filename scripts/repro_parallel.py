@@ -1,8 +1,8 @@
-"""Reproduces the DVC stages whose names start with the given prefixes (a stage, or a `foreach`
-group such as `compare_run@`) several at a time, then records each in dvc.lock exactly as
-`dvc repro` would.
+"""Reproduces the DVC stages named (a whole stage name) or whose names start with the given
+prefixes (a `foreach` group such as `compare_run@`) several at a time, then records each in
+dvc.lock exactly as `dvc repro` would.
 
-    python scripts/repro_parallel.py organism_second compare_run@ compare_ablate --jobs 2
+    python scripts/repro_parallel.py organism_builds@ compare_run@ compare_ablate --jobs 2
 
 `dvc repro` runs one stage at a time, and one surgery of the demo organism keeps one core busy
 (OMP_NUM_THREADS=1 is faster for a model this small), so `make compare` would leave the second
@@ -33,13 +33,15 @@ from pathlib import Path
 
 
 def chosen(repo, prefixes: list[str]) -> list:
-    """The stages named by the prefixes, in the prefixes' order."""
+    """The stages named by the prefixes, in the prefixes' order. A whole stage name names that
+    stage alone (compare_run@5, not also compare_run@50 to @59)."""
     stages = []
     for prefix in prefixes:
-        every = [s for s in repo.index.stages if s.addressing.startswith(prefix)]
+        exact = [s for s in repo.index.stages if s.addressing == prefix]
+        every = exact or [s for s in repo.index.stages if s.addressing.startswith(prefix)]
         if not every:
             raise SystemExit(f"error: no DVC stage starts with {prefix!r}")
-        # overlapping prefixes (organism, organism_second) name a stage once
+        # overlapping prefixes (organism, organism_builds@) name a stage once
         stages += [s for s in every if s not in stages]
     return stages
 

@@ -56,6 +56,7 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
     params["evaluation"].update(limit=8, max_new_tokens=8)
     params["train"].update(num_rounds=1, top_k_experts=2, max_samples=16, retention_samples=16)
     run = {"organism": "organism", "retention": "plain", "lr": 0.001, "flags": "--expert_dropout 0.0", "tag": ""}
+    params["comparison"].update(organism_seeds=[1], robust_organisms=["organism", "organism_seed1"])
     params["comparison"].update(eval_limit=4, runs=[{**run, "method": "gradient", "k": 2, "seed": 42},
                                                     {**run, "method": "random", "k": 2, "seed": 1}],
                                 ablations=[{"run": "organism/gradient-k2-s42-plain-lr0.001", "round": 1}],
@@ -73,7 +74,7 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
     env.pop("PREFECT_API_URL", None)  # the CLI starts its own ephemeral server
 
     first = dvc(["repro"], clone, env)
-    for stage in ("organism", "organism_second", "validate", "train", "robustness", "compare_run@0",
+    for stage in ("organism", "organism_builds@1", "validate", "train", "robustness", "compare_run@0",
                   "compare_run@1", "compare_ablate@0", "compare_ablate_random@0", "compare_robust@0",
                   "compare_robust_organism@organism", "compare_robust_organism@organism_seed1", "compare"):
         assert f"Running stage '{stage}'" in first

@@ -86,3 +86,23 @@ def test_a_stage_waits_for_the_chosen_stage_it_depends_on(tmp_path):
     missing = sh(tmp_path, sys.executable, script, "work@", "table@", "--jobs", "2", check=False)
     assert missing.returncode == 1
     assert "work@0: skipped, missing" in missing.stdout and "table@0: skipped, an upstream stage is skipped" in missing.stdout
+
+
+def test_a_whole_stage_name_chooses_that_stage_alone():
+    """compare_run@5 must not also rerun compare_run@50 to @59 (prefixes name groups)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("repro_parallel", ROOT / "scripts" / "repro_parallel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    stages = [SimpleNamespace(addressing=name) for name in
+              ("organism", "organism_builds@1", "run@5", "run@50", "run@51", "table")]
+    repo = SimpleNamespace(index=SimpleNamespace(stages=stages))
+    names = lambda prefixes: [s.addressing for s in module.chosen(repo, prefixes)]
+    assert names(["run@5"]) == ["run@5"]
+    assert names(["run@"]) == ["run@5", "run@50", "run@51"]
+    assert names(["organism", "organism_builds@"]) == ["organism", "organism_builds@1"]
+    assert names(["organism_b", "run@5", "run@5"]) == ["organism_builds@1", "run@5"]
+    with pytest.raises(SystemExit, match="no DVC stage starts with 'runs'"):
+        module.chosen(repo, ["runs"])

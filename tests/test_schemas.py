@@ -77,6 +77,11 @@ BASE = {"train": {"model_name": "m", "dataset_path": "d.json", "output_dir": "ou
     ({"comparison": {"runs": [{"method": "gradient", "k": 4}],
                      "robust_runs": [{"run": "gradient-k4-s43-plain-lr0.001"}]}},
      "comparison: Value error, robust_runs: organism/gradient-k4-s43-plain-lr0.001 is not a folder"),
+    ({"comparison": {"runs": [{"method": "gradient", "k": 4, "organism": "organism_seed2"}]}},
+     "comparison: Value error, runs: organism 'organism_seed2' is not built (organism, or "
+     "organism_seed<N> for N in organism_seeds: "),
+    ({"comparison": {"organism_seeds": [1, 2], "robust_organisms": ["organism", "organism_seed3"]}},
+     "comparison: Value error, robust_organisms: organism 'organism_seed3' is not built"),
     ({"comparison": {"robustness": {"router_budgets": [0]}}},
      "comparison.robustness.router_budgets: budgets must be positive integers"),
 ])
