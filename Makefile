@@ -44,6 +44,8 @@ demo: $(STAMP)
 	@echo "The repair re-attacked (metrics/robustness.md; plots in metrics/robustness/):"
 	@cat metrics/robustness.md
 	@echo
+	@$(BIN)/python scripts/expected_demo.py
+	@echo
 	@$(BIN)/python scripts/where_to_look.py
 
 # The repair of `make demo` re-attacked along the whole budget axes, 48 prompts per set
