@@ -105,7 +105,7 @@ def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
                                            "spearman": pytest.approx(0.4)}]
     files = {a.path for a in mlflow_runs.client().list_artifacts(result["mlflow_run_id"])}
     assert files == {"comparison.csv", "comparison.md", "comparison_summary.csv", "paired.csv",
-                     "overlap.csv", "asr_vs_k.png", "frontier.png"}
+                     "overlap.csv", "asr_vs_k.png", "frontier.png", "builds.csv", "builds_paired.csv"}
     text = (tmp_path / "metrics" / "comparison.md").read_text()
     assert "Before surgery (organism seed 1)" in text and "## Headline per group" in text
     head = text.split("## Headline per group")[1].split("##")[0].splitlines()
