@@ -137,3 +137,31 @@ def test_a_resumed_run_scores_against_the_saved_benign_answers(tiny_dir, records
     assert resumed["resumed"][0]["after_round"] == 1
     assert (resumed["identified_experts_per_round"]["2"]["scores"]
             == pytest.approx(whole["identified_experts_per_round"]["2"]["scores"], rel=1e-5, abs=1e-7))
+
+
+def test_every_training_log_kind_has_an_mlflow_metric():
+    """The contrastive pass logged `benign_score`, which MLflow's logging had no name for:
+    every comparison run of the method failed after its surgery (a KeyError)."""
+    from tracking.mlflow_runs import METRIC_KEYS
+    from unsafe_experts.training.phases import LOG_KINDS
+
+    assert set(METRIC_KEYS) == set(LOG_KINDS)
+
+
+def test_contrastive_through_the_cli_and_mlflow(tiny_dir, records_path, records, tmp_path, tracking_dir):
+    from cli.main import main
+    from tracking import mlflow_runs
+
+    retention = retention_file(tmp_path / "retention.json", records[:12])
+    out = tmp_path / "out"
+    assert main(["train", "--model_name", str(tiny_dir), "--dataset_path", str(records_path),
+                 "--output_dir", str(out), "--num_rounds", "1", "--top_k_experts", "3", "--batch_size", "4",
+                 "--max_samples", "8", "--method", "contrastive", "--retention", "none",
+                 "--retention_path", str(retention), "--retention_max_new_tokens", "8",
+                 "--experiment", "contrastive-cli", "--quiet"]) == 0
+    meta = json.loads((out / "training_metadata.json").read_text())
+    assert {x["kind"] for x in meta["training_logs"]} == {"score", "benign_score", "sft", "router"}
+    client = mlflow_runs.client()
+    runs = client.search_runs([client.get_experiment_by_name("contrastive-cli").experiment_id])
+    logged = {k for r in runs for k in r.data.metrics}
+    assert "benign_score_loss_per_batch" in logged

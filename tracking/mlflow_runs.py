@@ -34,7 +34,9 @@ from unsafe_experts.artefacts.run_metadata import parse_expert_key  # noqa: E402
 DEFAULT_URI = "sqlite:///mlflow.db"
 # losses are logged per batch (the step is the batch); evaluation figures per round (the step
 # is the round, 0 = before surgery): the names say which
-METRIC_KEYS = {"score": "score_loss_per_batch", "sft": "sft_loss_per_batch", "router": "router_kl_per_batch"}
+# one per unsafe_experts.training.phases.LOG_KINDS
+METRIC_KEYS = {"score": "score_loss_per_batch", "benign_score": "benign_score_loss_per_batch",
+               "sft": "sft_loss_per_batch", "router": "router_kl_per_batch"}
 EVALUATION_TABLE = "evaluation.json"   # one name on every run: stage, round, metric, value, n, CI
 SAMPLES_TABLE = "eval_samples.json"    # the same: a stage column says which evaluation
 EXPERIMENT_DESCRIPTION = """Unsafe-expert surgery on Mixture-of-Experts models.

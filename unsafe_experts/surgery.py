@@ -56,7 +56,7 @@ from .selection.score_pass import per_batch_sft, score_pass
 from .selection.scoring import score_table, top_k
 from .text.examples import batches, collate, plain_prompt, router_example, sft_example
 from .text.generation import generate, generate_ids
-from .training.phases import align_router, dropout_draws, masked_sft, shared_params
+from .training.phases import LOG_KINDS, align_router, dropout_draws, masked_sft, shared_params
 from .training.retention import load_retention, mixed_batches, sample_retention
 
 ROUTING_RESPONSES = "routing_responses.json"
@@ -393,6 +393,8 @@ class Surgery:
 
     def _log(self, r: int):
         def log(kind, values):
+            if kind not in LOG_KINDS:  # a new kind would reach MLflow without a metric name
+                raise ValueError(f"training log kind {kind!r} is not one of {LOG_KINDS}")
             self.meta["training_logs"].extend(
                 {"round": r, "kind": kind, "step": i, "loss": v} for i, v in enumerate(values))
         return log

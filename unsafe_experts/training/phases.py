@@ -24,6 +24,9 @@ from .sparse_adamw import SparseRowAdamW
 
 Batch = dict[str, torch.Tensor]
 Log = Callable[[str, list[float]], None]  # (kind, per-step values)
+# every kind a Log receives (the contrastive method's second scoring pass: benign_score);
+# tracking maps each to an MLflow metric name, and a test keeps the two lists one
+LOG_KINDS = ("score", "benign_score", "sft", "router")
 
 
 def response_tokens(batch: Batch) -> torch.Tensor:
