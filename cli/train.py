@@ -11,7 +11,6 @@ from unsafe_experts.models.distributed import launched_world
 
 from .flags import add_fields, field_values
 from .loading import ENDPOINT_FIELDS
-from .tables import evaluation_table
 
 EVAL = "eval__"  # prefix of the evaluation flags' parsed names
 
@@ -126,7 +125,9 @@ def run(args) -> int:
         print(f"registered model {registered['name']} version {registered['version']}: "
               f"models:/{registered['name']}/{registered['version']}")
     if result["evaluation"]:
-        print(evaluation_table(result["evaluation"]))
+        # the table is `report`'s alone: printed here too, `make demo` (train, then report)
+        # showed it twice, and report also shows it when DVC skips a train that is up to date
+        print(f"evaluation before surgery and after each round: unsafe-experts report {cfg.output_dir}")
     return 0
 
 
