@@ -35,7 +35,10 @@ def add_parser(sub) -> None:
                    help="which section of --params holds the attacks and budgets: robustness (the "
                         "demo's) or comparison (comparison.robustness, what `make compare` runs on "
                         "every compared surgery)")
-    add_fields(p.add_argument_group("evaluation (EvaluationConfig)"), EvaluationConfig, skip=EVAL_SKIP, dest=EVAL)
+    add_fields(p.add_argument_group("evaluation (EvaluationConfig)"), EvaluationConfig, skip=EVAL_SKIP, dest=EVAL,
+               helps={"eval_set": "attack both models on the prompts of this eval_set.json (from "
+                                  "`unsafe-experts organism`)",
+                      "suite": "attack both models on this evaluation suite instead of an eval_set"})
     add_fields(p.add_argument_group("attacks and budgets (RobustnessConfig)"), RobustnessConfig, dest=ROBUST)
     out = p.add_argument_group("this run")
     out.add_argument("--out", help="the result (JSON: attack -> budget -> before/after metrics), "
