@@ -79,6 +79,8 @@ def start_temporary_server() -> None:
         server.start()
     except RuntimeError as e:  # the start-up timeout, common on a loaded machine
         server.stop()
-        raise ConfigError(f"{e} Raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (now "
-                          f"{PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s) or point "
-                          "PREFECT_API_URL at a running server") from None
+        now = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        # the value to try, not only the name: a loaded machine needs minutes, not seconds
+        raise ConfigError(f"{e} The machine is too busy to start it in {now} s: run again with "
+                          f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS={max(2 * now, 120)} "
+                          "set, or point PREFECT_API_URL at a running server") from None
