@@ -132,10 +132,19 @@ def run(args) -> int:
     start_temporary_server()
     done = robustness_flow(register(targets, checked, names), names, out, plots_dir, experiment,
                            options.get("run_dir"))
-    print(done["table"])
+    _print_table(done["result"], out)
     where = f"MLflow run {done['mlflow_run_id']}" if done["mlflow_run_id"] else "no surgery run found in MLflow"
-    print(f"\n{where}; result: {out or '(not written: no --out)'}; plots: {plots_dir or '(none)'}")
+    print(f"{where}; result: {out or '(not written: no --out)'}; plots: {plots_dir or '(none)'}")
     return 0
+
+
+def _print_table(result: dict, out: str | None) -> None:
+    # the terminal's table; the markdown one (<out>.md, every figure) is over 200 columns wide
+    from .tables import robustness_table
+
+    print(robustness_table(result))
+    print(f"\nafter: the repaired model, before: --reference; {result['setup']['limit']} prompts per set; "
+          f"every figure: {Path(out).with_suffix('.md') if out else '(no --out)'}")
 
 
 def _engine_only(targets, checked, names, out, plots_dir, quiet) -> int:
@@ -152,5 +161,5 @@ def _engine_only(targets, checked, names, out, plots_dir, quiet) -> int:
         plots(result, plots_dir)
     if out:
         write_summaries(result, out, table(result))
-    print(table(result))
+    _print_table(result, out)
     return 0

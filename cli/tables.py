@@ -97,3 +97,25 @@ def metrics_table(metrics: dict) -> str:
         unparsed = f"  ({m['unparsed']} unparsed)" if m.get("unparsed") else ""
         lines.append(f"{name:<{width}}  {cells[name]:<{size}}  {m['n']:>5}{unparsed}")
     return "\n".join(lines)
+
+
+def robustness_table(result: dict) -> str:
+    """The re-attack's headline per attack and budget, each attacked model's figure side by
+    side (after, before), for the terminal; <out>.md keeps every figure (plain and format
+    refusal, benign log-likelihood) in a table too wide for one."""
+    from reporting.robustness_report import headline
+
+    labels = sorted({label for t in result["attacks"].values() for row in t.values() for label in row},
+                    key=lambda x: x != "after")
+    rows = [["attack", "budget", "metric", "n", *labels]]
+    for attack, budgets in result["attacks"].items():
+        for budget, row in budgets.items():
+            found = {label: headline(metrics) for label, metrics in row.items() if "skipped" not in metrics}
+            names = sorted({f[0] for f in found.values() if f})
+            counts = sorted({f[1]["n"] for f in found.values() if f})
+            rows.append([attack, budget, "/".join(names) or "-", "/".join(map(str, counts)) or "-",
+                         *(shown(found[label][1]) if found.get(label) else
+                           "skipped" if label in row else "-" for label in labels)])
+    sizes = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(s) if i < 3 else c.rjust(s) for i, (c, s) in enumerate(zip(r, sizes))).rstrip()
+                     for r in rows)

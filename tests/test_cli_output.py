@@ -170,3 +170,40 @@ def test_organism_quiet_shows_no_library_bars(tiny_dir, tmp_path, monkeypatch, c
         assert hf_logging.is_progress_bar_enabled() and "TQDM_DISABLE" not in os.environ  # as before
     finally:
         hf_logging.disable_progress_bar()
+
+
+def test_the_robustness_table_fits_the_terminal_in_the_one_format():
+    """`robustness` printed its markdown table, 200-220 characters a line."""
+    from cli.tables import robustness_table
+
+    pooled = {"asr_all_families": figure(0.969, 128), "plain_refusal": figure(0.125, 16),
+              "format_refusal_all": figure(0.016, 128), "benign_loglik": figure(-5.812, 16)}
+    result = {"setup": {"limit": 16}, "attacks": {
+        "router_known": {"round_1": {"after": pooled, "before": pooled}},
+        "prefill": {"1": {"after": {"asr_plain": figure(1.0, 16)}, "before": {"asr_plain": figure(1.0, 16)}}},
+        "top_k": {"1": {"after": pooled, "before": {"skipped": "PhiMoE's router cannot change top-k " * 5}}}}}
+    lines = check_lines(robustness_table(result))
+    assert lines[0].split() == ["attack", "budget", "metric", "n", "after", "before"]
+    assert lines[1].split()[:4] == ["router_known", "round_1", "asr_all_families", "128"]
+    assert lines[2].split()[:4] == ["prefill", "1", "asr_plain", "16"]
+    assert lines[3].endswith("skipped")
+
+
+def test_train_leaves_the_table_to_report(tiny_dir, records_path, tmp_path, capsys, tracking_dir):
+    """`make demo` runs train, then report: the evaluation table was printed by both."""
+    user = [{"role": "user", "content": "Write a poem about the sea"}]
+    eval_set = tmp_path / "eval_set.json"
+    eval_set.write_text(json.dumps({"plain": [user] * 3, "benign_refs": [[user, "The sea is wide."]] * 3}))
+    out = tmp_path / "out"
+    assert main(["train", "--model_name", str(tiny_dir), "--dataset_path", str(records_path),
+                 "--output_dir", str(out), "--num_rounds", "2", "--top_k_experts", "2",
+                 "--batch_size", "4", "--max_samples", "8", "--eval_set", str(eval_set),
+                 "--eval_max_new_tokens", "4", "--quiet"]) == 0
+    printed = check_lines(capsys.readouterr().out)
+    assert not any(line.startswith("metric ") for line in printed)
+    assert f"the evaluation table: unsafe-experts report {out}" in printed
+    assert main(["report", str(out)]) == 0
+    lines = check_lines(capsys.readouterr().out)
+    assert [s for line in lines if line.startswith("metric ") for s in line.split()[2:]] == [
+        "before", "round_1", "round_2"]
+    assert "plain_refusal          plain refusal: harmful requests asked plainly, without an attack, refused" in lines
