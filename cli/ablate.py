@@ -25,9 +25,12 @@ def add_parser(sub) -> None:
     p.add_argument("--random", type=int, metavar="SEED",
                    help="instead, as many experts drawn at random with this seed (the control)")
     p.add_argument("--with_baseline", action="store_true", help="also evaluate without ablation")
-    # no --endpoint: the ablated weights exist in this process only
+    # no --endpoint: the ablated weights exist in this process only; no --eval_rounds: one
+    # model is evaluated, with the experts off (and, with --with_baseline, on)
     add_fields(p.add_argument_group("evaluation", argument_default=argparse.SUPPRESS),
-               EvaluationConfig, skip=(*ENDPOINT_FIELDS, "suite"), dest="eval__")
+               EvaluationConfig, skip=(*ENDPOINT_FIELDS, "suite", "rounds"), dest="eval__",
+               helps={"eval_set": "evaluate on this eval_set.json (from `unsafe-experts organism`) "
+                                  "with the experts switched off (required)"})
     p.add_argument("--out", help="write experts, metrics and samples here (JSON)")
     p.add_argument("--trust_remote_code", action="store_true")
     p.add_argument("--quiet", action="store_true")

@@ -209,7 +209,9 @@ def _conclude(cfg, final, run_id, evaluations, evaluation_path, metrics_path, lo
     create_markdown_artifact(_markdown(name, run_id, experiment, metadata[ROUNDS], evaluations,
                                        metrics, description),
                              key="surgery-summary", description=f"{name}: experts, before/after, MLflow run")
-    get_run_logger().info(description)
+    # the description itself (experts per round, before/after) ran to 974 characters on one log
+    # line; it is the MLflow run's note and the artifact, and `unsafe-experts report` prints it
+    get_run_logger().info("summary: the surgery-summary artifact and the MLflow run's note")
     return {**final, "mlflow_run_id": run_id, "metrics": metrics, "evaluation": detail or {},
             "experts_per_round": [r.experts for r in record.rounds().values()],
             "registered_model": registered}
