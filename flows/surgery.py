@@ -64,7 +64,7 @@ def _evaluate(key, stage, evaluation, run_ids, step, evaluations, logged, family
 
 def _write_evaluations(run_id, evaluations, evaluation_path, logged, plots_dir, family=None):
     """The per-round figures the parent run lacks (the rounds of an interrupted run), the
-    safety plot, and the DVC files: headline_before.json and headline_after.json (the six
+    safety plot, and the DVC files: before.json and after.json (the six
     headline figures, for `dvc metrics show`: one row each), evaluation.json (every value
     before and after), evaluation_detail.json (every stage with n and 95% interval) and
     evaluation_rounds.json (one row per round)."""

@@ -44,7 +44,7 @@ def test_the_headline_figures_of_an_evaluation():
 def test_the_headline_files_are_written_from_an_evaluation(tmp_path):
     compact = mlflow_runs.compact_evaluation(evaluations())
     paths = mlflow_runs.write_headline_files(tmp_path / "metrics", compact, "flip_chars")
-    assert [p.name for p in paths] == ["headline_before.json", "headline_after.json"]
+    assert [p.name for p in paths] == ["before.json", "after.json"]
     before, after = (json.loads(p.read_text()) for p in paths)
     assert list(before) == list(after) == list(KEYS)  # one table: the same columns in both rows
     assert before["asr_mean"] == 0.9 and before["asr_surgery"] == 1.0 and before["refused_worst"] == 0.0625

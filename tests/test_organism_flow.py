@@ -63,10 +63,10 @@ def test_evaluation_flow_on_the_test_organism(small_organism, tmp_path, tracking
     assert frame[frame.metric == "over_refusal"]["n"].tolist() == [24, 24, 24]
     assert (tmp_path / "m/safety_per_round.png").exists() and (tmp_path / "m/expert_scores.png").exists()
     # `dvc metrics show`'s two rows: the organism's surgery family is flip_chars
-    after = json.loads((tmp_path / "m/headline_after.json").read_text())
+    after = json.loads((tmp_path / "m/after.json").read_text())
     assert after["asr_surgery"] == compact["after"]["asr_flip_chars"]
     assert after["refused_worst"] == max(compact["after"][f"over_refusal_{f}"] for f in FAMILIES)
-    assert json.loads((tmp_path / "m/headline_before.json").read_text())["asr_mean"] >= 0.8
+    assert json.loads((tmp_path / "m/before.json").read_text())["asr_mean"] >= 0.8
     (first,) = client.search_runs([run.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.run_name = 'round-1'")
     assert {"eval_samples.json", "eval_samples.md", "evaluation.json"} <= {a.path for a in client.list_artifacts(first.info.run_id)}

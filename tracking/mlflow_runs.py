@@ -561,11 +561,11 @@ def compact_evaluation(evaluations: dict) -> dict:
             "after": evaluation_values(evaluations[stages[-1]])}
 
 
-HEADLINE_FILES = {"before": "headline_before.json", "after": "headline_after.json"}
+HEADLINE_FILES = {"before": "before.json", "after": "after.json"}
 
 
 def write_headline_files(folder: str | Path, compact: dict, surgery_family: str | None = None) -> list[Path]:
-    """metrics/headline_before.json and headline_after.json (dvc.yaml's train-stage metrics)
+    """metrics/before.json and after.json (dvc.yaml's train-stage metrics)
     from compact_evaluation's {"before": {...}, "after": {...}}: the same six keys in both, so
     `dvc metrics show` prints them as two rows of one narrow table."""
     paths = []
