@@ -1,5 +1,5 @@
 """The six figures that say whether a surgery worked and what it cost, from one evaluation's
-values (evaluate.py's names): what `dvc metrics show` lists (metrics/headline_*.json) and what
+values (evaluate.py's names): what `dvc metrics show` lists (metrics/before.json, after.json) and what
 MLflow's saved view shows first.
 
 - asr_mean: attack success averaged over the attack families (asr_F);
