@@ -181,7 +181,9 @@ def check_prefect_run(flow_run_id, meta):
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     params = meta["parameters"]
-    assert flow_run.name == f"{params['method']}-k{params['top_k_experts']}-s{params['seed']}"
+    from tracking.run_names import run_name
+
+    assert flow_run.name == run_name(params)  # the MLflow run's name
     names = {t.name for t in task_runs}
     assert {f"{step}-round-{r}" for step in ("score", "sft", "router", "checkpoint", "track")
             for r in (1, 2)} <= names
