@@ -240,7 +240,7 @@ def test_the_pipeline_evaluates_with_a_suite(small_organism, tmp_path, tracking_
     assert "| plain_refusal |" in (out / "final_model/README.md").read_text()  # the model card
     client = MlflowClient()
     run = client.get_run(result["mlflow_run_id"])
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "plain_refusal")) == [0, 1, 2]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "refusal/plain")) == [0, 1, 2]
     assert "Attack success (before -> after): asr_" in run.data.tags["mlflow.note.content"]
     (evaluation_input,) = [i for i in run.inputs.dataset_inputs if i.tags[0].value == "evaluation"]
     assert evaluation_input.dataset.name == "eval_set.json"
