@@ -387,8 +387,7 @@ def suite_digest(suite: Suite) -> str:
 
 def run_suite(model, tokenizer, suite: Suite, max_new_tokens: int | None = None,
               batch_size: int = 16, limit: int | None = None, limit_seed: int = 0, samples: int = 5,
-              judges: dict | None = None, trust_remote_code: bool = False,
-              progress: bool = False, endpoint=None) -> dict:
+              judges: dict | None = None, progress: bool = False, endpoint=None) -> dict:
     """{"suite", "metrics": {metric: {"value", "n", "ci95"[, "unparsed"]}},
     "samples": [{set, kind, prompt, response, complied}], "left_out": [metric names]}.
     `judges` caches loaded judges by spec (a model judge is loaded once for all the sets that
@@ -410,7 +409,7 @@ def run_suite(model, tokenizer, suite: Suite, max_new_tokens: int | None = None,
             responses = generate(model, tokenizer, [x.messages for x in items], tokens, batch_size,
                                  desc=s.metric, progress=progress, endpoint=endpoint)
             if s.judge not in judges:
-                judges[s.judge] = load_judge(s.judge, batch_size, trust_remote_code)
+                judges[s.judge] = load_judge(s.judge, batch_size)
             verdicts = judges[s.judge]([x.request for x in items], responses)
             parsed = [v for v in verdicts if v.complied is not None]
             complied = [v.complied for v in parsed]
