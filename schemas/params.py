@@ -22,6 +22,7 @@ from unsafe_experts.attacks.organism import OrganismConfig
 from unsafe_experts.config import METHODS, RETENTION, ConfigError, TrainConfig
 from unsafe_experts.evaluation.evaluate import EvaluationConfig
 from unsafe_experts.robustness.budgets import RobustnessConfig
+from unsafe_experts.safe_yaml import load_yaml
 
 FORBID = ConfigDict(extra="forbid")
 
@@ -200,8 +201,8 @@ def parse_params(data: dict, source: str = "params", check: bool = True) -> Para
 def load_params(path: str | Path = "params.yaml", check: bool = True) -> Params:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read params ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections")

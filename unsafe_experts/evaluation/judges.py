@@ -150,11 +150,18 @@ def judge_from_text(text: str) -> JudgeSpec:
     resolve against the file's folder; inline ones against the working folder)."""
     import yaml
 
+    from ..safe_yaml import YamlRefused, load_yaml
+
     path = Path(text)
     if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
-        return parse_judge(yaml.safe_load(path.read_text(encoding="utf-8")), path.parent)
+        try:
+            return parse_judge(load_yaml(path.read_text(encoding="utf-8")), path.parent)
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise JudgeError(f"judge file {path}: not a judge spec ({e})") from None
     try:
-        spec = yaml.safe_load(text)
+        spec = load_yaml(text)
+    except YamlRefused as e:  # YAML, but a key given twice or a bomb: not a judge's bare name
+        raise JudgeError(f"judge {text[:100]!r}: {e}") from None
     except yaml.YAMLError:
         spec = text
     return parse_judge(spec)
