@@ -24,7 +24,9 @@ from unsafe_experts.evaluation.evaluate import EvaluationConfig
 from unsafe_experts.robustness.budgets import RobustnessConfig
 from unsafe_experts.safe_yaml import load_yaml
 
-FORBID = ConfigDict(extra="forbid")
+# strict: `seed: true` or `expert_lr: "1e-3"` is a mistake to name, not a value to convert
+# (lax parsing made them 1 and 0.001 silently); an int is still a float
+FORBID = ConfigDict(extra="forbid", strict=True)
 
 
 def _from_dataclass(cls, name: str) -> type[BaseModel]:
