@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from unsafe_experts.attacks.organism import OrganismConfig
 from unsafe_experts.config import METHODS, RETENTION, ConfigError, TrainConfig
+from unsafe_experts.errors import YamlRefused
 from unsafe_experts.evaluation.evaluate import EvaluationConfig
 from unsafe_experts.robustness.budgets import RobustnessConfig
 from unsafe_experts.safe_yaml import load_yaml
@@ -204,7 +205,7 @@ def load_params(path: str | Path = "params.yaml", check: bool = True) -> Params:
     path = Path(path)
     try:
         data = load_yaml(path.read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, YamlRefused) as e:
         raise ConfigError(f"{path}: cannot read params ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections")

@@ -11,10 +11,10 @@ from conftest import one_error_line
 
 from cli.main import main
 from schemas.params import load_params
-from unsafe_experts.errors import ConfigError
+from unsafe_experts.errors import ConfigError, YamlRefused
 from unsafe_experts.evaluation.judges import JudgeError, judge_from_text
 from unsafe_experts.evaluation.suites import SuiteError, load_suite
-from unsafe_experts.safe_yaml import YamlRefused, load_yaml
+from unsafe_experts.safe_yaml import load_yaml
 
 # 9 levels of 9 aliases each: 9**9 (387 million) leaves in under 400 bytes
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(

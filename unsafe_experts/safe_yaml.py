@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import yaml
 
+from .errors import YamlRefused
+
 MAX_BYTES = 2**20  # params and suites are a few kilobytes; prompts live in the files they name
 MAX_NODES = 100_000  # the document with every alias expanded
-
-
-class YamlRefused(yaml.YAMLError):
-    """A YAML document refused before it is built (callers already catch yaml.YAMLError)."""
 
 
 def load_yaml(text: str):

@@ -150,13 +150,14 @@ def judge_from_text(text: str) -> JudgeSpec:
     resolve against the file's folder; inline ones against the working folder)."""
     import yaml
 
-    from ..safe_yaml import YamlRefused, load_yaml
+    from ..errors import YamlRefused
+    from ..safe_yaml import load_yaml
 
     path = Path(text)
     if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
         try:
             return parse_judge(load_yaml(path.read_text(encoding="utf-8")), path.parent)
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
+        except (yaml.YAMLError, UnicodeDecodeError, YamlRefused) as e:
             raise JudgeError(f"judge file {path}: not a judge spec ({e})") from None
     try:
         spec = load_yaml(text)
