@@ -2,7 +2,6 @@
 key given twice and an alias bomb are refused with one error; suites read only files under
 their own folder."""
 import os
-import resource
 import subprocess
 import sys
 
@@ -45,8 +44,8 @@ def test_a_bomb_suite_is_one_error_in_bounded_memory(tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "bomb.yaml")], capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert done.returncode == 2, done.stderr[-2000:]
+    # under the cap: running out of it would be a MemoryError traceback, exit status 1
     assert "error:" in done.stderr and "expands to over 100,000 nodes" in done.stderr
-    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 2**20  # KiB: under 1 GiB
 
 
 def test_a_set_whose_kind_is_given_twice_is_refused(tmp_path, capsys):
