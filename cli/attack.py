@@ -56,7 +56,7 @@ def run(args) -> None:
     given = field_values(args, EvaluationConfig, "eval__")
     endpoint = connect(EvaluationConfig(batch_size=args.batch_size, **given).validate())
     model, tokenizer = load_target(args.model, args.trust_remote_code, endpoint)
-    judge = load_judge(spec, args.batch_size, args.trust_remote_code)
+    judge = load_judge(spec, args.batch_size)
     records, summary = run_attack(model, tokenizer, goals, families, judge, judge_name(spec),
                                   args.max_new_tokens, args.batch_size, progress=not args.quiet,
                                   endpoint=endpoint)

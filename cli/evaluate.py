@@ -47,8 +47,7 @@ def run(args) -> None:
     suite = evaluation_suite(cfg)  # data and judges checked before the model loads
     endpoint = connect(cfg)  # and the server, when one generates
     model, tokenizer = load_target(args.model, args.trust_remote_code, endpoint)
-    result = evaluate(model, tokenizer, suite, cfg, progress=not args.quiet, endpoint=endpoint,
-                      trust_remote_code=args.trust_remote_code)
+    result = evaluate(model, tokenizer, suite, cfg, progress=not args.quiet, endpoint=endpoint)
     print(metrics_table(result["metrics"]))
     if result["left_out"]:
         print(f"left out: {', '.join(result['left_out'])} (they need the weights in this "
