@@ -30,7 +30,7 @@ def _decode(path: Path) -> str:
                            f"{raw[e.start:e.start + 1]!r})") from None
 
 
-def _parse(text: str):
+def parse_json(text: str):
     """json.loads, with the other ways it can fail (nesting deeper than Python's recursion
     limit, integers over Python's digit limit) turned into JSONDecodeError-like errors."""
     try:
@@ -46,14 +46,14 @@ def read_json_records(path: str | Path) -> list:
         raise DatasetError(f"{path}: no such file")
     text = _decode(path)
     try:
-        data = _parse(text)
+        data = parse_json(text)
     except json.JSONDecodeError as first_error:
         data = []
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                data.append(_parse(line))
+                data.append(parse_json(line))
             except (json.JSONDecodeError, ValueError):
                 raise DatasetError(
                     f"{path}: not valid JSON (line {first_error.lineno}, column "
