@@ -12,9 +12,10 @@ ROLES = ("system", "user", "assistant")
 # The most characters one record's text field may hold (a goal; a prompt's messages together).
 # Tokenising costs about 170 bytes of memory per character (a 50 MB prompt took 6-8 GB; 10 M
 # characters 1.7 GB, 1 M characters 200 MB, measured on the tiny tokenizer), and a model reads at
-# most its context window: 1 M characters is over 128 k tokens at 4 characters a token, so a
-# many-shot prompt for the longest windows fits, and a record past it is refused by `validate`
-# and `train` before anything is tokenised rather than found out by the memory it takes.
+# most its context window: 1 M characters is about 250 k tokens at 4 characters a token, beyond
+# a 128 k-token window, so a many-shot prompt for the longest windows fits, and a record past it
+# is refused by `validate` and `train` before anything is tokenised rather than found out by the
+# memory it takes.
 MAX_TEXT_CHARS = 1_000_000
 
 
