@@ -144,7 +144,7 @@ def test_the_organism_eval_set_keeps_the_figures_of_the_former_eval_set_path(ver
 
 
 def test_an_eval_set_that_is_not_one_is_a_clear_error(tmp_path):
-    for text, message in [("[1, 2]", "holds none of an organism's sets"),
+    for text, message in [("[1, 2]", "is a list, not an object of an organism's sets"),
                           ('{"version": 1}', "holds none of an organism's sets"),
                           ("{not json", "not JSON"),
                           ('{"flip_words": [[{"role": "user"}]]}', "set 'flip_words': field `path`: row 0")]:

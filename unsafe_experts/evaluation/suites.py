@@ -57,7 +57,7 @@ from ..attacks.families import AttackFamilyError, check_families, render
 from ..attacks.organism import LEGACY_EVAL_SETS
 from ..errors import SuiteError
 from ..models.modes import eval_mode
-from ..records import DatasetError, file_digest, messages_problem, read_json_records
+from ..records import DatasetError, file_digest, messages_problem, parse_json, read_json_records
 from ..safe_yaml import load_yaml
 from ..stats import mean, proportion, subset
 from ..text.generation import generate, response_logliks
@@ -157,8 +157,8 @@ def _rows(path: Path, key: str | None, fail) -> list:
 def _keyed_rows(path: Path, key: str, fail) -> list:
     """The list at the dotted path `key` of the JSON document at `path`."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+        data = parse_json(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
         fail("path", f"{path} is not JSON ({e})")
     for i, part in enumerate(key.split(".")):
         if not isinstance(data, dict) or part not in data:
@@ -330,19 +330,75 @@ def organism_suite(held: dict, file: str = ORGANISM_EVAL_SET,
 
 def load_eval_set(path: str | Path) -> Suite:
     """An organism's eval set (its eval_set.json, under any name) as its suite, checked, with
-    every set's prompts read."""
+    every set's prompts read. A file cut short (a copy interrupted, a full disk) or of another
+    shape is one SuiteError naming the file and what is wrong, never a traceback."""
     path = Path(path)
     if not path.is_file():
         raise SuiteError(f"eval set {path}: no such file")
+    raw = path.read_bytes()
     try:
-        held = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise SuiteError(f"eval set {path}: not JSON ({e})") from None
-    if not isinstance(held, dict) or not organism_suite(held)["sets"]:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # the bytes of one character missing at the end: what a cut through a non-ASCII text gives
+        cut = "; the file ends mid-character: cut short?" if e.end >= len(raw) else ""
+        raise SuiteError(f"eval set {path}: not UTF-8 text (byte {e.start}: {e.reason}){cut}") from None
+    if not text.strip():
+        raise SuiteError(f"eval set {path}: the file is empty")
+    try:
+        held = parse_json(text)
+    except json.JSONDecodeError as e:
+        # an error at the very end, or a string that never closes, is what a cut-short file gives
+        ends = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")
+        raise SuiteError(f"eval set {path}: not JSON ({e})"
+                         + ("; the file ends mid-document: cut short?" if ends else "")) from None
+    except ValueError as e:  # nested too deeply, an integer over Python's digit limit
+        raise SuiteError(f"eval set {path}: not usable JSON ({e})") from None
+    problem = _eval_set_shape(held)
+    if problem:
+        raise SuiteError(f"eval set {path}: {problem}")
+    if not organism_suite(held)["sets"]:
         raise SuiteError(f"eval set {path}: holds none of an organism's sets (families, "
                          f"{', '.join(LEGACY_EVAL_SETS)}, plain, xstest_safe, benign_refs, own_benign); "
                          "an eval set is the eval_set.json `unsafe-experts organism` writes")
     return _suite(organism_suite(held, path.name), path)
+
+
+EVAL_SET_LISTS = (*LEGACY_EVAL_SETS, "plain", "xstest_safe", "benign_refs", "own_benign")
+
+
+def _eval_set_shape(held) -> str | None:
+    """What is wrong with the eval set's layout, or None. Its rows are checked per set later;
+    this names the sections themselves, since a section of the wrong type was read as
+    something else (`families: "persona"` as the families p, e, r, ...) or skipped (`plain:
+    null`), and its error then named neither the section nor the file's real fault."""
+    if not isinstance(held, dict):
+        return (f"is {_json_type(held)}, not an object of an organism's sets; "
+                "an eval set is the eval_set.json `unsafe-experts organism` writes")
+    for key in EVAL_SET_LISTS:
+        if key in held and not isinstance(held[key], list):
+            return f"field `{key}`: must be a list of chats, got {_json_type(held[key])}"
+    families = held.get("families", {})
+    if not isinstance(families, dict):
+        return f"field `families`: must map each family to its harmful and benign chats, got {_json_type(families)}"
+    for family, sets in families.items():
+        if not isinstance(sets, dict):
+            return (f"field `families.{family}`: must be an object with `harmful` and `benign` "
+                    f"lists, got {_json_type(sets)}")
+        for kind in ("harmful", "benign"):
+            if kind not in sets:
+                return f"field `families.{family}.{kind}`: missing"
+            if not isinstance(sets[kind], list):
+                return f"field `families.{family}.{kind}`: must be a list of chats, got {_json_type(sets[kind])}"
+    return None
+
+
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type, as the file's author wrote it."""
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
 
 
 def load_suite(ref: str | Path) -> Suite:
