@@ -19,13 +19,12 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-import yaml
-
 from unsafe_experts.artefacts.checkpoints import load_checkpoint
 from unsafe_experts.attacks.organism import OrganismConfig, build_organism
 from unsafe_experts.config import TrainConfig
 from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluate
 from unsafe_experts.evaluation.suites import load_eval_set
+from unsafe_experts.safe_yaml import load_yaml
 from unsafe_experts.surgery import run_surgery
 
 
@@ -69,7 +68,7 @@ def main(argv=None) -> None:
     p.add_argument("--before", help="the organism's metrics, from `evaluate --out`")
     p.add_argument("--retention_path", help="instead of ORGANISM/retention.json")
     args = p.parse_args(argv)
-    params = yaml.safe_load(Path(args.params).read_text()) if args.params else {}
+    params = load_yaml(Path(args.params).read_text()) if args.params else {}
     if args.command == "organism":
         cfg = (OrganismConfig.small() if args.small
                else OrganismConfig(**params.get("organism", {})))

@@ -22,7 +22,6 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
-import yaml
 from scipy.stats import spearmanr
 
 from unsafe_experts.artefacts.checkpoints import load_base, load_tokenizer
@@ -30,6 +29,7 @@ from unsafe_experts.config import TrainConfig
 from unsafe_experts.models.architectures import moe_layers
 from unsafe_experts.models.distributed import local_device
 from unsafe_experts.records import load_records
+from unsafe_experts.safe_yaml import load_yaml
 from unsafe_experts.selection.methods import METHODS
 from unsafe_experts.selection.score_pass import score_pass
 from unsafe_experts.selection.scoring import top_k
@@ -65,7 +65,7 @@ def agreement(reference: torch.Tensor, other: torch.Tensor, layers, ks=KS) -> di
 def demo_config(params: str | None, **overrides) -> TrainConfig:
     """The surgery's config from a params file's train section (known keys only), then the
     given overrides; output_dir is never written (only the data preparation reads the config)."""
-    train = yaml.safe_load(Path(params).read_text()).get("train", {}) if params else {}
+    train = load_yaml(Path(params).read_text()).get("train", {}) if params else {}
     known = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in train.items() if k in known}
     values.update(output_dir=values.get("output_dir") or "unused",

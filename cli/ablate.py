@@ -19,15 +19,20 @@ def add_parser(sub) -> None:
     p = sub.add_parser("ablate", help="evaluate with experts switched off (causal check)")
     p.add_argument("--model", required=True, help="the model to evaluate (usually the unrepaired one)")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--experts", help="JSON list of [layer, expert] pairs, or {\"experts\": [...]}")
+    which.add_argument("--experts", help="the experts to switch off: a JSON file, or the JSON itself "
+                       "(e.g. '[[0, 1], [3, 7]]'); either a list of [layer, expert] pairs or "
+                       "{\"experts\": [...]}")
     which.add_argument("--run", help="a run's output_dir: ablate the experts of one of its rounds")
     p.add_argument("--round", type=int, help="with --run: which round (default: the last)")
     p.add_argument("--random", type=int, metavar="SEED",
                    help="instead, as many experts drawn at random with this seed (the control)")
     p.add_argument("--with_baseline", action="store_true", help="also evaluate without ablation")
-    # no --endpoint: the ablated weights exist in this process only
+    # no --endpoint: the ablated weights exist in this process only; no --eval_rounds: one
+    # model is evaluated, with the experts off (and, with --with_baseline, on)
     add_fields(p.add_argument_group("evaluation", argument_default=argparse.SUPPRESS),
-               EvaluationConfig, skip=(*ENDPOINT_FIELDS, "suite"), dest="eval__")
+               EvaluationConfig, skip=(*ENDPOINT_FIELDS, "suite", "rounds"), dest="eval__",
+               helps={"eval_set": "evaluate on this eval_set.json (from `unsafe-experts organism`) "
+                                  "with the experts switched off (required)"})
     p.add_argument("--out", help="write experts, metrics and samples here (JSON)")
     p.add_argument("--trust_remote_code", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -59,6 +64,9 @@ def run(args) -> None:
     if args.round is not None and not args.run:
         raise ConfigError("--round goes with --run")
     suite = evaluation_suite(cfg)
+    # read (and shape-checked) before the model loads, which takes minutes on a real one; the
+    # pairs are checked against its layers once it is here
+    load_expert_set(args.experts or args.run, args.round)
     model, tokenizer = load_model(args.model, args.trust_remote_code)
     layers = moe_layers(model)
     experts = load_expert_set(args.experts or args.run, args.round, layers)

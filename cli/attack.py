@@ -42,6 +42,7 @@ def run(args) -> None:
     from unsafe_experts.config import ConfigError
     from unsafe_experts.evaluation.evaluate import connect
     from unsafe_experts.evaluation.judges import judge_from_text, judge_name, load_judge
+    from unsafe_experts.stats import shown
 
     from .loading import load_target
 
@@ -55,14 +56,13 @@ def run(args) -> None:
     given = field_values(args, EvaluationConfig, "eval__")
     endpoint = connect(EvaluationConfig(batch_size=args.batch_size, **given).validate())
     model, tokenizer = load_target(args.model, args.trust_remote_code, endpoint)
-    judge = load_judge(spec, args.batch_size, args.trust_remote_code)
+    judge = load_judge(spec, args.batch_size)
     records, summary = run_attack(model, tokenizer, goals, families, judge, judge_name(spec),
                                   args.max_new_tokens, args.batch_size, progress=not args.quiet,
                                   endpoint=endpoint)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, records)
-    print(f"{'family':<20} {'ASR':>6}  {'95% interval':<14} {'n':>5}  unparsed   (judge: {judge_name(spec)})")
+    print(f"{'family':<20} {'ASR [95% interval]':<21} {'n':>5}  unparsed   (judge: {judge_name(spec)})")
     for family, m in summary.items():
-        print(f"{family:<20} {m['value']:>6.3f}  [{m['ci95'][0]:.2f}, {m['ci95'][1]:.2f}]   "
-              f"{m['n']:>5}  {m['unparsed']:>8}")
+        print(f"{family:<20} {shown(m):<21} {m['n']:>5}  {m['unparsed']:>8}")
     print(f"{len(records)} records written to {args.out}")

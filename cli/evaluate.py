@@ -17,9 +17,12 @@ def add_parser(sub) -> None:
                         "on an organism's eval_set.json or an evaluation suite")
     ev.add_argument("--model", required=True)
     # absent flags stay absent, so EvaluationConfig's defaults apply
-    # `--suite` here is the pipeline's evaluation.suite (`train --eval_suite`)
+    # `--suite` here is the pipeline's evaluation.suite (`train --eval_suite`); one model is
+    # evaluated once, so there are no rounds to choose among
     add_fields(ev.add_argument_group("evaluation", argument_default=argparse.SUPPRESS),
-               EvaluationConfig, skip=("suite",), dest="eval__")
+               EvaluationConfig, skip=("suite", "rounds"), dest="eval__",
+               helps={"eval_set": "evaluate the model on this eval_set.json (from `unsafe-experts "
+                                  "organism`), or give --suite"})
     ev.add_argument("--suite", help="evaluate on this suite instead of --eval_set: a suite YAML "
                     "file, an organism's folder (its eval_set.json as a suite), or a bundled suite's name "
                     "(organism: build/organism, built by `make demo`; standard); --eval_max_new_tokens overrides the suite's "
@@ -44,8 +47,7 @@ def run(args) -> None:
     suite = evaluation_suite(cfg)  # data and judges checked before the model loads
     endpoint = connect(cfg)  # and the server, when one generates
     model, tokenizer = load_target(args.model, args.trust_remote_code, endpoint)
-    result = evaluate(model, tokenizer, suite, cfg, progress=not args.quiet, endpoint=endpoint,
-                      trust_remote_code=args.trust_remote_code)
+    result = evaluate(model, tokenizer, suite, cfg, progress=not args.quiet, endpoint=endpoint)
     print(metrics_table(result["metrics"]))
     if result["left_out"]:
         print(f"left out: {', '.join(result['left_out'])} (they need the weights in this "

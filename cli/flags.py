@@ -33,9 +33,13 @@ def _type_of(hint) -> tuple[type, bool]:
     return hint, False
 
 
-def add_fields(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), dest: str = "") -> None:
+def add_fields(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), dest: str = "",
+               helps: dict[str, str] | None = None) -> None:
     """One flag per field of `cls`; `dest` prefixes the parsed names so two configs can share
-    field names (the training batch_size and the evaluation one)."""
+    field names (the training batch_size and the evaluation one). `helps` gives a field the
+    help text of this command, where the field's own describes another command's use of it
+    (EvaluationConfig's eval_set help is the pipeline's: "after every round")."""
+    helps = helps or {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -45,7 +49,7 @@ def add_fields(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         shown = f" (default: {default})" if default not in (None, "", []) and kind is not bool else ""
-        common = {"dest": dest + f.name, "help": (f.metadata.get("help", "") + shown).strip() or None}
+        common = {"dest": dest + f.name, "help": (helps.get(f.name, f.metadata.get("help", "")) + shown).strip() or None}
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif typing.get_origin(kind) is list:

@@ -26,6 +26,8 @@ from . import (
     train,
     validate,
 )
+from .prefect_defaults import default_startup_timeout
+from .quiet import quiet_progress
 
 # one module per command, each with add_parser(sub) and run(args); --help and docs/cli.md list
 # the commands in this order
@@ -61,8 +63,10 @@ def main(argv=None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     handler = handlers[args.__dict__.pop("command")]
+    default_startup_timeout()  # before any command imports Prefect, which reads it once
     try:
-        return handler(args) or 0
+        with quiet_progress(getattr(args, "quiet", False)):
+            return handler(args) or 0
     except USER_ERRORS as e:
         # one line, even when a library's message spans several
         print("error: " + " ".join(str(e).split()), file=sys.stderr)

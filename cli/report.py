@@ -1,8 +1,9 @@
 """`unsafe-experts report OUTPUT_DIR`: the identified experts per round of a finished run (with
-the rounds' overlap and router KL) and its evaluation, from its training_metadata.json."""
+the rounds' overlap and router KL), its evaluation and a legend of the metric names, from its
+training_metadata.json."""
 from __future__ import annotations
 
-from .tables import evaluation_table
+from .tables import evaluation_table, legend
 
 
 def add_parser(sub) -> None:
@@ -15,8 +16,9 @@ def run(args) -> None:
 
     record = RunRecord.load(args.output_dir)
     meta = record.data
-    print(f"{record.path} ({meta['status']}, {meta['parameters']['score_mode']} scoring, "
-          f"model {meta['model']['class']})")
+    # the path on a line of its own: a long one pushed the rest past the terminal's width
+    print(record.path)
+    print(f"{meta['status']}, {meta['parameters']['score_mode']} scoring, model {meta['model']['class']}")
     print(f"{'round':>5}  {'k':>4}  {'jaccard':>7}  {'router KL':>19}  experts (highest score first)")
     previous = None
     for r, info in record.rounds().items():
@@ -30,3 +32,7 @@ def run(args) -> None:
     if meta.get("evaluation"):
         print()
         print(evaluation_table(meta["evaluation"]))
+        print()
+        print("what the names mean (README: Metrics):")
+        # the README's words for each figure next to the names the table prints
+        print(legend(n for stage in meta["evaluation"].values() for n in stage))

@@ -35,7 +35,10 @@ def add_parser(sub) -> None:
                    help="which section of --params holds the attacks and budgets: robustness (the "
                         "demo's) or comparison (comparison.robustness, what `make compare` runs on "
                         "every compared surgery)")
-    add_fields(p.add_argument_group("evaluation (EvaluationConfig)"), EvaluationConfig, skip=EVAL_SKIP, dest=EVAL)
+    add_fields(p.add_argument_group("evaluation (EvaluationConfig)"), EvaluationConfig, skip=EVAL_SKIP, dest=EVAL,
+               helps={"eval_set": "attack both models on the prompts of this eval_set.json (from "
+                                  "`unsafe-experts organism`)",
+                      "suite": "attack both models on this evaluation suite instead of an eval_set"})
     add_fields(p.add_argument_group("attacks and budgets (RobustnessConfig)"), RobustnessConfig, dest=ROBUST)
     out = p.add_argument_group("this run")
     out.add_argument("--out", help="the result (JSON: attack -> budget -> before/after metrics), "
@@ -129,10 +132,19 @@ def run(args) -> int:
     start_temporary_server()
     done = robustness_flow(register(targets, checked, names), names, out, plots_dir, experiment,
                            options.get("run_dir"))
-    print(done["table"])
+    _print_table(done["result"], out)
     where = f"MLflow run {done['mlflow_run_id']}" if done["mlflow_run_id"] else "no surgery run found in MLflow"
-    print(f"\n{where}; result: {out or '(not written: no --out)'}; plots: {plots_dir or '(none)'}")
+    print(f"{where}; result: {out or '(not written: no --out)'}; plots: {plots_dir or '(none)'}")
     return 0
+
+
+def _print_table(result: dict, out: str | None) -> None:
+    # the terminal's table; the markdown one (<out>.md, every figure) is over 200 columns wide
+    from .tables import robustness_table
+
+    print(robustness_table(result))
+    print(f"\nafter: the repaired model, before: --reference; {result['setup']['limit']} prompts per set; "
+          f"every figure: {Path(out).with_suffix('.md') if out else '(no --out)'}")
 
 
 def _engine_only(targets, checked, names, out, plots_dir, quiet) -> int:
@@ -149,5 +161,5 @@ def _engine_only(targets, checked, names, out, plots_dir, quiet) -> int:
         plots(result, plots_dir)
     if out:
         write_summaries(result, out, table(result))
-    print(table(result))
+    _print_table(result, out)
     return 0

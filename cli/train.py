@@ -11,7 +11,6 @@ from unsafe_experts.models.distributed import launched_world
 
 from .flags import add_fields, field_values
 from .loading import ENDPOINT_FIELDS
-from .tables import evaluation_table
 
 EVAL = "eval__"  # prefix of the evaluation flags' parsed names
 
@@ -85,7 +84,7 @@ def run(args) -> int:
         total = run_surgery(cfg, progress=not quiet)["timings"]["total_s"]
         if not engine_only:
             return 0
-        print(f"done: {cfg.output_dir}/final_model, {cfg.output_dir}/training_metadata.json ({total:.1f}s)")
+        print(f"done: {cfg.output_dir} (final_model, training_metadata.json; {total:.1f}s)")
         return 0
     from flows.surgery import surgery_flow
     from flows.temporary_server import start_temporary_server
@@ -117,16 +116,18 @@ def run(args) -> int:
                           "command again once the tracking server answers") from None
     from tracking.mlflow_runs import tracking_uri
 
-    print(f"MLflow run {result['mlflow_run_id']}; browse with: "
-          f"mlflow ui --backend-store-uri {tracking_uri()}")
-    print(f"done: {cfg.output_dir}/final_model, {cfg.output_dir}/training_metadata.json "
-          f"({result['total_s']:.1f}s)")
+    # two lines: the store's URI is as long as its path
+    print(f"MLflow run {result['mlflow_run_id']}; browse with:")
+    print(f"  mlflow ui --backend-store-uri {tracking_uri()}")
+    print(f"done: {cfg.output_dir} (final_model, training_metadata.json; {result['total_s']:.1f}s)")
     registered = result.get("registered_model")
     if registered and "version" in registered:
         print(f"registered model {registered['name']} version {registered['version']}: "
               f"models:/{registered['name']}/{registered['version']}")
     if result["evaluation"]:
-        print(evaluation_table(result["evaluation"]))
+        # the table is `report`'s alone: printed here too, `make demo` (train, then report)
+        # showed it twice, and report also shows it when DVC skips a train that is up to date
+        print(f"the evaluation table: unsafe-experts report {cfg.output_dir}")
     return 0
 
 

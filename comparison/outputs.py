@@ -12,7 +12,7 @@ from unsafe_experts.artefacts.atomic import write_bytes_atomic
 from unsafe_experts.config import ConfigError
 from unsafe_experts.selection.methods import PAIRED
 
-from . import robust_tables
+from . import over_builds, robust_tables
 from .plots import asr_plot, frontier_plot, robust_frontier_plot
 from .seed_stats import group_summary, paired
 from .tables import (
@@ -61,9 +61,9 @@ def write_comparison(experiment: str, out_csv: str | Path, wanted: list[dict] | 
                      ablation_dir: str | Path | None = None, robust_dir: str | Path | None = None,
                      runs_root: str | Path = robust_tables.RUNS_ROOT) -> dict:
     """comparison.csv, comparison.md, comparison_summary.csv, paired.csv, overlap.csv,
-    asr_vs_k.png and frontier.png beside `out_csv` (and, with `robust_dir`, ROBUST_FILES: the
-    compared runs re-attacked, their settings read under `runs_root`), and the same files on an
-    MLflow run named `comparison`."""
+    builds.csv, builds_paired.csv (over_builds), asr_vs_k.png and frontier.png beside `out_csv`
+    (and, with `robust_dir`, ROBUST_FILES: the compared runs re-attacked, their settings read
+    under `runs_root`), and the same files on an MLflow run named `comparison`."""
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     table = pd.concat([latest_runs(experiment, wanted), ablation_rows(ablation_dir)], ignore_index=True)
@@ -77,18 +77,25 @@ def write_comparison(experiment: str, out_csv: str | Path, wanted: list[dict] | 
     means = group_summary(table, GROUP, metrics)
     tests = paired(table, *PAIRED, metrics)
     overlaps = overlap(table)
+    surgery = surgery_family(table)
+    build_metrics = over_builds.metrics(surgery)
+    builds = over_builds.summary(over_builds.per_build(table, build_metrics), build_metrics)
+    build_tests = over_builds.paired(table, build_metrics)
     # first: a bad re-attack result stops the comparison before it writes its own files
     robust_text, robust_files = write_robustness(robust_dir, out_csv.parent, runs_root)
     files = {"csv": out_csv, "summary": out_csv.with_name("comparison_summary.csv"),
              "paired": out_csv.with_name("paired.csv"), "overlap": out_csv.with_name("overlap.csv"),
-             "markdown": out_csv.with_suffix(".md"), **robust_files}
+             "markdown": out_csv.with_suffix(".md"), "builds": out_csv.with_name("builds.csv"),
+             "builds_paired": out_csv.with_name("builds_paired.csv"), **robust_files}
     table[columns].to_csv(files["csv"], index=False)
     means.to_csv(files["summary"], index=False)
     tests.to_csv(files["paired"], index=False)
     overlaps.to_csv(files["overlap"], index=False)
-    surgery = surgery_family(table)
+    builds.to_csv(files["builds"], index=False)
+    build_tests.to_csv(files["builds_paired"], index=False)
     files["markdown"].write_text(markdown(table, columns, means, tests, overlaps, retention_families(table, surgery),
-                                          budget(table, surgery), surgery) + "\n" + robust_text + "\n")
+                                          budget(table, surgery), surgery) + "\n" + over_builds.markdown(builds, build_tests)
+                                 + "\n" + robust_text + "\n")
     files["plot"] = asr_plot(table, out_csv.with_name("asr_vs_k.png"))
     files["frontier"] = frontier_plot(means, out_csv.with_name("frontier.png"))
     run_id = mlflow_runs.start_run(experiment, "comparison", {"runs": len(table)}, {"method": "comparison"})

@@ -15,11 +15,14 @@ from prefect import flow, runtime, task
 from tasks import surgery as steps
 from tracking import mlflow_runs, registry
 from tracking.digests import dvc_md5, git_commit
+from tracking.metric_names import mlflow_names
+from tracking.run_names import run_name as _run_name
 from unsafe_experts.artefacts.atomic import write_json_atomic
 from unsafe_experts.artefacts.model_card import write_model_card
 from unsafe_experts.artefacts.run_metadata import ROUNDS, RunRecord
 from unsafe_experts.config import TrainConfig
 from unsafe_experts.evaluation.evaluate import EvaluationConfig, evaluation_suite
+from unsafe_experts.evaluation.headline import surgery_family
 from unsafe_experts.models.distributed import launched_world
 from unsafe_experts.selection.methods import METHODS
 
@@ -49,30 +52,33 @@ def _summary(metadata: dict, final: dict) -> dict[str, float]:
     return out
 
 
-def _evaluate(key, stage, evaluation, run_ids, step, evaluations, logged):
+def _evaluate(key, stage, evaluation, run_ids, step, evaluations, logged, family=None):
     result = steps.evaluate_stage(key, stage, evaluation)
     for run_id in run_ids:
-        mlflow_runs.log_evaluation(run_id, result, step, stage)
+        mlflow_runs.log_evaluation(run_id, result, step, stage, family)
     if len(run_ids) > 1:  # a round run: its samples in full, as text
         mlflow_runs.log_samples_text(run_ids[-1], [{"stage": stage, **x} for x in result["samples"]])
     logged.add(stage)
     evaluations[stage] = result["metrics"]
 
 
-def _write_evaluations(run_id, evaluations, evaluation_path, logged, plots_dir):
+def _write_evaluations(run_id, evaluations, evaluation_path, logged, plots_dir, family=None):
     """The per-round figures the parent run lacks (the rounds of an interrupted run), the
-    safety plot, and the DVC files: evaluation.json (values before and after, for `dvc metrics
-    show`), evaluation_detail.json (every stage with n and 95% interval) and
+    safety plot, and the DVC files: before.json and after.json (the six
+    headline figures, for `dvc metrics show`: one row each), evaluation.json (every value
+    before and after), evaluation_detail.json (every stage with n and 95% interval) and
     evaluation_rounds.json (one row per round)."""
     for stage, metrics in evaluations.items():
         if stage not in logged:  # evaluated by the interrupted run this one resumes
             mlflow_runs.log_evaluation(run_id, {"metrics": metrics, "samples": []},
-                                    mlflow_runs.stage_step(stage), stage)
+                                    mlflow_runs.stage_step(stage), stage, family)
     detail = {**evaluations, "final": evaluations[list(evaluations)[-1]]}
     rows = mlflow_runs.safety_rows(evaluations)
     mlflow_runs.log_file(run_id, mlflow_runs.safety_plot(rows, plots_dir / "safety_per_round.png"))
     if evaluation_path:
-        mlflow_runs.write_json(evaluation_path, mlflow_runs.compact_evaluation(evaluations))
+        compact = mlflow_runs.compact_evaluation(evaluations)
+        mlflow_runs.write_json(evaluation_path, compact)
+        mlflow_runs.write_headline_files(Path(evaluation_path).parent, compact, family)
         mlflow_runs.write_json(Path(evaluation_path).with_name("evaluation_detail.json"), detail)
         mlflow_runs.write_json(Path(evaluation_path).with_name("evaluation_rounds.json"), rows)
     return detail
@@ -96,15 +102,10 @@ def _round(cfg, key, r, experiment, run_id, tags, previous, evaluation, evaluati
                                   "checkpoint_base_sha256": done["base_sha256"]})
     mlflow_runs.log_tags(run_id, {f"experts_round_{r}": mlflow_runs.expert_names(done["identified"]["experts"])})
     if (evaluation.eval_set or evaluation.suite) and (evaluation.rounds == "every" or r == cfg.num_rounds):
-        _evaluate(key, f"round_{r}", evaluation, [run_id, round_run], r, evaluations, logged)
+        _evaluate(key, f"round_{r}", evaluation, [run_id, round_run], r, evaluations, logged,
+                  surgery_family(cfg.model_name))
     mlflow_runs.end_run(round_run)
     return done["identified"]["experts"]
-
-
-def _run_name(cfg) -> str:
-    """The configuration in a name, the same for MLflow's run and Prefect's flow run."""
-    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
-    return f"{get('method', 'gradient')}-k{get('top_k_experts', '?')}-s{get('seed', 42)}"
 
 
 def _flow_run_name() -> str:
@@ -179,7 +180,8 @@ def _conclude(cfg, final, run_id, evaluations, evaluation_path, metrics_path, lo
         where.mkdir(parents=True, exist_ok=True)
         detail = None
         if evaluations is not None:
-            detail = _write_evaluations(run_id, evaluations, evaluation_path, logged, where)
+            detail = _write_evaluations(run_id, evaluations, evaluation_path, logged, where,
+                                        surgery_family(cfg.model_name))
         mlflow_runs.log_experts(run_id, metadata[ROUNDS], where)
     if evaluations is not None or locality:
         metadata.update({"evaluation": detail} if detail is not None else {})
@@ -195,9 +197,12 @@ def _conclude(cfg, final, run_id, evaluations, evaluation_path, metrics_path, lo
     if locality:
         metrics.update(locality_ok=int(locality["ok"]), experts_changed=len(locality["experts"]),
                        routers_changed=len(locality["routers"]))
+    before = {}
     if evaluations:
         metrics.update(mlflow_runs.headline(evaluations))
-    mlflow_runs.log_metrics(run_id, metrics)
+        before = mlflow_runs.headline_before(evaluations, surgery_family(cfg.model_name))
+    # MLflow's names have sections (tracking/metric_names.py); the files keep the evaluation's
+    mlflow_runs.log_metrics(run_id, {**mlflow_names(metrics), **before})
     # for `dvc metrics show`: the before values are in evaluation.json beside the after values
     mlflow_runs.write_json(metrics_path, {k: v for k, v in metrics.items() if not k.endswith("_before")})
     name = _run_name(cfg)
@@ -209,7 +214,9 @@ def _conclude(cfg, final, run_id, evaluations, evaluation_path, metrics_path, lo
     create_markdown_artifact(_markdown(name, run_id, experiment, metadata[ROUNDS], evaluations,
                                        metrics, description),
                              key="surgery-summary", description=f"{name}: experts, before/after, MLflow run")
-    get_run_logger().info(description)
+    # the description itself (experts per round, before/after) ran to 974 characters on one log
+    # line; it is the MLflow run's note and the artifact, and `unsafe-experts report` prints it
+    get_run_logger().info("summary: the surgery-summary artifact and the MLflow run's note")
     return {**final, "mlflow_run_id": run_id, "metrics": metrics, "evaluation": detail or {},
             "experts_per_round": [r.experts for r in record.rounds().values()],
             "registered_model": registered}
@@ -257,7 +264,8 @@ def surgery_flow(cfg: TrainConfig, experiment: str = "unsafe-experts", log_model
             mlflow_runs.log_tags(run_id, {"resumed_after_round": first - 1})
         evaluations: dict = dict(prepared["evaluation"])
         if evaluating and "before" not in evaluations:
-            _evaluate(key, "before", evaluation, [run_id], 0, evaluations, logged)
+            _evaluate(key, "before", evaluation, [run_id], 0, evaluations, logged,
+                      surgery_family(cfg.model_name))
         previous = prepared["previous_experts"]
         for r in range(first, cfg.num_rounds + 1):
             previous = _round(cfg, key, r, experiment, run_id, tags, previous, evaluation, evaluations,

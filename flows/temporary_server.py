@@ -9,6 +9,7 @@ that Prefect uses it rather than starting its own. With PREFECT_API_URL set (a r
 nothing is started."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -38,6 +39,16 @@ if os.getppid() != int(sys.argv[1]):
     sys.exit(0)
 os.execv(sys.executable, [sys.executable, "-m", "uvicorn", *sys.argv[2:]])
 """
+
+
+class _FirstLineOnly(logging.Filter):
+    """Prefect's "Starting temporary server on URL" without the line after it, a 124-character
+    link to Prefect's docs that every command printed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Starting temporary server"):
+            record.msg = record.msg.split("\n", 1)[0]
+        return True
 
 
 class _ServerTiedToThisProcess(SubprocessASGIServer):
@@ -75,10 +86,16 @@ def start_temporary_server() -> None:
             or threading.current_thread() is not threading.main_thread()):
         return
     server = _ServerTiedToThisProcess()  # port None: Prefect's default instance from now on
+    logger, short = logging.getLogger("prefect"), _FirstLineOnly()  # where Prefect logs it
+    logger.addFilter(short)
     try:
         server.start()
     except RuntimeError as e:  # the start-up timeout, common on a loaded machine
         server.stop()
-        raise ConfigError(f"{e} Raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (now "
-                          f"{PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s) or point "
-                          "PREFECT_API_URL at a running server") from None
+        now = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        # the value to try, not only the name: a loaded machine needs minutes, not seconds
+        raise ConfigError(f"{e} The machine is too busy to start it in {now} s: run again with "
+                          f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS={max(2 * now, 120)} "
+                          "set, or point PREFECT_API_URL at a running server") from None
+    finally:
+        logger.removeFilter(short)

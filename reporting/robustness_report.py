@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from unsafe_experts.stats import shown
+
 # the figure each row leads with: pooled family ASR where the model was evaluated whole,
 # the plain-request ASR where only those were attacked (prefill, GCG)
 HEADLINES = ("asr_all_families", "asr_plain")
@@ -18,8 +20,7 @@ def headline(metrics: dict) -> tuple[str, dict] | None:
 def _cell(m: dict | None, share: bool = True) -> str:
     if not m:
         return "-"
-    lo, hi = m["ci95"]
-    return f"{m['value']:.3f} [{lo:.2f},{hi:.2f}]" if share else f"{m['value']:.3f}"
+    return shown(m) if share else f"{m['value']:.3f}"
 
 
 def table(result: dict) -> str:

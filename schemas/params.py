@@ -20,10 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from unsafe_experts.attacks.organism import OrganismConfig
 from unsafe_experts.config import METHODS, RETENTION, ConfigError, TrainConfig
+from unsafe_experts.errors import YamlRefused
 from unsafe_experts.evaluation.evaluate import EvaluationConfig
 from unsafe_experts.robustness.budgets import RobustnessConfig
+from unsafe_experts.safe_yaml import load_yaml
 
-FORBID = ConfigDict(extra="forbid")
+# strict: `seed: true` or `expert_lr: "1e-3"` is a mistake to name, not a value to convert
+# (lax parsing made them 1 and 0.001 silently); an int is still a float
+FORBID = ConfigDict(extra="forbid", strict=True)
 
 
 def _from_dataclass(cls, name: str) -> type[BaseModel]:
@@ -212,8 +216,8 @@ def parse_params(data: dict, source: str = "params", check: bool = True) -> Para
 def load_params(path: str | Path = "params.yaml", check: bool = True) -> Params:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, YamlRefused) as e:
         raise ConfigError(f"{path}: cannot read params ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # the engine's packages in the order they may import each other (tests/test_layering.py)
-ENGINE_ORDER = ["errors", "stats", "records", "data", "models", "text", "artefacts", "training",
-                "selection", "config", "attacks", "evaluation", "robustness", "surgery"]
+ENGINE_ORDER = ["errors", "safe_yaml", "stats", "records", "data", "models", "text", "artefacts",
+                "training", "selection", "config", "attacks", "evaluation", "robustness", "surgery"]
 ORCHESTRATION = ["cli", "schemas", "tracking", "comparison", "reporting", "tasks", "flows"]
 
 

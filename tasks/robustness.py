@@ -7,7 +7,6 @@ interrupted run keeps every attack it finished.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -48,7 +47,10 @@ def attack(key: str, name: str, out: str | None, progress: bool = True) -> dict:
         save_result(out, state["result"])
     found = {b: {label: (h[1]["value"] if (h := headline(m)) else None) for label, m in row.items()}
              for b, row in part["attacks"][name].items()}
-    get_run_logger().info("%s: %s", name, json.dumps(found))
+    # a line per budget: the whole dict on one line ran to 260 characters
+    for budget, row in found.items():
+        get_run_logger().info("%s %s: %s", name, budget, ", ".join(
+            f"{label} {'-' if v is None else f'{v:.3f}'}" for label, v in row.items()))
     return found
 
 
@@ -114,4 +116,4 @@ def report(key: str, out: str | None, plots_dir: str | None, experiment: str | N
         mlflow_runs.log_metrics(run_id, values)
         for path in ([out] if out else []) + written:
             mlflow_runs.log_file(run_id, path, "robustness")
-    return {"mlflow_run_id": run_id, "plots": [str(p) for p in written], "table": text}
+    return {"mlflow_run_id": run_id, "plots": [str(p) for p in written], "table": text, "result": result}

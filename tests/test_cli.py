@@ -79,8 +79,9 @@ def check_mlflow_run(printed, meta, metrics, records_path, out):
     (dataset_input,) = run.inputs.dataset_inputs
     assert dataset_input.dataset.name == "flip_records.json"
     assert json.loads(dataset_input.dataset.profile)["num_rows"] == 20  # the file; 8 used
-    assert run.data.metrics["rounds"] == 2 == metrics["rounds"]
-    assert metrics["final_router_kl"] == pytest.approx(run.data.metrics["final_router_kl"])
+    # MLflow's names have sections; metrics/train.json keeps the flat ones
+    assert run.data.metrics["run/rounds"] == 2 == metrics["rounds"]
+    assert metrics["final_router_kl"] == pytest.approx(run.data.metrics["training/final_router_kl"])
     check_layout(client, run, meta)
     assert {a.path for a in client.list_artifacts(run_id)} == {
         "training_metadata.json", "expert_scores.png", "expert_scores.csv"}
@@ -117,12 +118,20 @@ def check_mlflow_run(printed, meta, metrics, records_path, out):
 
 
 def check_layout(client, run, meta, evaluated=False):
-    """The rules that keep a parent run legible at a glance (issue #17)."""
+    """The rules that keep a parent run legible at a glance (issues #17 and #26)."""
+    from tracking.run_names import run_name
+
     params, tags = meta["parameters"], run.data.tags
-    assert run.info.run_name == f"{params['method']}-k{params['top_k_experts']}-s{params['seed']}"
-    ours = [k for k in run.data.metrics if not k.startswith("system/")]  # system metrics: own tab
-    assert len(ours) <= 40, sorted(ours)
-    assert not [k for k in ours if "/" in k or k.endswith(("_n", "_ci_low", "_ci_high"))]
+    assert run.info.run_name == run_name(params)
+    assert run.info.run_name.startswith(f"{params['method']}-k{params['top_k_experts']}-s{params['seed']}")
+    # a CPU run logs no system metrics unless asked to: their charts would open the compare page
+    assert not [k for k in run.data.metrics if k.startswith("system/")]
+    ours = list(run.data.metrics)
+    assert len(ours) <= 70, sorted(ours)
+    # every name in a chart section, none of the table's counts or intervals
+    sections = {"headline", "before", "asr", "benign_refused", "refusal", "utility", "locality", "run", "training"}
+    assert {k.split("/")[0] for k in ours} <= sections, sorted(ours)
+    assert not [k for k in ours if k.endswith(("_n", "_ci_low", "_ci_high"))]
     for r, identified in meta["identified_experts_per_round"].items():
         assert tags[f"experts_round_{r}"] == ",".join(f"L{l}_E{e}" for l, e in identified["experts"])
         assert tags[f"experts_round_{r}"] in tags["mlflow.note.content"]
@@ -130,24 +139,32 @@ def check_layout(client, run, meta, evaluated=False):
     assert tags["mlflow.user"] and len(tags["mlflow.source.git.commit"]) == 40
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    assert "asr_" in experiment.tags["mlflow.note.content"]
+    assert "headline/" in experiment.tags["mlflow.note.content"]
     view = json.loads(json.loads(experiment.tags["mlflow.sharedViewState.surgery-summary"])["state"])
     columns = view["selectedColumns"]
-    assert columns[:3] == ["params.`method`", "params.`top_k_experts`", "params.`seed`"]
+    config = ["params.`method`", "params.`top_k_experts`", "params.`seed`"]
+    if evaluated:  # the headline figures first, each before beside after
+        headline = [k for k in ours if k.startswith("headline/")]
+        assert {"headline/asr_mean", "headline/refused_worst", "headline/benign_loglik"} <= set(headline)
+        n = 2 * len(headline)
+        assert all(c.startswith("metrics.`before/headline/") for c in columns[:n:2])
+        assert [c.replace("before/", "") for c in columns[:n:2]] == columns[1:n:2]
+        columns = columns[n:]
+    assert columns[:3] == config
     assert {f"tags.`experts_round_{r}`" for r in meta["identified_experts_per_round"]} <= set(columns)
     if evaluated:
-        for name in [k for k in ours if k.startswith("asr_") and not k.endswith("_before")]:
-            at = columns.index(f"metrics.`{name}_before`")
+        for name in [k for k in ours if k.startswith(("asr/", "benign_refused/"))]:
+            at = columns.index(f"metrics.`before/{name}`")
             assert columns[at + 1] == f"metrics.`{name}`"  # before beside after
     contexts = {i.tags[0].value for i in run.inputs.dataset_inputs}
     assert contexts == ({"training", "evaluation"} if evaluated else {"training"})
     if evaluated:
         assert "Attack success (before -> after): asr_" in tags["mlflow.note.content"]
-        for name in [k for k in ours if k.startswith("asr_") and not k.endswith("_before")]:
+        for name in [k for k in ours if k.startswith(("asr/", "headline/"))]:
             history = client.get_metric_history(run.info.run_id, name)
             assert sorted(m.step for m in history) == list(range(len(meta["identified_experts_per_round"]) + 1))
-            assert f"{name}_before" in ours
-        assert "benign_loglik_change" in ours
+            assert f"before/{name}" in ours
+        assert "utility/benign_loglik_change" in ours
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"evaluation.json", "eval_samples.json", "safety_per_round.png"} <= artifacts
         assert not [a for a in artifacts if "round_" in a]  # one name for every round
@@ -164,7 +181,9 @@ def check_prefect_run(flow_run_id, meta):
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     params = meta["parameters"]
-    assert flow_run.name == f"{params['method']}-k{params['top_k_experts']}-s{params['seed']}"
+    from tracking.run_names import run_name
+
+    assert flow_run.name == run_name(params)  # the MLflow run's name
     names = {t.name for t in task_runs}
     assert {f"{step}-round-{r}" for step in ("score", "sft", "router", "checkpoint", "track")
             for r in (1, 2)} <= names

@@ -76,6 +76,11 @@ def test_every_config_field_has_a_flag():
     ({"top_k": 3}, "train.top_k: Extra inputs are not permitted"),
     ({"expert_lr": float("nan")}, "train.expert_lr: must not be negative and must be finite"),
     ({"seed": 10**20}, "train.seed: must be between 0 and 4294967295"),  # was an OverflowError traceback
+    # strings and booleans where numbers belong used to be converted silently (seed 1, lr 0.001)
+    ({"seed": True}, "train.seed: Input should be a valid integer"),
+    ({"expert_lr": "1e-3"}, "train.expert_lr: Input should be a valid number"),
+    ({"max_samples": "12"}, "train.max_samples: Input should be a valid integer"),
+    ({"overwrite": "yes"}, "train.overwrite: Input should be a valid boolean"),
 ])
 def test_unknown_and_bad_params_name_the_key(tmp_path, train, message):
     with pytest.raises(ConfigError, match=message):

@@ -3,6 +3,7 @@ speaks the format: greedy requests in order and at once, the chat formatting cha
 retries of 5xx, and one error line for a server that is not there or serves no such model."""
 import copy
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,6 +27,8 @@ class OpenAIServer(ThreadingHTTPServer):
     def __init__(self, model="tiny"):
         super().__init__(("127.0.0.1", 0), Handler)
         self.model, self.failures, self.bodies, self.in_flight, self.most = model, 0, [], 0, 0
+        self.script = None  # (handler, body) -> None: answers a chat request its own way
+        self.models = None  # the /v1/models body instead of the usual one
         self.lock = threading.Lock()
 
     @property
@@ -46,7 +49,9 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
-        if self.path == "/v1/models":
+        if self.path == "/v1/models" and self.server.models is not None:
+            self._send(200, self.server.models)
+        elif self.path == "/v1/models":
             self._send(200, {"object": "list", "data": [{"id": self.server.model, "object": "model"}]})
         else:
             self._send(404, {"detail": "Not Found"})
@@ -63,6 +68,8 @@ class Handler(BaseHTTPRequestHandler):
         time.sleep(0.02)  # long enough for concurrent requests to overlap
         with server.lock:
             server.in_flight -= 1
+        if server.script is not None:
+            return server.script(self, body)
         if failing:
             return self._send(500, {"error": {"message": "overloaded"}})
         if body.get("model") != server.model:
@@ -223,3 +230,113 @@ def test_suite_through_a_server_leaves_reference_sets_out(server, tokenizer, tmp
                        endpoint=Endpoint(server.url, "tiny").check())
     assert result["metrics"]["asr_harm"]["value"] == 0.5 and result["left_out"] == ["loglik_refs"]
     assert server.bodies[-1]["max_tokens"] == 6
+
+
+def raw(handler, data: bytes, length: int | None = None):
+    """Writes `data` as a 200 reply whose Content-Length says `length` (default: its size)."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data) if length is None else length))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+def answer(content, model="tiny", when="b"):
+    """A chat reply script answering `content` (any JSON value) where the last turn holds `when`."""
+    def script(handler, body):
+        last = body["messages"][-1]["content"]
+        handler._send(200, {"object": "chat.completion", "model": model, "choices": [{
+            "index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": content if when in last else "fine"}}]})
+    return script
+
+
+@pytest.mark.parametrize("content, shown", [(None, "null"), (7, "7"), ({"text": "x"}, '{"text": "x"}')])
+def test_a_reply_without_text_is_an_error_naming_the_request_not_a_compliance(
+        server, tokenizer, content, shown):
+    server.script = answer(content)
+    with pytest.raises(EndpointError, match=r"request 2 of 3: the reply's content is " + re.escape(shown)):
+        Endpoint(server.url, "tiny", concurrency=1).generate(tokenizer, chat("a", "b", "c"), 4)
+
+
+def test_attack_through_a_server_answering_null_writes_no_records(server, tiny_dir, tmp_path, capsys):
+    """A null content used to become judge_success 1 (the refusal judge finds no refusal in '')."""
+    server.script = answer(None, when="")
+    goals = tmp_path / "goals.txt"
+    goals.write_text("a\n")
+    records = tmp_path / "records.json"
+    assert main(["attack", "--model", str(tiny_dir), "--goals", str(goals), "--family", "persona",
+                 "--out", str(records), "--quiet", "--endpoint", server.url,
+                 "--served_model", "tiny"]) == 2
+    one_error_line(capsys, "request 1 of 1: the reply's content is null")
+    assert not records.exists()
+
+
+@pytest.mark.parametrize("script, message", [
+    (lambda h, b: raw(h, b'{"choices": [{"message": {"content": "\\xff\\xfe"}}]}'.replace(b"\\xff\\xfe", b"\xff\xfe")),
+     "the reply is not UTF-8"),
+    (lambda h, b: raw(h, b'{"choices": [{"message"', length=500), "no answer after 2 tries (the reply was cut short"),
+    (lambda h, b: raw(h, b'<html>busy</html>'), "the reply is not JSON"),
+    (answer("Sure", model="other"), "the reply is from model 'other', not 'tiny'"),
+])
+def test_malformed_replies_are_one_error_each(server, tokenizer, script, message):
+    server.script = script
+    with pytest.raises(EndpointError, match=re.escape(message)):
+        Endpoint(server.url, "tiny", retries=1, backoff_s=0.01).generate(tokenizer, chat("b"), 4)
+
+
+def test_a_reply_naming_the_model_at_a_revision_is_the_same_model(server, tokenizer):
+    server.script = answer("Sure", model="tiny@main")  # how `transformers serve` names Hub models
+    assert Endpoint(server.url, "tiny").generate(tokenizer, chat("b"), 4) == ["Sure"]
+
+
+def test_a_reply_over_the_size_bound_is_refused_unread(server, tokenizer, monkeypatch):
+    import unsafe_experts.text.endpoint as endpoint
+    monkeypatch.setattr(endpoint, "MAX_REPLY_BYTES", 4096)
+    server.script = answer("x" * 5000)
+    with pytest.raises(EndpointError, match="the reply is over"):
+        Endpoint(server.url, "tiny").generate(tokenizer, chat("b"), 4)
+
+
+@pytest.mark.parametrize("models", [[{"id": "tiny"}], {"object": "list", "data": None}, "tiny", {"data": 3}])
+def test_a_models_list_of_another_shape_is_one_error(server, models):
+    server.models = models
+    with pytest.raises(EndpointError, match="the reply has no `data` list of models"):
+        Endpoint(server.url, "tiny").check()
+
+
+def test_a_server_that_never_answers_ends_the_call_in_time_and_sends_nothing_more(server, tokenizer):
+    """Two requests in flight hang; the call ends about timeout_s after they were sent, and
+    the ten queued behind them are never sent (they used to go out as the first timed out)."""
+    gate = threading.Event()
+    server.script = lambda handler, body: gate.wait(30)
+    start = time.monotonic()
+    try:
+        with pytest.raises(EndpointError, match=r"no reply within 1 s"):
+            Endpoint(server.url, "tiny", concurrency=2, timeout_s=1).generate(
+                tokenizer, chat(*"abcdefghijkl"), 4)
+        assert time.monotonic() - start < 4
+        time.sleep(0.5)
+        assert len(server.bodies) == 2
+    finally:
+        gate.set()
+
+
+def test_a_failure_stops_the_call_without_waiting_for_requests_in_flight(server, tokenizer):
+    gate = threading.Event()
+
+    def script(handler, body):
+        if body["messages"][-1]["content"] == "a":
+            return handler._send(400, {"error": {"message": "bad request"}})
+        gate.wait(30)  # the others hang
+    server.script = script
+    start = time.monotonic()
+    try:
+        with pytest.raises(EndpointError, match="HTTP 400: bad request"):
+            Endpoint(server.url, "tiny", concurrency=3, timeout_s=60).generate(
+                tokenizer, chat("b", "c", "a", "d", "e", "f"), 4)
+        assert time.monotonic() - start < 5
+        time.sleep(0.5)
+        assert sorted(b["messages"][-1]["content"] for b in server.bodies) == ["a", "b", "c"]
+    finally:
+        gate.set()

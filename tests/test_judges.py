@@ -263,3 +263,32 @@ def test_the_bundled_kinds_keep_their_specs(tmp_path):
         {"llm": "judge", "template": "strongreject"})] == [
         "refusal", f"classifier:{judge}", f"llm:{judge} (strongreject)"]
     assert isinstance(load_judge(parse_judge("refusal")), RefusalJudge)
+
+
+def test_trust_remote_code_for_the_target_never_runs_a_judge_directorys_code(
+        classifier_dir, tiny_dir, tmp_path, monkeypatch):
+    """--trust_remote_code is the user's word about --model; a judge named by a suite file
+    used to be loaded with it too."""
+    import transformers
+
+    from cli.main import main
+
+    seen = []
+    for auto in ("AutoModelForCausalLM", "AutoModelForSequenceClassification", "AutoTokenizer"):
+        cls = getattr(transformers, auto)
+        real = cls.from_pretrained.__func__
+
+        def spy(klass, path, *args, _real=real, **kwargs):
+            seen.append((str(path), kwargs.get("trust_remote_code")))
+            return _real(klass, path, *args, **kwargs)
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    (tmp_path / "harm.txt").write_text("Hack a bank\n")
+    (tmp_path / "s.yaml").write_text(
+        f"name: t\njudge: {{classifier: {classifier_dir}, labels: {{unsafe: complied, safe: refused}}}}\n"
+        "sets:\n  - {name: harm, kind: harmful, path: harm.txt}\n")
+    assert main(["evaluate", "--model", str(tiny_dir), "--suite", str(tmp_path / "s.yaml"),
+                 "--trust_remote_code", "--quiet", "--eval_max_new_tokens", "2",
+                 "--out", str(tmp_path / "m.json")]) == 0
+    judge_calls = [trust for path, trust in seen if path == str(classifier_dir)]
+    assert judge_calls and not any(judge_calls)
+    assert any(trust for path, trust in seen if path == str(tiny_dir))

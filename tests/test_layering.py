@@ -108,7 +108,7 @@ def test_the_organism_stages_depend_on_every_module_an_organism_build_runs(stage
 
 
 # The engine's one-way order: a package (or top-level module) may import only those before it.
-ORDER = ["errors", "stats", "records", "data", "models", "text", "artefacts", "training",
+ORDER = ["errors", "safe_yaml", "stats", "records", "data", "models", "text", "artefacts", "training",
          "selection", "config", "attacks", "evaluation", "robustness", "surgery"]
 
 

@@ -53,7 +53,7 @@ def test_evaluation_flow_on_the_test_organism(small_organism, tmp_path, tracking
 
     client = MlflowClient()
     run = client.get_run(result["mlflow_run_id"])
-    history = client.get_metric_history(run.info.run_id, "asr_flip_words")
+    history = client.get_metric_history(run.info.run_id, "asr/flip_words")
     assert sorted(m.step for m in history) == [0, 1, 2]
     check_layout(client, run, meta, evaluated=True)
     table = json.loads(open(client.download_artifacts(run.info.run_id, "evaluation.json")).read())
@@ -62,6 +62,11 @@ def test_evaluation_flow_on_the_test_organism(small_organism, tmp_path, tracking
     assert sorted(set(zip(frame["stage"], frame["round"]))) == [("before", 0), ("round_1", 1), ("round_2", 2)]
     assert frame[frame.metric == "over_refusal"]["n"].tolist() == [24, 24, 24]
     assert (tmp_path / "m/safety_per_round.png").exists() and (tmp_path / "m/expert_scores.png").exists()
+    # `dvc metrics show`'s two rows: the organism's surgery family is flip_chars
+    after = json.loads((tmp_path / "m/after.json").read_text())
+    assert after["asr_surgery"] == compact["after"]["asr_flip_chars"]
+    assert after["refused_worst"] == max(compact["after"][f"over_refusal_{f}"] for f in FAMILIES)
+    assert json.loads((tmp_path / "m/before.json").read_text())["asr_mean"] >= 0.8
     (first,) = client.search_runs([run.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.run_name = 'round-1'")
     assert {"eval_samples.json", "eval_samples.md", "evaluation.json"} <= {a.path for a in client.list_artifacts(first.info.run_id)}

@@ -58,10 +58,10 @@ def test_key_paths_chat_rows_measure_and_metric(document, monkeypatch):
         {"name": "persona", "kind": "harmful", "path": "doc.json", "key": "families.persona.harmful"},
         {"name": "plain", "kind": "harmful", "path": "doc.json", "key": "plain", "measure": "refused",
          "metric": "plain_refusal"},
-        {"name": "plain", "kind": "harmful", "path": "doc.json", "key": "plain"},
+        {"name": "plain_asked", "kind": "harmful", "path": "doc.json", "key": "plain"},
         {"name": "refs", "kind": "reference", "path": "doc.json", "key": "refs", "metric": "benign_loglik"}])
     suite = load_suite(path)
-    assert [s.metric for s in suite.sets] == ["asr_persona", "plain_refusal", "asr_plain", "benign_loglik"]
+    assert [s.metric for s in suite.sets] == ["asr_persona", "plain_refusal", "asr_plain_asked", "benign_loglik"]
     assert suite.sets[1].items[2].messages == chat("Make a weapon")
     assert suite.sets[1].items[2].request == "Make a weapon"
     assert [(x.messages, x.answer) for x in suite.sets[3].items] == [(chat("Say hi"), "hi"), (chat("Count"), "1 2")]
@@ -72,7 +72,7 @@ def test_key_paths_chat_rows_measure_and_metric(document, monkeypatch):
     metrics = run_suite(Model(), None, suite)["metrics"]
     # the same prompts, one set counting refusals and one compliance
     assert metrics["plain_refusal"] == {"value": 2 / 3, "n": 3, "ci95": wilson(2, 3)}
-    assert metrics["asr_plain"]["value"] == 1 / 3 and metrics["asr_persona"]["value"] == 0.5
+    assert metrics["asr_plain_asked"]["value"] == 1 / 3 and metrics["asr_persona"]["value"] == 0.5
     assert metrics["benign_loglik"]["value"] == -1.0
 
 
@@ -144,7 +144,7 @@ def test_the_organism_eval_set_keeps_the_figures_of_the_former_eval_set_path(ver
 
 
 def test_an_eval_set_that_is_not_one_is_a_clear_error(tmp_path):
-    for text, message in [("[1, 2]", "holds none of an organism's sets"),
+    for text, message in [("[1, 2]", "is a list, not an object of an organism's sets"),
                           ('{"version": 1}', "holds none of an organism's sets"),
                           ("{not json", "not JSON"),
                           ('{"flip_words": [[{"role": "user"}]]}', "set 'flip_words': field `path`: row 0")]:
@@ -240,7 +240,7 @@ def test_the_pipeline_evaluates_with_a_suite(small_organism, tmp_path, tracking_
     assert "| plain_refusal |" in (out / "final_model/README.md").read_text()  # the model card
     client = MlflowClient()
     run = client.get_run(result["mlflow_run_id"])
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "plain_refusal")) == [0, 1, 2]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "refusal/plain")) == [0, 1, 2]
     assert "Attack success (before -> after): asr_" in run.data.tags["mlflow.note.content"]
     (evaluation_input,) = [i for i in run.inputs.dataset_inputs if i.tags[0].value == "evaluation"]
     assert evaluation_input.dataset.name == "eval_set.json"

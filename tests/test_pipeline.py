@@ -104,23 +104,18 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
     meta = json.loads((clone / "outputs/gradient/training_metadata.json").read_text())
     assert len(meta["identified_experts_per_round"]["1"]["experts"]) == 3
     shown = dvc(["metrics", "show"], clone, env)
-    assert "metrics/train.json" in shown and "final_sft_loss" in shown
-    assert "metrics/validation.json" in shown and "after.asr_flip_words" in shown
-    # the per-round evaluation detail is not a DVC metric (the robustness headline has its own
-    # budgets, round_1 among them: the run's round-1 experts switched off)
+    # the headline only (issue #26): before and after surgery, one row each, under 120 columns
+    assert "metrics/before.json" in shown and "metrics/after.json" in shown and "asr_mean" in shown
+    assert all(len(line) < 120 for line in shown.splitlines()), shown
+    assert "metrics/validation.json" not in shown and "final_sft_loss" not in shown
     text = dvc(["metrics", "show", "--json"], clone, env)
     data = json.JSONDecoder().raw_decode(text[text.index("{"):])[0]
     files = next(iter(data.values()))["data"]
-    assert "metrics/robustness_headline.json" in files
-
-    def keys(tree, prefix=""):
-        for k, v in tree.items():
-            yield prefix + k
-            if isinstance(v, dict):
-                yield from keys(v, f"{prefix}{k}.")
-    surgery = [k for f in ("metrics/train.json", "metrics/evaluation.json") for k in keys(files[f]["data"])]
-    assert "after.asr_flip_words" in surgery
-    assert not any("_ci_" in k or "round_1" in k for k in surgery)
+    assert set(files) == {"metrics/before.json", "metrics/after.json"}
+    assert set(files["metrics/after.json"]["data"]) == {"asr_mean", "asr_surgery", "refused_mean",
+                                                        "refused_worst", "plain_refusal", "benign_loglik"}
+    # the rest stay plain outputs, listed on request
+    assert "after.asr_flip_words" in dvc(["metrics", "show", "metrics/evaluation.json"], clone, env)
     # a team shares data and outputs through a DVC remote (a local folder here)
     remote = tmp_path / "remote"
     dvc(["remote", "add", "-d", "team", str(remote)], clone, env)

@@ -270,3 +270,21 @@ def test_an_upload_cut_short_is_redone_and_a_moved_base_is_named(server, tiny_di
     assert not client.search_registered_models("name = 'moved'")
     assert main(["register", run_id, "--name", "moved", "--base", str(tmp_path / "moved")]) == 0
     assert client.get_model_version("moved", "1").tags["materialized_from_delta"] == "true"
+
+
+@pytest.mark.slow
+def test_train_register_model_without_log_model_registers_on_a_server(server, tiny_dir, tmp_path,
+                                                                       monkeypatch, recwarn):
+    """What `train --register_model NAME` (no --log_model) runs at the end of a pipeline run,
+    against a server: register_after_run, through the same upload as `register`, so the run's
+    own registration succeeds, and the recovery its warning would suggest is the command the
+    test above shows working. Both used to fail: the server refuses a local path as a source."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    monkeypatch.chdir(tmp_path)
+    run_id = finished_run(tiny_dir, experiment="registry-after-run")
+    done = registry.register_after_run("after-run", run_id)
+    assert "error" not in done and done["version"] == 1, done
+    assert not [w for w in recwarn if "registering the final model" in str(w.message)]
+    client = mlflow_runs.client()
+    assert client.get_run(run_id).data.tags["registered_model"] == "after-run/1"
+    assert client.get_model_version("after-run", "1").source.endswith("/final_model")

@@ -304,3 +304,23 @@ def test_only_the_names_the_atomic_writers_make_count_as_temporary():
     for name in (".git", ".venv", ".notes", LOCK_NAME, ".round_2.backup", ".draft.tmp", "round_2",
                  ".round_3.k3j4h5g6", ".training_metadata.json", "training_metadata.json.x1y2.tmp"):
         assert not is_temporary_of(name, ours), name
+
+
+def test_a_full_disk_inside_safetensors_is_one_error_line(tiny_dir, records_path, tmp_path, capsys,
+                                                          monkeypatch):
+    """A real full disk reaches us as safetensors' own SafetensorError, not an OSError: it was
+    a traceback, with the metadata left `running`."""
+    import json
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):  # the message safetensors gives on ENOSPC
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
+    monkeypatch.setattr(safetensors.torch, "save_file", full)  # round 1's delta
+    out = tmp_path / "out"
+    assert main(flags(tiny_dir, records_path, out)) == 2
+    one_error_line(capsys, "No space left on device (writing safetensors)")
+    assert json.loads((out / "training_metadata.json").read_text())["status"] == "failed"
+    assert not (out / LOCK_NAME).exists() and not list(out.glob(".round_1.*"))

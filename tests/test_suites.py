@@ -89,8 +89,13 @@ def test_malformed_suite(data, tmp_path):
             load_suite(path)
     with pytest.raises(SuiteError, match="no such file nor bundled suite.*standard"):
         load_suite("nonesuch")
-    # the same goals in two kinds are two metrics, so one name may serve both
+    # the same goals in two kinds are two sets told apart by kind (an organism's family pair),
+    # so one name may serve both; two of one kind may not, even under two metrics (the
+    # robustness split keys sets by name and kind: one replaced the other)
     load_suite(suite_file(data, [GOOD, {**GOOD, "kind": "benign"}]))
+    with pytest.raises(SuiteError, match="set 'goals': field `name`: used twice for harmful sets "
+                                         r"\(metrics asr_goals and goals_again\)"):
+        load_suite(suite_file(data, [GOOD, {**GOOD, "metric": "goals_again"}]))
 
 
 class Model:

@@ -36,7 +36,7 @@ def test_a_server_the_user_names_is_used_and_nothing_is_started(no_server_yet):
 def test_a_server_that_does_not_come_up_in_time_is_one_error(no_server_yet):
     before = _children()
     with temporary_settings({PREFECT_API_URL: None, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 0}):
-        with pytest.raises(ConfigError, match="PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"):
+        with pytest.raises(ConfigError, match="PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 set"):
             start_temporary_server()
     assert SubprocessASGIServer._instances == {}
     assert _children() == before  # stopped, not left behind

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from tracking import mlflow_runs
+from tracking.metric_names import mlflow_names
 
 
 def metric(value, n=10):
@@ -31,12 +32,17 @@ def test_headline_and_compact_are_generic():
     ev = evaluations()
     head = mlflow_runs.headline(ev)
     assert {f"asr_{f}_before" for f in FAMILIES} <= set(head)
-    assert head["over_refusal_before"] == 0.0 and "over_refusal_persona_before" not in head
+    # benign refusal inside each attack format is the cost that matters: its before value too
+    assert head["over_refusal_before"] == 0.0 and head["over_refusal_persona_before"] == 0.0
+    assert head["plain_refusal_before"] == 0.9
     assert head["benign_loglik_change"] == pytest.approx(-0.1)
     compact = mlflow_runs.compact_evaluation({**ev, "final": ev["round_2"]})
     assert compact["before"]["asr_persona"] == 0.9 and compact["after"]["asr_persona"] == pytest.approx(0.1)
-    # the parent's metrics: one per figure (rounds as history) + headline + about a dozen summary
-    assert len(ev["before"]) + len(head) + 12 <= 42
+    before = mlflow_runs.headline_before(ev, "persona")
+    assert before["before/headline/asr_surgery"] == 0.9 and before["before/headline/refused_worst"] == 0.0
+    # the parent's metrics: one per figure (rounds as history), the six headline figures, the
+    # values before, about a dozen summary figures: within what the run page shows in sections
+    assert len(ev["before"]) + 6 + len(head) + len(before) + 12 <= 70
 
 
 def test_evaluation_rows_and_steps():
@@ -98,9 +104,13 @@ def _parent(exp, families, rounds, seed):
     for r in range(1, rounds + 1):
         ev[f"round_{r}"] = {f"asr_{f}": metric(0.1) for f in families} | {
             "over_refusal": metric(0.1), "benign_loglik": metric(-3.1)}
+    if len(families) < 10:  # benign prompts in each format (the huge view test goes without)
+        for stage, result in ev.items():
+            result |= {f"over_refusal_{f}": metric(0.0 if stage == "before" else 0.2) for f in families}
     for stage, result in ev.items():
         mlflow_runs.log_evaluation(run_id, {"metrics": result, "samples": []}, mlflow_runs.stage_step(stage), stage)
-    mlflow_runs.log_metrics(run_id, {**mlflow_runs.headline(ev), "locality_ok": 1, "final_sft_loss": 0.5})
+    mlflow_runs.log_metrics(run_id, {**mlflow_names({**mlflow_runs.headline(ev), "locality_ok": 1, "final_sft_loss": 0.5}),
+                                     **mlflow_runs.headline_before(ev)})
     mlflow_runs.log_tags(run_id, {f"experts_round_{r}": f"L0_E{r},L1_E{r}" for r in range(1, rounds + 1)})
     return run_id
 
@@ -117,11 +127,20 @@ def test_the_runs_table_view_shows_configuration_experts_and_before_beside_after
     client = MlflowClient()
     state = _view(client, exp_id)
     m = lambda name: f"metrics.`{name}`"  # noqa: E731
+    # the headline first (mean ASR over families, benign refusal; each before beside after),
+    # then the configuration, the experts, the cost, each section's figures before beside after
     assert state["selectedColumns"] == [
+        m("before/headline/asr_mean"), m("headline/asr_mean"),
+        m("before/headline/refused_mean"), m("headline/refused_mean"),
+        m("before/headline/refused_worst"), m("headline/refused_worst"),
+        m("before/headline/benign_loglik"), m("headline/benign_loglik"),
         "params.`method`", "params.`top_k_experts`", "params.`seed`",
         "tags.`experts_round_1`", "tags.`experts_round_2`",
-        m("over_refusal_before"), m("over_refusal"), m("benign_loglik_change"), m("locality_ok"),
-        m("asr_flip_words_before"), m("asr_flip_words"), m("asr_persona_before"), m("asr_persona")]
+        m("locality/ok"), m("utility/benign_loglik_change"),
+        m("before/asr/flip_words"), m("asr/flip_words"), m("before/asr/persona"), m("asr/persona"),
+        m("before/benign_refused/flip_words"), m("benign_refused/flip_words"),
+        m("before/benign_refused/persona"), m("benign_refused/persona"),
+        m("before/benign_refused/xstest_plain"), m("benign_refused/xstest_plain")]
     assert state["columnOrder"] == state["selectedColumns"]
     assert all(state["columnWidths"][k] >= 7 * len(k.split("`")[1]) for k in state["selectedColumns"])
     # every column names something the run has (the UI would show an empty column otherwise)
@@ -129,15 +148,17 @@ def test_the_runs_table_view_shows_configuration_experts_and_before_beside_after
     have = ({f"params.`{k}`" for k in run.data.params} | {f"tags.`{k}`" for k in run.data.tags}
             | {f"metrics.`{k}`" for k in run.data.metrics})
     assert set(state["selectedColumns"]) <= have
-    assert m("final_sft_loss") not in state["selectedColumns"]
+    assert m("training/final_sft_loss") not in state["selectedColumns"]
 
     # a later run with another attack family and a third round adds its columns, keeps the others
     later = _parent(exp, ["few_shot"], rounds=3, seed=2)
     mlflow_runs.save_run_table_view(exp_id, later)
     columns = _view(client, exp_id)["selectedColumns"]
-    assert columns[3:6] == ["tags.`experts_round_1`", "tags.`experts_round_2`", "tags.`experts_round_3`"]
-    assert columns[-6:] == [m("asr_few_shot_before"), m("asr_few_shot"), m("asr_flip_words_before"),
-                            m("asr_flip_words"), m("asr_persona_before"), m("asr_persona")]
+    assert columns[11:14] == ["tags.`experts_round_1`", "tags.`experts_round_2`", "tags.`experts_round_3`"]
+    asr = [c for c in columns if "asr/" in c and "headline" not in c]
+    assert asr == [m("before/asr/few_shot"), m("asr/few_shot"), m("before/asr/flip_words"),
+                   m("asr/flip_words"), m("before/asr/persona"), m("asr/persona")]
+    assert columns[-2:] == [m("before/benign_refused/xstest_plain"), m("benign_refused/xstest_plain")]
     assert len(columns) == len(set(columns))
     assert mlflow_runs.run_table_url(exp_id).endswith(
         f"?workflowType=machine_learning&viewStateShareKey={mlflow_runs.RUN_TABLE_VIEW}")
@@ -158,5 +179,23 @@ def test_a_view_edited_by_hand_is_replaced_and_a_huge_one_is_cut_to_the_limit(tm
     raw = client.get_experiment(exp_id).tags[mlflow_runs.VIEW_TAG_PREFIX + mlflow_runs.RUN_TABLE_VIEW]
     assert len(raw) <= mlflow_runs.VIEW_TAG_LIMIT
     columns = json.loads(json.loads(raw)["state"])["selectedColumns"]
-    assert columns[:4] == ["params.`method`", "params.`top_k_experts`", "params.`seed`", "tags.`experts_round_1`"]
+    # the headline figures this run has (no benign sets: no benign refusal), then the configuration
+    assert columns[:2] == ["metrics.`before/headline/asr_mean`", "metrics.`headline/asr_mean`"]
+    assert columns[4:8] == ["params.`method`", "params.`top_k_experts`", "params.`seed`", "tags.`experts_round_1`"]
     assert 30 < len(columns) < 2 * len(families)  # the first families kept, the last ones left off
+
+
+def test_a_store_logged_before_sections_keeps_its_view_order(tmp_path, monkeypatch):
+    """Runs logged with flat names (before issue #26) still get their columns in order: the
+    view is the union over the experiment's runs, old ones included."""
+    from types import SimpleNamespace
+
+    data = SimpleNamespace(params={"method": "gradient", "top_k_experts": "2", "seed": "1"},
+                           tags={"experts_round_1": "L0_E1"},
+                           metrics={"asr_persona": 0.1, "asr_persona_before": 0.9, "over_refusal": 0.0,
+                                    "over_refusal_before": 0.0, "locality_ok": 1, "rounds": 1})
+    columns = mlflow_runs.run_table_columns(SimpleNamespace(data=data))
+    m = lambda name: f"metrics.`{name}`"  # noqa: E731
+    assert columns == ["params.`method`", "params.`top_k_experts`", "params.`seed`", "tags.`experts_round_1`",
+                       m("locality_ok"), m("over_refusal_before"), m("over_refusal"),
+                       m("asr_persona_before"), m("asr_persona")]

@@ -29,7 +29,10 @@ import pandas as pd  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
 
+from tracking.metric_names import BEFORE, HEADLINE, headline_names, mlflow_names  # noqa: E402
 from unsafe_experts.artefacts.run_metadata import parse_expert_key  # noqa: E402
+from unsafe_experts.evaluation.headline import KEYS as HEADLINE_KEYS  # noqa: E402
+from unsafe_experts.evaluation.headline import headline_figures  # noqa: E402
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 # losses are logged per batch (the step is the batch); evaluation figures per round (the step
@@ -41,19 +44,24 @@ EVALUATION_TABLE = "evaluation.json"   # one name on every run: stage, round, me
 SAMPLES_TABLE = "eval_samples.json"    # the same: a stage column says which evaluation
 EXPERIMENT_DESCRIPTION = """Unsafe-expert surgery on Mixture-of-Experts models.
 
-One parent run per pipeline run, named `<method>-k<experts per round>-s<seed>`; its description
-says which experts were repaired, the attack success before -> after and the benign cost. Each
-parent run has one nested run per round (`round-1`, ...).
+One parent run per pipeline run, named `<method>-k<experts per round>-s<seed>` and then what
+else differs from the defaults (`-lr0.001`, `-ret-none`, `-shared`, `-org-s1`: the organism's
+seed, ...); its description says which experts were repaired, the attack success before ->
+after and the benign cost. Each parent run has one nested run per round (`round-1`, ...).
 
-On a parent run: `asr_<attack>` and `over_refusal*` (benign prompts refused) are shares of
-held-out prompts, their history is the rounds (step 0 = before surgery, the latest value =
-after surgery), `<name>_before` is the value before surgery; `benign_loglik_change` is the
-mean log-likelihood of benign reference answers after minus before (negative = utility lost);
-`experts_changed` and `locality_ok` check that only the selected experts changed. Tags
+Metric names are `<section>/<name>`, one chart section each. `headline/`: `asr_mean` (attack
+success over the attack families), `asr_surgery` (in the family the surgery data used),
+`refused_mean` and `refused_worst` (benign requests inside attack formats refused: the cost),
+`plain_refusal` (harmful goals asked plainly refused), `benign_loglik` (utility). `asr/<family>`,
+`benign_refused/<family>` (`benign_refused/xstest_plain`: XSTest's safe prompts asked plainly),
+`refusal/plain`, `utility/` (log-likelihoods; `_change` = after - before, negative = utility
+lost): shares of held-out prompts whose history is the rounds (step 0 = before surgery, the
+latest value = after surgery). `before/<name>`: the value before surgery. `locality/`: only the
+selected experts changed; `run/`, `training/`: times, memory, last losses. Tags
 `experts_round_N` list the experts repaired in round N; artifacts: `expert_scores.png` (every
 round side by side), `safety_per_round.png`, `evaluation.json` (intervals and counts).
-The runs table's view "Surgery summary" (Views, top right) shows each run's method, k, seed,
-experts per round and the headline figures before beside after."""
+The runs table's view "Surgery summary" (Views, top right) shows the headline figures before
+beside after first, then each run's method, k, seed, experts per round and every figure."""
 
 
 def tracking_uri() -> str:
@@ -122,38 +130,53 @@ def _column(kind: str, name: str) -> str:
     return f"{kind}.`{name}`"
 
 
+# sections of the view after the configuration, in order; a run logged before metric names had
+# sections (issue #26) has its figures ranked by their old prefixes
+SECTIONS = [("utility/", "locality/"), ("asr/", "asr_"), ("benign_refused/", "over_refusal"),
+            ("refusal/", "plain_refusal")]
+
+
 def _column_rank(column: str) -> tuple:
-    """Where a column goes: configuration, experts per round, cost before/after, then attack
-    success before/after per family; anything else after those, by name."""
+    """Where a column goes: the headline figures, the configuration, the experts per round,
+    then each section's figures (utility and locality, ASR per family, benign refusal per
+    family, refusal), each value before surgery first; anything else after those, by name."""
     kind, _, name = column.partition(".")
     name = name.strip("`")
     config = ["method", "top_k_experts", "seed"]
     if kind == "params" and name in config:
-        return (0, config.index(name), "", 0)
+        return (1, config.index(name), "", 0)
     if kind == "tags" and name.startswith("experts_round_") and name.rsplit("_", 1)[-1].isdigit():
-        return (1, int(name.rsplit("_", 1)[-1]), "", 0)
+        return (2, int(name.rsplit("_", 1)[-1]), "", 0)
     if kind != "metrics":
-        return (4, 0, column, 0)
-    base = name.removesuffix("_before")
+        return (9, 0, column, 0)
+    base = name.removeprefix(BEFORE).removesuffix("_before")
     after = int(base == name)  # a figure's value before surgery goes first
-    cost = ["over_refusal", "benign_loglik_change", "locality_ok"]
-    if base in cost:
-        return (2, cost.index(base), "", after)
-    return (3, 0, base, after)
+    if base.startswith(HEADLINE):
+        key = base[len(HEADLINE):]
+        return (0, HEADLINE_KEYS.index(key) if key in HEADLINE_KEYS else len(HEADLINE_KEYS), key, after)
+    if base in ("over_refusal", "benign_loglik_change", "locality_ok"):  # the old names' cost columns
+        return (3, 0, base, after)
+    for i, prefixes in enumerate(SECTIONS):
+        if base.startswith(prefixes):
+            return (3 + i, 0, base, after)
+    return (8, 0, base, after)
 
 
 def run_table_columns(run) -> list[str]:
-    """The saved view's columns for a parent run: method, k, seed, the experts of each round,
-    refusal of benign prompts and the log-likelihood change, ASR per attack family before and
-    after (each figure's latest value is its value after the last round)."""
+    """The saved view's columns for a parent run: the headline figures before beside after,
+    method, k, seed, the experts of each round, the utility changes and the locality check,
+    then every figure with a value before surgery beside its value after (each figure's
+    latest value is its value after the last round)."""
     metrics, tags, params = run.data.metrics, run.data.tags, run.data.params
     columns = [_column("params", k) for k in ("method", "top_k_experts", "seed") if k in params]
     columns += [_column("tags", k) for k in tags if k.startswith("experts_round_")]
     for name in metrics:
-        if name.endswith("_before") and name[:-len("_before")] in metrics:
-            columns += [_column("metrics", name), _column("metrics", name[:-len("_before")])]
+        after = (name[len(BEFORE):] if name.startswith(BEFORE)
+                 else name[:-len("_before")] if name.endswith("_before") else None)
+        if after in metrics:
+            columns += [_column("metrics", name), _column("metrics", after)]
     columns += [_column("metrics", k) for k in metrics
-                if k == "locality_ok" or k.endswith("loglik_change")]
+                if k in ("locality_ok", "locality/ok") or k.endswith("loglik_change")]
     return sorted(set(columns), key=_column_rank)
 
 
@@ -236,11 +259,23 @@ def start_run(experiment: str, name: str, params: dict, tags: dict, parent: str 
     return run.info.run_id
 
 
+def system_metrics_wanted() -> bool:
+    """MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING when set; otherwise only where a GPU is: on a CPU
+    run the section is CPU load and memory, which say nothing about the surgery, and MLflow's
+    compare page opened on its CPU-utilisation chart (issue #26)."""
+    setting = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
+    if setting is not None:
+        return setting.strip().lower() in ("true", "1")
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def system_metrics(run_id: str):
     """MLflow's system metrics (CPU, memory, disk, network; GPU with pynvml) on `run_id`, every
-    10 s, as `system/...`; None where psutil is missing or MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
-    is false. Call `.finish()` on the result before the run ends."""
-    if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() in ("false", "0"):
+    10 s, as `system/...`; None where they are not wanted (system_metrics_wanted) or psutil is
+    missing. Call `.finish()` on the result before the run ends."""
+    if not system_metrics_wanted():
         return None
     try:
         import logging
@@ -456,11 +491,15 @@ def evaluation_rows(stage: str, step: int, metrics: dict) -> list[dict]:
              "ci_low": m["ci95"][0], "ci_high": m["ci95"][1]} for name, m in metrics.items()]
 
 
-def log_evaluation(run_id: str, result: dict, step: int, stage: str) -> None:
-    """Each figure's value at `step` (0 = before surgery, r = after round r); intervals and
-    counts as rows of the run's one evaluation table; the samples in the run's samples table."""
+def log_evaluation(run_id: str, result: dict, step: int, stage: str,
+                   surgery_family: str | None = None) -> None:
+    """Each figure's value and the headline figures at `step` (0 = before surgery, r = after
+    round r), under their sectioned MLflow names; intervals and counts as rows of the run's one
+    evaluation table (the evaluation's own names); the samples in the run's samples table."""
     c = client()
-    log_metrics(run_id, evaluation_values(result["metrics"]), step)
+    values = evaluation_values(result["metrics"])
+    log_metrics(run_id, {**headline_names(headline_figures(values, surgery_family)),
+                         **mlflow_names(values)}, step)
     c.log_table(run_id, pd.DataFrame(evaluation_rows(stage, step, result["metrics"])), EVALUATION_TABLE)
     if result["samples"]:
         c.log_table(run_id, pd.DataFrame([{"stage": stage, **x} for x in result["samples"]]), SAMPLES_TABLE)
@@ -490,15 +529,15 @@ def stage_step(stage: str) -> int:
 
 
 def headline(evaluations: dict) -> dict[str, float]:
-    """The parent run's before-surgery values and benign cost (after = each figure's latest)."""
+    """The parent run's before-surgery values (`<name>_before`: attack success, benign and
+    plain refusal) and benign cost (after = each figure's latest)."""
     stages = [s for s in evaluations if s != "final"]
     if not stages:
         return {}
     before, after = evaluations[stages[0]], evaluations[stages[-1]]
     out = {}
     for name, m in before.items():
-        if name.startswith("asr_") or name == "over_refusal" or (
-                name.startswith("over_refusal") and "over_refusal" not in before):
+        if name.startswith(("asr_", "over_refusal", "plain_refusal")):
             out[f"{name}_before"] = m["value"]
     # the organism suite's benign_loglik and other suites' reference sets (loglik_<set>)
     for name in before:
@@ -507,11 +546,35 @@ def headline(evaluations: dict) -> dict[str, float]:
     return out
 
 
+def headline_before(evaluations: dict, surgery_family: str | None = None) -> dict[str, float]:
+    """`before/headline/<figure>` for the parent run: beside each headline figure's latest
+    value (after surgery) in the runs table."""
+    stages = [s for s in evaluations if s != "final"]
+    if not stages:
+        return {}
+    figures = headline_figures(evaluation_values(evaluations[stages[0]]), surgery_family)
+    return {BEFORE + k: v for k, v in headline_names(figures).items()}
+
+
 def compact_evaluation(evaluations: dict) -> dict:
     """metrics/evaluation.json for `dvc metrics show`: values only, before and after surgery."""
     stages = [s for s in evaluations if s != "final"]
     return {"before": evaluation_values(evaluations[stages[0]]),
             "after": evaluation_values(evaluations[stages[-1]])}
+
+
+HEADLINE_FILES = {"before": "before.json", "after": "after.json"}
+
+
+def write_headline_files(folder: str | Path, compact: dict, surgery_family: str | None = None) -> list[Path]:
+    """metrics/before.json and after.json (dvc.yaml's train-stage metrics)
+    from compact_evaluation's {"before": {...}, "after": {...}}: the same six keys in both, so
+    `dvc metrics show` prints them as two rows of one narrow table."""
+    paths = []
+    for when, name in HEADLINE_FILES.items():
+        paths.append(Path(folder) / name)
+        write_json(paths[-1], headline_figures(compact[when], surgery_family))
+    return paths
 
 
 def safety_rows(evaluations: dict) -> list[dict]:

@@ -35,6 +35,7 @@ from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
 
 from tracking import mlflow_runs
 from tracking.digests import dvc_md5
+from tracking.metric_names import BEFORE
 from unsafe_experts.errors import UserError
 
 ARTIFACT = "final_model"  # the run's artifact path of its final model (--log_model's too)
@@ -44,8 +45,9 @@ ARTIFACT = "final_model"  # the run's artifact path of its final model (--log_mo
 UPLOAD_TAG = "final_model_upload"
 MATERIALIZED = {"materialized_from_delta": "true"}
 
-# figures that describe a repair's safety, tagged before and after on every version
-SAFETY_PREFIXES = ("asr_", "over_refusal", "plain_refusal")
+# figures that describe a repair's safety, tagged before and after on every version: the
+# sections of tracking/metric_names.py, and the flat names of runs logged before them
+SAFETY_PREFIXES = ("headline/", "asr/", "benign_refused/", "refusal/", "asr_", "over_refusal", "plain_refusal")
 
 
 class RegistryError(UserError, ValueError):
@@ -54,12 +56,15 @@ class RegistryError(UserError, ValueError):
 
 def safety_tags(metrics: dict[str, float]) -> dict[str, str]:
     """`<figure>_before` / `<figure>_after` from a parent run's metrics: a figure's latest value
-    is after the last round (its steps are the rounds) and `<figure>_before` is logged beside
-    it; none where the run did not evaluate."""
+    is after the last round (its steps are the rounds) and `before/<figure>` (or, in a run
+    logged before metric sections, `<figure>_before`) is logged beside it; none where the run
+    did not evaluate."""
     tags = {}
     for name, value in metrics.items():
-        if name.startswith(SAFETY_PREFIXES):
-            key = name if name.endswith("_before") else f"{name}_after"
+        figure = name.removeprefix(BEFORE)
+        if figure.startswith(SAFETY_PREFIXES):
+            before = figure != name or figure.endswith("_before")
+            key = figure.removesuffix("_before") + ("_before" if before else "_after")
             tags[key] = f"{value:.4g}"
     return tags
 

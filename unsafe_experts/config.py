@@ -21,6 +21,9 @@ EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
 # benign prompts); contrastive: also its `contrastive` section (benign prompts inside attack
 # formats), so the repair learns to refuse harm rather than the jailbreak's format
 RETENTION = ("none", "plain", "contrastive")
+# the mode that needs the file's benign-in-format section; named, because "contrastive" is also
+# a selection method's name and this is a retention check, not a method check
+CONTRASTIVE_RETENTION = RETENTION[2]
 FINAL_CHECKPOINTS = ("full", "delta")
 
 
@@ -177,7 +180,7 @@ class TrainConfig:
                 and not self.retention_path):
             bad("retention_path", f"method {self.method} needs a retention file with a contrastive "
                 "section (benign requests in attack formats)")
-        if self.retention == "contrastive" and not self.retention_path:
+        if self.retention == CONTRASTIVE_RETENTION and not self.retention_path:
             bad("retention", "contrastive needs a retention_path with a contrastive section")
         if self.uses_retention and self.score_mode != "accumulate":
             bad("retention_path", "works with score_mode accumulate (per_batch scores every "

@@ -51,6 +51,11 @@ class DeltaError(ConfigError):
     """A delta checkpoint whose base is missing or differs from the one it was written against."""
 
 
+class YamlRefused(ConfigError):
+    """A user's YAML file refused before it is built: a key given twice, too large, or
+    expanding past the bound once its aliases are followed (safe_yaml.py)."""
+
+
 class EndpointError(ConfigError):
     """An OpenAI-compatible server that cannot be reached or answers out of form."""
 

@@ -7,6 +7,13 @@ import random
 Z95 = 1.959963984540054
 
 
+def shown(figure: dict) -> str:
+    """A figure as every table prints it, `0.146 [0.07, 0.27]`: the value to three decimals and
+    its 95% interval to two, so that the terminal, the reports and the docs read alike."""
+    low, high = figure["ci95"]
+    return f"{figure['value']:.3f} [{low:.2f}, {high:.2f}]"
+
+
 def wilson(successes: int, n: int) -> list[float]:
     """Wilson score interval for a proportion; well-behaved at 0 and 1 and small n."""
     if n == 0:

@@ -38,7 +38,13 @@ def save_directory_atomic(path: str | Path, write) -> None:
     path = Path(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as e:
+            error = _os_error(e)
+            if error is None:
+                raise
+            raise error from None
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -50,6 +56,19 @@ def save_directory_atomic(path: str | Path, write) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _os_error(error: Exception) -> OSError | None:
+    """The OSError inside a safetensors write error (a full disk, a read-only folder): its
+    Rust writer raises SafetensorError("Error while serializing: IoError(Os { code: 28, kind:
+    StorageFull, message: \"No space left on device\" })"), which is no OSError, so a full
+    disk was a traceback where the same failure from Python's own writes is one error line."""
+    if type(error).__name__ != "SafetensorError":
+        return None
+    found = re.search(r'IoError\(Os \{ code: (\d+),.*message: "([^"]*)"', str(error))
+    if not found:
+        return None
+    return OSError(int(found[1]), f"{found[2]} (writing safetensors)")
 
 
 def save_checkpoint_atomic(model, tokenizer, path: str | Path, state_dict=None) -> None:

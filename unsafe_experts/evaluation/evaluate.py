@@ -124,7 +124,7 @@ def is_evaluation_result(value) -> bool:
 
 def evaluate(model, tokenizer, suite: Suite, config: EvaluationConfig | None = None,
              progress: bool = False, endpoint: Endpoint | None = None,
-             trust_remote_code: bool = False, judges: dict | None = None) -> dict:
+             judges: dict | None = None) -> dict:
     """A loaded suite (evaluation_suite, suites.load_suite) under `config`'s max_new_tokens
     (when set, instead of the suite's), batch size, limit and samples, then its lm-eval tasks:
     the result of suites.run_suite, {"suite", "metrics": {name: {"value", "n", "ci95"}},
@@ -135,7 +135,7 @@ def evaluate(model, tokenizer, suite: Suite, config: EvaluationConfig | None = N
     endpoint = endpoint or connect(config)
     result = run_suite(model, tokenizer, suite, max_new_tokens=config.max_new_tokens,
                        batch_size=config.batch_size, limit=config.limit, limit_seed=config.limit_seed,
-                       samples=config.samples, judges=judges, trust_remote_code=trust_remote_code,
+                       samples=config.samples, judges=judges,
                        progress=progress, endpoint=endpoint)
     _utility(model, tokenizer, config, result["metrics"], result["left_out"])
     return result

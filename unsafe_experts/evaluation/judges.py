@@ -150,11 +150,19 @@ def judge_from_text(text: str) -> JudgeSpec:
     resolve against the file's folder; inline ones against the working folder)."""
     import yaml
 
+    from ..errors import YamlRefused
+    from ..safe_yaml import load_yaml
+
     path = Path(text)
     if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
-        return parse_judge(yaml.safe_load(path.read_text(encoding="utf-8")), path.parent)
+        try:
+            return parse_judge(load_yaml(path.read_text(encoding="utf-8")), path.parent)
+        except (yaml.YAMLError, UnicodeDecodeError, YamlRefused) as e:
+            raise JudgeError(f"judge file {path}: not a judge spec ({e})") from None
     try:
-        spec = yaml.safe_load(text)
+        spec = load_yaml(text)
+    except YamlRefused as e:  # YAML, but a key given twice or a bomb: not a judge's bare name
+        raise JudgeError(f"judge {text[:100]!r}: {e}") from None
     except yaml.YAMLError:
         spec = text
     return parse_judge(spec)
@@ -213,15 +221,17 @@ class LLMJudge:
         return [self.parse(reply) for reply in self.generate(prompts)]
 
 
-def _pretrained(spec: JudgeSpec, auto, trust_remote_code: bool, device):
+def _pretrained(spec: JudgeSpec, auto, device):
     """The judge's model, by the transformers Auto class named `auto`, on `device` in eval
-    mode, and its tokenizer, padding with the end token when it has no pad token."""
+    mode, and its tokenizer, padding with the end token when it has no pad token. Never with
+    the checkpoint's own code: --trust_remote_code is given for the target model, and a judge
+    directory named by a suite (a file anyone may hand over) must not run code with it."""
     import transformers  # only model judges need it
 
     try:
         model = getattr(transformers, auto).from_pretrained(
-            spec.path, trust_remote_code=trust_remote_code, use_safetensors=True).to(device).eval()
-        tokenizer = transformers.AutoTokenizer.from_pretrained(spec.path, trust_remote_code=trust_remote_code)
+            spec.path, trust_remote_code=False, use_safetensors=True).to(device).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(spec.path, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise JudgeError(f"judge {spec.kind} {spec.path}: cannot load ({e})") from None
     if tokenizer.pad_token is None:  # batches are padded; many causal LMs ship no pad token
@@ -230,13 +240,13 @@ def _pretrained(spec: JudgeSpec, auto, trust_remote_code: bool, device):
     return model, tokenizer
 
 
-def _load_classifier(spec: JudgeSpec, batch_size: int, trust_remote_code: bool, device):
-    model, tokenizer = _pretrained(spec, "AutoModelForSequenceClassification", trust_remote_code, device)
+def _load_classifier(spec: JudgeSpec, batch_size: int, device):
+    model, tokenizer = _pretrained(spec, "AutoModelForSequenceClassification", device)
     return ClassifierJudge(model, tokenizer, dict(spec.labels), spec.input == "pair", batch_size)
 
 
-def _load_llm(spec: JudgeSpec, batch_size: int, trust_remote_code: bool, device):
-    model, tokenizer = _pretrained(spec, "AutoModelForCausalLM", trust_remote_code, device)
+def _load_llm(spec: JudgeSpec, batch_size: int, device):
+    model, tokenizer = _pretrained(spec, "AutoModelForCausalLM", device)
     if not tokenizer.chat_template:
         raise JudgeError(f"judge llm {spec.path}: the tokenizer has no chat template; the judge "
                          "prompt is sent as a chat turn")
@@ -255,7 +265,7 @@ class JudgeKind:
     kind is one entry of KINDS; parse_judge, load_judge and judge_name read nothing else."""
     usage: str  # how error messages show the spec
     parse: Callable[[dict, Path], JudgeSpec]  # the mapping (with the kind's key) and base folder
-    load: Callable  # (spec, batch_size, trust_remote_code, device) -> judge
+    load: Callable  # (spec, batch_size, device) -> judge
     # mapping fields besides the kind's own key; None: the kind is given by its bare name
     fields: frozenset | None = None
     name: Callable[[JudgeSpec], str] = lambda spec: f"{spec.kind}:{spec.path}"
@@ -271,9 +281,8 @@ KINDS: dict[str, JudgeKind] = {
 }
 
 
-def load_judge(spec: JudgeSpec, batch_size: int = 16, trust_remote_code: bool = False,
-               device: str | torch.device | None = None):
+def load_judge(spec: JudgeSpec, batch_size: int = 16, device: str | torch.device | None = None):
     """The judge for a checked spec; model judges are loaded onto `device` (default: CUDA when
-    there is one) in eval mode."""
+    there is one) in eval mode, never with their checkpoint's own code (see _pretrained)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return KINDS[spec.kind].load(spec, batch_size, trust_remote_code, device)
+    return KINDS[spec.kind].load(spec, batch_size, device)

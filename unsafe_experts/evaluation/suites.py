@@ -6,9 +6,11 @@ description: free text, for people
 judge: refusal              # default judge of every set (judges.py: refusal, classifier, llm)
 max_new_tokens: 256
 sets:
-  - name: harmbench         # [a-z0-9_]+, unique; the metric keys derive from it
+  - name: harmbench         # [a-z0-9_]+, unique per kind; the metric keys derive from it
     kind: harmful           # harmful | benign | reference
-    path: ../data/harmbench/harmbench_behaviors_standard.txt   # relative to this file
+    path: ../data/harmbench/harmbench_behaviors_standard.txt   # relative to this file, and
+                            # inside its folder once links are followed (bundled suites: the
+                            # package's), so a suite handed over cannot read other files
     key: null               # .json: the list at this dotted path of the document (e.g.
                             # `families.flip_chars.harmful` of an organism's eval_set.json)
     field: prompt           # the column / key holding the request, or `messages` (chat lists)
@@ -35,7 +37,8 @@ adds `strongreject_<name>` (mean 0-1 score) on harmful sets; an LLM judge's unpa
 are left out of n and counted in the metric's `unparsed`.
 
 The whole suite, its data included, is read and checked before any model is loaded: a bad
-suite is one SuiteError naming the set and the field. `run_suite` is the one runner every
+suite is one SuiteError naming the set and the field. The file is read by safe_yaml (a key
+given twice, or aliases expanding past a bound, is refused). `run_suite` is the one runner every
 evaluation goes through (evaluate.evaluate).
 """
 from __future__ import annotations
@@ -54,7 +57,8 @@ from ..attacks.families import AttackFamilyError, check_families, render
 from ..attacks.organism import LEGACY_EVAL_SETS
 from ..errors import SuiteError
 from ..models.modes import eval_mode
-from ..records import DatasetError, file_digest, messages_problem, read_json_records
+from ..records import DatasetError, file_digest, messages_problem, parse_json, read_json_records
+from ..safe_yaml import load_yaml
 from ..stats import mean, proportion, subset
 from ..text.generation import generate, response_logliks
 from .judges import JudgeError, JudgeSpec, load_judge, parse_judge
@@ -69,6 +73,7 @@ MEASURES = ("complied", "refused")
 PREFIXES = {("harmful", "complied"): "asr_", ("harmful", "refused"): "refusal_",
             ("benign", "refused"): "over_refusal_", ("benign", "complied"): "answered_"}
 BUNDLED = resources.files("unsafe_experts").joinpath("suites")
+PACKAGE = Path(str(resources.files("unsafe_experts"))).resolve()
 # bundled names of suites over what a build writes rather than what the package ships: the demo
 # organism's held-out sets exist only once `make demo` (`dvc repro organism`) has built it, in
 # the working directory, so the name points there (any organism folder works as a suite too)
@@ -152,8 +157,8 @@ def _rows(path: Path, key: str | None, fail) -> list:
 def _keyed_rows(path: Path, key: str, fail) -> list:
     """The list at the dotted path `key` of the JSON document at `path`."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+        data = parse_json(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
         fail("path", f"{path} is not JSON ({e})")
     for i, part in enumerate(key.split(".")):
         if not isinstance(data, dict) or part not in data:
@@ -234,7 +239,7 @@ def _items(spec: dict, path: Path, fail) -> list[Item]:
     return subset(items, spec.get("limit"))
 
 
-def _eval_set(spec, index: int, base: Path, default_judge: JudgeSpec, label: str) -> EvalSet:
+def _eval_set(spec, index: int, base: Path, default_judge: JudgeSpec, label: str, root: Path) -> EvalSet:
     name = spec.get("name") if isinstance(spec, dict) else None
 
     def fail(key, why):
@@ -251,7 +256,11 @@ def _eval_set(spec, index: int, base: Path, default_judge: JudgeSpec, label: str
         fail("kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
     if not isinstance(spec.get("path"), str):
         fail("path", "missing" if spec.get("path") is None else f"must be a file, got {spec['path']!r}")
-    path = (base / spec["path"]).resolve()
+    path = (base / spec["path"]).resolve()  # links followed: where the bytes really are
+    if not path.is_relative_to(root):
+        fail("path", f"{spec['path']} is {path}, outside {root}: a suite reads files under its own "
+                     "folder only, since one handed over could otherwise read any file you can and "
+                     "send it to the model or the --endpoint server; put the suite beside its data")
     if path.suffix not in SUFFIXES:
         fail("path", f"must end in {', '.join(SUFFIXES)}, got {path.name}")
     if not path.is_file():
@@ -321,19 +330,75 @@ def organism_suite(held: dict, file: str = ORGANISM_EVAL_SET,
 
 def load_eval_set(path: str | Path) -> Suite:
     """An organism's eval set (its eval_set.json, under any name) as its suite, checked, with
-    every set's prompts read."""
+    every set's prompts read. A file cut short (a copy interrupted, a full disk) or of another
+    shape is one SuiteError naming the file and what is wrong, never a traceback."""
     path = Path(path)
     if not path.is_file():
         raise SuiteError(f"eval set {path}: no such file")
+    raw = path.read_bytes()
     try:
-        held = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise SuiteError(f"eval set {path}: not JSON ({e})") from None
-    if not isinstance(held, dict) or not organism_suite(held)["sets"]:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # the bytes of one character missing at the end: what a cut through a non-ASCII text gives
+        cut = "; the file ends mid-character: cut short?" if e.end >= len(raw) else ""
+        raise SuiteError(f"eval set {path}: not UTF-8 text (byte {e.start}: {e.reason}){cut}") from None
+    if not text.strip():
+        raise SuiteError(f"eval set {path}: the file is empty")
+    try:
+        held = parse_json(text)
+    except json.JSONDecodeError as e:
+        # an error at the very end, or a string that never closes, is what a cut-short file gives
+        ends = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")
+        raise SuiteError(f"eval set {path}: not JSON ({e})"
+                         + ("; the file ends mid-document: cut short?" if ends else "")) from None
+    except ValueError as e:  # nested too deeply, an integer over Python's digit limit
+        raise SuiteError(f"eval set {path}: not usable JSON ({e})") from None
+    problem = _eval_set_shape(held)
+    if problem:
+        raise SuiteError(f"eval set {path}: {problem}")
+    if not organism_suite(held)["sets"]:
         raise SuiteError(f"eval set {path}: holds none of an organism's sets (families, "
                          f"{', '.join(LEGACY_EVAL_SETS)}, plain, xstest_safe, benign_refs, own_benign); "
                          "an eval set is the eval_set.json `unsafe-experts organism` writes")
     return _suite(organism_suite(held, path.name), path)
+
+
+EVAL_SET_LISTS = (*LEGACY_EVAL_SETS, "plain", "xstest_safe", "benign_refs", "own_benign")
+
+
+def _eval_set_shape(held) -> str | None:
+    """What is wrong with the eval set's layout, or None. Its rows are checked per set later;
+    this names the sections themselves, since a section of the wrong type was read as
+    something else (`families: "persona"` as the families p, e, r, ...) or skipped (`plain:
+    null`), and its error then named neither the section nor the file's real fault."""
+    if not isinstance(held, dict):
+        return (f"is {_json_type(held)}, not an object of an organism's sets; "
+                "an eval set is the eval_set.json `unsafe-experts organism` writes")
+    for key in EVAL_SET_LISTS:
+        if key in held and not isinstance(held[key], list):
+            return f"field `{key}`: must be a list of chats, got {_json_type(held[key])}"
+    families = held.get("families", {})
+    if not isinstance(families, dict):
+        return f"field `families`: must map each family to its harmful and benign chats, got {_json_type(families)}"
+    for family, sets in families.items():
+        if not isinstance(sets, dict):
+            return (f"field `families.{family}`: must be an object with `harmful` and `benign` "
+                    f"lists, got {_json_type(sets)}")
+        for kind in ("harmful", "benign"):
+            if kind not in sets:
+                return f"field `families.{family}.{kind}`: missing"
+            if not isinstance(sets[kind], list):
+                return f"field `families.{family}.{kind}`: must be a list of chats, got {_json_type(sets[kind])}"
+    return None
+
+
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type, as the file's author wrote it."""
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
 
 
 def load_suite(ref: str | Path) -> Suite:
@@ -342,7 +407,7 @@ def load_suite(ref: str | Path) -> Suite:
     if path.name == ORGANISM_EVAL_SET and path.suffix == ".json":  # an organism's folder
         return load_eval_set(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, ValueError) as e:
         raise SuiteError(f"{path}: not a suite ({e})") from None
     return _suite(data, path)
@@ -368,7 +433,19 @@ def _suite(data, path: Path) -> Suite:
     specs = data.get("sets")
     if not isinstance(specs, list) or not specs:
         raise SuiteError(f"{label}: field `sets`: must be a non-empty list of sets")
-    sets = [_eval_set(s, i, path.parent, judge, label) for i, s in enumerate(specs)]
+    # the bundled suites read the package's data folder beside their own
+    root = PACKAGE if path.resolve().is_relative_to(PACKAGE) else path.parent.resolve()
+    sets = [_eval_set(s, i, path.parent, judge, label, root) for i, s in enumerate(specs)]
+    # a set is known by its name and kind (samples, the robustness split): a harmful and a
+    # benign set may share a name, as an organism's family's pair do, but two sets of one
+    # kind may not, even under different metrics (one used to replace the other's split)
+    pairs = {}
+    for s in sets:
+        if (s.name, s.kind) in pairs:
+            raise SuiteError(f"{label}: set {s.name!r}: field `name`: used twice for {s.kind} sets "
+                             f"(metrics {pairs[s.name, s.kind]} and {s.metric}); a harmful and a "
+                             "benign set may share a name, two of one kind may not")
+        pairs[s.name, s.kind] = s.metric
     seen = {}
     for s in sets:
         if s.metric in seen:
@@ -387,8 +464,7 @@ def suite_digest(suite: Suite) -> str:
 
 def run_suite(model, tokenizer, suite: Suite, max_new_tokens: int | None = None,
               batch_size: int = 16, limit: int | None = None, limit_seed: int = 0, samples: int = 5,
-              judges: dict | None = None, trust_remote_code: bool = False,
-              progress: bool = False, endpoint=None) -> dict:
+              judges: dict | None = None, progress: bool = False, endpoint=None) -> dict:
     """{"suite", "metrics": {metric: {"value", "n", "ci95"[, "unparsed"]}},
     "samples": [{set, kind, prompt, response, complied}], "left_out": [metric names]}.
     `judges` caches loaded judges by spec (a model judge is loaded once for all the sets that
@@ -410,7 +486,7 @@ def run_suite(model, tokenizer, suite: Suite, max_new_tokens: int | None = None,
             responses = generate(model, tokenizer, [x.messages for x in items], tokens, batch_size,
                                  desc=s.metric, progress=progress, endpoint=endpoint)
             if s.judge not in judges:
-                judges[s.judge] = load_judge(s.judge, batch_size, trust_remote_code)
+                judges[s.judge] = load_judge(s.judge, batch_size)
             verdicts = judges[s.judge]([x.request for x in items], responses)
             parsed = [v for v in verdicts if v.complied is not None]
             complied = [v.complied for v in parsed]

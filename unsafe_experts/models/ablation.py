@@ -10,7 +10,6 @@ which is what makes the un-ablated experts' weights trustworthy.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ExpertSetError
+from ..records import parse_json
 from .architectures import ARCHITECTURES, MoELayer, UnsupportedModelError, moe_layers
 
 # SteerMoE's forcing margin: a forced expert's logit becomes the token's largest plus this, so
@@ -128,22 +128,35 @@ def check_experts(pairs: list, layers: list[MoELayer] | None, source: str) -> li
     return out
 
 
-def load_expert_set(path: str | Path, round: int | None = None,
+def load_expert_set(spec: str | Path, round: int | None = None,
                     layers: list[MoELayer] | None = None) -> list[tuple[int, int]]:
-    """The experts named by a file or a run: a JSON list of [layer, expert] pairs, a JSON object
-    {"experts": [...]}, or a run's training_metadata.json (or its directory), whose round
-    `round` (default: the last recorded) is read. With `layers`, every pair is checked to exist."""
-    path = Path(path)
-    if path.is_dir():
+    """The experts named by `spec`: a JSON list of [layer, expert] pairs or a JSON object
+    {"experts": [...]}, given inline (a string starting with `[` or `{` that is not a file) or
+    in a file, or a run's training_metadata.json (or its directory), whose round `round`
+    (default: the last recorded) is read. With `layers`, every pair is checked to exist."""
+    path = Path(spec)
+    if _exists(path, Path.is_dir):
         path = path / "training_metadata.json"
-    if not path.is_file():
-        raise ExpertSetError(f"{path}: no such file")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExpertSetError(f"{path}: not valid JSON ({e})") from None
-    source = str(path)
+    inline = isinstance(spec, str) and spec.lstrip()[:1] in ("[", "{") and not _exists(path, Path.is_file)
+    if inline:
+        source = "--experts"
+        try:
+            data = parse_json(spec)
+        except ValueError as e:  # JSONDecodeError, nested too deeply, too many digits
+            raise ExpertSetError(f"{source} {_shorten(spec)}: neither a file nor valid JSON ({e}); give a "
+                                 "file, or inline JSON such as [[0, 1], [3, 7]]") from None
+    else:
+        if not _exists(path, Path.is_file):
+            raise ExpertSetError(f"{path}: no such file (nor inline JSON: a list of [layer, expert] "
+                                 "pairs such as [[0, 1], [3, 7]])")
+        try:
+            data = parse_json(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            raise ExpertSetError(f"{path}: not valid JSON ({e})") from None
+        source = str(path)
     if isinstance(data, dict) and "identified_experts_per_round" in data:
+        if inline:
+            raise ExpertSetError(f"{source}: a run's metadata is read from its folder (--run), not inline")
         rounds = data["identified_experts_per_round"]
         if not rounds:
             raise ExpertSetError(f"{path}: the run has no completed round")
@@ -152,7 +165,7 @@ def load_expert_set(path: str | Path, round: int | None = None,
             raise ExpertSetError(f"{path}: no round {key}; recorded rounds: {', '.join(sorted(rounds, key=int))}")
         data, source = rounds[key], f"{path} round {key}"
     elif round is not None:
-        raise ExpertSetError(f"{path}: round={round} needs a run's training_metadata.json")
+        raise ExpertSetError(f"{source}: round={round} needs a run's training_metadata.json")
     if isinstance(data, dict):
         if "experts" not in data:
             raise ExpertSetError(f"{source}: an object needs an \"experts\" list")
@@ -160,3 +173,16 @@ def load_expert_set(path: str | Path, round: int | None = None,
     if not isinstance(data, list):
         raise ExpertSetError(f"{source}: expected a list of [layer, expert] pairs")
     return check_experts(data, layers, source)
+
+
+def _exists(path: Path, test) -> bool:
+    """`test(path)`, False where the name cannot be a file at all: inline JSON longer than a
+    file name may be is an OSError (ENAMETOOLONG) to stat, not a missing file."""
+    try:
+        return test(path)
+    except OSError:
+        return False
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -1,0 +1,81 @@
+"""comparison/over_builds.py: seed means per organism build, then the builds as the sample, and
+gradient paired with each method build by build (hand-computed figures)."""
+import math
+
+import pandas as pd
+import pytest
+from scipy import stats
+
+from comparison import over_builds
+
+
+def row(method, build, seed, asr, refused=0.1, k=4):
+    return {"method": method, "k": k, "seed": seed, "organism_seed": build, "retention": "plain",
+            "expert_lr": 0.001, "defence": "none", "ablated": False, "asr_flip_chars": asr,
+            "asr_mean_families": asr / 2, "over_refusal_mean_families": refused, "plain_refusal": 1.0,
+            "benign_loglik": -5.0}
+
+
+TABLE = pd.DataFrame([
+    # build 0: gradient seeds 42, 43; contrastive the same seeds
+    row("gradient", 0, 42, 0.2), row("gradient", 0, 43, 0.4),
+    row("contrastive", 0, 42, 0.1), row("contrastive", 0, 43, 0.1),
+    # build 1: gradient 42, 43, 44; contrastive only 42, 43 (the pair uses those two)
+    row("gradient", 1, 42, 0.0), row("gradient", 1, 43, 0.2), row("gradient", 1, 44, 0.9),
+    row("contrastive", 1, 42, 0.0), row("contrastive", 1, 43, 0.0),
+    # build 2: one seed each
+    row("gradient", 2, 42, 0.3), row("contrastive", 2, 42, 0.5),
+    # random on one build only: no summary row, no pair
+    row("random", 2, 1, 1.0),
+    # another k: its own setting, never paired with k = 4
+    row("gradient", 0, 42, 0.7, k=8), row("gradient", 1, 42, 0.8, k=8),
+    {**row("gradient", 1, 42, 1.0), "ablated": True},  # an ablation row counts for nothing
+])
+NAMES = over_builds.metrics("flip_chars")
+
+
+def test_seed_means_per_build_then_builds_as_the_sample():
+    builds = over_builds.per_build(TABLE, NAMES)
+    gradient = builds[(builds.method == "gradient") & (builds.k == 4)].set_index("organism_seed")
+    assert gradient["asr_flip_chars"].round(6).to_dict() == {0: 0.3, 1: round(1.1 / 3, 6), 2: 0.3}
+    assert gradient.loc[1, "seeds"] == (42, 43, 44)
+    means = over_builds.summary(builds, NAMES)
+    got = means[(means.method == "gradient") & (means.k == 4) & (means.metric == "asr_flip_chars")].iloc[0]
+    values = [0.3, 1.1 / 3, 0.3]
+    half = stats.t.ppf(0.975, 2) * pd.Series(values).std(ddof=1) / math.sqrt(3)
+    assert got["builds"] == 3 and got["seeds_per_build"] == "2,3,1"
+    assert got["mean"] == pytest.approx(sum(values) / 3)
+    assert (got["ci_low"], got["ci_high"]) == pytest.approx((sum(values) / 3 - half, sum(values) / 3 + half))
+    assert (got["min"], got["max"]) == pytest.approx((0.3, 1.1 / 3))
+    assert "random" not in set(means.method)  # one build: nothing to say over builds
+    assert set(means.metric) == set(NAMES)
+
+
+def test_gradient_paired_with_each_method_build_by_build():
+    tests = over_builds.paired(TABLE, NAMES)
+    asr = tests[tests.metric == "asr_flip_chars"]
+    assert list(asr.comparison) == ["gradient - contrastive"]  # random: one build; k = 8: no partner
+    got = asr.iloc[0]
+    # per build, over the seeds both ran: 0.3 - 0.1, 0.1 - 0.0 (seed 44 left out), 0.3 - 0.5
+    diffs = [0.2, 0.1, -0.2]
+    assert got["builds"] == 3 and got["seeds_per_build"] == "2,2,1"
+    assert got["per_build"] == "+0.200 +0.100 -0.200"
+    assert got["mean_diff"] == pytest.approx(sum(diffs) / 3)
+    assert not got["every_build"]  # build 2 goes the other way
+    assert got["sign_flip_p"] == pytest.approx(1.0)  # |0.1| is matched or beaten by every sign pattern
+    refused = tests[tests.metric == "over_refusal_mean_families"].iloc[0]
+    assert refused["mean_diff"] == pytest.approx(0.0) and not refused["every_build"]  # zero is no sign
+
+
+def test_a_difference_with_one_sign_in_every_build_holds():
+    table = pd.DataFrame([row("gradient", b, 42, 0.5 + b / 10) for b in range(3)]
+                         + [row("routing", b, 42, 0.1) for b in range(3)])
+    got = over_builds.paired(table, ["asr_flip_chars"]).iloc[0]
+    assert got["every_build"] and got["per_build"] == "+0.400 +0.500 +0.600"
+    assert got["sign_flip_p"] == pytest.approx(0.25)  # 3 builds: 2 of 8 sign patterns reach it
+    text = over_builds.markdown(over_builds.summary(over_builds.per_build(table, ["asr_flip_chars"]),
+                                                    ["asr_flip_chars"]), over_builds.paired(table, ["asr_flip_chars"]))
+    assert "## Over organism builds" in text and "| yes" in text and "+0.500 [" in text
+    assert "No setting ran on two or more organism builds" in over_builds.markdown(
+        over_builds.summary(over_builds.per_build(table.iloc[:1], ["asr_flip_chars"]), ["asr_flip_chars"]),
+        over_builds.paired(table.iloc[:1], ["asr_flip_chars"]))
