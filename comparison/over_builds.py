@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from unsafe_experts.selection.methods import PAIRED
+from unsafe_experts.selection.methods import METHODS, PAIRED
 
 from .seed_stats import sign_flip_p, t_interval
 from .tables import ASR_MEAN, FORMAT_MEAN
@@ -53,36 +53,41 @@ def summary(builds: pd.DataFrame, names: list[str]) -> pd.DataFrame:
 
 
 def paired(table: pd.DataFrame, names: list[str], ours: str = PAIRED[0]) -> pd.DataFrame:
-    """`ours` minus every other method of the same k, retention, learning rate and defence,
-    build by build: per build the difference of the means over the seeds both ran there; over
-    the builds both ran (at least two): mean, t interval, sign-flip p, and whether every build's
-    difference has the same sign (none zero)."""
+    """`ours` minus every other method of the same retention, learning rate and defence, build
+    by build: per build the difference of the two seed means there (the build is the pairing
+    unit: a random draw's seed and a surgery seed are not the same thing); a ranking method is
+    matched at the same k, a control that ranks nothing (all experts, all weights) at its own.
+    Over the builds both ran (at least two): mean, t interval, sign-flip p, and whether every
+    build's difference has the same sign (none zero)."""
     runs = table[~table["ablated"]] if "ablated" in table else table
     runs = runs[runs["organism_seed"].notna()]
     rows = []
-    for key, part in runs.groupby(BY, dropna=False):
-        mine = part[part.method == ours]
-        for other in sorted(set(part.method) - {ours}):
-            theirs = part[part.method == other]
-            for m in (m for m in names if m in part):
-                diffs, seeds = {}, {}
-                for build in sorted(set(mine.organism_seed) & set(theirs.organism_seed)):
-                    a = mine[mine.organism_seed == build].set_index("seed")[m]
-                    b = theirs[theirs.organism_seed == build].set_index("seed")[m]
-                    common = sorted(set(a.index) & set(b.index))
-                    if common:
-                        diffs[build], seeds[build] = a[common].mean() - b[common].mean(), len(common)
-                if len(diffs) < 2:
-                    continue
-                values = pd.Series(diffs)
-                low, high = t_interval(values)
-                rows.append({**dict(zip(BY, key)), "metric": m, "comparison": f"{ours} - {other}",
-                             "builds": len(values), "seeds_per_build": ",".join(map(str, seeds.values())),
-                             "per_build": " ".join(f"{v:+.3f}" for v in values),
-                             "mean_diff": values.mean(), "ci_low": low, "ci_high": high,
-                             "sign_flip_p": sign_flip_p(list(values)),
-                             "every_build": bool((values > 0).all() or (values < 0).all())})
+    for key, part in runs.groupby(BY[1:], dropna=False):
+        for k in sorted(set(part.loc[part.method == ours, "k"])):
+            mine = part[(part.method == ours) & (part.k == k)]
+            for other in sorted(set(part.method) - {ours}):
+                ranks = other not in METHODS or METHODS[other].ranks
+                theirs = part[(part.method == other) & ((part.k == k) if ranks else True)]
+                label = f"{ours} - {other}" if ranks else f"{ours} k{k} - {other}"
+                for m in (m for m in names if m in part):
+                    rows += _pair(mine, theirs, m, {"k": k, **dict(zip(BY[1:], key))}, label)
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+
+
+def _pair(mine: pd.DataFrame, theirs: pd.DataFrame, metric: str, keys: dict, label: str) -> list[dict]:
+    diffs, seeds = {}, {}
+    for build in sorted(set(mine.organism_seed) & set(theirs.organism_seed)):
+        a, b = mine[mine.organism_seed == build], theirs[theirs.organism_seed == build]
+        diffs[build] = a[metric].mean() - b[metric].mean()
+        seeds[build] = f"{len(a)}/{len(b)}"
+    if len(diffs) < 2:
+        return []
+    values = pd.Series(diffs)
+    low, high = t_interval(values)
+    return [{**keys, "metric": metric, "comparison": label, "builds": len(values),
+             "seeds_per_build": ",".join(seeds.values()), "per_build": " ".join(f"{v:+.3f}" for v in values),
+             "mean_diff": values.mean(), "ci_low": low, "ci_high": high, "sign_flip_p": sign_flip_p(list(values)),
+             "every_build": bool((values > 0).all() or (values < 0).all())}]
 
 
 def markdown(means: pd.DataFrame, tests: pd.DataFrame) -> str:
@@ -102,7 +107,7 @@ def markdown(means: pd.DataFrame, tests: pd.DataFrame) -> str:
             "another CPU) should expect; the within-build intervals above are narrower.\n\n"
             + shown[[*SETTING, "metric", "builds", "seeds_per_build", "mean [95% over builds]", "range"]]
             .to_markdown(index=False)
-            + "\n\nPaired build by build (the seeds both ran in each build; `per_build`: each build's "
-              "difference, in organism-seed order; sign-flip p over builds):\n\n"
+            + "\n\nPaired build by build (per build, the difference of the two seed means; "
+              "`per_build`: each build's difference, in organism-seed order; sign-flip p over builds):\n\n"
             + pairs[[*BY, "metric", "comparison", "builds", "per_build", "mean diff [95% over builds]",
                      "sign_flip_p", "holds in every build"]].to_markdown(index=False, floatfmt=".3f") + "\n")

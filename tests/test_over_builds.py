@@ -20,13 +20,15 @@ TABLE = pd.DataFrame([
     # build 0: gradient seeds 42, 43; contrastive the same seeds
     row("gradient", 0, 42, 0.2), row("gradient", 0, 43, 0.4),
     row("contrastive", 0, 42, 0.1), row("contrastive", 0, 43, 0.1),
-    # build 1: gradient 42, 43, 44; contrastive only 42, 43 (the pair uses those two)
+    # build 1: gradient 42, 43, 44; contrastive only 42, 43 (each side's own seed mean)
     row("gradient", 1, 42, 0.0), row("gradient", 1, 43, 0.2), row("gradient", 1, 44, 0.9),
     row("contrastive", 1, 42, 0.0), row("contrastive", 1, 43, 0.0),
     # build 2: one seed each
     row("gradient", 2, 42, 0.3), row("contrastive", 2, 42, 0.5),
     # random on one build only: no summary row, no pair
     row("random", 2, 1, 1.0),
+    # a control that ranks nothing, on two builds: paired with gradient at every k
+    row("all_experts", 0, 42, 0.0, k=64), row("all_experts", 1, 42, 0.1, k=64),
     # another k: its own setting, never paired with k = 4
     row("gradient", 0, 42, 0.7, k=8), row("gradient", 1, 42, 0.8, k=8),
     {**row("gradient", 1, 42, 1.0), "ablated": True},  # an ablation row counts for nothing
@@ -53,16 +55,20 @@ def test_seed_means_per_build_then_builds_as_the_sample():
 
 def test_gradient_paired_with_each_method_build_by_build():
     tests = over_builds.paired(TABLE, NAMES)
-    asr = tests[tests.metric == "asr_flip_chars"]
-    assert list(asr.comparison) == ["gradient - contrastive"]  # random: one build; k = 8: no partner
-    got = asr.iloc[0]
-    # per build, over the seeds both ran: 0.3 - 0.1, 0.1 - 0.0 (seed 44 left out), 0.3 - 0.5
-    diffs = [0.2, 0.1, -0.2]
-    assert got["builds"] == 3 and got["seeds_per_build"] == "2,2,1"
-    assert got["per_build"] == "+0.200 +0.100 -0.200"
+    asr = tests[tests.metric == "asr_flip_chars"].set_index(["k", "comparison"])
+    # random: one build; contrastive: k = 4 only; all_experts ranks nothing: paired at both k
+    assert sorted(asr.index) == [(4, "gradient - contrastive"), (4, "gradient k4 - all_experts"),
+                                 (8, "gradient k8 - all_experts")]
+    got = asr.loc[(4, "gradient - contrastive")]
+    # per build, the two seed means: 0.3 - 0.1, 1.1/3 - 0.0, 0.3 - 0.5
+    diffs = [0.2, 1.1 / 3, -0.2]
+    assert got["builds"] == 3 and got["seeds_per_build"] == "2/2,3/2,1/1"
+    assert got["per_build"] == "+0.200 +0.367 -0.200"
     assert got["mean_diff"] == pytest.approx(sum(diffs) / 3)
     assert not got["every_build"]  # build 2 goes the other way
-    assert got["sign_flip_p"] == pytest.approx(1.0)  # |0.1| is matched or beaten by every sign pattern
+    assert got["sign_flip_p"] == pytest.approx(0.75)  # 6 of the 8 sign patterns reach |0.367|
+    control = asr.loc[(8, "gradient k8 - all_experts")]
+    assert control["per_build"] == "+0.700 +0.700" and control["every_build"]
     refused = tests[tests.metric == "over_refusal_mean_families"].iloc[0]
     assert refused["mean_diff"] == pytest.approx(0.0) and not refused["every_build"]  # zero is no sign
 
