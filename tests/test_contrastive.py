@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_scoring import slow_reference
+from test_scoring import expert_gradients, slow_reference
 
 from unsafe_experts.artefacts.checkpoints import load_tokenizer
 from unsafe_experts.config import TrainConfig
@@ -14,7 +14,6 @@ from unsafe_experts.records import load_records
 from unsafe_experts.selection.contrastive import contrast, normalised
 from unsafe_experts.surgery import check_inputs, prepare_data, run_surgery
 from unsafe_experts.text.examples import batches, collate, sft_example
-from unsafe_experts.training.phases import lm_loss
 
 
 def test_contrast_is_the_difference_of_mean_normalised_scores():
@@ -51,14 +50,7 @@ def config(tiny_dir, records_path, retention, out, **kw):
 def reference_scores(model, layers, data):
     """Per expert, in double precision, the mean |grad| over its parameters of the mean batch
     loss: the definition, one parameter row at a time (test_scoring.slow_reference)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-        p.grad = None
-    for layer in layers:
-        for p in layer.expert_params.values():
-            p.requires_grad_(True)
-    for b in data:
-        (lm_loss(model, b) / len(data)).backward()
+    expert_gradients(model, layers, data)
     table = slow_reference(layers)
     return torch.tensor([[table[(layer.index, e)] for e in range(layer.num_experts)] for layer in layers],
                         dtype=torch.float64)

@@ -7,6 +7,20 @@ from unsafe_experts.selection.score_pass import score_pass
 from unsafe_experts.selection.scoring import row_l1, row_l1_blocked, row_l1_per_row, score_table, top_k
 
 
+def expert_gradients(model, layers, batches) -> None:
+    """The mean batch loss's gradients of the expert parameters alone, from no gradient."""
+    from unsafe_experts.training.phases import lm_loss
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    for layer in layers:
+        for p in layer.expert_params.values():
+            p.requires_grad_(True)
+    for b in batches:
+        (lm_loss(model, b) / len(batches)).backward()
+
+
 def slow_reference(layers):
     """Per expert, per parameter, in Python: the definition, not the fast path."""
     table = {}
@@ -28,14 +42,7 @@ def test_scores_and_top_k_match_a_per_expert_reference(arch, make_model, tokeniz
     assert logged[0][0] == "score" and len(logged[0][1]) == len(batches)
 
     # recompute the same accumulated gradients and check against the slow definition
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in layers:
-        for p in layer.expert_params.values():
-            p.requires_grad_(True)
-    from unsafe_experts.training.phases import lm_loss
-    for b in batches:
-        (lm_loss(model, b) / len(batches)).backward()
+    expert_gradients(model, layers, batches)
     reference = slow_reference(layers)
     fast = {(layer.index, e): float(scores[i, e]) for i, layer in enumerate(layers) for e in range(8)}
     for key, value in reference.items():
