@@ -121,6 +121,53 @@ def shoot(base: str, targets, out: Path, size: tuple[int, int], executable: str,
             chromium.close()
 
 
+def first_screen_columns(run) -> list[str]:
+    """The view's columns a newcomer must see without scrolling: mean ASR and mean benign
+    refusal in attack formats, before beside after, and the experts of each round."""
+    from tracking import mlflow_runs
+
+    wanted = [c for c in mlflow_runs.run_table_columns(run)
+              if c.startswith("tags.`experts_round_")
+              or any(c.strip("`").endswith(f"headline/{k}") for k in mlflow_runs.FIRST_SCREEN)]
+    return wanted
+
+
+# per column id: the header cell's box, or null when the grid has no such column
+HEADER_BOXES = """ids => ids.map(id => {
+    const cell = Array.from(document.querySelectorAll('.ag-header-cell[col-id]'))
+        .find(c => c.getAttribute('col-id') === id);
+    if (!cell) return null;
+    const r = cell.getBoundingClientRect();
+    return {left: r.left, right: r.right, top: r.top, bottom: r.bottom};
+})"""
+
+
+def check_view(base: str, url: str, ready: str, columns: list[str], size: tuple[int, int],
+               executable: str, settle_s: float) -> dict[str, str]:
+    """Opens the runs-table view as a newcomer would (the address `make demo` prints) in a
+    window of `size` and says, per column, whether its header lies inside the window without
+    scrolling ("visible") or where it is instead."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            context = chromium.new_context(viewport={"width": size[0], "height": size[1]})
+            context.add_init_script(QUIET_UI)
+            page = context.new_page()
+            page.goto(f"{base}/{url}")
+            page.wait_for_selector(ready, state="visible", timeout=180_000)
+            page.wait_for_timeout(settle_s * 1000)
+            boxes = page.evaluate(HEADER_BOXES, columns)
+        finally:
+            chromium.close()
+    width, height = size
+    return {c: "not in the view" if b is None
+            else "visible" if b["left"] >= 0 and b["right"] <= width and b["top"] >= 0 and b["bottom"] <= height
+            else f"off screen (x {b['left']:.0f}-{b['right']:.0f}, y {b['top']:.0f})"
+            for c, b in zip(columns, boxes)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend-store-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
@@ -132,6 +179,10 @@ def main(argv=None) -> int:
                    help="add the runs-table view to every parent run's experiment first (writes tags)")
     p.add_argument("--settle_s", type=float, default=3.0, help="seconds a page gets to draw once its data is there")
     p.add_argument("--start_timeout_s", type=float, default=300, help="how long `mlflow ui` may take to start")
+    p.add_argument("--check_view", action="store_true",
+                   help="instead of screenshots: check that the saved view's first screen shows mean ASR "
+                        "and mean benign refusal before/after and the experts per round without scrolling "
+                        "(exit 1 if not)")
     args = p.parse_args(argv)
     try:
         return run(args)
@@ -185,6 +236,15 @@ def run(args) -> int:
                               env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     try:
         wait(f"{base}/health", server, args.start_timeout_s)
+        if args.check_view:
+            if not view:
+                raise UsageError(f"experiment {args.experiment!r} has no saved runs-table view (--save_view)")
+            seen = check_view(base, mlflow_runs.run_table_url(experiment.experiment_id),
+                              f"text={parent.info.run_name}", first_screen_columns(parent), size, executable,
+                              args.settle_s)
+            for column, where in seen.items():
+                print(f"{column:<45} {where}")
+            return 0 if seen and all(w == "visible" for w in seen.values()) else 1
         shoot(base, pages(experiment, parent, rounds[0] if rounds else None, view), out, size,
               executable, args.settle_s)
     finally:

@@ -127,15 +127,16 @@ def test_the_runs_table_view_shows_configuration_experts_and_before_beside_after
     client = MlflowClient()
     state = _view(client, exp_id)
     m = lambda name: f"metrics.`{name}`"  # noqa: E731
-    # the headline first (mean ASR over families, benign refusal; each before beside after),
-    # then the configuration, the experts, the cost, each section's figures before beside after
+    # the first screen (mean ASR over families, benign refusal in attack formats; each before
+    # beside after; the experts per round), then the other headline figures, the configuration,
+    # the cost, each section's figures before beside after
     assert state["selectedColumns"] == [
         m("before/headline/asr_mean"), m("headline/asr_mean"),
         m("before/headline/refused_mean"), m("headline/refused_mean"),
+        "tags.`experts_round_1`", "tags.`experts_round_2`",
         m("before/headline/refused_worst"), m("headline/refused_worst"),
         m("before/headline/benign_loglik"), m("headline/benign_loglik"),
         "params.`method`", "params.`top_k_experts`", "params.`seed`",
-        "tags.`experts_round_1`", "tags.`experts_round_2`",
         m("locality/ok"), m("utility/benign_loglik_change"),
         m("before/asr/flip_words"), m("asr/flip_words"), m("before/asr/persona"), m("asr/persona"),
         m("before/benign_refused/flip_words"), m("benign_refused/flip_words"),
@@ -154,7 +155,7 @@ def test_the_runs_table_view_shows_configuration_experts_and_before_beside_after
     later = _parent(exp, ["few_shot"], rounds=3, seed=2)
     mlflow_runs.save_run_table_view(exp_id, later)
     columns = _view(client, exp_id)["selectedColumns"]
-    assert columns[11:14] == ["tags.`experts_round_1`", "tags.`experts_round_2`", "tags.`experts_round_3`"]
+    assert columns[4:7] == ["tags.`experts_round_1`", "tags.`experts_round_2`", "tags.`experts_round_3`"]
     asr = [c for c in columns if "asr/" in c and "headline" not in c]
     assert asr == [m("before/asr/few_shot"), m("asr/few_shot"), m("before/asr/flip_words"),
                    m("asr/flip_words"), m("before/asr/persona"), m("asr/persona")]
@@ -179,9 +180,10 @@ def test_a_view_edited_by_hand_is_replaced_and_a_huge_one_is_cut_to_the_limit(tm
     raw = client.get_experiment(exp_id).tags[mlflow_runs.VIEW_TAG_PREFIX + mlflow_runs.RUN_TABLE_VIEW]
     assert len(raw) <= mlflow_runs.VIEW_TAG_LIMIT
     columns = json.loads(json.loads(raw)["state"])["selectedColumns"]
-    # the headline figures this run has (no benign sets: no benign refusal), then the configuration
-    assert columns[:2] == ["metrics.`before/headline/asr_mean`", "metrics.`headline/asr_mean`"]
-    assert columns[4:8] == ["params.`method`", "params.`top_k_experts`", "params.`seed`", "tags.`experts_round_1`"]
+    # the first screen: mean ASR (no benign sets here: no benign refusal), the experts per round;
+    # then the other headline figures this run has, then the configuration
+    assert columns[:3] == ["metrics.`before/headline/asr_mean`", "metrics.`headline/asr_mean`", "tags.`experts_round_1`"]
+    assert columns[5:8] == ["params.`method`", "params.`top_k_experts`", "params.`seed`"]
     assert 30 < len(columns) < 2 * len(families)  # the first families kept, the last ones left off
 
 
@@ -196,6 +198,6 @@ def test_a_store_logged_before_sections_keeps_its_view_order(tmp_path, monkeypat
                                     "over_refusal_before": 0.0, "locality_ok": 1, "rounds": 1})
     columns = mlflow_runs.run_table_columns(SimpleNamespace(data=data))
     m = lambda name: f"metrics.`{name}`"  # noqa: E731
-    assert columns == ["params.`method`", "params.`top_k_experts`", "params.`seed`", "tags.`experts_round_1`",
+    assert columns == ["tags.`experts_round_1`", "params.`method`", "params.`top_k_experts`", "params.`seed`",
                        m("locality_ok"), m("over_refusal_before"), m("over_refusal"),
                        m("asr_persona_before"), m("asr_persona")]

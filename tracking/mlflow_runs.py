@@ -136,30 +136,38 @@ SECTIONS = [("utility/", "locality/"), ("asr/", "asr_"), ("benign_refused/", "ov
             ("refusal/", "plain_refusal")]
 
 
+# what a newcomer must see on the view's first screen, without scrolling (issue #26; checked
+# in headless Chromium by scripts/mlflow_screenshots.py --check_view): mean ASR and mean
+# benign-in-format refusal, each before beside after, then the experts of each round
+FIRST_SCREEN = ("asr_mean", "refused_mean")
+
+
 def _column_rank(column: str) -> tuple:
-    """Where a column goes: the headline figures, the configuration, the experts per round,
-    then each section's figures (utility and locality, ASR per family, benign refusal per
-    family, refusal), each value before surgery first; anything else after those, by name."""
+    """Where a column goes: the first screen's headline figures, the experts per round, the
+    other headline figures, the configuration, then each section's figures (utility and
+    locality, ASR per family, benign refusal per family, refusal), each value before surgery
+    first; anything else after those, by name."""
     kind, _, name = column.partition(".")
     name = name.strip("`")
     config = ["method", "top_k_experts", "seed"]
     if kind == "params" and name in config:
-        return (1, config.index(name), "", 0)
+        return (3, config.index(name), "", 0)
     if kind == "tags" and name.startswith("experts_round_") and name.rsplit("_", 1)[-1].isdigit():
-        return (2, int(name.rsplit("_", 1)[-1]), "", 0)
+        return (1, int(name.rsplit("_", 1)[-1]), "", 0)
     if kind != "metrics":
-        return (9, 0, column, 0)
+        return (11, 0, column, 0)
     base = name.removeprefix(BEFORE).removesuffix("_before")
     after = int(base == name)  # a figure's value before surgery goes first
     if base.startswith(HEADLINE):
         key = base[len(HEADLINE):]
-        return (0, HEADLINE_KEYS.index(key) if key in HEADLINE_KEYS else len(HEADLINE_KEYS), key, after)
+        order = HEADLINE_KEYS.index(key) if key in HEADLINE_KEYS else len(HEADLINE_KEYS)
+        return (0 if key in FIRST_SCREEN else 2, order, key, after)
     if base in ("over_refusal", "benign_loglik_change", "locality_ok"):  # the old names' cost columns
-        return (3, 0, base, after)
+        return (4, 0, base, after)
     for i, prefixes in enumerate(SECTIONS):
         if base.startswith(prefixes):
-            return (3 + i, 0, base, after)
-    return (8, 0, base, after)
+            return (4 + i, 0, base, after)
+    return (10, 0, base, after)
 
 
 def run_table_columns(run) -> list[str]:
@@ -183,7 +191,7 @@ def run_table_columns(run) -> list[str]:
 def _width(column: str) -> int:
     """Pixels that show the header (and an expert list) whole."""
     kind, name = column.split(".", 1)
-    return 190 if kind == "tags" else max(70, 7 * len(name.strip("`")) + 30)
+    return 170 if kind == "tags" else max(70, 7 * len(name.strip("`")) + 30)
 
 
 def save_run_table_view(exp_id: str, run_id: str, name: str = "Surgery summary") -> str:
