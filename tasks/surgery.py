@@ -7,6 +7,7 @@ the durable state.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -108,7 +109,10 @@ def checkpoint(key: str, r: int) -> dict:
                for i, (l, e) in enumerate(record.experts)],
         description=f"Unsafe experts identified in round {r} by the {surgery.cfg.method} method",
     )
-    get_run_logger().info("round %d: checkpoint saved to %s", r, path)
+    # relative to the working directory where it lies below it: the absolute path made the
+    # line longer than a terminal (issue #26)
+    shown = os.path.relpath(path) if Path(path).resolve().is_relative_to(Path.cwd()) else path
+    get_run_logger().info("round %d: checkpoint saved to %s", r, shown)
     return {"round": r, "path": str(path), "identified": identified, "timings": meta["timings"][f"round_{r}"],
             "logs": [x for x in meta["training_logs"] if x["round"] == r],
             "base_sha256": meta["base"]["sha256"],
