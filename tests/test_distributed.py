@@ -123,6 +123,6 @@ def test_pipeline_under_torchrun_with_fsdp_matches_one_process(tiny_dir, records
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["sharding"] == "fsdp"
     assert run.data.tags["world_size"] == "2" and fsdp["model"]["world_size"] == 2
-    assert run.data.metrics["rounds"] == 2
+    assert run.data.metrics["run/rounds"] == 2  # tracking/metric_names.py
     assert json.loads((tmp_path / "metrics.json").read_text())["locality_ok"] == 1
     assert done.stdout.count("MLflow run ") == 1
