@@ -61,9 +61,9 @@ robustness-full: $(STAMP)
 	  --out metrics/robustness_full.json --plots metrics/robustness_full
 	@cat metrics/robustness_full.md
 
-# The methods side by side (params.yaml comparison): 58 surgeries on two organisms, 5
-# ablations, 37 of the surgeries and both organisms re-attacked, then the table. The second
-# organism's build, the surgeries, the ablations and the re-attacks run two at a time
+# The methods side by side (params.yaml comparison): 80 surgeries on five organism builds, 5
+# ablations, 55 of the surgeries and three organisms re-attacked, then the table. The extra
+# organism builds, the surgeries, the ablations and the re-attacks run two at a time
 # (scripts/repro_parallel.py waits for what a stage depends on and records each in dvc.lock as
 # `dvc repro` would); docs/results.md has what it cost.
 compare: $(STAMP)
