@@ -7,6 +7,7 @@ from conftest import one_error_line
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from cli.main import main
+from tracking import mlflow_runs
 from unsafe_experts.models.architectures import moe_layers
 
 
@@ -143,15 +144,20 @@ def check_layout(client, run, meta, evaluated=False):
     view = json.loads(json.loads(experiment.tags["mlflow.sharedViewState.surgery-summary"])["state"])
     columns = view["selectedColumns"]
     config = ["params.`method`", "params.`top_k_experts`", "params.`seed`"]
-    if evaluated:  # the headline figures first, each before beside after
-        headline = [k for k in ours if k.startswith("headline/")]
+    experts = [f"tags.`experts_round_{r}`" for r in sorted(meta["identified_experts_per_round"], key=int)]
+    # the first screen: mean ASR and mean benign refusal (each before beside after), the experts
+    # per round; then the other headline figures, each before beside after; then the configuration
+    headline = [k for k in ours if k.startswith("headline/")]
+    first = [k for k in headline if k.removeprefix("headline/") in mlflow_runs.FIRST_SCREEN]
+    if evaluated:
         assert {"headline/asr_mean", "headline/refused_worst", "headline/benign_loglik"} <= set(headline)
-        n = 2 * len(headline)
-        assert all(c.startswith("metrics.`before/headline/") for c in columns[:n:2])
-        assert [c.replace("before/", "") for c in columns[:n:2]] == columns[1:n:2]
-        columns = columns[n:]
-    assert columns[:3] == config
-    assert {f"tags.`experts_round_{r}`" for r in meta["identified_experts_per_round"]} <= set(columns)
+    heads = [c for name in first for c in (f"metrics.`before/{name}`", f"metrics.`{name}`")]
+    assert columns[:len(heads) + len(experts)] == heads + experts
+    columns = columns[len(heads) + len(experts):]
+    n = 2 * (len(headline) - len(first))
+    assert all(c.startswith("metrics.`before/headline/") for c in columns[:n:2])
+    assert [c.replace("before/", "") for c in columns[:n:2]] == columns[1:n:2]
+    assert columns[n:n + 3] == config
     if evaluated:
         for name in [k for k in ours if k.startswith(("asr/", "benign_refused/"))]:
             at = columns.index(f"metrics.`before/{name}`")
