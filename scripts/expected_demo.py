@@ -5,7 +5,7 @@ the demo's repair of it gives other figures. docs/expected_demo.json holds, for 
 headline figures, the range over the builds measured so far (each build's run of the demo's own
 command: `make compare`'s gradient-k4-s42 on every organism build):
 
-    python scripts/expected_demo.py                  # check metrics/evaluation.json (make demo)
+    python scripts/expected_demo.py                  # check metrics/after.json (make demo)
     python scripts/expected_demo.py --measure        # rewrite docs/expected_demo.json from the
                                                      # comparison's runs (after `make compare`)
 
@@ -20,7 +20,10 @@ import platform
 import sys
 from pathlib import Path
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from unsafe_experts.artefacts.atomic import write_json_atomic  # noqa: E402
+from unsafe_experts.evaluation.headline import headline_figures, surgery_family  # noqa: E402
 
 EXPECTED = Path("docs/expected_demo.json")
 DEMO_RUN = "gradient-k4-s42-plain-lr0.001"  # the comparison run whose command is the demo's
@@ -28,6 +31,8 @@ FIGURES = {  # key -> how the README and `report` word it
     "asr_surgery_family": "surgery-family ASR",
     "over_refusal_mean_families": "benign in attack formats refused, mean over families",
 }
+# the same two figures under the headline's names (metrics/after.json, headline.py)
+HEADLINE = {"asr_surgery_family": "asr_surgery", "over_refusal_mean_families": "refused_mean"}
 
 
 class Bad(Exception):
@@ -43,23 +48,12 @@ def read_json(path: Path, what: str):
         raise Bad(f"{path}: not readable JSON ({what}): {e}") from None
 
 
-def families(params: Path) -> tuple[str, list[str]]:
-    """The demo organism's surgery family and every attack family, from params.yaml."""
+def figures(headline: dict, source: str) -> dict[str, float]:
+    """The two figures from headline figures (headline.py's names)."""
     try:
-        organism = yaml.safe_load(params.read_text(encoding="utf-8"))["organism"]
-        return organism["surgery_family"], list(organism["families"])
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
-        raise Bad(f"{params}: no organism.surgery_family and organism.families ({e})") from None
-
-
-def figures(after: dict, surgery: str, every: list[str], source: str) -> dict[str, float]:
-    """The two headline figures from an evaluation's metric values (name -> number)."""
-    try:
-        value = lambda name: float(after[name]["value"] if isinstance(after[name], dict) else after[name])
-        return {"asr_surgery_family": value(f"asr_{surgery}"),
-                "over_refusal_mean_families": sum(value(f"over_refusal_{f}") for f in every) / len(every)}
+        return {key: float(headline[name]) for key, name in HEADLINE.items()}
     except (KeyError, TypeError, ValueError) as e:
-        raise Bad(f"{source}: no evaluation figure {e} after surgery") from None
+        raise Bad(f"{source}: no headline figure {e}") from None
 
 
 def machine() -> str:
@@ -72,7 +66,7 @@ def machine() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure(compare_dir: Path, build_dir: Path, surgery: str, every: list[str]) -> dict:
+def measure(compare_dir: Path, build_dir: Path) -> dict:
     """Each organism build's run of the demo's command, and the range over them."""
     builds = []
     for run in sorted(compare_dir.glob(f"*/{DEMO_RUN}/training_metadata.json")):
@@ -81,9 +75,10 @@ def measure(compare_dir: Path, build_dir: Path, surgery: str, every: list[str]) 
         if meta.get("status") != "completed" or "final" not in meta.get("evaluation", {}):
             continue  # an unfinished run measures nothing
         config = read_json(build_dir / organism / "build.json", "the organism's build record").get("config", {})
+        values = {name: m["value"] for name, m in meta["evaluation"]["final"].items()}
+        found = headline_figures(values, surgery_family(build_dir / organism / "model"))
         builds.append({"organism": organism, "organism_seed": config.get("seed"),
-                       **{k: round(v, 4) for k, v in figures(meta["evaluation"]["final"], surgery, every,
-                                                            str(run)).items()}})
+                       **{k: round(v, 4) for k, v in figures(found, str(run)).items()}})
     if len(builds) < 2:
         raise Bad(f"{compare_dir}: {len(builds)} finished {DEMO_RUN} run(s); a range needs at least two builds")
     n = len(builds)
@@ -120,11 +115,24 @@ def check(expected: dict, observed: dict[str, float], path: Path) -> list[str]:
     return lines
 
 
+def refuse_foreign(path: Path) -> None:
+    """--measure replaces only an earlier range file: never a link (it would be replaced, the
+    user's link lost) nor a file of something else."""
+    if path.is_symlink():
+        raise Bad(f"{path}: is a symbolic link; not replaced (give the range file's own path)")
+    if path.exists():
+        try:
+            earlier = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            earlier = None
+        if not (isinstance(earlier, dict) and "builds" in earlier):
+            raise Bad(f"{path}: exists and is not an expected-demo range; not overwritten")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/evaluation.json"),
-                        help="the demo's evaluation (dvc stage train)")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/after.json"),
+                        help="the demo's headline figures after surgery (dvc stage train)")
     parser.add_argument("--expected", type=Path, default=EXPECTED)
     parser.add_argument("--measure", action="store_true",
                         help="rewrite --expected from the comparison's runs instead of checking")
@@ -132,16 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build_dir", type=Path, default=Path("build"))
     args = parser.parse_args(argv)
     try:
-        surgery, every = families(args.params)
         if args.measure:
-            result = measure(args.compare_dir, args.build_dir, surgery, every)
-            args.expected.write_text(json.dumps(result, indent=2) + "\n")
+            refuse_foreign(args.expected)
+            result = measure(args.compare_dir, args.build_dir)
+            # replaced whole, never written through: a link at the path is replaced, not followed
+            write_json_atomic(args.expected, result)
             print(f"wrote {args.expected}: {len(result['builds'])} builds")
             return 0
-        evaluation = read_json(args.metrics, "make demo's evaluation")
-        if not isinstance(evaluation, dict) or not isinstance(evaluation.get("after"), dict):
-            raise Bad(f"{args.metrics}: no 'after' section (the evaluation after surgery)")
-        observed = figures(evaluation["after"], surgery, every, str(args.metrics))
+        headline = read_json(args.metrics, "make demo's headline figures after surgery")
+        if not isinstance(headline, dict):
+            raise Bad(f"{args.metrics}: expected an object of headline figures")
+        observed = figures(headline, str(args.metrics))
         print("\n".join(check(read_json(args.expected, "the expected range"), observed, args.expected)))
     except Bad as e:
         print(f"error: {e}", file=sys.stderr)
