@@ -91,8 +91,8 @@ def write_comparison(experiment: str, out_csv: str | Path, wanted: list[dict] | 
     means.to_csv(files["summary"], index=False)
     tests.to_csv(files["paired"], index=False)
     overlaps.to_csv(files["overlap"], index=False)
-    builds.to_csv(files["builds"], index=False)
-    build_tests.to_csv(files["builds_paired"], index=False)
+    write_bytes_atomic(files["builds"], builds.to_csv(index=False).encode())
+    write_bytes_atomic(files["builds_paired"], build_tests.to_csv(index=False).encode())
     files["markdown"].write_text(markdown(table, columns, means, tests, overlaps, retention_families(table, surgery),
                                           budget(table, surgery), surgery) + "\n" + over_builds.markdown(builds, build_tests)
                                  + "\n" + robust_text + "\n")

@@ -16,6 +16,10 @@ from pathlib import Path
 import pandas as pd
 from scipy.stats import spearmanr
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from unsafe_experts.artefacts.atomic import write_bytes_atomic  # noqa: E402
+
 WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
@@ -49,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(table.to_markdown(index=False, floatfmt=".2f"))
-    if args.out:
-        table.to_csv(args.out, index=False)
+    if args.out:  # replaced whole, so a link at the path is replaced rather than written through
+        write_bytes_atomic(args.out, table.to_csv(index=False).encode())
     return 0
 
 

@@ -157,3 +157,33 @@ def test_contrastive_through_the_cli_and_mlflow(tiny_dir, records_path, records,
     runs = client.search_runs([client.get_experiment_by_name("contrastive-cli").experiment_id])
     logged = {k for r in runs for k in r.data.metrics}
     assert "benign_score_loss_per_batch" in logged
+
+
+@pytest.mark.parametrize("damage", ["edited", "missing"])
+def test_a_resume_never_trusts_an_edited_or_lost_answers_file(damage, tiny_dir, records_path, records, tmp_path,
+                                                              monkeypatch):
+    """The benign answers came from the model before surgery: a resumed run cannot regenerate
+    them, so a file that is not the one the run wrote stops it with one error naming it."""
+    from unsafe_experts import surgery
+
+    retention = retention_file(tmp_path / "retention.json", records[:12])
+    cfg = config(tiny_dir, records_path, retention, tmp_path / "out", num_rounds=2)
+    repair = surgery.Surgery.repair
+
+    def killed_in_round_2(self, r):
+        if r == 2:
+            raise KeyboardInterrupt
+        return repair(self, r)
+    monkeypatch.setattr(surgery.Surgery, "repair", killed_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_surgery(cfg, progress=False, echo=lambda *a: None)
+    monkeypatch.setattr(surgery.Surgery, "repair", repair)
+    saved = tmp_path / "out" / "benign_in_format_answers.json"
+    if damage == "edited":
+        rows = json.loads(saved.read_text())
+        rows[0][1] = "I cannot help with that."  # the benign side now teaches refusal
+        saved.write_text(json.dumps(rows))
+    else:
+        saved.unlink()
+    with pytest.raises(ConfigError, match="benign_in_format_answers.json is missing or changed since this run"):
+        run_surgery(cfg, progress=False, echo=lambda *a: None)

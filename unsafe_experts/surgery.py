@@ -25,6 +25,7 @@ from .artefacts.atomic import (
     inside,
     is_temporary_of,
     save_checkpoint_atomic,
+    write_bytes_atomic,
     write_json_atomic,
 )
 from .artefacts.checkpoints import check_weights, load_base, load_tokenizer  # noqa: F401  (check_weights re-exported)
@@ -320,7 +321,7 @@ class Surgery:
     def _continue(self, previous: dict, done: list[int]) -> None:
         """Keeps what the interrupted run completed; drops half-written leftovers."""
         last = done[-1] if done else 0
-        for key in (ROUNDS, "evaluation", "cache"):
+        for key in (ROUNDS, "evaluation", "cache", "benign_in_format"):
             if key in previous:
                 self.meta[key] = previous[key]
         self.meta["training_logs"] = [x for x in previous["training_logs"] if x["round"] <= last]
@@ -469,14 +470,24 @@ class Surgery:
             return self.data["benign_in_format"]
         cfg = self.cfg
         saved = self.out / BENIGN_IN_FORMAT
-        if self.first_round > 1 and saved.is_file():
-            kept = [tuple(row) for row in json.loads(saved.read_text())]
+        recorded = self.meta.get("benign_in_format", {}).get("sha256")
+        if self.first_round > 1:
+            # the answers of the model before surgery, which a resumed run cannot regenerate: used
+            # only as written (the digest the run recorded), never an edited, foreign or lost file
+            data = saved.read_bytes() if saved.is_file() and not saved.is_symlink() else b""
+            if not recorded or hashlib.sha256(data).hexdigest() != recorded:
+                raise ConfigError(f"output_dir: {saved} is missing or changed since this run wrote it; "
+                                  "the resumed run cannot regenerate it (rerun with --overwrite)")
+            kept = [tuple(row) for row in json.loads(data)]
         else:
             prompts = load_retention(cfg.retention_path, "contrastive")["contrastive"]
             chosen = benign_in_format_sample(prompts, len(self.data["sft_examples"]), cfg.seed)
             kept = [(m, a) for m, a in zip(chosen, self._answer(chosen)) if a]
+            data = (json.dumps([list(row) for row in kept], indent=2) + "\n").encode()
             if self.writer:
-                write_json_atomic(saved, [list(row) for row in kept])
+                write_bytes_atomic(saved, data)
+            self.meta["benign_in_format"] = {"examples": len(kept), "sha256": hashlib.sha256(data).hexdigest()}
+            self._save_meta()
         if not kept:
             raise ConfigError(f"retention_path: the model answered none of the {BENIGN_IN_FORMAT} "
                               "prompts; the contrastive score has no benign side")
