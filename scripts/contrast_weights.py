@@ -14,11 +14,13 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import torch
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from unsafe_experts.artefacts.atomic import write_bytes_atomic  # noqa: E402
+from unsafe_experts.selection.contrastive import contrast, normalised  # noqa: E402
 
 WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
@@ -31,9 +33,14 @@ def weights_table(run: Path, weights=WEIGHTS, k: int | None = None) -> pd.DataFr
     harm = pd.Series(first["contrast_harm"])
     benign = pd.Series(first["contrast_benign"]).reindex(harm.index)
     k = k or len(first["experts"])
-    harm_n, benign_n = harm / harm.mean(), benign / benign.mean()
-    # ties broken by name, so a weight's picks never depend on the order of the table
-    pick = lambda w: list((harm_n - w * benign_n).sort_index().sort_values(ascending=False, kind="stable").index[:k])
+    # the surgery's own definition (contrastive.py), on the recorded tables
+    as_tensor = lambda x: torch.tensor(x.to_numpy(), dtype=torch.float64)  # noqa: E731
+    harm_n = pd.Series(normalised(as_tensor(harm)).numpy(), index=harm.index)
+    benign_n = pd.Series(normalised(as_tensor(benign)).numpy(), index=harm.index)
+
+    def pick(w):  # ties broken by name, so a weight's picks never depend on the table's order
+        score = pd.Series(contrast(as_tensor(harm), as_tensor(benign), w).numpy(), index=harm.index)
+        return list(score.sort_index().sort_values(ascending=False, kind="stable").index[:k])
     plain = set(pick(0.0))
     rho = spearmanr(harm, benign).correlation
     return pd.DataFrame([{"run": f"{run.parent.name}/{run.name}", "weight": w, "picks": " ".join(pick(w)),
