@@ -63,12 +63,13 @@ robustness-full: $(STAMP)
 
 # The methods side by side (params.yaml comparison): 80 surgeries on five organism builds, 5
 # ablations, 55 of the surgeries and three organisms re-attacked, then the table. The extra
-# organism builds, the surgeries, the ablations and the re-attacks run two at a time
-# (scripts/repro_parallel.py waits for what a stage depends on and records each in dvc.lock as
-# `dvc repro` would); docs/results.md has what it cost.
+# organism builds, the surgeries, the ablations and the re-attacks run as one Prefect flow on a
+# local Dask cluster, one worker per core (`unsafe-experts grid`, flows/grid.py: a stage starts
+# when what it depends on is done, and each is recorded in dvc.lock as `dvc repro` would;
+# params.yaml comparison.grid sends them to a cluster); docs/results.md has what it cost.
 compare: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro organism
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/repro_parallel.py organism_builds@ compare_run@ compare_ablate compare_robust --jobs 2
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/unsafe-experts grid organism_builds@ compare_run@ compare_ablate compare_robust --params params.yaml
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro compare
 	@cat metrics/comparison.md
 

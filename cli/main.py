@@ -1,4 +1,4 @@
-"""`unsafe-experts`: train, register, attack, validate, evaluate, robustness, compare, serve, report,
+"""`unsafe-experts`: train, register, attack, validate, evaluate, robustness, compare, grid, serve, report,
 materialize, and the offline demo inputs (organism, tiny-model, flip-dataset). Every failure the
 user can fix is one `error:` line and exit status 2."""
 from __future__ import annotations
@@ -16,6 +16,7 @@ from . import (
     compare,
     evaluate,
     flip_dataset,
+    grid,
     materialize,
     organism,
     register,
@@ -32,7 +33,7 @@ from .quiet import quiet_progress
 # one module per command, each with add_parser(sub) and run(args); --help and docs/cli.md list
 # the commands in this order
 COMMANDS = (train, ablate, attack, register, tiny_model, flip_dataset, validate, organism, evaluate,
-            robustness, compare, serve, report, materialize)
+            robustness, compare, grid, serve, report, materialize)
 # every engine error the user can fix derives from UserError; a file the OS refuses is one too
 USER_ERRORS = (UserError, OSError)
 

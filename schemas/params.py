@@ -119,6 +119,15 @@ class AblationRun(BaseModel):
     seed: int = 0
 
 
+class GridParams(BaseModel):
+    """Where `unsafe-experts grid` (make compare) runs the grid's stages: a local Dask cluster
+    of `workers` processes (default: one per core), or an existing scheduler's address."""
+    model_config = FORBID
+    dask_address: str | None = None      # e.g. tcp://scheduler:8786; None: a local cluster
+    workers: int | None = Field(None, ge=1)
+    stage_resources: str | None = None   # e.g. "GPU=1": what each stage holds on its worker
+
+
 class ComparisonParams(BaseModel):
     """Runs of `dvc repro compare`: each a full surgery with evaluation, then one table."""
     model_config = FORBID
@@ -141,6 +150,7 @@ class ComparisonParams(BaseModel):
     robust_dir: str | None = "outputs/robust"
     robust_runs: list[RobustRun] = []
     robustness: RobustnessParams = RobustnessParams()
+    grid: GridParams = GridParams()
 
     @model_validator(mode="after")
     def _organisms_are_built(self):

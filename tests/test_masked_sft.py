@@ -259,3 +259,69 @@ def test_masked_sft_with_micro_batches_takes_the_whole_batch_step(make_model, to
     for name in moved:
         disagree = ((ends[3][name] - ends[None][name]).abs() > 1e-4).float().mean()
         assert disagree < 0.01, f"{name}: {float(disagree):.1%} of the elements stepped differently"
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("shared,micro", [(False, None), (True, None), (False, 3)])
+def test_stepping_inside_backward_is_the_same_update(arch, shared, micro, make_model, tokenizer,
+                                                      records, monkeypatch):
+    """A batch run as one backward is stepped tensor by tensor inside it, holding no gradient
+    of the trained rows until the step: the weights end bit-identical to stepping after it,
+    for the experts and for shared whole tensors (the defence, the dense baseline); batches in
+    micro-batches (several backwards) still step after them."""
+    from unsafe_experts.training.phases import shared_params
+
+    held, real_step = [], SparseRowAdamW.step
+
+    def step(self, active=None):  # what the optimizer holds when the step starts
+        held[-1].append(sum(g.numel() for g in self._rows_grad.values()))
+        return real_step(self, active)
+    monkeypatch.setattr(SparseRowAdamW, "step", step)
+    ends = []
+    for inside in (False, True):
+        model = make_model(arch)
+        layers = moe_layers(model)
+        batches = sft_batches(tokenizer, records[:8])
+        selection = top_k(score_pass(model, layers, batches, lambda *a: None, progress=False), 3, layers)
+        held.append([])
+        masked_sft(model, layers, batches, selection, lr=1e-2, weight_decay=0.1, epochs=2,
+                   log=lambda *a: None, progress=False, micro=micro,
+                   shared=shared_params(model, layers) if shared else [], step_in_backward=inside)
+        ends.append(snapshot(model))
+    for name in ends[0]:
+        assert torch.equal(ends[0][name], ends[1][name]), name
+    after, inside = held
+    assert len(after) == len(inside) == 2 * len(batches) and all(k > 0 for k in after)
+    assert all(k == 0 for k in inside) if micro is None else inside == after
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_recomputed_activations_give_the_same_scores_and_repair(arch, make_model, tokenizer, records):
+    """--activations recompute (each decoder layer recomputed in backward) changes memory, not
+    results: the same scores and bit-identical weights after masked SFT; afterwards the model
+    is as it was (no layer left in training mode or checkpointing)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from unsafe_experts.training.phases import recomputed_activations
+
+    results, calls = [], []
+    for on in (False, True):
+        model = make_model(arch)
+        layers = moe_layers(model)
+        batches = sft_batches(tokenizer, records[:8])
+        first = next(m for m in model.modules() if isinstance(m, GradientCheckpointingLayer))
+        calls.append(0)  # a module inside the layer: the layer's own hooks stay outside a recompute
+        next(first.children()).register_forward_pre_hook(lambda *a: calls.__setitem__(-1, calls[-1] + 1))
+        with recomputed_activations(model, on):
+            scores = score_pass(model, layers, batches, lambda *a: None, progress=False)
+            selection = top_k(scores, 3, layers)
+            masked_sft(model, layers, batches, selection, lr=1e-2, weight_decay=0.1, epochs=1,
+                       log=lambda *a: None, progress=False)
+        assert not any(m.training for m in model.modules())
+        assert not model.is_activation_checkpointing and not hasattr(model, "_require_grads_hook")
+        results.append((scores, snapshot(model)))
+    (scores_kept, kept), (scores_again, again) = results
+    assert calls[1] > calls[0]  # the layers did run again in backward
+    assert torch.allclose(scores_kept, scores_again, rtol=1e-5, atol=0)
+    for name in kept:
+        assert torch.equal(kept[name], again[name]), name

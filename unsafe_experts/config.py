@@ -66,6 +66,12 @@ class TrainConfig:
                                     "device; streamed: per-batch magnitudes reduced and freed layer "
                                     "by layer (an upper bound); offload: exact, the sums kept in "
                                     "host memory and each layer's gradients freed on the device")
+    # recompute: each decoder layer's activations are recomputed in backward instead of kept
+    # (the same gradients; about one more forward per step), what a whole OLMoE-1B-7B round
+    # needs to fit 24 GiB (docs/scale.md)
+    activations: str = option("keep", choices=("keep", "recompute"),
+                              help="keep: every layer's activations live until backward; recompute: "
+                                   "recomputed layer by layer in backward (less memory, same gradients)")
     sft_epochs: int = option(1, help="masked-SFT epochs per round")
     # the defence against the router attack (README, "Re-attack the repair"): a repair that
     # lives only in the listed experts is undone by switching them off, so these put part of

@@ -57,7 +57,14 @@ from .selection.score_pass import per_batch_sft, score_pass
 from .selection.scoring import score_table, top_k
 from .text.examples import batches, collate, plain_prompt, router_example, sft_example
 from .text.generation import generate, generate_ids
-from .training.phases import LOG_KINDS, align_router, dropout_draws, masked_sft, shared_params
+from .training.phases import (
+    LOG_KINDS,
+    align_router,
+    dropout_draws,
+    masked_sft,
+    recomputed_activations,
+    shared_params,
+)
 from .training.retention import load_retention, mixed_batches, sample_retention
 
 ROUTING_RESPONSES = "routing_responses.json"
@@ -410,18 +417,21 @@ class Surgery:
         reset_peak(self.device)  # the round's peaks are measured from here
         extra = {}
         method = METHODS[cfg.method]
+        recompute = recomputed_activations(self.model, cfg.activations == "recompute")
         if cfg.score_mode == "per_batch":
-            counts, score_sum, picks, state_bytes = per_batch_sft(
-                self.model, self.layers, self.data["sft"], cfg.top_k_experts, cfg.expert_lr,
-                cfg.weight_decay, cfg.sft_epochs, self._log(r), f"round {r} per-batch sft",
-                self.progress, cfg.micro_batch_size)
+            with recompute:
+                counts, score_sum, picks, state_bytes = per_batch_sft(
+                    self.model, self.layers, self.data["sft"], cfg.top_k_experts, cfg.expert_lr,
+                    cfg.weight_decay, cfg.sft_epochs, self._log(r), f"round {r} per-batch sft",
+                    self.progress, cfg.micro_batch_size)
             # the round's experts: the most often picked, ties broken by summed score
             selection = top_k(counts * (score_sum.max() + 1) + score_sum, cfg.top_k_experts, self.layers)
             scores = score_sum / len(picks)
             extra = {"per_batch_experts": [[list(x) for x in p] for p in picks],
                      "optimizer_state_bytes": state_bytes}
         else:
-            scores, extra = self._scores(r)
+            with recompute:
+                scores, extra = self._scores(r)
             k = sum(l.num_experts for l in self.layers) if method.selects == "all" else cfg.top_k_experts
             selection = [] if method.selects == "none" else top_k(scores, k, self.layers)
         identified = research_round({"method": cfg.method, "experts": [list(x) for x in selection],
@@ -564,10 +574,11 @@ class Surgery:
         state["shared"] = bool(shared)
         state["routers"] = state["routers"] or dense
         seed = cfg.seed * 1000 + r
-        state["identified"]["optimizer_state_bytes"] = masked_sft(
-            self.model, self.layers, self.data["repair"], state["selection"], cfg.expert_lr,
-            cfg.weight_decay, cfg.sft_epochs, self._log(r), f"round {r} sft", self.progress,
-            cfg.micro_batch_size, shared=shared, dropout=cfg.expert_dropout, seed=seed)
+        with recomputed_activations(self.model, cfg.activations == "recompute"):
+            state["identified"]["optimizer_state_bytes"] = masked_sft(
+                self.model, self.layers, self.data["repair"], state["selection"], cfg.expert_lr,
+                cfg.weight_decay, cfg.sft_epochs, self._log(r), f"round {r} sft", self.progress,
+                cfg.micro_batch_size, shared=shared, dropout=cfg.expert_dropout, seed=seed)
         if cfg.expert_dropout:
             draws = dropout_draws(cfg.sft_epochs * len(self.data["repair"]), cfg.expert_dropout, seed)
             state["identified"]["sft_steps_experts_off"] = [sum(draws), len(draws)]

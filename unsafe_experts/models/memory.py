@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 
-def _status_kb(field: str) -> int | None:
+def status_kb(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -38,7 +38,7 @@ def peak_mb(device: torch.device) -> float:
     """Peak MB since the last reset_peak: allocated on CUDA, resident (the whole process) on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    kb = _status_kb("VmHWM")
+    kb = status_kb("VmHWM")
     return (kb if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
 
 
@@ -46,6 +46,6 @@ def phase_peak_mb(fn) -> tuple[float, object]:
     """(peak CPU MB above the starting resident memory while fn() ran, fn's result)."""
     cpu = torch.device("cpu")
     reset_peak(cpu)
-    start = _status_kb("VmRSS") or 0
+    start = status_kb("VmRSS") or 0
     result = fn()
     return peak_mb(cpu) - start / 1024, result

@@ -7,13 +7,13 @@ and steps only through SparseRowAdamW, so nothing else can move.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import NonFiniteLossError
+from ..errors import NonFiniteLossError, UnsupportedModelError
 from ..models.ablation import by_layer, masked_routers
 from ..models.architectures import MoELayer
 from ..models.distributed import shard, sum_, world
@@ -47,6 +47,40 @@ def lm_loss(model, batch: Batch, denominator: torch.Tensor | None = None) -> tor
     return total / (response_tokens(batch) if denominator is None else denominator)
 
 
+@contextmanager
+def recomputed_activations(model, on: bool):
+    """While active (and `on`), each decoder layer's activations are recomputed in backward
+    rather than kept from the forward: gradients are the same, activation memory one layer's.
+    transformers checkpoints a layer only in training mode; the layers alone are marked
+    training (not their submodules), so no dropout or router noise turns on."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not on:
+        yield
+        return
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers or not model.supports_gradient_checkpointing:
+        raise UnsupportedModelError(f"activations: {type(model).__name__} cannot recompute its "
+                                    "layers' activations; use --activations keep")
+    was = [m.training for m in layers]
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m, training in zip(layers, was):
+            m.training = training
+        model.activation_checkpointing_disable()
+        if hasattr(model, "_require_grads_hook"):  # enable's hook on the embeddings' output
+            model.disable_input_require_grads()
+
+
+def one_backward(model, batch: Batch, micro: int | None) -> bool:
+    """Whether lm_backward runs the batch as one forward and backward (else in micro-batches)."""
+    return not micro or batch["input_ids"].shape[0] <= micro or is_sharded(model)
+
+
 def lm_backward(model, batch: Batch, micro: int | None, desc: str, step: int, steps: int) -> torch.Tensor:
     """Backpropagates lm_loss(model, batch) and returns it. With `micro` rows, the batch's rows
     go in length-sorted micro-batches, each cut to its own longest row, their losses divided by
@@ -55,8 +89,7 @@ def lm_backward(model, batch: Batch, micro: int | None, desc: str, step: int, st
     retention examples of 20 to 400 tokens, so padding to the longest doubles the work. Batches
     are right-padded (examples.collate), so cutting columns past a row's length changes nothing
     it attends to. Sharded models run one whole forward a step (every rank must join each)."""
-    rows = batch["input_ids"].shape[0]
-    if not micro or rows <= micro or is_sharded(model):
+    if one_backward(model, batch, micro):
         loss = finite(lm_loss(model, batch), desc, step, steps)
         loss.backward()
         return loss.detach()
@@ -132,7 +165,7 @@ def dropout_draws(steps: int, p: float, seed: int) -> list[bool]:
 
 def masked_sft(model, layers, batches, selection, lr, weight_decay, epochs, log: Log,
                desc="sft", progress=True, micro: int | None = None, shared=(),
-               dropout: float = 0.0, seed: int = 0) -> int:
+               dropout: float = 0.0, seed: int = 0, step_in_backward: bool = True) -> int:
     """Train only the selected experts, and `shared` whole tensors when given (the defence's
     weights outside the experts, or every other weight for the dense baseline); returns the
     optimizer state size in bytes. With `dropout`, each step switches the selected experts off
@@ -150,12 +183,16 @@ def masked_sft(model, layers, batches, selection, lr, weight_decay, epochs, log:
     draws = iter(dropout_draws(epochs * len(batches), dropout, seed))
     device = model.device
     sharded = is_sharded(model)  # gradients arrive summed and cut to this rank's experts
+    # one process stepping every row: a batch run as one backward is stepped inside it
+    # (SparseRowAdamW.compact_grads), the same update with less memory
+    alone = step_in_backward and not dropout and not sharded and world()[1] == 1
     losses = []
     with opt.compact_grads():
         for epoch in range(epochs):
             for batch in bar(batches, f"{desc} epoch {epoch + 1}", progress):
                 drop = next(draws)
                 masks = masked_routers(model.config.model_type, layers, by_layer(selection)) if drop else nullcontext()
+                opt.step_in_backward = alone and one_backward(model, batch, micro)
                 with masks:
                     loss = lm_backward(model, rank_share(batch, device), micro, desc, len(losses), len(batches))
                 if not sharded:

@@ -36,6 +36,11 @@ class SparseRowAdamW:
         self._rows_grad: dict[int, torch.Tensor] = {}  # compact gradients (see compact_grads)
         # sharded parameters none of whose tracked rows this rank holds: gradients only dropped
         self._idle: dict[int, torch.nn.Parameter] = {}
+        # set before a backward that is the step's only one (one process, every row stepped):
+        # each tensor's rows are then stepped the moment its gradient is complete, so no
+        # tensor's gradient outlives its own hook (see compact_grads)
+        self.step_in_backward = False
+        self._stepped: set[int] = set()
 
     def add_rows(self, param: torch.nn.Parameter, rows) -> None:
         """Start tracking `rows` of `param` (rows already tracked keep their state)."""
@@ -66,32 +71,50 @@ class SparseRowAdamW:
 
     @torch.no_grad()
     def step(self, active: dict[int, list[int]] | None = None) -> None:
-        """One AdamW step on every tracked row, or only on `active[id(param)]` rows."""
-        beta1, beta2 = self.betas
+        """One AdamW step on every tracked row, or only on `active[id(param)]` rows (rows
+        already stepped during backward are not stepped again)."""
         for key, s in self.state.items():
             compact = self._rows_grad.get(key)
-            if s.param.grad is None and compact is None:
+            if key in self._stepped or (s.param.grad is None and compact is None):
                 continue
             if active is None:
-                pos = torch.arange(len(s.rows), device=s.rows.device)
+                pos = None
             else:
                 wanted = torch.as_tensor(active.get(key, []), dtype=torch.long,
                                          device=s.rows.device) - s.start
                 pos = torch.isin(s.rows, wanted).nonzero().flatten()
                 if not len(pos):
                     continue
-            grad = compact[pos] if compact is not None else local(s.param.grad)[s.rows[pos]].float()
-            w, m, v = s.master[pos], s.exp_avg[pos], s.exp_avg_sq[pos]
-            t = s.step[pos] + 1
-            shape = (-1,) + (1,) * (w.dim() - 1)
-            w.mul_(1 - self.lr * self.weight_decay)
-            m.lerp_(grad, 1 - beta1)
-            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            step_size = (self.lr / (1 - beta1 ** t)).view(shape)
-            denom = (v.sqrt() / (1 - beta2 ** t).sqrt().view(shape)).add_(self.eps)
-            w.addcdiv_(m * step_size, denom, value=-1)
-            s.master[pos], s.exp_avg[pos], s.exp_avg_sq[pos], s.step[pos] = w, m, v, t
-            local(s.param).index_copy_(0, s.rows[pos], w.to(s.param.dtype))
+            if pos is None:
+                grad = compact if compact is not None else local(s.param.grad)[s.rows].float()
+            else:
+                grad = compact[pos] if compact is not None else local(s.param.grad)[s.rows[pos]].float()
+            self._update(s, grad, pos)
+
+    def _update(self, s: _RowState, grad: torch.Tensor, pos: torch.Tensor | None) -> None:
+        """AdamW on rows `pos` of s (None: every row) from their fp32 gradient, written back into
+        the parameter. Every row is updated in the state itself: no copy of the master and the
+        moments, whose fp32 copies were most of a step's memory (at k = 100 of OLMoE-1B-7B's
+        experts, gigabytes beside the model); a subset goes through copies. The same arithmetic
+        either way, so the same bits."""
+        beta1, beta2 = self.betas
+        if pos is None:
+            w, m, v, t = s.master, s.exp_avg, s.exp_avg_sq, s.step.add_(1)
+        else:
+            w, m, v, t = s.master[pos], s.exp_avg[pos], s.exp_avg_sq[pos], s.step[pos] + 1
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        w.mul_(1 - self.lr * self.weight_decay)
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_size = (self.lr / (1 - beta1 ** t)).view(shape)
+        denom = v.sqrt().div_((1 - beta2 ** t).sqrt().view(shape)).add_(self.eps)
+        w.addcdiv_(m * step_size, denom, value=-1)
+        del denom
+        if pos is None:
+            local(s.param).index_copy_(0, s.rows, w.to(s.param.dtype))
+            return
+        s.master[pos], s.exp_avg[pos], s.exp_avg_sq[pos], s.step[pos] = w, m, v, t
+        local(s.param).index_copy_(0, s.rows[pos], w.to(s.param.dtype))
 
     def sum_grads_across_ranks(self) -> None:
         """Data parallelism: the (compact) gradients of the tracked rows, summed over ranks."""
@@ -102,6 +125,7 @@ class SparseRowAdamW:
 
     def zero_grad(self) -> None:
         self._rows_grad.clear()
+        self._stepped.clear()
         for param in [s.param for s in self.state.values()] + list(self._idle.values()):
             param.grad = None
 
@@ -110,10 +134,20 @@ class SparseRowAdamW:
         """While active, each tracked parameter's gradient is cut down to the tracked rows (in
         fp32) the moment backward produces it, and the full gradient is freed: gradient memory
         scales with the selected experts, not with every expert of every layer. A sharded
-        parameter's hook runs after fully_shard has summed its gradient across the ranks."""
+        parameter's hook runs after fully_shard has summed its gradient across the ranks.
+
+        With `step_in_backward` set, the rows are stepped in the hook instead of kept: the same
+        update (the hook runs once the tensor's gradient is complete, after the last backward
+        node that reads the tensor), without holding every trained row's fp32 gradient until
+        the step, 4 bytes per trained parameter (2.3 GiB at k = 100 of OLMoE-1B-7B's experts,
+        what a whole round needs to fit 24 GiB; docs/scale.md)."""
         def hook_for(key, rows):
             def hook(param):
-                if rows is not None:
+                if rows is not None and self.step_in_backward:
+                    with torch.no_grad():
+                        self._update(self.state[key], local(param.grad).index_select(0, rows).float(), None)
+                    self._stepped.add(key)
+                elif rows is not None:
                     part = local(param.grad).index_select(0, rows).float()
                     # several backwards before a step (micro-batches) add up, as .grad would
                     held = self._rows_grad.get(key)
