@@ -23,6 +23,7 @@ import os
 import platform
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -113,16 +114,29 @@ def round_in_child(model_dir: str, records: str, out_dir: str, mode: str, whole:
     cpu = torch.device("cpu")
     surgery = Surgery(cfg, progress=False, echo=lambda *a: None)
 
+    current, anon = [None], {}  # each phase's highest anonymous resident memory, sampled every 5 ms: the
+    # tensors that must stay in memory (VmHWM also counts mapped checkpoint pages, which the
+    # kernel drops when memory runs short and reads again)
+
+    def sample():
+        while True:
+            name = current[0]
+            anon[name] = max(anon.get(name, 0), status_kb("RssAnon") or 0)
+            time.sleep(0.005)
+    threading.Thread(target=sample, daemon=True).start()
+
     def phase(name, fn, tokens=0):
         reset_peak(cpu)
+        current[0] = name
         t0 = time.perf_counter()
         fn()
         seconds = time.perf_counter() - t0
+        current[0] = None
         # resident memory now, split: anonymous (tensors) and file-backed (mapped weights,
         # which the kernel can drop and read again rather than run out)
         now = {f: (status_kb(f) or 0) / 1024 for f in ("RssAnon", "RssFile")}
-        log(phase=name, seconds=seconds, peak_mb=peak_mb(cpu), tokens=tokens,
-            anon_mb=now["RssAnon"], file_mb=now["RssFile"])
+        log(phase=name, seconds=seconds, peak_mb=peak_mb(cpu), peak_anon_mb=anon.get(name, 0) / 1024,
+            tokens=tokens, anon_mb=now["RssAnon"], file_mb=now["RssFile"])
 
     phase("load", surgery.start)
     log(phase="model", bytes=sum(p.numel() * p.element_size() for p in surgery.model.parameters()),
@@ -203,18 +217,19 @@ def main(argv: list[str] | None = None) -> int:
         rows, ended = run_mode(args, model_dir, records, mode, whole=i == 0)
         results[mode] = (rows, ended)
         print(f"score_memory {mode}: {ended}", flush=True)
-    print(f"\n{'mode':<9} {'phase':<17} {'seconds':>8} {'tokens/s':>9} {'peak MB':>9} "
-          f"{'anon MB':>8} {'file MB':>8}")
+    print(f"\n{'mode':<9} {'phase':<17} {'seconds':>8} {'tokens/s':>9} {'peak MB':>8} "
+          f"{'peak anon':>9} {'anon MB':>8} {'file MB':>8}")
     lines = []
     for mode, (rows, ended) in results.items():
         for row in rows:
             if "seconds" not in row:
                 continue
             rate = row["tokens"] / row["seconds"] if row["tokens"] else float("nan")
-            print(f"{mode:<9} {row['phase']:<17} {row['seconds']:>8.1f} {rate:>9.1f} {row['peak_mb']:>9.0f} "
-                  f"{row['anon_mb']:>8.0f} {row['file_mb']:>8.0f}")
+            print(f"{mode:<9} {row['phase']:<17} {row['seconds']:>8.1f} {rate:>9.1f} {row['peak_mb']:>8.0f} "
+                  f"{row['peak_anon_mb']:>9.0f} {row['anon_mb']:>8.0f} {row['file_mb']:>8.0f}")
             lines += [f"{mode}_{row['phase']}_seconds {row['seconds']:.2f}",
-                      f"{mode}_{row['phase']}_peak_mb {row['peak_mb']:.0f}"]
+                      f"{mode}_{row['phase']}_peak_mb {row['peak_mb']:.0f}",
+                      f"{mode}_{row['phase']}_peak_anon_mb {row['peak_anon_mb']:.0f}"]
             if row["tokens"]:
                 lines.append(f"{mode}_{row['phase']}_tokens_per_s {rate:.2f}")
         for row in rows:

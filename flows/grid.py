@@ -75,6 +75,7 @@ def grid_flow(stages: list[str], force: bool = False, resources: dict[str, float
         for future in as_completed(list(futures.values())):
             stage = by_future[future]
             n = len(done) + len(failed) + 1
+            future.wait()  # the task's final state, from its worker (not the API's copy)
             state = future.state
             if state.is_completed():
                 repo.commit(stage.addressing, force=True)  # as `dvc repro` records it

@@ -2,12 +2,14 @@
 thread-local, and Prefect runs tasks on worker threads)."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
 import time
 import urllib.request
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -89,8 +91,18 @@ def ensure_reachable(local_fallback: bool = False, echo=print) -> str:
     return DEFAULT_URI
 
 
+_OPENED: set[str] = set()  # stores this process has opened (and so migrated) under the lock
+
+
 def client() -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking_uri())
+    uri = tracking_uri()
+    if uri in _OPENED:
+        return MlflowClient(tracking_uri=uri)
+    with store_lock():  # the first open of a fresh SQLite store runs MLflow's migrations
+        c = MlflowClient(tracking_uri=uri)
+        c.search_experiments(max_results=1)
+    _OPENED.add(uri)
+    return c
 
 
 # MLflow 3 UIs before 3.17 open a "custom_model_development" experiment on its runs table; the
@@ -100,7 +112,32 @@ def client() -> MlflowClient:
 EXPERIMENT_KIND = "mlflow.experimentKind"
 
 
+@contextmanager
+def store_lock():
+    """Held while a process first opens a local SQLite store and finds or creates its
+    experiment: two surgeries starting at once on a fresh store (the comparison grid's workers)
+    would otherwise both run MLflow's schema migration ("duplicate column name") or both create
+    the experiment. A lock file beside the database; nothing for a tracking server."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    lock = db.parent / f".{db.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def experiment_id(name: str, description: str = EXPERIMENT_DESCRIPTION) -> str:
+    with store_lock():
+        return _experiment_id(name, description)
+
+
+def _experiment_id(name: str, description: str) -> str:
     c = client()
     found = c.get_experiment_by_name(name)
     if found:
