@@ -91,6 +91,31 @@ def test_sparse_adamw_equals_dense_adamw_on_selected_rows():
     torch.testing.assert_close(w.detach()[rows], reference.detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_stepping_rows_in_place_a_few_at_a_time_gives_the_same_bits_as_through_copies():
+    """Every row is stepped in the state itself, ROWS_AT_ONCE at a time (views, few temporaries);
+    a subset of rows (`active`) goes through copies. Same arithmetic, so the same bits."""
+    from unsafe_experts.training import sparse_adamw
+
+    torch.manual_seed(0)
+    rows = [0, 2, 3, 5, 6, 7, 9, 10, 12, 13, 15]  # more than ROWS_AT_ONCE, not a multiple of it
+    assert len(rows) > sparse_adamw.ROWS_AT_ONCE and len(rows) % sparse_adamw.ROWS_AT_ONCE
+    params = [torch.nn.Parameter((torch.randn(16, 24, 8) * 0.02).to(torch.bfloat16)) for _ in range(2)]
+    params[1].data.copy_(params[0].data)
+    opts = [SparseRowAdamW(lr=1e-3, weight_decay=0.1) for _ in params]
+    for p, opt in zip(params, opts):
+        opt.add_rows(p, rows)
+    for _ in range(4):
+        grad = torch.randn(16, 24, 8).to(torch.bfloat16)
+        for i, (p, opt) in enumerate(zip(params, opts)):
+            p.grad = grad.clone()
+            opt.step(active=None if i == 0 else {id(p): rows})
+            opt.zero_grad()
+    assert torch.equal(params[0], params[1])
+    a, b = (next(iter(o.state.values())) for o in opts)
+    for field in ("master", "exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+
+
 def test_bf16_updates_accumulate_in_fp32_masters():
     torch.manual_seed(0)
     w = torch.nn.Parameter((torch.randn(4, 64, 64) * 0.02).to(torch.bfloat16))

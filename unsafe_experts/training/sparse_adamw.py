@@ -17,6 +17,8 @@ import torch
 from ..models.distributed import sum_
 from ..models.sharding import local, local_rows
 
+ROWS_AT_ONCE = 4  # rows (experts) stepped at once: bounds a step's temporaries (_step_rows)
+
 
 @dataclass
 class _RowState:
@@ -86,22 +88,29 @@ class SparseRowAdamW:
                 if not len(pos):
                     continue
             if pos is None:
-                grad = compact if compact is not None else local(s.param.grad)[s.rows].float()
-            else:
-                grad = compact[pos] if compact is not None else local(s.param.grad)[s.rows[pos]].float()
+                self._step_rows(s, lambda lo, hi, compact=compact, s=s: compact[lo:hi] if compact is not None
+                                else local(s.param.grad)[s.rows[lo:hi]].float())
+                continue
+            grad = compact[pos] if compact is not None else local(s.param.grad)[s.rows[pos]].float()
             self._update(s, grad, pos)
 
-    def _update(self, s: _RowState, grad: torch.Tensor, pos: torch.Tensor | None) -> None:
-        """AdamW on rows `pos` of s (None: every row) from their fp32 gradient, written back into
-        the parameter. Every row is updated in the state itself: no copy of the master and the
-        moments, whose fp32 copies were most of a step's memory (at k = 100 of OLMoE-1B-7B's
-        experts, gigabytes beside the model); a subset goes through copies. The same arithmetic
-        either way, so the same bits."""
+    def _step_rows(self, s: _RowState, grad_of) -> None:
+        """Every tracked row of s, ROWS_AT_ONCE at a time, updated in the state itself (views:
+        no copy of the master and the moments); grad_of(lo, hi) is the fp32 gradient of tracked
+        rows lo:hi. The step's temporaries are then a few rows' worth, not every selected
+        expert's of the tensor (at k = 100 of OLMoE-1B-7B's experts one layer can hold 30 of
+        them: gigabytes beside the model). Elementwise arithmetic, so the same bits."""
+        for lo in range(0, len(s.rows), ROWS_AT_ONCE):
+            hi = min(lo + ROWS_AT_ONCE, len(s.rows))
+            self._update(s, grad_of(lo, hi), slice(lo, hi))
+
+    def _update(self, s: _RowState, grad: torch.Tensor, pos: slice | torch.Tensor) -> None:
+        """AdamW on tracked rows `pos` of s from their fp32 gradient, written into the parameter:
+        a slice updates the state in place (views); an index tensor (a subset) through copies."""
         beta1, beta2 = self.betas
-        if pos is None:
-            w, m, v, t = s.master, s.exp_avg, s.exp_avg_sq, s.step.add_(1)
-        else:
-            w, m, v, t = s.master[pos], s.exp_avg[pos], s.exp_avg_sq[pos], s.step[pos] + 1
+        view = isinstance(pos, slice)
+        w, m, v = s.master[pos], s.exp_avg[pos], s.exp_avg_sq[pos]
+        t = s.step[pos].add_(1) if view else s.step[pos] + 1
         shape = (-1,) + (1,) * (w.dim() - 1)
         w.mul_(1 - self.lr * self.weight_decay)
         m.lerp_(grad, 1 - beta1)
@@ -110,10 +119,8 @@ class SparseRowAdamW:
         denom = v.sqrt().div_((1 - beta2 ** t).sqrt().view(shape)).add_(self.eps)
         w.addcdiv_(m * step_size, denom, value=-1)
         del denom
-        if pos is None:
-            local(s.param).index_copy_(0, s.rows, w.to(s.param.dtype))
-            return
-        s.master[pos], s.exp_avg[pos], s.exp_avg_sq[pos], s.step[pos] = w, m, v, t
+        if not view:
+            s.master[pos], s.exp_avg[pos], s.exp_avg_sq[pos], s.step[pos] = w, m, v, t
         local(s.param).index_copy_(0, s.rows[pos], w.to(s.param.dtype))
 
     def sum_grads_across_ranks(self) -> None:
@@ -144,8 +151,10 @@ class SparseRowAdamW:
         def hook_for(key, rows):
             def hook(param):
                 if rows is not None and self.step_in_backward:
+                    grad = local(param.grad)
                     with torch.no_grad():
-                        self._update(self.state[key], local(param.grad).index_select(0, rows).float(), None)
+                        self._step_rows(self.state[key],
+                                        lambda lo, hi: grad.index_select(0, rows[lo:hi]).float())
                     self._stepped.add(key)
                 elif rows is not None:
                     part = local(param.grad).index_select(0, rows).float()
