@@ -126,6 +126,7 @@ def round_in_child(model_dir: str, records: str, out_dir: str, mode: str, whole:
     threading.Thread(target=sample, daemon=True).start()
 
     def phase(name, fn, tokens=0):
+        log(started=name)  # so a process killed in this phase says which
         reset_peak(cpu)
         current[0] = name
         t0 = time.perf_counter()
@@ -165,12 +166,14 @@ def run_mode(args, model_dir: Path, records: Path, mode: str, whole: bool) -> tu
     child.start()
     child.join()
     del os.environ["MALLOC_MMAP_THRESHOLD_"]
-    rows = [json.loads(line) for line in progress.read_text().splitlines()] if progress.exists() else []
+    lines = [json.loads(line) for line in progress.read_text().splitlines()] if progress.exists() else []
+    rows = [row for row in lines if "phase" in row]
     if child.exitcode == 0:
         return rows, "completed"
-    reached = rows[-1]["phase"] if rows else "start"
+    started = [row["started"] for row in lines if "started" in row]
+    where = f"in {started[-1]}" if started else "before loading"
     why = "killed (SIGKILL: out of memory)" if child.exitcode == -9 else f"exit {child.exitcode}"
-    return rows, f"{why} after {reached}"
+    return rows, f"{why} {where}"
 
 
 def main(argv: list[str] | None = None) -> int:
