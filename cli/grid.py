@@ -36,14 +36,17 @@ def run(args) -> int:
     address = args.dask_address or settings.get("dask_address")
     if workers is not None and workers < 1:
         raise ConfigError(f"workers: must be at least 1, got {workers}")
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    from tasks.dvc_plan import chosen
     try:
         resources = parse_resources(args.stage_resources or settings.get("stage_resources"))
-        from dvc.repo import Repo
-
-        from tasks.dvc_plan import chosen
         chosen(Repo("."), args.stages)  # an unknown stage is an error before any cluster starts
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    except DvcException as e:  # not a DVC repository, a broken dvc.yaml
+        raise ConfigError(f"dvc: {e}") from None
     start_temporary_server()
     result = grid_flow.with_options(task_runner=task_runner(workers, address))(
         args.stages, force=args.force, resources=resources or None)

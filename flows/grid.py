@@ -27,13 +27,16 @@ from tasks.stage_command import run_stage
 
 
 def task_runner(workers: int | None = None, address: str | None = None) -> DaskTaskRunner:
-    """An existing scheduler (tcp://host:8786) or a local cluster of `workers` processes with one
-    thread each: a surgery of a small model keeps one core busy (OMP_NUM_THREADS=1)."""
+    """An existing scheduler (tcp://host:8786) or a local cluster of `workers` workers with one
+    thread each (a surgery of a small model keeps one core busy, OMP_NUM_THREADS=1). Local
+    workers are threads of this process: a stage runs as a subprocess anyway, and worker
+    processes would add a nanny each, whose environment for its worker (MALLOC_TRIM_THRESHOLD_)
+    made every surgery twice as slow."""
     if address:
         return DaskTaskRunner(address=address)
     n = workers or os.cpu_count() or 1
     return DaskTaskRunner(cluster_kwargs={"n_workers": n, "threads_per_worker": 1,
-                                          "processes": True, "dashboard_address": None})
+                                          "processes": False, "dashboard_address": None})
 
 
 def parse_resources(text: str | None) -> dict[str, float]:

@@ -34,6 +34,14 @@ def _worker_home(scratch: str) -> str:
     return str(home)
 
 
+def _nanny_malloc_trim():
+    try:
+        import dask
+        return dask.config.get("distributed.nanny.pre-spawn-environ", {}).get("MALLOC_TRIM_THRESHOLD_")
+    except ImportError:
+        return None
+
+
 def clear_outputs(outs: list[str]) -> None:
     for out in map(Path, outs):
         if out.is_symlink() or out.is_file():
@@ -48,6 +56,10 @@ def clear_outputs(outs: list[str]) -> None:
 def run_stage(name: str, cmd: str, outs: list[str], root: str, scratch: str) -> dict:
     clear_outputs([str(Path(root) / out) for out in outs])
     env = {**os.environ, "PREFECT_HOME": _worker_home(scratch)}
+    if env.get("MALLOC_TRIM_THRESHOLD_") == str(_nanny_malloc_trim()):
+        # a Dask nanny's setting for its worker, not the user's: glibc returning every freed
+        # 64 KiB to the kernel made each surgery twice as slow (measured, docs/results.md)
+        del env["MALLOC_TRIM_THRESHOLD_"]
     start = time.time()
     done = subprocess.run(cmd, shell=True, cwd=root, env=env, capture_output=True, text=True)
     seconds = time.time() - start

@@ -95,7 +95,8 @@ def test_a_failed_stage_loses_no_other_result_and_its_dependents_wait(tmp_path):
 
 
 def test_bad_requests_are_one_error_line(tmp_path):
-    repo = dvc_repo(tmp_path, "x: 1\n", "stages:\n  s:\n    cmd: echo hi\n")
+    (tmp_path / "repo").mkdir()
+    repo = dvc_repo(tmp_path / "repo", "x: 1\n", "stages:\n  s:\n    cmd: echo hi\n")
     for args, message in [(["nothing@"], "no DVC stage is named or starts with 'nothing@'"),
                           (["s", "--workers", "0"], "workers: must be at least 1, got 0"),
                           (["s", "--stage_resources", "GPU"],
@@ -103,6 +104,10 @@ def test_bad_requests_are_one_error_line(tmp_path):
         bad = grid(repo, *args, check=False)
         assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f"error: {message}"], bad.stderr
     assert not (repo / "dvc.lock").exists()  # nothing ran
+    outside = tmp_path / "not-a-repo"
+    outside.mkdir()
+    bad = sh(outside, sys.executable, "-m", "cli", "grid", "s", check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: dvc: ") and len(bad.stderr.splitlines()) == 1
 
 
 def test_stage_resources_are_parsed():
@@ -144,3 +149,16 @@ def test_two_tiny_surgeries_on_a_local_cluster_then_a_cached_rerun(tmp_path, tin
     again = grid(repo, "surgery@", "--workers", "2")
     assert "0 stage(s) of surgery@ to run" in again.out and "0 done, 0 failed" in again.out
     assert [(repo / f"out/s{n}/training_metadata.json").stat().st_mtime_ns for n in (1, 2)] == written
+
+
+def test_a_stage_runs_with_the_callers_environment_not_a_dask_nannys(tmp_path, monkeypatch):
+    """A Dask nanny gives its worker MALLOC_TRIM_THRESHOLD_=65536, which made every surgery
+    twice as slow; a stage's command does not inherit it (a value the user chose is kept)."""
+    from tasks.stage_command import run_stage
+
+    for value, kept in (("65536", False), ("131072", True)):
+        monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", value)
+        run_stage.fn("s", "env > env.txt", ["env.txt"], str(tmp_path), str(tmp_path / "homes"))
+        env = dict(line.split("=", 1) for line in (tmp_path / "env.txt").read_text().splitlines() if "=" in line)
+        assert ("MALLOC_TRIM_THRESHOLD_" in env) == kept
+        assert env["PREFECT_HOME"].startswith(str(tmp_path / "homes"))
