@@ -66,7 +66,7 @@ robustness-full: $(STAMP)
 # organism builds, the surgeries, the ablations and the re-attacks run as one Prefect flow on a
 # local Dask cluster, one worker per core (`unsafe-experts grid`, flows/grid.py: a stage starts
 # when what it depends on is done, and each is recorded in dvc.lock as `dvc repro` would;
-# params.yaml comparison.grid sends them to a cluster); docs/results.md has what it cost.
+# params.yaml's grid section sends them to a cluster); docs/results.md has what it cost.
 compare: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro organism
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/unsafe-experts grid organism_builds@ compare_run@ compare_ablate compare_robust --params params.yaml

@@ -10,7 +10,7 @@ def add_parser(sub) -> None:
                           description=__doc__)
     grid.add_argument("stages", nargs="+", metavar="STAGE",
                       help="a stage's name (compare_run@5) or the start of several (compare_run@)")
-    grid.add_argument("--params", help="take comparison.grid's settings from this params.yaml")
+    grid.add_argument("--params", help="take the `grid` section's settings from this params.yaml")
     grid.add_argument("--workers", type=int, default=None,
                       help="local cluster: worker processes, one thread each (default: one per core)")
     grid.add_argument("--dask_address", default=None,
@@ -31,7 +31,7 @@ def run(args) -> int:
     if args.params:
         from schemas.params import load_params
 
-        settings = load_params(args.params).comparison.grid.model_dump()
+        settings = load_params(args.params).grid.model_dump()
     workers = args.workers if args.workers is not None else settings.get("workers")
     address = args.dask_address or settings.get("dask_address")
     if workers is not None and workers < 1:

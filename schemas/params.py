@@ -150,7 +150,6 @@ class ComparisonParams(BaseModel):
     robust_dir: str | None = "outputs/robust"
     robust_runs: list[RobustRun] = []
     robustness: RobustnessParams = RobustnessParams()
-    grid: GridParams = GridParams()
 
     @model_validator(mode="after")
     def _organisms_are_built(self):
@@ -179,6 +178,9 @@ class ScheduleParams(BaseModel):
 
 class Params(BaseModel):
     model_config = FORBID
+    # where the grid's stages run: a section of its own, which no DVC stage depends on (moving
+    # the grid to a cluster changes no result)
+    grid: GridParams = GridParams()
     organism: OrganismParams = OrganismParams()
     evaluation: EvaluationParams = EvaluationParams()
     train: TrainParams

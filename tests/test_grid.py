@@ -104,6 +104,11 @@ def test_bad_requests_are_one_error_line(tmp_path):
         bad = grid(repo, *args, check=False)
         assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f"error: {message}"], bad.stderr
     assert not (repo / "dvc.lock").exists()  # nothing ran
+    (repo / "grid.yaml").write_text((ROOT / "params.yaml").read_text().replace(
+        "stage_resources: null", "stage_resources: GPU"))
+    bad = grid(repo, "s", "--params", "grid.yaml", check=False)  # the params file's grid section
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: stage_resources: 'GPU' is not NAME=AMOUNT (e.g. GPU=1)"], bad.stderr
     outside = tmp_path / "not-a-repo"
     outside.mkdir()
     bad = sh(outside, sys.executable, "-m", "cli", "grid", "s", check=False)
