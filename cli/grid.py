@@ -12,7 +12,7 @@ def add_parser(sub) -> None:
                       help="a stage's name (compare_run@5) or the start of several (compare_run@)")
     grid.add_argument("--params", help="take the `grid` section's settings from this params.yaml")
     grid.add_argument("--workers", type=int, default=None,
-                      help="local cluster: worker processes, one thread each (default: one per core)")
+                      help="local cluster: workers, each running one stage at a time (default: one per core)")
     grid.add_argument("--dask_address", default=None,
                       help="an existing Dask scheduler (tcp://host:8786) instead of a local cluster; "
                            "its workers must see this repository at the same path")

@@ -6,8 +6,9 @@ The flow process plans (tasks/dvc_plan.py), submits every stage at once with the
 depends on as `wait_for` (Dask starts a stage when they are done, so the second organism builds
 beside the first organism's surgeries), and records each stage in dvc.lock as it finishes, in
 this process alone (DVC's lock is not shared between machines). A failed stage is named and the
-others go on; what waits on it is not run; every finished stage is recorded before the flow
-returns, so a failure or an interrupt loses no other stage's work.
+others go on; what waits on it is not run. Each stage is recorded as soon as it finishes, so a
+failure or an interrupt loses no finished stage's work (one that finished in the moment of an
+interrupt, unrecorded, is out of date and reruns next time).
 """
 from __future__ import annotations
 

@@ -151,10 +151,9 @@ class SparseRowAdamW:
         def hook_for(key, rows):
             def hook(param):
                 if rows is not None and self.step_in_backward:
-                    grad = local(param.grad)
+                    grad, state = local(param.grad), self.state[key]
                     with torch.no_grad():
-                        self._step_rows(self.state[key],
-                                        lambda lo, hi: grad.index_select(0, rows[lo:hi]).float())
+                        self._step_rows(state, lambda lo, hi: grad.index_select(0, state.rows[lo:hi]).float())
                     self._stepped.add(key)
                 elif rows is not None:
                     part = local(param.grad).index_select(0, rows).float()
