@@ -72,10 +72,17 @@ def build(out: Path, shape: str, layers: int | None, seed: int = 0) -> dict:
     t0 = time.time()
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    started = partial / ".bench-build-started"  # what marks a cut-short build as this script's
+    if partial.exists() or partial.is_symlink():
+        if partial.is_symlink() or not started.is_file():
+            raise SystemExit(f"error: {partial} exists and was not made by this script; move it away")
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    started.touch()
     model.save_pretrained(partial, max_shard_size="2GB")
     tokenizer.save_pretrained(partial)
     (partial / MARKER).write_text(json.dumps(wanted, indent=2) + "\n")
+    started.unlink()
     partial.rename(out)  # whole or absent: a killed build never looks like a finished one
     print(f"built {shape} ({keys['num_hidden_layers']} layers, "
           f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters) in {out} "
@@ -198,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     from unsafe_experts.attacks.flip import flip_records
     from unsafe_experts.data.bundled import advbench_goals
 
-    if args.work.exists() and not (args.work / MARKER).is_file():
+    if args.work.is_symlink() or (args.work.exists() and not (args.work / MARKER).is_file()):
         print(f"error: --work {args.work} exists and was not made by this script", file=sys.stderr)
         return 2
     args.work.mkdir(parents=True, exist_ok=True)

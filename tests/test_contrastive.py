@@ -101,16 +101,10 @@ def test_contrastive_needs_a_contrastive_section(tiny_dir, records_path, records
     with pytest.raises(DatasetError, match="needs a 'contrastive' section"):
         check_inputs(config(tiny_dir, records_path, plain_only, tmp_path / "out"))
 
-
-def test_a_resumed_run_scores_against_the_saved_benign_answers(tiny_dir, records_path, records, tmp_path,
-                                                               monkeypatch):
-    """Round 2 of a resumed run must not re-answer the benign prompts with the repaired model."""
+def kill_in_round_2(cfg, monkeypatch) -> None:
+    """Runs the surgery until round 2's repair starts, as a kill there would leave it."""
     from unsafe_experts import surgery
 
-    retention = retention_file(tmp_path / "retention.json", records[:12])
-    whole = run_surgery(config(tiny_dir, records_path, retention, tmp_path / "whole", num_rounds=2),
-                        progress=False, echo=lambda *a: None)
-    cfg = config(tiny_dir, records_path, retention, tmp_path / "out", num_rounds=2)
     repair = surgery.Surgery.repair
 
     def killed_in_round_2(self, r):
@@ -121,6 +115,18 @@ def test_a_resumed_run_scores_against_the_saved_benign_answers(tiny_dir, records
     with pytest.raises(KeyboardInterrupt):
         run_surgery(cfg, progress=False, echo=lambda *a: None)
     monkeypatch.setattr(surgery.Surgery, "repair", repair)
+
+
+def test_a_resumed_run_scores_against_the_saved_benign_answers(tiny_dir, records_path, records, tmp_path,
+                                                               monkeypatch):
+    """Round 2 of a resumed run must not re-answer the benign prompts with the repaired model."""
+    from unsafe_experts import surgery
+
+    retention = retention_file(tmp_path / "retention.json", records[:12])
+    whole = run_surgery(config(tiny_dir, records_path, retention, tmp_path / "whole", num_rounds=2),
+                        progress=False, echo=lambda *a: None)
+    cfg = config(tiny_dir, records_path, retention, tmp_path / "out", num_rounds=2)
+    kill_in_round_2(cfg, monkeypatch)
 
     def no_generation(*a, **k):
         raise AssertionError("the benign answers were generated again on resume")
@@ -164,20 +170,10 @@ def test_a_resume_never_trusts_an_edited_or_lost_answers_file(damage, tiny_dir, 
                                                               monkeypatch):
     """The benign answers came from the model before surgery: a resumed run cannot regenerate
     them, so a file that is not the one the run wrote stops it with one error naming it."""
-    from unsafe_experts import surgery
 
     retention = retention_file(tmp_path / "retention.json", records[:12])
     cfg = config(tiny_dir, records_path, retention, tmp_path / "out", num_rounds=2)
-    repair = surgery.Surgery.repair
-
-    def killed_in_round_2(self, r):
-        if r == 2:
-            raise KeyboardInterrupt
-        return repair(self, r)
-    monkeypatch.setattr(surgery.Surgery, "repair", killed_in_round_2)
-    with pytest.raises(KeyboardInterrupt):
-        run_surgery(cfg, progress=False, echo=lambda *a: None)
-    monkeypatch.setattr(surgery.Surgery, "repair", repair)
+    kill_in_round_2(cfg, monkeypatch)
     saved = tmp_path / "out" / "benign_in_format_answers.json"
     if damage == "edited":
         rows = json.loads(saved.read_text())
