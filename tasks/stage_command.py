@@ -18,6 +18,11 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from unsafe_experts.artefacts.atomic import write_bytes_atomic
+
+# each stage's output, under DVC's own ignored scratch folder (replaced by each run)
+LOGS = ".dvc/tmp/grid-logs"
+
 
 class StageFailed(RuntimeError):
     """A stage's command exited non-zero; the message ends with its output's last lines."""
@@ -63,7 +68,12 @@ def run_stage(name: str, cmd: str, outs: list[str], root: str, scratch: str) -> 
     start = time.time()
     done = subprocess.run(cmd, shell=True, cwd=root, env=env, capture_output=True, text=True)
     seconds = time.time() - start
+    # the whole output, kept: a traceback's last lines rarely name its cause
+    log = Path(root) / LOGS / (name.replace("/", "_").replace(":", "_") + ".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(log, (done.stdout + done.stderr).encode())
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-5:])
-        raise StageFailed(f"exit {done.returncode} after {seconds:.0f} s\n{tail}")
-    return {"name": name, "seconds": seconds}
+        raise StageFailed(f"exit {done.returncode} after {seconds:.0f} s (its whole output: "
+                          f"{log.relative_to(root)})\n{tail}")
+    return {"name": name, "seconds": seconds, "log": str(log)}

@@ -39,9 +39,9 @@ def retention_file(path, records):
 
 
 def config(tiny_dir, records_path, retention, out, **kw):
-    kw = {"num_rounds": 1, **kw}
+    kw = {"num_rounds": 1, "method": "contrastive", **kw}
     return TrainConfig(model_name=str(tiny_dir), dataset_path=str(records_path), output_dir=str(out),
-                       method="contrastive", top_k_experts=3, batch_size=4, max_samples=8,
+                       top_k_experts=3, batch_size=4, max_samples=8,
                        expert_lr=1e-3, router_lr=1e-3, skip_router_training=True,
                        retention="none", retention_path=str(retention), retention_max_new_tokens=8,
                        **kw)

@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import tempfile
+import threading
 import time
 import urllib.request
 import warnings
@@ -112,14 +113,20 @@ def client() -> MlflowClient:
 EXPERIMENT_KIND = "mlflow.experimentKind"
 
 
+_LOCK_HELD = threading.local()
+
+
 @contextmanager
 def store_lock():
-    """Held while a process first opens a local SQLite store and finds or creates its
-    experiment: two surgeries starting at once on a fresh store (the comparison grid's workers)
-    would otherwise both run MLflow's schema migration ("duplicate column name") or both create
-    the experiment. A lock file beside the database; nothing for a tracking server."""
+    """Held while a process first opens a local SQLite store, finds or creates its experiment,
+    logs a dataset or registers a model version: each is MLflow's read-then-insert, so two
+    surgeries at once (the comparison grid's workers) would both run the schema migration
+    ("duplicate column name"), create the experiment, or insert one dataset ("UNIQUE constraint
+    failed: datasets..."). A lock file beside the database; nothing for a tracking server."""
     uri = tracking_uri()
-    if not uri.startswith("sqlite:///"):
+    # re-entered by the thread that holds it (experiment_id's first client()): a second flock
+    # on another descriptor of the same file would wait for the first forever
+    if not uri.startswith("sqlite:///") or getattr(_LOCK_HELD, "held", False):
         yield
         return
     db = Path(uri[len("sqlite:///"):])
@@ -127,8 +134,10 @@ def store_lock():
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        _LOCK_HELD.held = True
         yield
     finally:
+        _LOCK_HELD.held = False
         os.close(fd)  # closing releases the lock
 
 
@@ -377,8 +386,10 @@ def _log_frame(run_id: str, frame: pd.DataFrame, path: str, digest: str, context
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(frame, source=str(Path(path).resolve()),
                                           name=Path(path).name, digest=digest[:36])
-    client().log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
-                                              [InputTag("mlflow.data.context", context)])])
+    c = client()
+    with store_lock():  # MLflow finds or inserts the dataset: two runs logging one file at once clash
+        c.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
+                                           [InputTag("mlflow.data.context", context)])])
 
 
 def log_dataset(run_id: str, path: str, records: list[dict], digest: str) -> None:

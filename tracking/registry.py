@@ -188,15 +188,16 @@ def register_run(name: str, run_id: str, verify: bool = True, base: str | None =
     tags = version_tags(run)
     source, added = source_uri(c, run, verify, base)
     tags.update(added)
-    try:
-        c.create_registered_model(name, description="Mixture-of-Experts models repaired by "
-                                  "unsafe-experts surgery; one version per run.")
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
     description = run.data.tags.get("mlflow.note.content")
-    version = c.create_model_version(name, source, run_id=run_id, tags=tags,
-                                     description=description, await_creation_for=0)
+    with mlflow_runs.store_lock():  # the next version number is read, then inserted
+        try:
+            c.create_registered_model(name, description="Mixture-of-Experts models repaired by "
+                                      "unsafe-experts surgery; one version per run.")
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = c.create_model_version(name, source, run_id=run_id, tags=tags,
+                                         description=description, await_creation_for=0)
     return {"name": name, "version": int(version.version), "source": source}
 
 

@@ -103,6 +103,9 @@ class TrainConfig:
     contrast_weight: float = option(1.0, help="contrastive method: weight of the benign-in-format "
                                     "gradient subtracted from the jailbreak-refusal gradient "
                                     "(each over its mean); 0 ranks as gradient does")
+    share_limit: float = option(1.0, help="gradient_low_share method: experts routed more than this "
+                                "many times the uniform share (top-k / experts) of the benign-in-format "
+                                "requests' tokens rank below every other expert")
     retention_samples: int = option(256, help="retention prompts used at most")
     retention_max_new_tokens: int = option(48, help="length of the model's retention answers")
     routing_max_new_tokens: int = option(48, help="routing method: greedy tokens generated per "
@@ -182,6 +185,8 @@ class TrainConfig:
                 bad(f.name, f"must be one of {', '.join(map(str, allowed))}, got {value!r}")
         if not math.isfinite(self.contrast_weight) or self.contrast_weight < 0:
             bad("contrast_weight", f"must not be negative and must be finite, got {self.contrast_weight}")
+        if not math.isfinite(self.share_limit) or self.share_limit <= 0:
+            bad("share_limit", f"must be positive and finite, got {self.share_limit}")
         if (self.method in METHOD_TABLE and METHOD_TABLE[self.method].needs_benign_in_format
                 and not self.retention_path):
             bad("retention_path", f"method {self.method} needs a retention file with a contrastive "

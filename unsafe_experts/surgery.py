@@ -55,6 +55,7 @@ from .selection.methods import METHODS
 from .selection.routing import generated_routing_scores, keep_pairs, routing_scores
 from .selection.score_pass import per_batch_sft, score_pass
 from .selection.scoring import score_table, top_k
+from .selection.share_limit import below_share_limit, benign_share
 from .text.examples import batches, collate, plain_prompt, router_example, sft_example
 from .text.generation import generate, generate_ids
 from .training.phases import (
@@ -471,6 +472,17 @@ class Surgery:
         return contrast(harm, benign, cfg.contrast_weight), {
             "contrast_harm": score_table(harm, self.layers), "contrast_benign": score_table(benign, self.layers)}
 
+    def _share_limited_gradient_scores(self, r: int) -> tuple[torch.Tensor, dict]:
+        """The jailbreak-refusal scores with the experts the benign-in-format requests route
+        much to ranked last (share_limit.py); the shares and how many experts passed are kept."""
+        harm, _ = self._gradient_scores(r)
+        share = benign_share(self.model, self.layers, self._benign_in_format())
+        limited, eligible = below_share_limit(harm, share, self.cfg.share_limit)
+        return limited, {"gradient_scores": score_table(harm, self.layers),
+                         "benign_share": score_table(share, self.layers),
+                         "share_limit": {"limit": self.cfg.share_limit, "experts_under": int(eligible.sum()),
+                                         "experts": eligible.numel()}}
+
     def _benign_in_format(self) -> list:
         """As many benign-in-format prompts as the surgery has jailbreaks (a seeded draw from the
         retention file's contrastive section), each with the model's answer before surgery as
@@ -530,7 +542,8 @@ class Surgery:
     # a method row's scorer -> how this surgery scores it (see selection/methods.py)
     SCORERS = {"gradients": _gradient_scores, "prompt_routing": _prompt_routing_scores,
                "generated_routing": _generated_routing_scores, "seeded_draw": _seeded_draw,
-               "contrastive_gradients": _contrastive_gradient_scores}
+               "contrastive_gradients": _contrastive_gradient_scores,
+               "share_limited_gradients": _share_limited_gradient_scores}
 
     def _routing_tables(self, parts: dict) -> dict:
         return {f"routing_{k}": score_table(v, self.layers) for k, v in parts.items() if k != "score"}

@@ -8,8 +8,10 @@ baselines a ranking must beat). selects: "top_k" (the k best scores), "all" (eve
 "none" (no expert trains). scorer: the surgery's way to score (Surgery.SCORERS): "gradients"
 (score_pass, shaped by the gradient fields below), "contrastive_gradients" (two such passes,
 jailbreak refusals and benign requests in attack formats answered as before, contrasted:
-contrastive.py), "generated_routing", "prompt_routing" or "seeded_draw" (random scores, seeded
-per round; the controls that select all or none record them too, ranking nothing). trains:
+contrastive.py), "share_limited_gradients" (one such pass, the experts the benign requests in
+attack formats route much to ranked last: share_limit.py), "generated_routing",
+"prompt_routing" or "seeded_draw" (random scores, seeded per round; the controls that select all
+or none record them too, ranking nothing). trains:
 "experts" (the selected experts' rows, the method this project studies) or "all_weights"
 (every weight of the model: the dense baseline a local repair is measured against).
 """
@@ -37,6 +39,9 @@ class Method:
     trains: str = "experts"
     # reads the benign-in-format prompts (the retention file's contrastive section)
     needs_benign_in_format: bool = False
+    # the surgery settings (TrainConfig fields) that change this method's picks beyond k: the
+    # comparison keeps runs at other values of them apart (its `setting` column)
+    parameters: tuple[str, ...] = ()
 
     @property
     def from_gradients(self) -> bool:
@@ -70,7 +75,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("contrastive", "gradient", "mean |grad| of refusing the jailbreaks over its mean, minus "
            "--contrast_weight x the same of answering benign requests in attack formats (the "
            "model's own answers): experts the benign requests need rank lower", reduction="l1",
-           scorer="contrastive_gradients", needs_benign_in_format=True),
+           scorer="contrastive_gradients", needs_benign_in_format=True, parameters=("contrast_weight",)),
+    Method("gradient_low_share", "gradient", "mean |grad| per expert as gradient, with every expert "
+           "whose routing share of the benign-in-format requests' tokens is over --share_limit x "
+           "the uniform share ranked below the rest (share_limit.py)", reduction="l1",
+           scorer="share_limited_gradients", needs_benign_in_format=True, parameters=("share_limit",)),
     Method("routing", "routing", "risk difference of router top-k activation on the generated "
            "tokens of complied jailbreaks versus refused plain requests (detect_expert.py)",
            scorer="generated_routing"),
