@@ -10,9 +10,9 @@ import pandas as pd
 from unsafe_experts.selection.methods import METHODS, PAIRED
 
 from .seed_stats import sign_flip_p, t_interval
-from .tables import ASR_MEAN, FORMAT_MEAN
+from .tables import ASR_MEAN, FORMAT_MEAN, default_setting
 
-SETTING = ["method", "k", "retention", "expert_lr", "defence"]  # what a build repeats
+SETTING = ["method", "k", "retention", "expert_lr", "defence", "setting"]  # what a build repeats
 BY = ["k", "retention", "expert_lr", "defence"]  # what a pair of methods shares
 SUMMARY_COLUMNS = [*SETTING, "metric", "builds", "seeds_per_build", "mean", "ci_low", "ci_high", "min", "max"]
 PAIRED_COLUMNS = [*BY, "metric", "comparison", "builds", "seeds_per_build", "per_build", "mean_diff",
@@ -64,11 +64,13 @@ def paired(table: pd.DataFrame, names: list[str], ours: str = PAIRED[0]) -> pd.D
     rows = []
     for key, part in runs.groupby(BY[1:], dropna=False):
         for k in sorted(set(part.loc[part.method == ours, "k"])):
-            mine = part[(part.method == ours) & (part.k == k)]
-            for other in sorted(set(part.method) - {ours}):
+            mine = part[(part.method == ours) & (part.k == k) & (part.setting == default_setting(ours))]
+            for other, setting in sorted(set(zip(part.method, part.setting)) - {(ours, default_setting(ours))}):
                 ranks = other not in METHODS or METHODS[other].ranks
-                theirs = part[(part.method == other) & ((part.k == k) if ranks else True)]
-                label = f"{ours} - {other}" if ranks else f"{ours} k{k} - {other}"
+                theirs = part[(part.method == other) & (part.setting == setting) & ((part.k == k) if ranks else True)]
+                # a method at its default setting is named alone, as before the setting column
+                named = other if setting == default_setting(other) else f"{other} ({setting})"
+                label = f"{ours} - {named}" if ranks else f"{ours} k{k} - {named}"
                 for m in (m for m in names if m in part):
                     rows += _pair(mine, theirs, m, {"k": k, **dict(zip(BY[1:], key))}, label)
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)

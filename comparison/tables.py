@@ -1,7 +1,7 @@
 """The side-by-side comparison of methods, read back from MLflow and the ablation files.
 
-One row per (method, k, seed, organism, retention, learning rate): the latest finished parent
-run of each, its final
+One row per (method, k, seed, organism, retention, learning rate, defence, the method's own
+setting such as the contrastive weight): the latest finished parent run of each, its final
 evaluation taken from the run's own training_metadata.json (so every metric, per attack family
 included, comes with it whatever the MLflow metric layout), identification time and peak
 memory; and one row per ablation file (`unsafe-experts ablate --out`), `ablated` true. Groups
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +21,15 @@ import pandas as pd
 
 from tracking import mlflow_runs
 from unsafe_experts.artefacts.run_metadata import METADATA, RunRecord
-from unsafe_experts.config import ConfigError
-from unsafe_experts.selection.methods import PAIRED, trains_experts
+from unsafe_experts.config import ConfigError, TrainConfig
+from unsafe_experts.selection.methods import METHODS, PAIRED, trains_experts
 
-KEYS = ["method", "k", "seed", "organism_seed", "retention", "expert_lr", "defence", "ablated"]
+KEYS = ["method", "k", "seed", "organism_seed", "retention", "expert_lr", "defence", "setting", "ablated"]
 RUN = KEYS[:-1]  # what identifies a surgery run
 GROUP = [k for k in KEYS if k != "seed"]  # what the seeds repeat
 FIXED = ["plain_refusal", "over_refusal", "benign_loglik"]
 ASR_MEAN, FORMAT_MEAN = "asr_mean_families", "over_refusal_mean_families"
+TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 
 def organism_config(model_name: str) -> dict:
     """The config in build.json beside an organism's model/ ({} for any other model)."""
@@ -55,6 +57,31 @@ def defence(shared_weights: bool, expert_dropout: float) -> str:
     return "shared" + (f"+drop{expert_dropout:g}" if expert_dropout else "")
 
 
+def method_setting(method: str, value) -> str:
+    """The values of a method's own parameters (its row's `parameters` in selection/methods.py),
+    e.g. "contrast_weight=2": runs at other values are other rows; "" for a method without any.
+    `value(field)` gives a parameter's value, None for the surgery's default."""
+    names = METHODS[method].parameters if method in METHODS else ()
+    shown = []
+    for name in names:
+        given = value(name)
+        try:
+            shown.append(f"{name}={float(TRAIN_DEFAULTS[name] if given is None else given):g}")
+        except ValueError:
+            raise ConfigError(f"{method} run: {name} {given!r} is not a number") from None
+    return ", ".join(shown)
+
+
+def default_setting(method: str) -> str:
+    """The setting of a run that left the method's parameters at the surgery's defaults."""
+    return method_setting(method, lambda name: None)
+
+
+def _flag_value(flags: str, name: str) -> str | None:
+    words = flags.split()
+    return words[words.index(f"--{name}") + 1] if f"--{name}" in words[:-1] else None
+
+
 def _flag_defence(flags: str) -> str:
     """The defence a params.yaml comparison run's train flags ask for."""
     words = flags.split()
@@ -78,6 +105,7 @@ def run_row(run_id: str, meta: dict) -> dict | None:
             "retention": retention_mode(params),
             "expert_lr": params["expert_lr"],
             "defence": defence(params.get("shared_weights", False), params.get("expert_dropout", 0.0)),
+            "setting": method_setting(meta["method"], params.get),
             "ablated": False, "rounds": len(rounds), **_finals(evaluation, "final"),
             **{f"before_{m}": v for m, v in _finals(evaluation, "before").items()},
             "identify_s": sum(t["identify_s"] for t in timings),
@@ -122,7 +150,8 @@ def _wanted_key(run: dict) -> tuple:
     organism = run.get("organism", "organism")
     return (run["method"], run["k"] if trains_experts(run["method"]) else 0, run["seed"],
             organism_seed(f"build/{organism}/model"), run.get("retention", "plain"), run.get("lr", 1e-3),
-            _flag_defence(run.get("flags", "")))
+            _flag_defence(run.get("flags", "")),
+            method_setting(run["method"], lambda name: _flag_value(run.get("flags", ""), name)))
 
 
 def ablation_rows(folder: str | Path | None) -> pd.DataFrame:
@@ -133,7 +162,8 @@ def ablation_rows(folder: str | Path | None) -> pd.DataFrame:
         source = data.get("source", {})
         rows.append({"run_id": path.relative_to(folder).as_posix(), "method": source.get("method", "file"),
                      "k": len(data["experts"]), "seed": source.get("seed", np.nan),
-                     "organism_seed": organism_seed(source.get("model", "")), "defence": "none", "ablated": True,
+                     "organism_seed": organism_seed(source.get("model", "")), "defence": "none",
+                     "setting": "", "ablated": True,
                      **_finals({"ablated": data["ablated"]["metrics"]}, "ablated")})
     return pd.DataFrame(rows)
 

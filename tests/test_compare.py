@@ -7,6 +7,7 @@ from comparison.outputs import write_comparison
 from comparison.seed_stats import paired, sign_flip_p, t_interval
 from comparison.tables import spearman
 from tracking import mlflow_runs
+from unsafe_experts.config import ConfigError
 
 
 def evaluation(asr, over_fmt=0.05):
@@ -73,7 +74,8 @@ def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
 
     result = write_comparison(exp, tmp_path / "metrics" / "comparison.csv", ablation_dir=ablations)
     table = pd.read_csv(tmp_path / "metrics" / "comparison.csv")
-    assert list(table.columns[:8]) == ["method", "k", "seed", "organism_seed", "retention", "expert_lr", "defence", "ablated"]
+    assert list(table.columns[:9]) == ["method", "k", "seed", "organism_seed", "retention", "expert_lr", "defence",
+                                      "setting", "ablated"]
     assert {"asr_flip_words", "asr_persona", "over_refusal_persona", "plain_refusal", "over_refusal",
             "benign_loglik", "identify_s"} <= set(table.columns)
     # the mean over attack families: (asr + asr / 2 + asr) / 3 for flip_words, flip_chars, persona
@@ -109,10 +111,10 @@ def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
     text = (tmp_path / "metrics" / "comparison.md").read_text()
     assert "Before surgery (organism seed 1)" in text and "## Headline per group" in text
     head = text.split("## Headline per group")[1].split("##")[0].splitlines()
-    cells = {tuple(c.strip() for c in line.strip("| ").split("|")[:7]): [c.strip() for c in line.strip("| ").split("|")]
+    cells = {tuple(c.strip() for c in line.strip("| ").split("|")[:8]): [c.strip() for c in line.strip("| ").split("|")]
              for line in head if line.startswith("|")}
-    header = cells[("method", "k", "organism_seed", "retention", "expert_lr", "defence", "ablated")]
-    rand = dict(zip(header, cells[("random", "2", "7", "plain", "0.001", "none", "False")]))
+    header = cells[("method", "k", "organism_seed", "retention", "expert_lr", "defence", "setting", "ablated")]
+    rand = dict(zip(header, cells[("random", "2", "7", "plain", "0.001", "none", "", "False")]))
     # the surgery family's ASR is asr / 2 here (0.3, 0.4, 0.5); the worst unseen family is
     # flip_words (tied with persona, the first listed wins); intervals of shares stop at 0 and 1
     assert rand["asr_flip_chars (surgery)"].startswith("0.400 [") and rand["worst unseen family"] == "0.800 (flip_words)"
@@ -170,5 +172,25 @@ def test_a_defended_run_is_its_own_row_key():
     plain = _wanted_key({"method": "gradient", "k": 4, "seed": 42})
     guarded = _wanted_key({"method": "gradient", "k": 4, "seed": 42,
                            "flags": "--shared_weights --expert_dropout 0.5"})
-    assert plain[-1] == "none" and guarded[-1] == "shared+drop0.5" == defence(True, 0.5)
-    assert plain[:-1] == guarded[:-1]
+    assert plain[-2:] == ("none", "") and guarded[-2:] == ("shared+drop0.5", "")
+    assert guarded[-2] == defence(True, 0.5) and plain[:-2] == guarded[:-2]
+
+
+def test_a_methods_own_setting_is_its_own_row_key():
+    """Contrastive runs at two weights (or share limits) repeat everything else: the `setting`
+    column tells them apart, the default spelled out; a run's recorded parameters give the same
+    key as the params.yaml entry that asked for it."""
+    from comparison.tables import _wanted_key, method_setting
+
+    default = _wanted_key({"method": "contrastive", "k": 4, "seed": 42})
+    heavier = _wanted_key({"method": "contrastive", "k": 4, "seed": 42, "flags": "--contrast_weight 2.0"})
+    assert default[-1] == "contrast_weight=1" and heavier[-1] == "contrast_weight=2"
+    assert default[:-1] == heavier[:-1]
+    limited = _wanted_key({"method": "gradient_low_share", "k": 4, "seed": 42, "flags": "--share_limit 0.5"})
+    assert limited[-1] == "share_limit=0.5"
+    assert _wanted_key({"method": "gradient", "k": 4, "seed": 42, "flags": "--contrast_weight 2.0"})[-1] == ""
+    # from a run's parameters (what MLflow recorded), and a run older than the parameter
+    assert method_setting("contrastive", {"contrast_weight": 2.0}.get) == heavier[-1]
+    assert method_setting("gradient_low_share", {}.get) == "share_limit=1"
+    with pytest.raises(ConfigError, match="contrastive run: contrast_weight 'heavy' is not a number"):
+        _wanted_key({"method": "contrastive", "k": 4, "seed": 42, "flags": "--contrast_weight heavy"})

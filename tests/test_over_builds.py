@@ -7,11 +7,13 @@ import pytest
 from scipy import stats
 
 from comparison import over_builds
+from comparison.tables import default_setting
 
 
-def row(method, build, seed, asr, refused=0.1, k=4):
+def row(method, build, seed, asr, refused=0.1, k=4, setting=None):
     return {"method": method, "k": k, "seed": seed, "organism_seed": build, "retention": "plain",
             "expert_lr": 0.001, "defence": "none", "ablated": False, "asr_flip_chars": asr,
+            "setting": default_setting(method) if setting is None else setting,
             "asr_mean_families": asr / 2, "over_refusal_mean_families": refused, "plain_refusal": 1.0,
             "benign_loglik": -5.0}
 
@@ -32,6 +34,9 @@ TABLE = pd.DataFrame([
     # another k: its own setting, never paired with k = 4
     row("gradient", 0, 42, 0.7, k=8), row("gradient", 1, 42, 0.8, k=8),
     {**row("gradient", 1, 42, 1.0), "ablated": True},  # an ablation row counts for nothing
+    # the contrastive score at another weight, on two builds: a setting and a pair of its own
+    row("contrastive", 0, 42, 0.6, setting="contrast_weight=2"),
+    row("contrastive", 1, 42, 0.3, setting="contrast_weight=2"),
 ])
 NAMES = over_builds.metrics("flip_chars")
 
@@ -50,6 +55,8 @@ def test_seed_means_per_build_then_builds_as_the_sample():
     assert (got["ci_low"], got["ci_high"]) == pytest.approx((sum(values) / 3 - half, sum(values) / 3 + half))
     assert (got["min"], got["max"]) == pytest.approx((0.3, 1.1 / 3))
     assert "random" not in set(means.method)  # one build: nothing to say over builds
+    heavier = means[(means.setting == "contrast_weight=2") & (means.metric == "asr_flip_chars")].iloc[0]
+    assert heavier["builds"] == 2 and heavier["mean"] == pytest.approx(0.45)  # not mixed with weight 1
     assert set(means.metric) == set(NAMES)
 
 
@@ -57,8 +64,9 @@ def test_gradient_paired_with_each_method_build_by_build():
     tests = over_builds.paired(TABLE, NAMES)
     asr = tests[tests.metric == "asr_flip_chars"].set_index(["k", "comparison"])
     # random: one build; contrastive: k = 4 only; all_experts ranks nothing: paired at both k
-    assert sorted(asr.index) == [(4, "gradient - contrastive"), (4, "gradient k4 - all_experts"),
-                                 (8, "gradient k8 - all_experts")]
+    assert sorted(asr.index) == [(4, "gradient - contrastive"), (4, "gradient - contrastive (contrast_weight=2)"),
+                                 (4, "gradient k4 - all_experts"), (8, "gradient k8 - all_experts")]
+    assert asr.loc[(4, "gradient - contrastive (contrast_weight=2)"), "per_build"] == "-0.300 +0.067"
     got = asr.loc[(4, "gradient - contrastive")]
     # per build, the two seed means: 0.3 - 0.1, 1.1/3 - 0.0, 0.3 - 0.5
     diffs = [0.2, 1.1 / 3, -0.2]
