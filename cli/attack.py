@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--goals", required=True, help="harmful goals: .txt (one a line), .csv with a "
                    "`goal` column, or JSON / JSONL (strings, or objects with `goal`)")
     p.add_argument("--family", action="append", required=True, metavar="FAMILY",
-                   help=f"attack family, repeatable: {', '.join(FAMILIES)}")
+                   help=f"attack family, repeatable or comma-separated: {', '.join(FAMILIES)}")
     p.add_argument("--out", required=True, help="records file to write (JSON)")
     p.add_argument("--judge", default="refusal", help="refusal (default), an inline YAML judge "
                    "such as '{llm: DIR, template: strongreject}' or "
@@ -50,7 +50,7 @@ def run(args) -> None:
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise ConfigError(f"--{key}: must be at least 1, got {getattr(args, key)}")
     # everything the user can get wrong is checked before a model loads
-    families = check_families(args.family)
+    families = check_families([f.strip() for given in args.family for f in given.split(",")])
     goals = read_goals(args.goals)[:args.limit]
     spec = judge_from_text(args.judge)
     given = field_values(args, EvaluationConfig, "eval__")

@@ -1,16 +1,17 @@
 """The side-by-side comparison of methods, read back from MLflow and the ablation files.
 
 One row per (method, k, seed, organism, retention, learning rate, defence, the method's own
-setting such as the contrastive weight): the latest finished parent run of each, its final
-evaluation taken from the run's own training_metadata.json (so every metric, per attack family
-included, comes with it whatever the MLflow metric layout), identification time and peak
-memory; and one row per ablation file (`unsafe-experts ablate --out`), `ablated` true. Groups
-get mean, spread and a 95% interval over seeds; the methods' PAIRED headline (gradient and
-routing, selection/methods.py) is compared paired on the seeds both ran, and their expert sets
-per round (Jaccard, Spearman).
+setting such as the contrastive weight, the attack families of the surgery's records): the
+latest finished parent run of each, its final evaluation taken from the run's own
+training_metadata.json (so every metric, per attack family included, comes with it whatever the
+MLflow metric layout), identification time and peak memory; and one row per ablation file
+(`unsafe-experts ablate --out`), `ablated` true. Groups get mean, spread and a 95% interval
+over seeds; the methods' PAIRED headline (gradient and routing, selection/methods.py) is
+compared paired on the seeds both ran, and their expert sets per round (Jaccard, Spearman).
 """
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from dataclasses import fields
@@ -22,9 +23,11 @@ import pandas as pd
 from tracking import mlflow_runs
 from unsafe_experts.artefacts.run_metadata import METADATA, RunRecord
 from unsafe_experts.config import ConfigError, TrainConfig
+from unsafe_experts.errors import UserError
+from unsafe_experts.records import attack_families, load_records
 from unsafe_experts.selection.methods import METHODS, PAIRED, trains_experts
 
-KEYS = ["method", "k", "seed", "organism_seed", "retention", "expert_lr", "defence", "setting", "ablated"]
+KEYS = ["method", "k", "seed", "organism_seed", "retention", "expert_lr", "defence", "setting", "data", "ablated"]
 RUN = KEYS[:-1]  # what identifies a surgery run
 GROUP = [k for k in KEYS if k != "seed"]  # what the seeds repeat
 FIXED = ["plain_refusal", "over_refusal", "benign_loglik"]
@@ -77,6 +80,20 @@ def default_setting(method: str) -> str:
     return method_setting(method, lambda name: None)
 
 
+def data_families(families) -> str:
+    """The attack families of a surgery's records as its `data` column: "flip_chars",
+    "fiction+flip_chars+persona"."""
+    return "+".join(sorted(families))
+
+
+@functools.cache
+def _file_families(path: str) -> str:
+    try:
+        return data_families(attack_families(load_records(path)))
+    except UserError:  # not made yet: no run of it can be in the store either
+        return ""
+
+
 def _flag_value(flags: str, name: str) -> str | None:
     words = flags.split()
     return words[words.index(f"--{name}") + 1] if f"--{name}" in words[:-1] else None
@@ -106,6 +123,10 @@ def run_row(run_id: str, meta: dict) -> dict | None:
             "expert_lr": params["expert_lr"],
             "defence": defence(params.get("shared_weights", False), params.get("expert_dropout", 0.0)),
             "setting": method_setting(meta["method"], params.get),
+            # the families the run's records cover; a run from before they were recorded used
+            # its organism's own records, all in the build's surgery family
+            "data": data_families(meta.get("dataset", {}).get("families")
+                                  or [organism_config(params["model_name"]).get("surgery_family") or ""]),
             "ablated": False, "rounds": len(rounds), **_finals(evaluation, "final"),
             **{f"before_{m}": v for m, v in _finals(evaluation, "before").items()},
             "identify_s": sum(t["identify_s"] for t in timings),
@@ -151,7 +172,8 @@ def _wanted_key(run: dict) -> tuple:
     return (run["method"], run["k"] if trains_experts(run["method"]) else 0, run["seed"],
             organism_seed(f"build/{organism}/model"), run.get("retention", "plain"), run.get("lr", 1e-3),
             _flag_defence(run.get("flags", "")),
-            method_setting(run["method"], lambda name: _flag_value(run.get("flags", ""), name)))
+            method_setting(run["method"], lambda name: _flag_value(run.get("flags", ""), name)),
+            _file_families(f"build/{organism}{run.get('data', '')}/surgery_records.json"))
 
 
 def ablation_rows(folder: str | Path | None) -> pd.DataFrame:
@@ -163,7 +185,7 @@ def ablation_rows(folder: str | Path | None) -> pd.DataFrame:
         rows.append({"run_id": path.relative_to(folder).as_posix(), "method": source.get("method", "file"),
                      "k": len(data["experts"]), "seed": source.get("seed", np.nan),
                      "organism_seed": organism_seed(source.get("model", "")), "defence": "none",
-                     "setting": "", "ablated": True,
+                     "setting": "", "data": "", "ablated": True,
                      **_finals({"ablated": data["ablated"]["metrics"]}, "ablated")})
     return pd.DataFrame(rows)
 
@@ -310,15 +332,28 @@ def headline(means: pd.DataFrame, surgery: str | None = None) -> pd.DataFrame:
             out[m] = column(m, True)
     if surgery in families:
         out[f"asr_{surgery} (surgery)"] = column(f"asr_{surgery}", True)
-        unseen = means[[f"asr_{f}_mean" for f in families if f != surgery]]
-        if not unseen.empty:
-            out["worst unseen family"] = [f"{row.max():.3f} ({row.idxmax()[4:-5]})" if row.notna().any() else ""
-                                          for _, row in unseen.iterrows()]
+        # each row's own unseen families: surgery data in several families sees more of them
+        seen = [{surgery, *(d.split("+") if isinstance(d, str) and d else ())}
+                for d in (means["data"] if "data" in means else [""] * len(means))]
+
+        def worst(among):
+            return [_worst(row, [f for f in families if f not in s and f not in among])
+                    for (_, row), s in zip(means.iterrows(), seen)]
+        if any(f not in s for s in seen for f in families):
+            out["worst unseen family"] = worst(set())
+        never = set().union(*seen)
+        if any(s != never for s in seen) and set(families) - never:
+            out["worst family no run saw"] = worst(never)  # the same families for every row
     for m in HEADLINE[2:]:
         if f"{m}_mean" in means:
             out[m] = column(m, m != "benign_loglik")
     return out
 
+
+
+def _worst(row: pd.Series, families: list[str]) -> str:
+    values = row[[f"asr_{f}_mean" for f in families]]
+    return f"{values.max():.3f} ({values.idxmax()[4:-5]})" if values.notna().any() else ""
 
 
 # The harm-vs-format issue's budget for a repair, against the same model before surgery

@@ -5,6 +5,7 @@ No `from __future__ import annotations` here: Prefect validates a flow's paramet
 model built from its annotations, and a served deployment's run cannot resolve the string
 "TrainConfig" (it failed with "Surgery_FlowModel is not fully defined")."""
 
+import json
 import tempfile
 import warnings
 from dataclasses import asdict
@@ -258,7 +259,9 @@ def surgery_flow(cfg: TrainConfig, experiment: str = "unsafe-experts", log_model
         mlflow_runs.log_dataset(run_id, cfg.dataset_path, prepared["records"], tags["data_dvc_md5"])
         if evaluating:
             mlflow_runs.log_eval_suite(run_id, evaluation_suite(evaluation))
-        mlflow_runs.log_tags(run_id, {f"dataset_{k}": v for k, v in prepared["dataset"].items()})
+        mlflow_runs.log_tags(run_id, {f"dataset_{k}": ", ".join(v) if isinstance(v, list) else
+                                      json.dumps(v) if isinstance(v, dict) else v
+                                      for k, v in prepared["dataset"].items()})
         first = prepared["first_round"]
         if first > 1:  # the rounds before were completed by an interrupted run of this command
             mlflow_runs.log_tags(run_id, {"resumed_after_round": first - 1})

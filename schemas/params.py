@@ -18,9 +18,10 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from unsafe_experts.attacks.families import check_families
 from unsafe_experts.attacks.organism import OrganismConfig
 from unsafe_experts.config import METHODS, RETENTION, ConfigError, TrainConfig
-from unsafe_experts.errors import YamlRefused
+from unsafe_experts.errors import UserError, YamlRefused
 from unsafe_experts.evaluation.evaluate import EvaluationConfig
 from unsafe_experts.robustness.budgets import RobustnessConfig
 from unsafe_experts.safe_yaml import load_yaml
@@ -87,6 +88,9 @@ class ComparisonRun(BaseModel):
     # keeps its folder apart from the undefended run's ("-shared-drop0.5")
     flags: str = ""
     tag: str = Field("", pattern=r"^(-[a-z0-9.]+)*$")
+    # the surgery's records: "" the organism's own (build/<organism>/surgery_records.json), or a
+    # suffix naming a `surgery_data` entry's records (build/<organism><data>/surgery_records.json)
+    data: str = Field("", pattern=r"^(-[a-z0-9]+)?$")
 
     @field_validator("flags")
     @classmethod
@@ -99,7 +103,26 @@ class ComparisonRun(BaseModel):
 
     def folder(self) -> str:
         """The run's folder under outputs/compare/<organism>/ (dvc.yaml's compare_run)."""
-        return f"{self.method}-k{self.k}-s{self.seed}-{self.retention}-lr{self.lr}{self.tag}"
+        return f"{self.method}-k{self.k}-s{self.seed}-{self.retention}-lr{self.lr}{self.data}{self.tag}"
+
+
+class SurgeryData(BaseModel):
+    """Surgery records in several attack families (the surgery_data stage: `unsafe-experts
+    attack` on the organism's own training goals, judged by the refusal judge), written to
+    build/<organism><data>/surgery_records.json; every other family stays unseen."""
+    model_config = FORBID
+    organism: str = Field(pattern=r"^[a-z0-9_]+$")
+    data: str = Field(pattern=r"^-[a-z0-9]+$")
+    families: str  # comma-separated, as `attack --family` takes them
+
+    @field_validator("families")
+    @classmethod
+    def _known(cls, families: str) -> str:
+        try:
+            check_families(families.split(","))
+        except UserError as e:
+            raise ValueError(str(e)) from None
+        return families
 
 
 class RobustRun(BaseModel):
@@ -140,6 +163,7 @@ class ComparisonParams(BaseModel):
     # the organisms attacked alone (compare_robust_organism): "organism" or organism_seed<N>
     robust_organisms: list[str] = ["organism"]
     run_defaults: dict = {}  # the YAML anchor the runs merge (`<<: *run`)
+    surgery_data: list[SurgeryData] = []  # records in several families, a run's `data`
     runs: list[ComparisonRun] = []
     # `unsafe-experts ablate --out` files read as `ablated` rows (the compare_ablate stages)
     ablation_dir: str | None = "outputs/ablation"
@@ -159,6 +183,18 @@ class ComparisonParams(BaseModel):
             if organism not in built:
                 raise ValueError(f"{key}: organism {organism!r} is not built (organism, or organism_seed<N> "
                                  f"for N in organism_seeds: {self.organism_seeds})")
+        return self
+
+    @model_validator(mode="after")
+    def _data_is_made(self):
+        made = {(d.organism, d.data) for d in self.surgery_data}
+        for d in self.surgery_data:
+            if d.organism not in {"organism", *(f"organism_seed{n}" for n in self.organism_seeds)}:
+                raise ValueError(f"surgery_data: organism {d.organism!r} is not built")
+        for r in self.runs:
+            if r.data and (r.organism, r.data) not in made:
+                raise ValueError(f"runs: {r.organism}/{r.folder()}: data {r.data!r} is not made for "
+                                 f"{r.organism} (add it to comparison.surgery_data)")
         return self
 
     @model_validator(mode="after")

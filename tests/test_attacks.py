@@ -65,3 +65,11 @@ def test_attack_records_are_flipattack_format():
                        "all_prompt": render("persona", goals[0]), "judge_success_gpt4": 1}
     with pytest.raises(AttackFamilyError):
         attack_records(goals, "flip_lines")
+
+
+def test_attack_families_count_the_records_of_each_family():
+    from unsafe_experts.records import attack_families
+
+    records = attack_records(GOALS[:3], "persona") + attack_records(GOALS[:2], "flip_chars")
+    assert attack_families(records) == {"flip_chars": 2, "persona": 3}  # sorted by name
+    assert attack_families([{"goal": "g"}, {"attack_family": ""}, {"attack_family": 3}]) == {}

@@ -74,8 +74,8 @@ def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
 
     result = write_comparison(exp, tmp_path / "metrics" / "comparison.csv", ablation_dir=ablations)
     table = pd.read_csv(tmp_path / "metrics" / "comparison.csv")
-    assert list(table.columns[:9]) == ["method", "k", "seed", "organism_seed", "retention", "expert_lr", "defence",
-                                      "setting", "ablated"]
+    assert list(table.columns[:10]) == ["method", "k", "seed", "organism_seed", "retention", "expert_lr", "defence",
+                                       "setting", "data", "ablated"]
     assert {"asr_flip_words", "asr_persona", "over_refusal_persona", "plain_refusal", "over_refusal",
             "benign_loglik", "identify_s"} <= set(table.columns)
     # the mean over attack families: (asr + asr / 2 + asr) / 3 for flip_words, flip_chars, persona
@@ -111,10 +111,10 @@ def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
     text = (tmp_path / "metrics" / "comparison.md").read_text()
     assert "Before surgery (organism seed 1)" in text and "## Headline per group" in text
     head = text.split("## Headline per group")[1].split("##")[0].splitlines()
-    cells = {tuple(c.strip() for c in line.strip("| ").split("|")[:8]): [c.strip() for c in line.strip("| ").split("|")]
+    cells = {tuple(c.strip() for c in line.strip("| ").split("|")[:9]): [c.strip() for c in line.strip("| ").split("|")]
              for line in head if line.startswith("|")}
-    header = cells[("method", "k", "organism_seed", "retention", "expert_lr", "defence", "setting", "ablated")]
-    rand = dict(zip(header, cells[("random", "2", "7", "plain", "0.001", "none", "", "False")]))
+    header = cells[("method", "k", "organism_seed", "retention", "expert_lr", "defence", "setting", "data", "ablated")]
+    rand = dict(zip(header, cells[("random", "2", "7", "plain", "0.001", "none", "", "flip_chars", "False")]))
     # the surgery family's ASR is asr / 2 here (0.3, 0.4, 0.5); the worst unseen family is
     # flip_words (tied with persona, the first listed wins); intervals of shares stop at 0 and 1
     assert rand["asr_flip_chars (surgery)"].startswith("0.400 [") and rand["worst unseen family"] == "0.800 (flip_words)"
@@ -172,8 +172,8 @@ def test_a_defended_run_is_its_own_row_key():
     plain = _wanted_key({"method": "gradient", "k": 4, "seed": 42})
     guarded = _wanted_key({"method": "gradient", "k": 4, "seed": 42,
                            "flags": "--shared_weights --expert_dropout 0.5"})
-    assert plain[-2:] == ("none", "") and guarded[-2:] == ("shared+drop0.5", "")
-    assert guarded[-2] == defence(True, 0.5) and plain[:-2] == guarded[:-2]
+    assert plain[-3:-1] == ("none", "") and guarded[-3:-1] == ("shared+drop0.5", "")
+    assert guarded[-3] == defence(True, 0.5) and plain[:-3] == guarded[:-3]
 
 
 def test_a_methods_own_setting_is_its_own_row_key():
@@ -182,15 +182,53 @@ def test_a_methods_own_setting_is_its_own_row_key():
     key as the params.yaml entry that asked for it."""
     from comparison.tables import _wanted_key, method_setting
 
+    def setting(run):
+        return _wanted_key({"k": 4, "seed": 42, **run})[-2]
     default = _wanted_key({"method": "contrastive", "k": 4, "seed": 42})
     heavier = _wanted_key({"method": "contrastive", "k": 4, "seed": 42, "flags": "--contrast_weight 2.0"})
-    assert default[-1] == "contrast_weight=1" and heavier[-1] == "contrast_weight=2"
-    assert default[:-1] == heavier[:-1]
-    limited = _wanted_key({"method": "gradient_low_share", "k": 4, "seed": 42, "flags": "--share_limit 0.5"})
-    assert limited[-1] == "share_limit=0.5"
-    assert _wanted_key({"method": "gradient", "k": 4, "seed": 42, "flags": "--contrast_weight 2.0"})[-1] == ""
+    assert default[-2] == "contrast_weight=1" and heavier[-2] == "contrast_weight=2"
+    assert default[:-2] == heavier[:-2]
+    assert setting({"method": "gradient_low_share", "flags": "--share_limit 0.5"}) == "share_limit=0.5"
+    assert setting({"method": "gradient", "flags": "--contrast_weight 2.0"}) == ""
     # from a run's parameters (what MLflow recorded), and a run older than the parameter
-    assert method_setting("contrastive", {"contrast_weight": 2.0}.get) == heavier[-1]
+    assert method_setting("contrastive", {"contrast_weight": 2.0}.get) == heavier[-2]
     assert method_setting("gradient_low_share", {}.get) == "share_limit=1"
     with pytest.raises(ConfigError, match="contrastive run: contrast_weight 'heavy' is not a number"):
         _wanted_key({"method": "contrastive", "k": 4, "seed": 42, "flags": "--contrast_weight heavy"})
+
+
+def test_surgery_data_is_its_own_row_key_and_moves_the_unseen_families(tmp_path, monkeypatch):
+    """Records in three families (comparison.surgery_data) are a row key of their own, named by
+    their families; each row's worst unseen family leaves out the families its data saw, and a
+    column over the families no row saw compares the rows on the same ground."""
+    from comparison.tables import GROUP, _wanted_key, headline, run_row
+    from unsafe_experts.attacks.families import attack_records
+
+    monkeypatch.chdir(tmp_path)
+    goals = ["goal one", "goal two"]
+    for folder, families in (("organism", ["flip_chars"]), ("organism-3fam", ["flip_chars", "persona", "fiction"])):
+        (tmp_path / "build" / folder).mkdir(parents=True)
+        (tmp_path / "build" / folder / "surgery_records.json").write_text(
+            json.dumps([r for f in families for r in attack_records(goals, f)]))
+    one = _wanted_key({"method": "gradient", "k": 4, "seed": 42})
+    three = _wanted_key({"method": "gradient", "k": 4, "seed": 42, "data": "-3fam"})
+    assert one[-1] == "flip_chars" and three[-1] == "fiction+flip_chars+persona" and one[:-1] == three[:-1]
+    # a run's row: from the families it recorded, or (older runs) its organism's surgery family
+    (tmp_path / "build/organism/build.json").write_text(json.dumps({"config": {"seed": 0, "surgery_family": "flip_chars"}}))
+    meta = {"method": "gradient", "parameters": {"seed": 42, "model_name": "build/organism/model", "expert_lr": 1e-3},
+            "identified_experts_per_round": {"1": {"experts": [[0, 0]]}},
+            "timings": {"round_1": {"identify_s": 1.0, "identify_peak_memory_mb": 1.0}},
+            "evaluation": {"final": {"asr_flip_chars": {"value": 0.1}}}}
+    assert run_row("r", meta)["data"] == "flip_chars"
+    recorded = {**meta, "dataset": {"families": ["fiction", "flip_chars", "persona"]}}
+    assert run_row("r", recorded)["data"] == three[-1]
+
+    families = {"flip_chars": (0.1, 0.2), "persona": (0.9, 0.3), "fiction": (0.5, 0.1), "few_shot": (0.4, 0.6)}
+    means = pd.DataFrame([{**{k: "x" for k in GROUP}, "data": data, "seeds": 3,
+                           **{f"asr_{f}_{s}": v[i] for f, v in families.items()
+                              for s in ("mean", "ci_low", "ci_high")}}
+                          for i, data in enumerate(["flip_chars", "fiction+flip_chars+persona"])])
+    out = headline(means, "flip_chars")
+    # the one-family row's worst unseen is persona; the three-family row saw it: few_shot
+    assert list(out["worst unseen family"]) == ["0.900 (persona)", "0.600 (few_shot)"]
+    assert list(out["worst family no run saw"]) == ["0.400 (few_shot)", "0.600 (few_shot)"]

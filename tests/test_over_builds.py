@@ -13,7 +13,7 @@ from comparison.tables import default_setting
 def row(method, build, seed, asr, refused=0.1, k=4, setting=None):
     return {"method": method, "k": k, "seed": seed, "organism_seed": build, "retention": "plain",
             "expert_lr": 0.001, "defence": "none", "ablated": False, "asr_flip_chars": asr,
-            "setting": default_setting(method) if setting is None else setting,
+            "setting": default_setting(method) if setting is None else setting, "data": "flip_chars",
             "asr_mean_families": asr / 2, "over_refusal_mean_families": refused, "plain_refusal": 1.0,
             "benign_loglik": -5.0}
 

@@ -84,6 +84,13 @@ BASE = {"train": {"model_name": "m", "dataset_path": "d.json", "output_dir": "ou
      "comparison: Value error, robust_organisms: organism 'organism_seed3' is not built"),
     ({"comparison": {"robustness": {"router_budgets": [0]}}},
      "comparison.robustness.router_budgets: budgets must be positive integers"),
+    ({"comparison": {"runs": [{"method": "gradient", "k": 4, "data": "-3fam"}]}},
+     "comparison: Value error, runs: organism/gradient-k4-s42-plain-lr0.001-3fam: data '-3fam' is not "
+     "made for organism"),
+    ({"comparison": {"surgery_data": [{"organism": "organism", "data": "-3fam", "families": "flip_chars,roleplay"}]}},
+     "comparison.surgery_data.0.families: Value error, unknown attack family 'roleplay'"),
+    ({"comparison": {"surgery_data": [{"organism": "organism_seed7", "data": "-3fam", "families": "persona"}]}},
+     "comparison: Value error, surgery_data: organism 'organism_seed7' is not built"),
 ])
 def test_params_errors_name_the_key(change, message):
     data = {k: dict(v) for k, v in BASE.items()}
@@ -106,6 +113,6 @@ def test_a_compared_run_folder_is_the_one_dvc_yaml_writes():
     template = stage["outs"][0].removeprefix("outputs/compare/${item.organism}/")
     for run in load_params("params.yaml").comparison.runs:
         rendered = template
-        for key in ("method", "k", "seed", "retention", "lr", "tag"):
+        for key in ("method", "k", "seed", "retention", "lr", "data", "tag"):
             rendered = rendered.replace("${item." + key + "}", str(getattr(run, key)))
         assert rendered == run.folder()

@@ -59,6 +59,8 @@ def test_the_surgery_picks_only_experts_under_the_limit(tiny_dir, records_path, 
     meta = run_surgery(cfg, progress=False, echo=lambda *a: None)
     first = meta["identified_experts_per_round"]["1"]
     saved = json.loads((tmp_path / "out" / "benign_in_format_answers.json").read_text())
+    # FlipAttack's own records name no attack family: the summary says so (no family counted)
+    assert meta["dataset"]["families"] == [] and meta["dataset"]["families_used"] == {}
 
     # the shares, from scratch: the unrepaired model on the saved benign-in-format answers
     model = load_base(str(tiny_dir), "float32").eval()

@@ -159,3 +159,13 @@ def select_records(
         )
     random.Random(seed).shuffle(kept)
     return kept[:max_samples] if max_samples else kept
+
+
+def attack_families(records: list[dict]) -> dict[str, int]:
+    """{attack family: records in it}, sorted by name: what the surgery's data covers (and so
+    which families stay unseen); records without an `attack_family` are not counted."""
+    counts: dict[str, int] = {}
+    for r in records:
+        if isinstance(r.get("attack_family"), str) and r["attack_family"]:
+            counts[r["attack_family"]] = counts.get(r["attack_family"], 0) + 1
+    return dict(sorted(counts.items()))

@@ -49,7 +49,7 @@ from .models.architectures import moe_layers
 from .models.distributed import barrier, join_process_group, launched_world, local_device
 from .models.memory import peak_mb, reset_peak
 from .models.sharding import full_state_dict, load_sharded
-from .records import file_digest, load_records, select_records
+from .records import attack_families, file_digest, load_records, select_records
 from .selection.contrastive import benign_in_format_sample, contrast
 from .selection.methods import METHODS
 from .selection.routing import generated_routing_scores, keep_pairs, routing_scores
@@ -222,6 +222,8 @@ def prepare_data(cfg: TrainConfig, tokenizer, loaded: list[dict]) -> dict:
         "summary": {
             "path": str(cfg.dataset_path), "sha256": file_digest(cfg.dataset_path),
             "records_loaded": len(loaded), "records_used": len(records),
+            # the attack families the file covers, and the used records per family
+            "families": list(attack_families(loaded)), "families_used": attack_families(records),
             "truncated_sft_examples": sum(e.truncated for e in sft),
             "truncated_router_prompts": sum(e.truncated for e in safe + unsafe),
         },
