@@ -66,8 +66,10 @@ def test_no_module_checks_a_method_name_outside_the_table():
 def test_every_row_names_a_scorer_and_reduction_that_exist():
     for method in METHODS.values():
         assert method.scorer in Surgery.SCORERS
-        # gradient rows score by gradient passes: one (gradients) or two contrasted
-        assert (method.scorer in ("gradients", "contrastive_gradients")) == method.from_gradients
+        # gradient rows score by gradient passes: one (gradients), two contrasted, or one
+        # limited by the benign-in-format routing shares
+        assert (method.scorer in ("gradients", "contrastive_gradients", "share_limited_gradients")) \
+            == method.from_gradients
         assert (method.reduction in REDUCERS) == method.from_gradients
         assert not method.squares_each_batch or method.reduction == "sq"
         assert not method.per_batch or method.from_gradients

@@ -21,14 +21,12 @@ def _log_at_once(uri: str, barrier, runs: int, errors) -> None:
         errors.put(f"{type(e).__name__}: {e}")
 
 
-def test_two_processes_log_one_dataset_at_once(tmp_path):
+def test_two_processes_log_one_dataset_at_once(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    os.environ["MLFLOW_TRACKING_URI"] = uri  # the parent opens (migrates) the store first
-    try:
+    with monkeypatch.context() as m:  # the parent opens (migrates) the store first
+        m.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow_runs.client()  # as a surgery does (the old lock deadlocked on experiment_id alone)
         mlflow_runs.experiment_id("lock-test")
-    finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
     spawn = multiprocessing.get_context("spawn")
     barrier, errors = spawn.Barrier(2), spawn.Queue()
     workers = [spawn.Process(target=_log_at_once, args=(uri, barrier, 4, errors)) for _ in range(2)]
