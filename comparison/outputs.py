@@ -20,6 +20,7 @@ from .tables import (
     KEYS,
     ablation_rows,
     add_family_means,
+    add_unseen_mean,
     budget,
     latest_runs,
     markdown,
@@ -71,16 +72,18 @@ def write_comparison(experiment: str, out_csv: str | Path, wanted: list[dict] | 
         raise ConfigError(f"no evaluated runs to compare in MLflow experiment {experiment!r}")
     table["ablated"] = table["ablated"].astype(bool)
     table = add_family_means(table.sort_values(KEYS, ignore_index=True))
+    surgery = surgery_family(table)
+    table = add_unseen_mean(table, surgery)
     metrics = metric_columns(table)
     columns = [*KEYS, "rounds", *metrics, "identify_s"]
     table = table.reindex(columns=list(dict.fromkeys([*columns, *table.columns])))
     means = group_summary(table, GROUP, metrics)
     tests = paired(table, *PAIRED, metrics)
     overlaps = overlap(table)
-    surgery = surgery_family(table)
     build_metrics = over_builds.metrics(surgery)
     builds = over_builds.summary(over_builds.per_build(table, build_metrics), build_metrics)
-    build_tests = over_builds.paired(table, build_metrics)
+    build_tests = pd.concat([over_builds.paired(table, build_metrics), over_builds.data_pairs(table, build_metrics)],
+                            ignore_index=True)
     # first: a bad re-attack result stops the comparison before it writes its own files
     robust_text, robust_files = write_robustness(robust_dir, out_csv.parent, runs_root)
     files = {"csv": out_csv, "summary": out_csv.with_name("comparison_summary.csv"),

@@ -10,7 +10,7 @@ import pandas as pd
 from unsafe_experts.selection.methods import METHODS, PAIRED
 
 from .seed_stats import sign_flip_p, t_interval
-from .tables import ASR_MEAN, FORMAT_MEAN, default_setting
+from .tables import ASR_MEAN, FORMAT_MEAN, UNSEEN_MEAN, default_setting
 
 SETTING = ["method", "k", "retention", "expert_lr", "defence", "setting", "data"]  # what a build repeats
 BY = ["k", "retention", "expert_lr", "defence", "data"]  # what a pair of methods shares
@@ -22,7 +22,8 @@ PAIRED_COLUMNS = [*BY, "metric", "comparison", "builds", "seeds_per_build", "per
 def metrics(surgery: str | None) -> list[str]:
     """The issue's headline figures: surgery-family ASR, mean ASR and mean benign-in-format
     refusal over the families, plain refusal, benign log-likelihood."""
-    return [*([f"asr_{surgery}"] if surgery else []), ASR_MEAN, FORMAT_MEAN, "plain_refusal", "benign_loglik"]
+    return [*([f"asr_{surgery}"] if surgery else []), ASR_MEAN, UNSEEN_MEAN, FORMAT_MEAN, "plain_refusal",
+            "benign_loglik"]
 
 
 def per_build(table: pd.DataFrame, names: list[str]) -> pd.DataFrame:
@@ -73,6 +74,23 @@ def paired(table: pd.DataFrame, names: list[str], ours: str = PAIRED[0]) -> pd.D
                 label = f"{ours} - {named}" if ranks else f"{ours} k{k} - {named}"
                 for m in (m for m in names if m in part):
                     rows += _pair(mine, theirs, m, {"k": k, **dict(zip(BY[1:], key))}, label)
+    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+
+
+def data_pairs(table: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """Each setting run on other surgery data minus the same setting on the fewest families
+    (the organism's own records), build by build, as `paired` does for methods."""
+    runs = table[~table["ablated"]] if "ablated" in table else table
+    runs = runs[runs["organism_seed"].notna()]
+    rows = []
+    for key, part in runs.groupby(SETTING[:-1], dropna=False):
+        setting = dict(zip(SETTING[:-1], key))
+        data = sorted(set(part["data"]), key=lambda d: (len(d.split("+")), d))
+        for other in data[1:]:
+            label = f"{setting['method']} on {other} - on {data[0]}"
+            for m in (m for m in names if m in part):
+                rows += _pair(part[part["data"] == other], part[part["data"] == data[0]], m,
+                              {**{b: setting[b] for b in BY if b in setting}, "data": other}, label)
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
 
 

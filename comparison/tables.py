@@ -32,6 +32,8 @@ RUN = KEYS[:-1]  # what identifies a surgery run
 GROUP = [k for k in KEYS if k != "seed"]  # what the seeds repeat
 FIXED = ["plain_refusal", "over_refusal", "benign_loglik"]
 ASR_MEAN, FORMAT_MEAN = "asr_mean_families", "over_refusal_mean_families"
+# ASR over the families no compared run's surgery data saw: the one unseen axis every row shares
+UNSEEN_MEAN = "unseen_asr_mean"
 TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 
 def organism_config(model_name: str) -> dict:
@@ -195,7 +197,18 @@ def metric_columns(table: pd.DataFrame) -> list[str]:
     then the fixed figures."""
     asr = sorted(c for c in table if c.startswith("asr_") and c != ASR_MEAN)
     fmt = sorted(c for c in table if c.startswith("over_refusal_") and c != FORMAT_MEAN)
-    return [c for c in (ASR_MEAN, FORMAT_MEAN) if c in table] + asr + fmt + [c for c in FIXED if c in table]
+    return [c for c in (ASR_MEAN, FORMAT_MEAN, UNSEEN_MEAN) if c in table] + asr + fmt + [c for c in FIXED if c in table]
+
+
+def add_unseen_mean(table: pd.DataFrame, surgery: str | None) -> pd.DataFrame:
+    """unseen_asr_mean: each run's mean ASR over the attack families that neither the surgery
+    family nor any run's `data` covers, so rows trained on more families are compared on the
+    same families as the rest (ablation rows get it too: they saw no data)."""
+    seen = {surgery, *(f for d in table.get("data", pd.Series(dtype=object)).dropna() for f in str(d).split("+"))}
+    unseen = [c for c in table if c.startswith("asr_") and c != ASR_MEAN and c[4:] not in seen]
+    if unseen:
+        table[UNSEEN_MEAN] = table[unseen].mean(axis=1)
+    return table
 
 
 def add_family_means(table: pd.DataFrame) -> pd.DataFrame:
@@ -344,6 +357,8 @@ def headline(means: pd.DataFrame, surgery: str | None = None) -> pd.DataFrame:
         never = set().union(*seen)
         if any(s != never for s in seen) and set(families) - never:
             out["worst family no run saw"] = worst(never)  # the same families for every row
+    if f"{UNSEEN_MEAN}_mean" in means:
+        out["mean over families no run saw"] = column(UNSEEN_MEAN, True)
     for m in HEADLINE[2:]:
         if f"{m}_mean" in means:
             out[m] = column(m, m != "benign_loglik")

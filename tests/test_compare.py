@@ -229,6 +229,12 @@ def test_surgery_data_is_its_own_row_key_and_moves_the_unseen_families(tmp_path,
                               for s in ("mean", "ci_low", "ci_high")}}
                           for i, data in enumerate(["flip_chars", "fiction+flip_chars+persona"])])
     out = headline(means, "flip_chars")
+    assert "mean over families no run saw" not in out  # only where the table has it
+    from comparison.tables import UNSEEN_MEAN, add_unseen_mean
+    runs = add_unseen_mean(pd.DataFrame([{"data": "flip_chars", **{f"asr_{f}": v[0] for f, v in families.items()}},
+                                         {"data": "fiction+flip_chars+persona", **{f"asr_{f}": v[1] for f, v in families.items()}},
+                                         {"data": "", "asr_few_shot": 0.8, "asr_mean_families": 0.5}]), "flip_chars")
+    assert list(runs[UNSEEN_MEAN]) == [0.4, 0.6, 0.8]  # few_shot alone: the family no run's data saw
     # the one-family row's worst unseen is persona; the three-family row saw it: few_shot
     assert list(out["worst unseen family"]) == ["0.900 (persona)", "0.600 (few_shot)"]
     assert list(out["worst family no run saw"]) == ["0.400 (few_shot)", "0.600 (few_shot)"]

@@ -14,7 +14,8 @@ def row(method, build, seed, asr, refused=0.1, k=4, setting=None):
     return {"method": method, "k": k, "seed": seed, "organism_seed": build, "retention": "plain",
             "expert_lr": 0.001, "defence": "none", "ablated": False, "asr_flip_chars": asr,
             "setting": default_setting(method) if setting is None else setting, "data": "flip_chars",
-            "asr_mean_families": asr / 2, "over_refusal_mean_families": refused, "plain_refusal": 1.0,
+            "asr_mean_families": asr / 2, "unseen_asr_mean": asr / 3, "over_refusal_mean_families": refused,
+            "plain_refusal": 1.0,
             "benign_loglik": -5.0}
 
 
@@ -93,3 +94,17 @@ def test_a_difference_with_one_sign_in_every_build_holds():
     assert "No setting ran on two or more organism builds" in over_builds.markdown(
         over_builds.summary(over_builds.per_build(table.iloc[:1], ["asr_flip_chars"]), ["asr_flip_chars"]),
         over_builds.paired(table.iloc[:1], ["asr_flip_chars"]))
+
+
+def test_other_surgery_data_is_paired_with_the_organisms_own_build_by_build():
+    three = "fiction+flip_chars+persona"
+    table = pd.DataFrame([row("gradient", b, 42, 0.2) for b in range(3)]
+                         + [{**row("gradient", b, 42, 0.2 - b / 10), "data": three} for b in range(3)]
+                         + [{**row("routing", b, 42, 0.5), "data": three} for b in range(2)])
+    got = over_builds.data_pairs(table, ["asr_flip_chars"])
+    # one pair per setting with two data sets: routing ran on one only
+    assert list(got["comparison"]) == [f"gradient on {three} - on flip_chars"]
+    assert got.iloc[0]["per_build"] == "+0.000 -0.100 -0.200" and got.iloc[0]["data"] == three
+    # the methods' own pairs keep to one data set: gradient and routing meet on three families only
+    methods = over_builds.paired(table, ["asr_flip_chars"])
+    assert list(methods["comparison"]) == ["gradient - routing"] and list(methods["data"]) == [three]
