@@ -68,12 +68,20 @@ def run_stage(name: str, cmd: str, outs: list[str], root: str, scratch: str) -> 
     start = time.time()
     done = subprocess.run(cmd, shell=True, cwd=root, env=env, capture_output=True, text=True)
     seconds = time.time() - start
-    # the whole output, kept: a traceback's last lines rarely name its cause
-    log = Path(root) / LOGS / (name.replace("/", "_").replace(":", "_") + ".log")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(log, (done.stdout + done.stderr).encode())
+    kept = keep_output(root, name, done.stdout + done.stderr)
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-5:])
-        raise StageFailed(f"exit {done.returncode} after {seconds:.0f} s (its whole output: "
-                          f"{log.relative_to(root)})\n{tail}")
-    return {"name": name, "seconds": seconds, "log": str(log)}
+        raise StageFailed(f"exit {done.returncode} after {seconds:.0f} s ({kept})\n{tail}")
+    return {"name": name, "seconds": seconds, "log": kept}
+
+
+def keep_output(root: str, name: str, output: str) -> str:
+    """The stage's whole output in LOGS/<stage>.log (a traceback's last lines rarely name its
+    cause), and where it went; never written through a link the user put there."""
+    folder = Path(root) / LOGS
+    if any(p.is_symlink() for p in (folder, *folder.parents) if Path(root) in p.parents or p == folder):
+        return f"its output is not kept: {LOGS} is a link"
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / (name.replace("/", "_").replace(":", "_") + ".log")
+    write_bytes_atomic(log, output.encode())  # replaces a link at the log's own name, never follows it
+    return f"its whole output: {log.relative_to(root)}"

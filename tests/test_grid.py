@@ -177,3 +177,24 @@ def test_a_stage_runs_with_the_callers_environment_not_a_dask_nannys(tmp_path, m
         env = dict(line.split("=", 1) for line in (tmp_path / "env.txt").read_text().splitlines() if "=" in line)
         assert ("MALLOC_TRIM_THRESHOLD_" in env) == kept
         assert env["PREFECT_HOME"].startswith(str(tmp_path / "homes"))
+
+
+def test_a_stages_output_is_kept_but_never_through_a_link(tmp_path):
+    from tasks.stage_command import LOGS, keep_output
+
+    root = tmp_path / "repo"
+    assert keep_output(str(root), "compare_run@3", "all of it\n") == f"its whole output: {LOGS}/compare_run@3.log"
+    assert (root / LOGS / "compare_run@3.log").read_text() == "all of it\n"
+    # a link at the log's own name is replaced, not written through
+    target = tmp_path / "user.txt"
+    target.write_text("mine\n")
+    (root / LOGS / "sub_dvc.yaml_s.log").symlink_to(target)
+    keep_output(str(root), "sub/dvc.yaml:s", "out\n")
+    assert target.read_text() == "mine\n" and (root / LOGS / "sub_dvc.yaml_s.log").read_text() == "out\n"
+    # a linked folder is not written into
+    other = tmp_path / "other"
+    other.mkdir()
+    (tmp_path / "repo2" / ".dvc" / "tmp").mkdir(parents=True)
+    (tmp_path / "repo2" / LOGS).symlink_to(other)
+    assert "not kept" in keep_output(str(tmp_path / "repo2"), "s", "x")
+    assert list(other.iterdir()) == []
