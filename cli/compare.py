@@ -33,7 +33,7 @@ def run(args) -> None:
         comparison = load_params(args.params).comparison
         experiment, runs = experiment or comparison.experiment, [r.model_dump() for r in comparison.runs]
         ablation_dir = comparison.ablation_dir
-        robust = robust_inputs(comparison)
+        robust = {**robust_inputs(comparison), "validation_dir": getattr(comparison, "validation_dir", None)}
     start_temporary_server()
     result = compare_flow(experiment or "unsafe-experts", args.out, runs, ablation_dir, **robust)
     print(Path(result["markdown"]).read_text())

@@ -12,7 +12,7 @@ from unsafe_experts.artefacts.atomic import write_bytes_atomic
 from unsafe_experts.config import ConfigError
 from unsafe_experts.selection.methods import PAIRED
 
-from . import over_builds, robust_tables
+from . import over_builds, robust_tables, tuning
 from .plots import asr_plot, frontier_plot, robust_frontier_plot
 from .seed_stats import group_summary, paired
 from .tables import (
@@ -60,11 +60,14 @@ def write_robustness(robust_dir: str | Path | None, folder: Path,
 
 def write_comparison(experiment: str, out_csv: str | Path, wanted: list[dict] | None = None,
                      ablation_dir: str | Path | None = None, robust_dir: str | Path | None = None,
-                     runs_root: str | Path = robust_tables.RUNS_ROOT) -> dict:
+                     runs_root: str | Path = robust_tables.RUNS_ROOT,
+                     validation_dir: str | Path | None = None) -> dict:
     """comparison.csv, comparison.md, comparison_summary.csv, paired.csv, overlap.csv,
-    builds.csv, builds_paired.csv (over_builds), asr_vs_k.png and frontier.png beside `out_csv`
-    (and, with `robust_dir`, ROBUST_FILES: the compared runs re-attacked, their settings read
-    under `runs_root`), and the same files on an MLflow run named `comparison`."""
+    builds.csv, builds_paired.csv (over_builds), tuned.csv (tuning: with `validation_dir`, each
+    method's setting chosen on the validation split; empty without), asr_vs_k.png and
+    frontier.png beside `out_csv` (and, with `robust_dir`, ROBUST_FILES: the compared runs
+    re-attacked, their settings read under `runs_root`), and the same files on an MLflow run
+    named `comparison`."""
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     table = pd.concat([latest_runs(experiment, wanted), ablation_rows(ablation_dir)], ignore_index=True)
@@ -84,19 +87,26 @@ def write_comparison(experiment: str, out_csv: str | Path, wanted: list[dict] | 
     builds = over_builds.summary(over_builds.per_build(table, build_metrics), build_metrics)
     build_tests = pd.concat([over_builds.paired(table, build_metrics), over_builds.data_pairs(table, build_metrics)],
                             ignore_index=True)
+    # the headline: each method's setting chosen on the validation split, reported on test
+    validated = tuning.validation_runs(validation_dir, runs_root) if validation_dir else pd.DataFrame()
+    chosen = tuning.choose(validated, surgery)
+    tuned = tuning.tuned_table(chosen, means, surgery) if not chosen.empty else pd.DataFrame(columns=tuning.COLUMNS)
     # first: a bad re-attack result stops the comparison before it writes its own files
     robust_text, robust_files = write_robustness(robust_dir, out_csv.parent, runs_root)
     files = {"csv": out_csv, "summary": out_csv.with_name("comparison_summary.csv"),
              "paired": out_csv.with_name("paired.csv"), "overlap": out_csv.with_name("overlap.csv"),
              "markdown": out_csv.with_suffix(".md"), "builds": out_csv.with_name("builds.csv"),
-             "builds_paired": out_csv.with_name("builds_paired.csv"), **robust_files}
+             "builds_paired": out_csv.with_name("builds_paired.csv"), "tuned": out_csv.with_name("tuned.csv"),
+             **robust_files}
     table[columns].to_csv(files["csv"], index=False)
     means.to_csv(files["summary"], index=False)
     tests.to_csv(files["paired"], index=False)
     overlaps.to_csv(files["overlap"], index=False)
     write_bytes_atomic(files["builds"], builds.to_csv(index=False).encode())
     write_bytes_atomic(files["builds_paired"], build_tests.to_csv(index=False).encode())
-    files["markdown"].write_text(markdown(table, columns, means, tests, overlaps, retention_families(table, surgery),
+    write_bytes_atomic(files["tuned"], tuned.to_csv(index=False).encode())
+    files["markdown"].write_text(tuning.markdown(tuned, chosen) + "\n"
+                                 + markdown(table, columns, means, tests, overlaps, retention_families(table, surgery),
                                           budget(table, surgery), surgery) + "\n" + over_builds.markdown(builds, build_tests)
                                  + "\n" + robust_text + "\n")
     files["plot"] = asr_plot(table, out_csv.with_name("asr_vs_k.png"))

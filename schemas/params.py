@@ -173,13 +173,21 @@ class ComparisonParams(BaseModel):
     # go to robust_dir/<organism>/<run>.json (the organism itself: organism.json)
     robust_dir: str | None = "outputs/robust"
     robust_runs: list[RobustRun] = []
+    # each method tuned on the validation split (comparison/tuning.py): these compared runs'
+    # final models (compare_validate) and these organisms before surgery
+    # (compare_validate_organism) evaluated on it, into validation_dir/<organism>/<run>.json and
+    # validation_dir/<organism>.json
+    validation_dir: str | None = "outputs/validation"
+    validation_runs: list[RobustRun] = []
+    validation_organisms: list[str] = []
     robustness: RobustnessParams = RobustnessParams()
 
     @model_validator(mode="after")
     def _organisms_are_built(self):
         built = {"organism", *(f"organism_seed{n}" for n in self.organism_seeds)}
         named = [("runs", r.organism) for r in self.runs] + [("robust_runs", r.organism) for r in self.robust_runs]
-        for key, organism in named + [("robust_organisms", o) for o in self.robust_organisms]:
+        named += [("robust_organisms", o) for o in self.robust_organisms]
+        for key, organism in named + [("validation_organisms", o) for o in self.validation_organisms]:
             if organism not in built:
                 raise ValueError(f"{key}: organism {organism!r} is not built (organism, or organism_seed<N> "
                                  f"for N in organism_seeds: {self.organism_seeds})")
@@ -200,9 +208,14 @@ class ComparisonParams(BaseModel):
     @model_validator(mode="after")
     def _robust_runs_are_compared(self):
         folders = {(r.organism, r.folder()) for r in self.runs}
-        for r in self.robust_runs:
-            if (r.organism, r.run) not in folders:
-                raise ValueError(f"robust_runs: {r.organism}/{r.run} is not a folder of comparison.runs")
+        for key in ("robust_runs", "validation_runs"):
+            for r in getattr(self, key):
+                if (r.organism, r.run) not in folders:
+                    raise ValueError(f"{key}: {r.organism}/{r.run} is not a folder of comparison.runs")
+        for r in self.validation_runs:
+            if r.organism not in self.validation_organisms:
+                raise ValueError(f"validation_runs: {r.organism}/{r.run}: its organism is not in "
+                                 "validation_organisms (the budget needs it before surgery on the same prompts)")
         return self
 
 

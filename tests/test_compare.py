@@ -107,7 +107,10 @@ def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
                                            "spearman": pytest.approx(0.4)}]
     files = {a.path for a in mlflow_runs.client().list_artifacts(result["mlflow_run_id"])}
     assert files == {"comparison.csv", "comparison.md", "comparison_summary.csv", "paired.csv",
-                     "overlap.csv", "asr_vs_k.png", "frontier.png", "builds.csv", "builds_paired.csv"}
+                     "overlap.csv", "asr_vs_k.png", "frontier.png", "builds.csv", "builds_paired.csv", "tuned.csv"}
+    # no validation folder given: the tuned section says so, and tuned.csv is its header alone
+    assert "No validation results were found" in (tmp_path / "metrics" / "comparison.md").read_text()
+    assert (tmp_path / "metrics" / "tuned.csv").read_text().startswith("method,organism_seed,chosen")
     text = (tmp_path / "metrics" / "comparison.md").read_text()
     assert "Before surgery (organism seed 1)" in text and "## Headline per group" in text
     head = text.split("## Headline per group")[1].split("##")[0].splitlines()

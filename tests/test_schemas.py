@@ -91,6 +91,13 @@ BASE = {"train": {"model_name": "m", "dataset_path": "d.json", "output_dir": "ou
      "comparison.surgery_data.0.families: Value error, unknown attack family 'roleplay'"),
     ({"comparison": {"surgery_data": [{"organism": "organism_seed7", "data": "-3fam", "families": "persona"}]}},
      "comparison: Value error, surgery_data: organism 'organism_seed7' is not built"),
+    ({"comparison": {"runs": [{"method": "gradient", "k": 4}], "validation_organisms": ["organism"],
+                     "validation_runs": [{"run": "gradient-k8-s42-plain-lr0.001"}]}},
+     "comparison: Value error, validation_runs: organism/gradient-k8-s42-plain-lr0.001 is not a folder"),
+    ({"comparison": {"runs": [{"method": "gradient", "k": 4}],
+                     "validation_runs": [{"run": "gradient-k4-s42-plain-lr0.001"}]}},
+     "comparison: Value error, validation_runs: organism/gradient-k4-s42-plain-lr0.001: its organism is not in "
+     "validation_organisms"),
 ])
 def test_params_errors_name_the_key(change, message):
     data = {k: dict(v) for k, v in BASE.items()}

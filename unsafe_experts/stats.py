@@ -41,15 +41,32 @@ def mean(values: list[float]) -> dict:
     return {"value": m, "n": n, "ci95": [m - half, m + half]}
 
 
-def subset(items: list, limit: int | None, seed: int = 0) -> list:
+SPLITS = ("test", "validation")
+
+
+def subset(items: list, limit: int | None, seed: int = 0, split: str = "test") -> list:
     """At most `limit` of `items`, drawn without replacement by a generator seeded with `seed`
     and kept in their order; all of them when `limit` is None or not smaller. A seeded sample
     rather than the first N, because prompt files come in category order (XSTest's first safe
     prompts are all homonyms and figurative language), so a prefix measures one category.
     Which positions are kept depends only on (len(items), limit, seed): sets of one length keep
     the same positions, so every attack family's harmful set holds the same goals as the plain
-    set, and every run of a comparison is scored on the same prompts."""
-    if limit is None or limit >= len(items):
-        return list(items)
-    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+    set, and every run of a comparison is scored on the same prompts.
+
+    split "validation": up to `limit` other positions, drawn (with a generator of their own) from
+    those the test sample leaves out, so that a setting tuned on them never saw a test prompt;
+    an error when the test sample leaves none."""
+    if split not in SPLITS:
+        raise ValueError(f"split: one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "test":
+        if limit is None or limit >= len(items):
+            return list(items)
+        keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+        return [items[i] for i in keep]
+    test = {i for i, _ in subset(list(enumerate(items)), limit, seed)} if limit is not None else set(range(len(items)))
+    rest = [i for i in range(len(items)) if i not in test]
+    if not rest:
+        raise ValueError(f"a set of {len(items)} prompts leaves none for validation beside a test sample "
+                         f"of {limit}: give a smaller --eval_limit")
+    keep = sorted(random.Random(f"validation-{seed}").sample(rest, min(limit, len(rest))))
     return [items[i] for i in keep]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from ..config import option
 from ..errors import ConfigError
+from ..stats import SPLITS
 from ..text.endpoint import Endpoint
 from .suites import EVAL_SET_TOKENS, Suite, load_eval_set, load_suite, run_suite
 
@@ -49,6 +50,10 @@ class EvaluationConfig:
     limit_seed: int = option(0, flag="--eval_limit_seed",
                              help="seed of the --eval_limit sample: the same seed scores every "
                                   "run on the same prompts; another seed, another sample")
+    split: str = option("test", flag="--eval_split", choices=SPLITS,
+                        help="test: the --eval_limit sample every table reports; validation: as "
+                             "many other prompts of each set, never in the test sample (for "
+                             "choosing settings; needs --eval_limit)")
     samples: int = option(5, flag="--eval_samples",
                           help="prompts and responses per set kept as an MLflow table")
     lm_eval_tasks: list[str] = option(factory=list, flag="--lm_eval_task",
@@ -81,6 +86,11 @@ class EvaluationConfig:
         if self.eval_set and self.suite:
             raise ConfigError("eval_set and suite: give one of them, not both (an organism's "
                               "eval_set.json, or a suite such as its folder)")
+        if self.split not in SPLITS:
+            raise ConfigError(f"split: must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.split == "validation" and self.limit is None:
+            raise ConfigError("split: validation needs a limit (--eval_limit): without one the test "
+                              "sample is every prompt, and no prompt is left to validate on")
         if self.rounds not in ("every", "last"):
             raise ConfigError(f"rounds: must be one of every, last, got {self.rounds!r}")
         if bool(self.endpoint) != bool(self.served_model):
@@ -135,6 +145,7 @@ def evaluate(model, tokenizer, suite: Suite, config: EvaluationConfig | None = N
     endpoint = endpoint or connect(config)
     result = run_suite(model, tokenizer, suite, max_new_tokens=config.max_new_tokens,
                        batch_size=config.batch_size, limit=config.limit, limit_seed=config.limit_seed,
+                       split=config.split,
                        samples=config.samples, judges=judges,
                        progress=progress, endpoint=endpoint)
     _utility(model, tokenizer, config, result["metrics"], result["left_out"])

@@ -55,7 +55,7 @@ import yaml
 
 from ..attacks.families import AttackFamilyError, check_families, render
 from ..attacks.organism import LEGACY_EVAL_SETS
-from ..errors import SuiteError
+from ..errors import ConfigError, SuiteError
 from ..models.modes import eval_mode
 from ..records import DatasetError, file_digest, messages_problem, parse_json, read_json_records
 from ..safe_yaml import load_yaml
@@ -463,7 +463,8 @@ def suite_digest(suite: Suite) -> str:
 
 
 def run_suite(model, tokenizer, suite: Suite, max_new_tokens: int | None = None,
-              batch_size: int = 16, limit: int | None = None, limit_seed: int = 0, samples: int = 5,
+              batch_size: int = 16, limit: int | None = None, limit_seed: int = 0, split: str = "test",
+              samples: int = 5,
               judges: dict | None = None, progress: bool = False, endpoint=None) -> dict:
     """{"suite", "metrics": {metric: {"value", "n", "ci95"[, "unparsed"]}},
     "samples": [{set, kind, prompt, response, complied}], "left_out": [metric names]}.
@@ -475,7 +476,10 @@ def run_suite(model, tokenizer, suite: Suite, max_new_tokens: int | None = None,
     metrics, shown, left_out = {}, [], []
     with eval_mode(model):
         for s in suite.sets:
-            items = subset(s.items, limit, limit_seed)
+            try:
+                items = subset(s.items, limit, limit_seed, split)
+            except ValueError as e:
+                raise ConfigError(f"set {s.name}: {e}") from None
             if s.kind == "reference" and model is None:
                 left_out.append(s.metric)
                 continue
