@@ -118,13 +118,12 @@ def tuned_table(chosen: pd.DataFrame, test_means: pd.DataFrame, surgery: str | N
 
 
 def _shown(means: pd.DataFrame, metric: str) -> str:
+    """A share's mean over seeds with its t interval cut at [0, 1] (none for one seed)."""
     if means.empty or f"{metric}_mean" not in means:
         return "-"
-    row = means.iloc[0]
-    low, high = share_interval(means.iloc[:1], metric) if metric != "benign_loglik" else (
-        means[f"{metric}_ci_low"], means[f"{metric}_ci_high"])
+    low, high = share_interval(means.iloc[:1], metric)
     interval = "" if pd.isna(low.iloc[0]) else f" [{low.iloc[0]:.3f}, {high.iloc[0]:.3f}]"
-    return f"{row[f'{metric}_mean']:.3f}{interval}"
+    return f"{means.iloc[0][f'{metric}_mean']:.3f}{interval}"
 
 
 def _test(means: pd.DataFrame, surgery: str | None) -> dict:
