@@ -88,11 +88,22 @@ def data_families(families) -> str:
     return "+".join(sorted(families))
 
 
-@functools.cache
 def _file_families(path: str) -> str:
+    """data_families of a records file; "" when it is not made yet (no run of it can be in the
+    store either). Read once per file as it is now (path, mtime, size), not once per process."""
+    try:
+        found = Path(path).resolve(strict=True)
+        stat = found.stat()
+    except OSError:
+        return ""
+    return _families_of(str(found), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.cache
+def _families_of(path: str, mtime_ns: int, size: int) -> str:
     try:
         return data_families(attack_families(load_records(path)))
-    except UserError:  # not made yet: no run of it can be in the store either
+    except UserError:
         return ""
 
 

@@ -55,14 +55,18 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
                               benign_train=20, epochs=1)
     params["evaluation"].update(limit=8, max_new_tokens=8)
     params["train"].update(num_rounds=1, top_k_experts=2, max_samples=16, retention_samples=16)
-    run = {"organism": "organism", "retention": "plain", "lr": 0.001, "flags": "--expert_dropout 0.0", "tag": ""}
+    run = {"organism": "organism", "retention": "plain", "lr": 0.001, "flags": "--expert_dropout 0.0", "tag": "",
+           "data": ""}
     params["comparison"].update(organism_seeds=[1], robust_organisms=["organism", "organism_seed1"])
     params["comparison"].update(eval_limit=4, runs=[{**run, "method": "gradient", "k": 2, "seed": 42},
                                                     {**run, "method": "random", "k": 2, "seed": 1}],
                                 ablations=[{"run": "organism/gradient-k2-s42-plain-lr0.001", "round": 1}],
                                 random_ablations=[{"run": "organism/gradient-k2-s42-plain-lr0.001",
                                                    "round": 1, "seed": 1}],
-                                robust_runs=[{"organism": "organism", "run": "gradient-k2-s42-plain-lr0.001"}])
+                                robust_runs=[{"organism": "organism", "run": "gradient-k2-s42-plain-lr0.001"}],
+                                surgery_data=[], validation_organisms=["organism"],
+                                validation_runs=[{"organism": "organism", "run": "gradient-k2-s42-plain-lr0.001"},
+                                                 {"organism": "organism", "run": "random-k2-s1-plain-lr0.001"}])
     params["comparison"]["robustness"].update(limit=4, router_budgets=[1], rank_prompts=4, prefill_budgets=[1],
                                               harmful_examples=[1], harmful_steps=2)
     params["robustness"].update(attacks=["none", "router_known", "prefill"], limit=4, router_budgets=[1])
@@ -76,21 +80,28 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
     first = dvc(["repro"], clone, env)
     for stage in ("organism", "organism_builds@1", "validate", "train", "robustness", "compare_run@0",
                   "compare_run@1", "compare_ablate@0", "compare_ablate_random@0", "compare_robust@0",
-                  "compare_robust_organism@organism", "compare_robust_organism@organism_seed1", "compare"):
+                  "compare_robust_organism@organism", "compare_robust_organism@organism_seed1",
+                  "compare_validate@0", "compare_validate@1", "compare_validate_organism@organism", "compare"):
         assert f"Running stage '{stage}'" in first
     robustness = json.loads((clone / "metrics/robustness.json").read_text())
     assert list(robustness["attacks"]) == ["none", "router_known", "prefill"]
     assert set(robustness["attacks"]["router_known"]["all"]) == {"after", "before"}
     table = (clone / "metrics/comparison.csv").read_text().splitlines()
     header = table[0].split(",")
-    assert header[:9] == ["method", "k", "seed", "organism_seed", "retention", "expert_lr", "defence", "ablated",
-                          "rounds"]
+    assert header[:11] == ["method", "k", "seed", "organism_seed", "retention", "expert_lr", "defence", "setting",
+                           "data", "ablated", "rounds"]
     assert {"asr_flip_chars", "over_refusal_flip_chars", "plain_refusal", "benign_loglik"} <= set(header)
     assert header[-1] == "identify_s"
-    assert [row.split(",")[:8] for row in table[1:]] == [
-        ["gradient", "2", "42", "0", "plain", "0.001", "none", "False"],
-        ["gradient", "2", "42", "0", "", "", "none", "True"],
-        ["random", "2", "1", "0", "plain", "0.001", "none", "False"], ["random", "2", "1", "0", "", "", "none", "True"]]
+    assert [row.split(",")[:10] for row in table[1:]] == [
+        ["gradient", "2", "42", "0", "plain", "0.001", "none", "", "flip_chars", "False"],
+        ["gradient", "2", "42", "0", "", "", "none", "", "", "True"],
+        ["random", "2", "1", "0", "plain", "0.001", "none", "", "flip_chars", "False"],
+        ["random", "2", "1", "0", "", "", "none", "", "", "True"]]
+    # each method tuned on the validation split (one setting each here), reported on test
+    tuned = (clone / "metrics/tuned.csv").read_text().splitlines()
+    assert [row.split(",")[:4] for row in tuned[1:]] == [["gradient", "0", "k2 plain lr0.001", "1"],
+                                                        ["random", "0", "k2 plain lr0.001", "1"]]
+    assert "## Tuned on validation" in (clone / "metrics/comparison.md").read_text()
     # the re-attacked run and both organisms alone, in the comparison's own section
     attacked = (clone / "metrics/robustness_comparison.csv").read_text()
     assert "gradient-k2-s42-plain-lr0.001" in attacked and attacked.count(",organism,") >= 1
