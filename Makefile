@@ -69,7 +69,7 @@ robustness-full: $(STAMP)
 # params.yaml's grid section sends them to a cluster); docs/results.md has what it cost.
 compare: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro organism
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/unsafe-experts grid organism_builds@ surgery_data@ compare_run@ compare_ablate compare_robust compare_validate --params params.yaml
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/unsafe-experts grid organism_builds@ recipe_builds@ surgery_data@ compare_run@ compare_ablate compare_robust compare_validate --params params.yaml
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro compare
 	@cat metrics/comparison.md
 

@@ -13,17 +13,22 @@ def add_parser(sub) -> None:
     organism.add_argument("--seed", type=int, default=None,
                           help="organism seed (default 0, or the params file's; given, it overrides that)")
     organism.add_argument("--params", help="take the `organism` section of this params.yaml")
+    organism.add_argument("--recipe", help="with --params: this comparison.recipes entry's keys over "
+                                           "the `organism` section (e.g. a larger organism)")
     organism.add_argument("--quiet", action="store_true")
 
 
 def run(args) -> None:
     from unsafe_experts.attacks.organism import OrganismConfig
     from unsafe_experts.attacks.organism import build_organism as build
+    from unsafe_experts.config import ConfigError
 
+    if args.recipe and not args.params:
+        raise ConfigError("--recipe: needs --params (the recipes are params.yaml's comparison.recipes)")
     if args.params:
         from schemas.params import load_params
 
-        cfg = OrganismConfig(**load_params(args.params).organism.model_dump())
+        cfg = load_params(args.params).organism_config(args.recipe)
         if args.seed is not None:  # a second organism of the same recipe (`make compare`)
             cfg = replace(cfg, seed=args.seed)
     else:

@@ -13,7 +13,7 @@ from unsafe_experts.config import ConfigError
 from unsafe_experts.selection.methods import PAIRED
 
 from . import over_builds, robust_tables, tuning
-from .plots import asr_plot, frontier_plot, robust_frontier_plot
+from .plots import asr_plot, frontier_plot, recipe_frontier_plot, robust_frontier_plot
 from .seed_stats import group_summary, paired
 from .tables import (
     GROUP,
@@ -63,11 +63,11 @@ def write_comparison(experiment: str, out_csv: str | Path, wanted: list[dict] | 
                      runs_root: str | Path = robust_tables.RUNS_ROOT,
                      validation_dir: str | Path | None = None) -> dict:
     """comparison.csv, comparison.md, comparison_summary.csv, paired.csv, overlap.csv,
-    builds.csv, builds_paired.csv (over_builds), tuned.csv (tuning: with `validation_dir`, each
-    method's setting chosen on the validation split; empty without), asr_vs_k.png and
-    frontier.png beside `out_csv` (and, with `robust_dir`, ROBUST_FILES: the compared runs
-    re-attacked, their settings read under `runs_root`), and the same files on an MLflow run
-    named `comparison`."""
+    builds.csv, builds_paired.csv (over_builds), tuned.csv and tuned_builds.csv (tuning: with
+    `validation_dir`, each method's setting chosen on the validation split per build and over
+    builds; empty without), asr_vs_k.png, frontier.png and frontier_by_recipe.png beside
+    `out_csv` (and, with `robust_dir`, ROBUST_FILES: the compared runs re-attacked, their
+    settings read under `runs_root`), and the same files on an MLflow run named `comparison`."""
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     table = pd.concat([latest_runs(experiment, wanted), ablation_rows(ablation_dir)], ignore_index=True)
@@ -84,19 +84,22 @@ def write_comparison(experiment: str, out_csv: str | Path, wanted: list[dict] | 
     tests = paired(table, *PAIRED, metrics)
     overlaps = overlap(table)
     build_metrics = over_builds.metrics(surgery)
-    builds = over_builds.summary(over_builds.per_build(table, build_metrics), build_metrics)
+    each_build = over_builds.per_build(table, build_metrics)
+    builds = over_builds.summary(each_build, build_metrics)
     build_tests = pd.concat([over_builds.paired(table, build_metrics), over_builds.data_pairs(table, build_metrics)],
                             ignore_index=True)
     # the headline: each method's setting chosen on the validation split, reported on test
     validated = tuning.validation_runs(validation_dir, runs_root) if validation_dir else pd.DataFrame()
     chosen = tuning.choose(validated, surgery)
     tuned = tuning.tuned_table(chosen, means, surgery) if not chosen.empty else pd.DataFrame(columns=tuning.COLUMNS)
+    tuned_builds = tuning.choose_over_builds(chosen, each_build, surgery)
     # first: a bad re-attack result stops the comparison before it writes its own files
     robust_text, robust_files = write_robustness(robust_dir, out_csv.parent, runs_root)
     files = {"csv": out_csv, "summary": out_csv.with_name("comparison_summary.csv"),
              "paired": out_csv.with_name("paired.csv"), "overlap": out_csv.with_name("overlap.csv"),
              "markdown": out_csv.with_suffix(".md"), "builds": out_csv.with_name("builds.csv"),
              "builds_paired": out_csv.with_name("builds_paired.csv"), "tuned": out_csv.with_name("tuned.csv"),
+             "tuned_builds": out_csv.with_name("tuned_builds.csv"),
              **robust_files}
     table[columns].to_csv(files["csv"], index=False)
     means.to_csv(files["summary"], index=False)
@@ -105,12 +108,14 @@ def write_comparison(experiment: str, out_csv: str | Path, wanted: list[dict] | 
     write_bytes_atomic(files["builds"], builds.to_csv(index=False).encode())
     write_bytes_atomic(files["builds_paired"], build_tests.to_csv(index=False).encode())
     write_bytes_atomic(files["tuned"], tuned.to_csv(index=False).encode())
-    files["markdown"].write_text(tuning.markdown(tuned, chosen) + "\n"
+    write_bytes_atomic(files["tuned_builds"], tuned_builds.to_csv(index=False).encode())
+    files["markdown"].write_text(tuning.markdown(tuned, chosen, tuned_builds) + "\n"
                                  + markdown(table, columns, means, tests, overlaps, retention_families(table, surgery),
                                           budget(table, surgery), surgery) + "\n" + over_builds.markdown(builds, build_tests)
                                  + "\n" + robust_text + "\n")
     files["plot"] = asr_plot(table, out_csv.with_name("asr_vs_k.png"))
     files["frontier"] = frontier_plot(means, out_csv.with_name("frontier.png"))
+    files["recipe_frontier"] = recipe_frontier_plot(each_build, out_csv.with_name("frontier_by_recipe.png"))
     run_id = mlflow_runs.start_run(experiment, "comparison", {"runs": len(table)}, {"method": "comparison"})
     for path in files.values():
         mlflow_runs.log_file(run_id, path)

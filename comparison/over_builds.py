@@ -12,8 +12,10 @@ from unsafe_experts.selection.methods import METHODS, PAIRED
 from .seed_stats import sign_flip_p, t_interval
 from .tables import ASR_MEAN, FORMAT_MEAN, UNSEEN_MEAN, default_setting
 
-SETTING = ["method", "k", "retention", "expert_lr", "defence", "setting", "data"]  # what a build repeats
-BY = ["k", "retention", "expert_lr", "defence", "data"]  # what a pair of methods shares
+# what a build repeats (builds of another recipe are another sample); `data` last: data_pairs
+# pairs over it
+SETTING = ["recipe", "method", "k", "retention", "expert_lr", "defence", "setting", "data"]
+BY = ["k", "recipe", "retention", "expert_lr", "defence", "data"]  # what a pair of methods shares
 SUMMARY_COLUMNS = [*SETTING, "metric", "builds", "seeds_per_build", "mean", "ci_low", "ci_high", "min", "max"]
 PAIRED_COLUMNS = [*BY, "metric", "comparison", "builds", "seeds_per_build", "per_build", "mean_diff",
                   "ci_low", "ci_high", "sign_flip_p", "every_build"]

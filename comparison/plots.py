@@ -14,7 +14,8 @@ from unsafe_experts.artefacts.atomic import write_bytes_atomic
 from unsafe_experts.selection.methods import METHODS
 
 from .robust_tables import BEFORE_SETTING
-from .tables import ASR_MEAN, FORMAT_MEAN, main_setting, metric_columns, share_interval
+from .seed_stats import t_interval
+from .tables import ASR_MEAN, FORMAT_MEAN, default_setting, main_setting, metric_columns, share_interval
 
 # the methods k does not vary (they select none or all experts), drawn as horizontal reference
 # lines, each in the style of what it selects: the no-expert line first
@@ -51,12 +52,12 @@ def frontier_plot(means: pd.DataFrame, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     runs = means[~means["ablated"]]
     usual = runs[["retention", "expert_lr"]].value_counts().idxmax() if len(runs) else ("plain", 1e-3)
-    for (method, organism), part in runs.groupby(["method", "organism_seed"], dropna=False):
+    for (method, name, organism), part in runs.groupby(["method", "recipe", "organism_seed"], dropna=False):
         x, y = part[f"{FORMAT_MEAN}_mean"], part[f"{ASR_MEAN}_mean"]
         (x_low, x_high), (y_low, y_high) = share_interval(part, FORMAT_MEAN), share_interval(part, ASR_MEAN)
         xerr = np.abs(np.vstack([x - x_low, x_high - x]))
         yerr = np.abs(np.vstack([y - y_low, y_high - y]))
-        label = f"{method} (organism {organism:g})"
+        label = f"{method} (organism {organism:g}" + (f", {name})" if isinstance(name, str) and name else ")")
         ax.errorbar(x, y, xerr=np.nan_to_num(xerr), yerr=np.nan_to_num(yerr), marker="o",
                     linestyle="none", capsize=2, label=label)
         for (_, row), xi, yi in zip(part.iterrows(), x, y):
@@ -71,6 +72,50 @@ def frontier_plot(means: pd.DataFrame, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return path
+
+
+def recipe_frontier_plot(each_build: pd.DataFrame, path: Path) -> Path:
+    """One panel per organism recipe: each (method, k) at the usual retention, learning rate,
+    defence, data and method setting, its mean over builds of the per-build seed means
+    (over_builds.per_build) of benign-in-format refusal and ASR, 95% t intervals over builds:
+    does the frontier move with the organism's capacity?"""
+    runs = each_build
+    if len(runs):
+        usual = runs[["retention", "expert_lr", "defence", "data"]].value_counts().idxmax()
+        runs = runs[(runs[["retention", "expert_lr", "defence", "data"]] == pd.Series(
+            usual, index=["retention", "expert_lr", "defence", "data"])).all(axis=1)]
+        runs = runs[[s == default_setting(m) if m in METHODS else True for m, s in zip(runs["method"], runs["setting"])]]
+    recipes = sorted(set(runs["recipe"])) if len(runs) else [""]
+    fig, axes = plt.subplots(1, len(recipes), figsize=(5.5 * len(recipes) + 2, 4.8), sharex=True, sharey=True,
+                             squeeze=False)
+    methods = sorted(set(runs["method"])) if len(runs) else []
+    for ax, name in zip(axes[0], recipes):
+        part = runs[runs["recipe"] == name] if len(runs) else runs
+        for (method, k), points in part.groupby(["method", "k"]):
+            x, y = points[FORMAT_MEAN], points[ASR_MEAN]
+            (x_low, x_high), (y_low, y_high) = t_interval(x), t_interval(y)
+            ax.errorbar(x.mean(), y.mean(), capsize=2, marker="o", linestyle="none",
+                        color=f"C{methods.index(method) % 10}",
+                        xerr=[[np.nan_to_num(x.mean() - x_low)], [np.nan_to_num(x_high - x.mean())]],
+                        yerr=[[np.nan_to_num(y.mean() - y_low)], [np.nan_to_num(y_high - y.mean())]])
+            ax.annotate(f"k{k} ({len(points)} builds)", (x.mean(), y.mean()), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set(title=name or "no organism recipe", xlabel="benign requests in attack formats refused (mean)",
+               xlim=(-0.03, 1.03), ylim=(-0.03, 1.03))
+    axes[0][0].set_ylabel("attack success after surgery (mean over families)")
+    handles = [plt.Line2D([], [], color=f"C{i % 10}", marker="o", linestyle="none", label=m)
+               for i, m in enumerate(methods)]
+    if handles:
+        axes[0][-1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    else:
+        axes[0][0].text(0.5, 0.5, "no runs over builds found", ha="center", va="center", transform=axes[0][0].transAxes)
+    fig.suptitle("The frontier per organism recipe (mean over builds, 95% t intervals over builds)", fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())
     return path
 
 

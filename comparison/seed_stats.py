@@ -41,9 +41,9 @@ def sign_flip_p(diffs: list[float]) -> float:
 
 
 def paired(table: pd.DataFrame, a: str, b: str, metrics: list[str],
-           by: tuple[str, ...] = ("k", "organism_seed", "retention", "expert_lr", "defence")) -> pd.DataFrame:
-    """Method a minus method b on the seeds both ran, per (k, organism, retention, learning
-    rate, defence): mean difference, its
+           by: tuple[str, ...] = ("k", "recipe", "organism_seed", "retention", "expert_lr", "defence")) -> pd.DataFrame:
+    """Method a minus method b on the seeds both ran, per (k, organism recipe and build,
+    retention, learning rate, defence): mean difference, its
     95% t interval, and the sign-flip p."""
     rows = []
     runs = table[~table["ablated"]] if "ablated" in table else table

@@ -27,7 +27,7 @@ from unsafe_experts.errors import UserError
 from unsafe_experts.records import attack_families, load_records
 from unsafe_experts.selection.methods import METHODS, PAIRED, trains_experts
 
-KEYS = ["method", "k", "seed", "organism_seed", "retention", "expert_lr", "defence", "setting", "data", "ablated"]
+KEYS = ["method", "k", "seed", "recipe", "organism_seed", "retention", "expert_lr", "defence", "setting", "data", "ablated"]
 RUN = KEYS[:-1]  # what identifies a surgery run
 GROUP = [k for k in KEYS if k != "seed"]  # what the seeds repeat
 FIXED = ["plain_refusal", "over_refusal", "benign_loglik"]
@@ -43,6 +43,20 @@ def organism_config(model_name: str) -> dict:
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     return config if isinstance(config, dict) else {}
+
+
+def recipe_label(config: dict) -> str:
+    """An organism recipe's capacity as its rows name it, e.g. "4Lx16E-w128" (4 layers of 16
+    experts, width 128): builds of other recipes are other rows, never pooled; "" for a model
+    that is not an organism."""
+    try:
+        return f"{config['layers']}Lx{config['experts']}E-w{config['hidden']}"
+    except KeyError:
+        return ""
+
+
+def recipe(model_name: str) -> str:
+    return recipe_label(organism_config(model_name))
 
 
 def organism_seed(model_name: str) -> float:
@@ -131,7 +145,7 @@ def run_row(run_id: str, meta: dict) -> dict | None:
     k = 0 if not trains_experts(meta["method"]) else len(rounds[0]["experts"]) if rounds else 0
     timings = [t for key, t in meta["timings"].items() if key.startswith("round_")]
     return {"run_id": run_id, "method": meta["method"], "k": k, "seed": params["seed"],
-            "organism_seed": organism_seed(params["model_name"]),
+            "recipe": recipe(params["model_name"]), "organism_seed": organism_seed(params["model_name"]),
             "retention": retention_mode(params),
             "expert_lr": params["expert_lr"],
             "defence": defence(params.get("shared_weights", False), params.get("expert_dropout", 0.0)),
@@ -182,8 +196,9 @@ def latest_runs(experiment: str, wanted: list[dict] | None = None) -> pd.DataFra
 def _wanted_key(run: dict) -> tuple:
     """A params.yaml comparison run as the row key its surgery produces."""
     organism = run.get("organism", "organism")
+    model = f"build/{organism}/model"
     return (run["method"], run["k"] if trains_experts(run["method"]) else 0, run["seed"],
-            organism_seed(f"build/{organism}/model"), run.get("retention", "plain"), run.get("lr", 1e-3),
+            recipe(model), organism_seed(model), run.get("retention", "plain"), run.get("lr", 1e-3),
             _flag_defence(run.get("flags", "")),
             method_setting(run["method"], lambda name: _flag_value(run.get("flags", ""), name)),
             _file_families(f"build/{organism}{run.get('data', '')}/surgery_records.json"))
@@ -197,6 +212,7 @@ def ablation_rows(folder: str | Path | None) -> pd.DataFrame:
         source = data.get("source", {})
         rows.append({"run_id": path.relative_to(folder).as_posix(), "method": source.get("method", "file"),
                      "k": len(data["experts"]), "seed": source.get("seed", np.nan),
+                     "recipe": recipe(source.get("model", "")),
                      "organism_seed": organism_seed(source.get("model", "")), "defence": "none",
                      "setting": "", "data": "", "ablated": True,
                      **_finals({"ablated": data["ablated"]["metrics"]}, "ablated")})
@@ -240,7 +256,7 @@ def main_setting(table: pd.DataFrame) -> pd.DataFrame:
     runs = table[~table["ablated"]]
     if runs.empty:
         return runs
-    setting = ["organism_seed", "retention", "expert_lr", "defence"]
+    setting = ["recipe", "organism_seed", "retention", "expert_lr", "defence"]
     main = runs[setting].fillna(-1).value_counts().idxmax()
     return runs[(runs[setting].fillna(-1) == pd.Series(main, index=setting)).all(axis=1)]
 
@@ -276,9 +292,9 @@ def before_line(table: pd.DataFrame) -> str:
     cols = [c for c in table if c.startswith("before_")]
     if not cols:
         return "(no evaluation before surgery recorded)"
-    values = table[~table["ablated"]].groupby("organism_seed", dropna=False)[cols].mean()
-    return "\n\n".join(f"Before surgery (organism seed {seed}): " + ", ".join(
-        f"{c[7:]} {row[c]:.3f}" for c in cols) for seed, row in values.iterrows())
+    values = table[~table["ablated"]].groupby(["recipe", "organism_seed"], dropna=False)[cols].mean()
+    return "\n\n".join(f"Before surgery ({name + ', ' if name else ''}organism seed {seed}): " + ", ".join(
+        f"{c[7:]} {row[c]:.3f}" for c in cols) for (name, seed), row in values.iterrows())
 
 
 def _cell(metrics: dict, *names: str) -> str:
@@ -308,7 +324,8 @@ def retention_families(table: pd.DataFrame, surgery: str | None) -> pd.DataFrame
         return pd.DataFrame()
     main = main_setting(runs)
     organism, lr = main["organism_seed"].iloc[0], main["expert_lr"].iloc[0]
-    runs = runs[(runs["organism_seed"].fillna(-1) == (-1 if pd.isna(organism) else organism))
+    runs = runs[(runs["recipe"] == main["recipe"].iloc[0])
+                & (runs["organism_seed"].fillna(-1) == (-1 if pd.isna(organism) else organism))
                 & (runs["expert_lr"] == lr) & (runs["defence"] == "none")]
     modes = runs.groupby(["method", "k", "seed"])["retention"].nunique()
     if not (modes > 1).any():

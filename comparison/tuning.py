@@ -23,11 +23,14 @@ import pandas as pd
 from unsafe_experts.artefacts.run_metadata import METADATA
 from unsafe_experts.config import ConfigError
 
+from . import over_builds
+from .seed_stats import t_interval
 from .tables import (
     ASR_MEAN,
     BUDGET,
     FORMAT_MEAN,
     GROUP,
+    UNSEEN_MEAN,
     add_family_means,
     budget,
     default_setting,
@@ -35,10 +38,17 @@ from .tables import (
     share_interval,
 )
 
-COLUMNS = ["method", "organism_seed", "chosen", "validated", "meets_on_validation", "validation_asr_mean",
+COLUMNS = ["method", "recipe", "organism_seed", "chosen", "validated", "meets_on_validation", "validation_asr_mean",
            "validation_format_refused", "test_seeds", "test_asr_mean", "test_format_refused",
            "test_surgery_asr", "test_plain_refusal", "default", "default_test_asr_mean",
            "default_test_format_refused"]
+BUILD = ["method", "recipe", "organism_seed"]  # what one choice is made for
+# a setting, whatever the build (a choice over builds is made among these)
+SETTING = [k for k in GROUP if k != "organism_seed"]
+BUILDS_COLUMNS = ["method", "recipe", "chosen", "builds", "meets_on_validation_in", "validation_asr_mean",
+                  "chosen_per_build", "same_every_build", "test_builds", "test_asr_mean", "test_format_refused",
+                  "test_surgery_asr", "test_unseen_asr", "test_plain_refusal", "default_test_asr_mean",
+                  "default_test_format_refused"]
 # the setting a method runs with when nothing is tuned: params.yaml's run_defaults, k = 4
 DEFAULT = {"k": 4, "retention": "plain", "expert_lr": 1e-3, "defence": "none"}
 
@@ -92,7 +102,7 @@ def choose(validated: pd.DataFrame, surgery: str | None) -> pd.DataFrame:
     means["meets"], means["fails"] = checks["meets"].values, checks["fails"].values
     means["failed"] = [len([f for f in fails.split(", ") if f]) for fails in means["fails"]]
     out = []
-    for _, part in means.groupby(["method", "organism_seed"], dropna=False):
+    for _, part in means.groupby(BUILD, dropna=False):
         ranked = part.sort_values(["meets", "failed", ASR_MEAN], ascending=[False, True, True])
         out.append(ranked.assign(chosen=[True] + [False] * (len(ranked) - 1)))
     return pd.concat(out, ignore_index=True)
@@ -103,18 +113,68 @@ def tuned_table(chosen: pd.DataFrame, test_means: pd.DataFrame, surgery: str | N
     comparison's mean over seeds), and the untuned default's test figures beside it."""
     rows = []
     for _, pick in chosen[chosen["chosen"]].iterrows():
-        same = (test_means["method"] == pick["method"]) & (test_means["organism_seed"] == pick["organism_seed"])
-        test = test_means[same]
+        test = test_means[(test_means[BUILD] == pick[BUILD]).all(axis=1)]
         mine = test[(test[GROUP].fillna(-1) == pick[GROUP].fillna(-1)).all(axis=1)]
         default = test[(test["data"] == pick["data"]) & (test["setting"] == default_setting(pick["method"]))
                        & (test[list(DEFAULT)] == pd.Series(DEFAULT)).all(axis=1)]
-        rows.append({"method": pick["method"], "organism_seed": pick["organism_seed"], "chosen": _label(pick),
-                     "validated": int(((chosen["method"] == pick["method"])
-                                       & (chosen["organism_seed"] == pick["organism_seed"])).sum()),
+        rows.append({**pick[BUILD].to_dict(), "chosen": _label(pick),
+                     "validated": int((chosen[BUILD] == pick[BUILD]).all(axis=1).sum()),
                      "meets_on_validation": bool(pick["meets"]),
                      "validation_asr_mean": pick[ASR_MEAN], "validation_format_refused": pick[FORMAT_MEAN],
                      **_test(mine, surgery), **_default(default)})
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def choose_over_builds(chosen: pd.DataFrame, test_builds: pd.DataFrame, surgery: str | None) -> pd.DataFrame:
+    """Per method and recipe, one setting for every build: among the settings validated on at
+    least two builds, the one meeting the budget on validation in the most builds, then failing
+    the fewest criteria (mean over builds), then the lowest mean ASR; its test figures are the
+    mean over builds of each build's seed mean [95% t interval over builds] (`test_builds`:
+    over_builds.per_build), the untuned default's beside it, and each build's own choice (does
+    tuning pick the same setting in every build?)."""
+    if chosen.empty:
+        return pd.DataFrame(columns=BUILDS_COLUMNS)
+    rows = []
+    for (method, recipe), part in chosen.groupby(["method", "recipe"], dropna=False):
+        settings = part.groupby(SETTING, dropna=False).agg(
+            builds=("organism_seed", "nunique"), meets_in=("meets", "sum"), failed=("failed", "mean"),
+            asr=(ASR_MEAN, "mean")).reset_index()
+        settings = settings[settings["builds"] >= 2]
+        if settings.empty:
+            continue
+        pick = settings.sort_values(["meets_in", "failed", "asr"], ascending=[False, True, True]).iloc[0]
+        per_build = part[part["chosen"]].sort_values("organism_seed")
+        test = _same(test_builds, pick, over_builds.SETTING)
+        default = _same(test_builds, {**pick.to_dict(), **DEFAULT, "setting": default_setting(method)},
+                        over_builds.SETTING)
+        rows.append({"method": method, "recipe": recipe, "chosen": _label(pick), "builds": int(pick["builds"]),
+                     "meets_on_validation_in": int(pick["meets_in"]), "validation_asr_mean": pick["asr"],
+                     "chosen_per_build": " | ".join(f"{b:g}: {_label(r)}" for b, r in
+                                                    zip(per_build["organism_seed"], per_build.to_dict("records"))),
+                     "same_every_build": per_build.apply(_label, axis=1).nunique() == 1,
+                     "test_builds": len(test), "test_asr_mean": _over(test, ASR_MEAN),
+                     "test_format_refused": _over(test, FORMAT_MEAN),
+                     "test_surgery_asr": _over(test, f"asr_{surgery}") if surgery else "-",
+                     "test_unseen_asr": _over(test, UNSEEN_MEAN), "test_plain_refusal": _over(test, "plain_refusal"),
+                     "default_test_asr_mean": _over(default, ASR_MEAN),
+                     "default_test_format_refused": _over(default, FORMAT_MEAN)})
+    return pd.DataFrame(rows, columns=BUILDS_COLUMNS)
+
+
+def _same(table: pd.DataFrame, setting, keys: list[str]) -> pd.DataFrame:
+    """The rows of `table` with the setting's values in `keys` (NaN matching NaN)."""
+    if table.empty:
+        return table
+    wanted = pd.Series({k: setting[k] for k in keys})
+    return table[(table[keys].fillna(-1) == wanted.fillna(-1)).all(axis=1)]
+
+
+def _over(builds: pd.DataFrame, metric: str) -> str:
+    """A figure's mean over builds [95% t interval over builds] (n = 1: no interval)."""
+    if builds.empty or metric not in builds:
+        return "-"
+    low, high = t_interval(builds[metric])
+    return f"{builds[metric].mean():.3f}" + ("" if pd.isna(low) else f" [{max(low, 0):.3f}, {min(high, 1):.3f}]")
 
 
 def _shown(means: pd.DataFrame, metric: str) -> str:
@@ -140,19 +200,26 @@ def _default(means: pd.DataFrame) -> dict:
             "default_test_format_refused": _shown(means, FORMAT_MEAN)}
 
 
-def markdown(tuned: pd.DataFrame, chosen: pd.DataFrame) -> str:
+def markdown(tuned: pd.DataFrame, chosen: pd.DataFrame, tuned_builds: pd.DataFrame | None = None) -> str:
     criteria = ", ".join(f"{k} {'>=' if k == 'plain_refusal' else '<='} {v:g}" for k, v in BUDGET.items())
     if tuned.empty:
         return ("## Tuned on validation\n\nNo validation results were found (the compare_validate "
                 "stages write them).\n")
     grid = chosen.assign(setting_label=[_label(r) for _, r in chosen.iterrows()])[
-        ["method", "organism_seed", "setting_label", "seeds", ASR_MEAN, FORMAT_MEAN, "meets", "fails", "chosen"]]
+        ["method", "recipe", "organism_seed", "setting_label", "seeds", ASR_MEAN, FORMAT_MEAN, "meets", "fails",
+         "chosen"]]
+    over = ("(no setting was validated on two or more builds)" if tuned_builds is None or tuned_builds.empty
+            else tuned_builds.to_markdown(index=False, floatfmt=".3f"))
     return ("## Tuned on validation\n\n"
-            "Per method and build, the setting chosen on the validation split (prompts disjoint "
-            f"from the test sample of every other table): among the settings meeting the budget ({criteria}) "
-            "on validation, the lowest mean ASR over families; when none meets it, the fewest failed "
-            "criteria first. Its figures on test (mean over seeds [95% t interval]) beside the "
-            "untuned default's (k 4, plain retention, lr 0.001).\n\n"
+            "Per method, one setting for every build, chosen on the validation split (prompts "
+            f"disjoint from the test sample of every other table): among the settings validated on two "
+            f"or more builds, the one meeting the budget ({criteria}) on validation in the most builds, "
+            "then failing the fewest criteria, then the lowest mean ASR over families. Its figures on "
+            "test are the mean over builds of each build's seed mean [95% t interval over builds], "
+            "beside the untuned default's (k 4, plain retention, lr 0.001); `chosen_per_build`: what "
+            "each build alone would pick.\n\n" + over
+            + "\n\n### Per build\n\nPer method and build, the setting chosen on that build's validation "
+            "split by the same rule, with its test figures (mean over seeds [95% t interval]).\n\n"
             + tuned.to_markdown(index=False, floatfmt=".3f")
             + "\n\nEvery validated setting (validation figures, mean over its seeds):\n\n"
             + grid.to_markdown(index=False, floatfmt=".3f") + "\n")

@@ -47,6 +47,10 @@ def _from_dataclass(cls, name: str) -> type[BaseModel]:
 
 TrainParams = _from_dataclass(TrainConfig, "TrainParams")
 OrganismParams = _from_dataclass(OrganismConfig, "OrganismParams")
+# another organism recipe: the `organism` keys it changes (a larger model, say), each optional
+RecipeParams = create_model("RecipeParams", __config__=FORBID,
+                            **{name: (field.annotation | None, None)
+                               for name, field in OrganismParams.model_fields.items() if name != "seed"})
 EvaluationParams = _from_dataclass(EvaluationConfig, "EvaluationParams")
 RobustnessParams = _from_dataclass(RobustnessConfig, "RobustnessParams")
 
@@ -125,6 +129,16 @@ class SurgeryData(BaseModel):
         return families
 
 
+class RecipeBuild(BaseModel):
+    """One build of another organism recipe (the recipe_builds stage): build/<recipe>_seed<seed>."""
+    model_config = FORBID
+    recipe: str = Field(pattern=r"^[a-z][a-z0-9]*$")
+    seed: int = Field(ge=0)
+
+    def organism(self) -> str:
+        return f"{self.recipe}_seed{self.seed}"
+
+
 class RobustRun(BaseModel):
     """A compared surgery re-attacked (the compare_robust stage): outputs/compare/<organism>/<run>."""
     model_config = FORBID
@@ -160,6 +174,10 @@ class ComparisonParams(BaseModel):
     cache_dir: str = "outputs/cache"
     # more organisms of the demo's recipe, one per seed, built into build/organism_seed<N>
     organism_seeds: list[int] = [1]
+    # other organism recipes (e.g. a larger one), each the `organism` keys it changes, and
+    # their builds: build/<recipe>_seed<N>, compared like the demo recipe's builds
+    recipes: dict[str, RecipeParams] = {}
+    recipe_builds: list[RecipeBuild] = []
     # the organisms attacked alone (compare_robust_organism): "organism" or organism_seed<N>
     robust_organisms: list[str] = ["organism"]
     run_defaults: dict = {}  # the YAML anchor the runs merge (`<<: *run`)
@@ -182,22 +200,36 @@ class ComparisonParams(BaseModel):
     validation_organisms: list[str] = []
     robustness: RobustnessParams = RobustnessParams()
 
+    def built(self) -> set[str]:
+        """The organisms the comparison builds: folders under build/."""
+        return {"organism", *(f"organism_seed{n}" for n in self.organism_seeds),
+                *(b.organism() for b in self.recipe_builds)}
+
+    @model_validator(mode="after")
+    def _recipes_are_named(self):
+        for b in self.recipe_builds:
+            if b.recipe not in self.recipes:
+                raise ValueError(f"recipe_builds: recipe {b.recipe!r} is not in comparison.recipes "
+                                 f"({', '.join(sorted(self.recipes)) or 'none'})")
+        return self
+
     @model_validator(mode="after")
     def _organisms_are_built(self):
-        built = {"organism", *(f"organism_seed{n}" for n in self.organism_seeds)}
+        built = self.built()
         named = [("runs", r.organism) for r in self.runs] + [("robust_runs", r.organism) for r in self.robust_runs]
         named += [("robust_organisms", o) for o in self.robust_organisms]
         for key, organism in named + [("validation_organisms", o) for o in self.validation_organisms]:
             if organism not in built:
-                raise ValueError(f"{key}: organism {organism!r} is not built (organism, or organism_seed<N> "
-                                 f"for N in organism_seeds: {self.organism_seeds})")
+                raise ValueError(f"{key}: organism {organism!r} is not built (organism, organism_seed<N> "
+                                 f"for N in organism_seeds: {self.organism_seeds}, or <recipe>_seed<N> "
+                                 "of recipe_builds)")
         return self
 
     @model_validator(mode="after")
     def _data_is_made(self):
         made = {(d.organism, d.data) for d in self.surgery_data}
         for d in self.surgery_data:
-            if d.organism not in {"organism", *(f"organism_seed{n}" for n in self.organism_seeds)}:
+            if d.organism not in self.built():
                 raise ValueError(f"surgery_data: organism {d.organism!r} is not built")
         for r in self.runs:
             if r.data and (r.organism, r.data) not in made:
@@ -237,6 +269,16 @@ class Params(BaseModel):
     comparison: ComparisonParams = ComparisonParams()
     schedule: ScheduleParams = ScheduleParams()
     robustness: RobustnessParams = RobustnessParams()
+
+    def organism_config(self, recipe: str | None = None) -> OrganismConfig:
+        """The `organism` section, with a comparison recipe's keys over it."""
+        keys = self.organism.model_dump()
+        if recipe is not None:
+            if recipe not in self.comparison.recipes:
+                raise ConfigError(f"recipe {recipe!r}: not in comparison.recipes "
+                                  f"({', '.join(sorted(self.comparison.recipes)) or 'none'})")
+            keys.update(self.comparison.recipes[recipe].model_dump(exclude_none=True))
+        return _checked("organism", OrganismConfig(**keys))
 
     def train_config(self) -> TrainConfig:
         return _checked("train", TrainConfig(**self.train.model_dump()))

@@ -64,7 +64,8 @@ def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
     seed_run(exp, tmp_path, organism, "gradient", 2, 42, 0.15, lr=5e-4)
     second = tmp_path / "organism_seed1"
     second.mkdir()
-    (second / "build.json").write_text(json.dumps({"config": {"seed": 1}}))
+    # another recipe's build (a larger organism): rows of its own, named by its capacity
+    (second / "build.json").write_text(json.dumps({"config": {"seed": 1, "layers": 6, "experts": 32, "hidden": 192}}))
     seed_run(exp, tmp_path, second, "routing", 2, 42, 0.5, [[1, 0], [1, 1]], scores_r)
     ablations = tmp_path / "ablation"
     (ablations / "organism").mkdir(parents=True)
@@ -74,8 +75,9 @@ def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
 
     result = write_comparison(exp, tmp_path / "metrics" / "comparison.csv", ablation_dir=ablations)
     table = pd.read_csv(tmp_path / "metrics" / "comparison.csv")
-    assert list(table.columns[:10]) == ["method", "k", "seed", "organism_seed", "retention", "expert_lr", "defence",
-                                       "setting", "data", "ablated"]
+    assert list(table.columns[:11]) == ["method", "k", "seed", "recipe", "organism_seed", "retention", "expert_lr",
+                                       "defence", "setting", "data", "ablated"]
+    assert set(zip(table.organism_seed, table.recipe.fillna(""))) == {(7, ""), (1, "6Lx32E-w192")}
     assert {"asr_flip_words", "asr_persona", "over_refusal_persona", "plain_refusal", "over_refusal",
             "benign_loglik", "identify_s"} <= set(table.columns)
     # the mean over attack families: (asr + asr / 2 + asr) / 3 for flip_words, flip_chars, persona
@@ -107,17 +109,19 @@ def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
                                            "spearman": pytest.approx(0.4)}]
     files = {a.path for a in mlflow_runs.client().list_artifacts(result["mlflow_run_id"])}
     assert files == {"comparison.csv", "comparison.md", "comparison_summary.csv", "paired.csv",
-                     "overlap.csv", "asr_vs_k.png", "frontier.png", "builds.csv", "builds_paired.csv", "tuned.csv"}
+                     "overlap.csv", "asr_vs_k.png", "frontier.png", "builds.csv", "builds_paired.csv", "tuned.csv",
+                     "tuned_builds.csv", "frontier_by_recipe.png"}
     # no validation folder given: the tuned section says so, and tuned.csv is its header alone
     assert "No validation results were found" in (tmp_path / "metrics" / "comparison.md").read_text()
-    assert (tmp_path / "metrics" / "tuned.csv").read_text().startswith("method,organism_seed,chosen")
+    assert (tmp_path / "metrics" / "tuned.csv").read_text().startswith("method,recipe,organism_seed,chosen")
     text = (tmp_path / "metrics" / "comparison.md").read_text()
-    assert "Before surgery (organism seed 1)" in text and "## Headline per group" in text
+    assert "Before surgery (6Lx32E-w192, organism seed 1)" in text and "## Headline per group" in text
     head = text.split("## Headline per group")[1].split("##")[0].splitlines()
-    cells = {tuple(c.strip() for c in line.strip("| ").split("|")[:9]): [c.strip() for c in line.strip("| ").split("|")]
+    cells = {tuple(c.strip() for c in line.strip("| ").split("|")[:10]): [c.strip() for c in line.strip("| ").split("|")]
              for line in head if line.startswith("|")}
-    header = cells[("method", "k", "organism_seed", "retention", "expert_lr", "defence", "setting", "data", "ablated")]
-    rand = dict(zip(header, cells[("random", "2", "7", "plain", "0.001", "none", "", "flip_chars", "False")]))
+    header = cells[("method", "k", "recipe", "organism_seed", "retention", "expert_lr", "defence", "setting", "data",
+                    "ablated")]
+    rand = dict(zip(header, cells[("random", "2", "", "7", "plain", "0.001", "none", "", "flip_chars", "False")]))
     # the surgery family's ASR is asr / 2 here (0.3, 0.4, 0.5); the worst unseen family is
     # flip_words (tied with persona, the first listed wins); intervals of shares stop at 0 and 1
     assert rand["asr_flip_chars (surgery)"].startswith("0.400 [") and rand["worst unseen family"] == "0.800 (flip_words)"
@@ -162,7 +166,7 @@ def test_sign_flip_test_by_hand():
 
 
 def test_paired_needs_two_shared_seeds():
-    table = pd.DataFrame({"method": ["gradient", "routing", "gradient"], "k": 2, "organism_seed": 0,
+    table = pd.DataFrame({"method": ["gradient", "routing", "gradient"], "k": 2, "recipe": "", "organism_seed": 0,
                           "retention": "plain", "expert_lr": 1e-3, "defence": "none",
                           "seed": [1, 1, 2], "ablated": False, "asr": [0.1, 0.5, 0.2]})
     assert paired(table, "gradient", "routing", ["asr"]).empty

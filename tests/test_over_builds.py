@@ -10,8 +10,8 @@ from comparison import over_builds
 from comparison.tables import default_setting
 
 
-def row(method, build, seed, asr, refused=0.1, k=4, setting=None):
-    return {"method": method, "k": k, "seed": seed, "organism_seed": build, "retention": "plain",
+def row(method, build, seed, asr, refused=0.1, k=4, setting=None, recipe="4Lx16E-w128"):
+    return {"method": method, "k": k, "seed": seed, "recipe": recipe, "organism_seed": build, "retention": "plain",
             "expert_lr": 0.001, "defence": "none", "ablated": False, "asr_flip_chars": asr,
             "setting": default_setting(method) if setting is None else setting, "data": "flip_chars",
             "asr_mean_families": asr / 2, "unseen_asr_mean": asr / 3, "over_refusal_mean_families": refused,
@@ -108,3 +108,17 @@ def test_other_surgery_data_is_paired_with_the_organisms_own_build_by_build():
     # the methods' own pairs keep to one data set: gradient and routing meet on three families only
     methods = over_builds.paired(table, ["asr_flip_chars"])
     assert list(methods["comparison"]) == ["gradient - routing"] and list(methods["data"]) == [three]
+
+
+def test_builds_of_another_recipe_are_their_own_sample():
+    """A larger recipe's builds share organism seeds (0, 1) with the demo recipe's: they are
+    never pooled with them, and its methods are paired among its own builds."""
+    large = "6Lx32E-w192"
+    table = pd.DataFrame([row("gradient", b, 42, 0.2) for b in range(2)]
+                         + [row("gradient", b, 42, 0.6, recipe=large) for b in range(2)]
+                         + [row("routing", b, 42, 0.1 * b, recipe=large) for b in range(2)])
+    means = over_builds.summary(over_builds.per_build(table, ["asr_flip_chars"]), ["asr_flip_chars"])
+    assert means.set_index(["recipe", "method"])["mean"].round(6).to_dict() == {
+        ("4Lx16E-w128", "gradient"): 0.2, (large, "gradient"): 0.6, (large, "routing"): 0.05}
+    pairs = over_builds.paired(table, ["asr_flip_chars"])
+    assert list(pairs["recipe"]) == [large] and list(pairs["per_build"]) == ["+0.600 +0.500"]

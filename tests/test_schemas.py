@@ -78,8 +78,17 @@ BASE = {"train": {"model_name": "m", "dataset_path": "d.json", "output_dir": "ou
                      "robust_runs": [{"run": "gradient-k4-s43-plain-lr0.001"}]}},
      "comparison: Value error, robust_runs: organism/gradient-k4-s43-plain-lr0.001 is not a folder"),
     ({"comparison": {"runs": [{"method": "gradient", "k": 4, "organism": "organism_seed2"}]}},
-     "comparison: Value error, runs: organism 'organism_seed2' is not built (organism, or "
+     "comparison: Value error, runs: organism 'organism_seed2' is not built (organism, "
      "organism_seed<N> for N in organism_seeds: "),
+    ({"comparison": {"recipes": {"large": {"layer": 6}}}},
+     "comparison.recipes.large.layer: Extra inputs are not permitted"),
+    ({"comparison": {"recipes": {"large": {"layers": "6"}}}},
+     "comparison.recipes.large.layers: Input should be a valid integer"),
+    ({"comparison": {"recipes": {"large": {"layers": 6}}, "recipe_builds": [{"recipe": "huge", "seed": 0}]}},
+     "comparison: Value error, recipe_builds: recipe 'huge' is not in comparison.recipes"),
+    ({"comparison": {"recipes": {"large": {"layers": 6}}, "recipe_builds": [{"recipe": "large", "seed": 0}],
+                     "runs": [{"method": "gradient", "k": 4, "organism": "large_seed1"}]}},
+     "comparison: Value error, runs: organism 'large_seed1' is not built"),
     ({"comparison": {"organism_seeds": [1, 2], "robust_organisms": ["organism", "organism_seed3"]}},
      "comparison: Value error, robust_organisms: organism 'organism_seed3' is not built"),
     ({"comparison": {"robustness": {"router_budgets": [0]}}},
@@ -107,6 +116,24 @@ def test_params_errors_name_the_key(change, message):
         parse_params(data, "params.yaml")
 
 
+def test_a_recipe_is_its_keys_over_the_organism_section():
+    data = {k: dict(v) for k, v in BASE.items()}
+    data["organism"] = {"layers": 4, "experts": 16, "epochs": 8}
+    data["comparison"] = {"recipes": {"large": {"layers": 6, "experts": 32}},
+                          "recipe_builds": [{"recipe": "large", "seed": 2}],
+                          "runs": [{"method": "gradient", "k": 12, "organism": "large_seed2"}]}
+    params = parse_params(data)
+    large = params.organism_config("large")
+    assert (large.layers, large.experts, large.epochs, large.seed) == (6, 32, 8, 0)
+    assert params.organism_config().layers == 4 and "large_seed2" in params.comparison.built()
+    with pytest.raises(ConfigError, match=r"recipe 'huge': not in comparison.recipes \(large\)"):
+        params.organism_config("huge")
+    data["comparison"]["recipes"]["large"]["surgery_family"] = "persona"
+    data["organism"]["families"] = ["flip_chars"]
+    with pytest.raises(ConfigError, match="organism.surgery_family: 'persona' is not among families"):
+        parse_params(data).organism_config("large")
+
+
 def test_repository_params_file_is_valid():
     params = load_params("params.yaml")
     assert params.train_config().num_rounds >= 1
@@ -123,3 +150,14 @@ def test_a_compared_run_folder_is_the_one_dvc_yaml_writes():
         for key in ("method", "k", "seed", "retention", "lr", "data", "tag"):
             rendered = rendered.replace("${item." + key + "}", str(getattr(run, key)))
         assert rendered == run.folder()
+
+
+def test_organism_recipe_errors_are_one_line_and_build_nothing(tmp_path, capsys):
+    out = tmp_path / "large"
+    assert main(["organism", str(out), "--recipe", "large"]) == 2
+    assert "error: --recipe: needs --params" in capsys.readouterr().err
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({**BASE, "comparison": {"recipes": {"large": {"layers": 6}}}}))
+    assert main(["organism", str(out), "--params", str(params), "--recipe", "huge"]) == 2
+    assert "error: recipe 'huge': not in comparison.recipes (large)" in capsys.readouterr().err
+    assert not out.exists()
