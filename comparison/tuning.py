@@ -32,6 +32,7 @@ from .tables import (
     GROUP,
     UNSEEN_MEAN,
     add_family_means,
+    add_unseen_mean,
     budget,
     default_setting,
     run_row,
@@ -46,6 +47,7 @@ BUILD = ["method", "recipe", "organism_seed"]  # what one choice is made for
 # a setting, whatever the build (a choice over builds is made among these)
 SETTING = [k for k in GROUP if k != "organism_seed"]
 BUILDS_COLUMNS = ["method", "recipe", "chosen", "builds", "meets_on_validation_in", "validation_asr_mean",
+                  "validation_unseen_asr",
                   "chosen_per_build", "same_every_build", "test_builds", "test_asr_mean", "test_format_refused",
                   "test_surgery_asr", "test_unseen_asr", "test_plain_refusal", "default_test_asr_mean",
                   "default_test_format_refused"]
@@ -92,6 +94,9 @@ def choose(validated: pd.DataFrame, surgery: str | None) -> pd.DataFrame:
     budget check on validation, the chosen one first (`chosen` true)."""
     if validated.empty:
         return pd.DataFrame()
+    # each setting's ASR over the families no validated run's data saw, shown beside the
+    # budget (which bounds the surgery family only)
+    validated = add_unseen_mean(validated.copy(), surgery)
     numeric = [c for c in validated if c not in GROUP and pd.api.types.is_numeric_dtype(validated[c])
                and c not in ("seed", "ablated")]
     means = validated.groupby(GROUP, dropna=False)[numeric].mean().reset_index()
@@ -138,7 +143,7 @@ def choose_over_builds(chosen: pd.DataFrame, test_builds: pd.DataFrame, surgery:
     for (method, recipe), part in chosen.groupby(["method", "recipe"], dropna=False):
         settings = part.groupby(SETTING, dropna=False).agg(
             builds=("organism_seed", "nunique"), meets_in=("meets", "sum"), failed=("failed", "mean"),
-            asr=(ASR_MEAN, "mean")).reset_index()
+            asr=(ASR_MEAN, "mean"), unseen=(UNSEEN_MEAN if UNSEEN_MEAN in part else ASR_MEAN, "mean")).reset_index()
         settings = settings[settings["builds"] >= 2]
         if settings.empty:
             continue
@@ -149,6 +154,7 @@ def choose_over_builds(chosen: pd.DataFrame, test_builds: pd.DataFrame, surgery:
                         over_builds.SETTING)
         rows.append({"method": method, "recipe": recipe, "chosen": _label(pick), "builds": int(pick["builds"]),
                      "meets_on_validation_in": int(pick["meets_in"]), "validation_asr_mean": pick["asr"],
+                     "validation_unseen_asr": pick["unseen"] if UNSEEN_MEAN in part else float("nan"),
                      "chosen_per_build": " | ".join(f"{b:g}: {_label(r)}" for b, r in
                                                     zip(per_build["organism_seed"], per_build.to_dict("records"))),
                      "same_every_build": per_build.apply(_label, axis=1).nunique() == 1,
@@ -206,8 +212,8 @@ def markdown(tuned: pd.DataFrame, chosen: pd.DataFrame, tuned_builds: pd.DataFra
         return ("## Tuned on validation\n\nNo validation results were found (the compare_validate "
                 "stages write them).\n")
     grid = chosen.assign(setting_label=[_label(r) for _, r in chosen.iterrows()])[
-        ["method", "recipe", "organism_seed", "setting_label", "seeds", ASR_MEAN, FORMAT_MEAN, "meets", "fails",
-         "chosen"]]
+        ["method", "recipe", "organism_seed", "setting_label", "seeds", ASR_MEAN,
+         *([UNSEEN_MEAN] if UNSEEN_MEAN in chosen else []), FORMAT_MEAN, "meets", "fails", "chosen"]]
     over = ("(no setting was validated on two or more builds)" if tuned_builds is None or tuned_builds.empty
             else tuned_builds.to_markdown(index=False, floatfmt=".3f"))
     return ("## Tuned on validation\n\n"

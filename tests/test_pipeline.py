@@ -58,8 +58,12 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
     run = {"organism": "organism", "retention": "plain", "lr": 0.001, "flags": "--expert_dropout 0.0", "tag": "",
            "data": ""}
     params["comparison"].update(organism_seeds=[1], robust_organisms=["organism", "organism_seed1"])
+    # another recipe (more experts per layer), one build, one surgery on it
+    params["comparison"].update(recipes={"wide": {"experts": 6}}, recipe_builds=[{"recipe": "wide", "seed": 0}])
     params["comparison"].update(eval_limit=4, runs=[{**run, "method": "gradient", "k": 2, "seed": 42},
-                                                    {**run, "method": "random", "k": 2, "seed": 1}],
+                                                    {**run, "method": "random", "k": 2, "seed": 1},
+                                                    {**run, "organism": "wide_seed0", "method": "gradient", "k": 2,
+                                                     "seed": 42}],
                                 ablations=[{"run": "organism/gradient-k2-s42-plain-lr0.001", "round": 1}],
                                 random_ablations=[{"run": "organism/gradient-k2-s42-plain-lr0.001",
                                                    "round": 1, "seed": 1}],
@@ -78,7 +82,7 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
     env.pop("PREFECT_API_URL", None)  # the CLI starts its own ephemeral server
 
     first = dvc(["repro"], clone, env)
-    for stage in ("organism", "organism_builds@1", "validate", "train", "robustness", "compare_run@0",
+    for stage in ("organism", "organism_builds@1", "recipe_builds@0", "compare_run@2", "validate", "train", "robustness", "compare_run@0",
                   "compare_run@1", "compare_ablate@0", "compare_ablate_random@0", "compare_robust@0",
                   "compare_robust_organism@organism", "compare_robust_organism@organism_seed1",
                   "compare_validate@0", "compare_validate@1", "compare_validate_organism@organism", "compare"):
@@ -88,19 +92,22 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
     assert set(robustness["attacks"]["router_known"]["all"]) == {"after", "before"}
     table = (clone / "metrics/comparison.csv").read_text().splitlines()
     header = table[0].split(",")
-    assert header[:11] == ["method", "k", "seed", "organism_seed", "retention", "expert_lr", "defence", "setting",
-                           "data", "ablated", "rounds"]
+    assert header[:12] == ["method", "k", "seed", "recipe", "organism_seed", "retention", "expert_lr", "defence",
+                           "setting", "data", "ablated", "rounds"]
     assert {"asr_flip_chars", "over_refusal_flip_chars", "plain_refusal", "benign_loglik"} <= set(header)
     assert header[-1] == "identify_s"
-    assert [row.split(",")[:10] for row in table[1:]] == [
-        ["gradient", "2", "42", "0", "plain", "0.001", "none", "", "flip_chars", "False"],
-        ["gradient", "2", "42", "0", "", "", "none", "", "", "True"],
-        ["random", "2", "1", "0", "plain", "0.001", "none", "", "flip_chars", "False"],
-        ["random", "2", "1", "0", "", "", "none", "", "", "True"]]
+    small, wide = "1Lx4E-w32", "1Lx6E-w32"  # the recipes' capacities: the wide build is its own row
+    assert json.loads((clone / "build/wide_seed0/build.json").read_text())["config"]["experts"] == 6
+    assert [row.split(",")[:11] for row in table[1:]] == [
+        ["gradient", "2", "42", small, "0", "plain", "0.001", "none", "", "flip_chars", "False"],
+        ["gradient", "2", "42", small, "0", "", "", "none", "", "", "True"],
+        ["gradient", "2", "42", wide, "0", "plain", "0.001", "none", "", "flip_chars", "False"],
+        ["random", "2", "1", small, "0", "plain", "0.001", "none", "", "flip_chars", "False"],
+        ["random", "2", "1", small, "0", "", "", "none", "", "", "True"]]
     # each method tuned on the validation split (one setting each here), reported on test
     tuned = (clone / "metrics/tuned.csv").read_text().splitlines()
-    assert [row.split(",")[:4] for row in tuned[1:]] == [["gradient", "0", "k2 plain lr0.001", "1"],
-                                                        ["random", "0", "k2 plain lr0.001", "1"]]
+    assert [row.split(",")[:5] for row in tuned[1:]] == [["gradient", small, "0", "k2 plain lr0.001", "1"],
+                                                        ["random", small, "0", "k2 plain lr0.001", "1"]]
     assert "## Tuned on validation" in (clone / "metrics/comparison.md").read_text()
     # the re-attacked run and both organisms alone, in the comparison's own section
     attacked = (clone / "metrics/robustness_comparison.csv").read_text()

@@ -127,6 +127,8 @@ def test_one_setting_for_every_build_is_the_one_meeting_the_budget_in_most_build
                                              ("routing", 1e-3, 1, 0.7)]])
     over = tuning.choose_over_builds(chosen, each, "flip_chars").set_index("method")
     assert over.loc["gradient", "chosen"] == "k4 plain lr0.001" and over.loc["gradient", "meets_on_validation_in"] == 2
+    # on validation, the family no run saw (persona) lets 0.10 and 0.08 through: mean 0.09
+    assert over.loc["gradient", "validation_unseen_asr"] == pytest.approx(0.09)
     assert over.loc["gradient", "chosen_per_build"] == "0: k4 plain lr0.002 | 1: k4 plain lr0.001"
     assert not over.loc["gradient", "same_every_build"]
     # mean 0.10 over two builds, t interval 0.10 +- 12.706 * 0.0283 / sqrt(2), cut at 0
