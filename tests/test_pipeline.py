@@ -82,7 +82,8 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
     env.pop("PREFECT_API_URL", None)  # the CLI starts its own ephemeral server
 
     first = dvc(["repro"], clone, env)
-    for stage in ("organism", "organism_builds@1", "recipe_builds@0", "compare_run@2", "validate", "train", "robustness", "compare_run@0",
+    for stage in ("organism", "organism_builds@1", "recipe_builds@0", "compare_run@2", "validate", "train",
+                  "robustness", "compare_run@0",
                   "compare_run@1", "compare_ablate@0", "compare_ablate_random@0", "compare_robust@0",
                   "compare_robust_organism@organism", "compare_robust_organism@organism_seed1",
                   "compare_validate@0", "compare_validate@1", "compare_validate_organism@organism", "compare"):
