@@ -149,7 +149,7 @@ def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
     assert "): 5 of 12 runs meet all" in section
     rows = [[c.strip() for c in line.strip("| ").split("|")] for line in section.splitlines()
             if line.startswith("|") and "---" not in line]
-    verdicts = {(r[0], r[2]): (r[-2], r[-1]) for r in rows[1:] if r[4] == "plain" and r[5] == "0.001" and r[3] == "7"}
+    verdicts = {(r[0], r[2]): (r[-2], r[-1]) for r in rows[1:] if r[5] == "plain" and r[6] == "0.001" and r[4] == "7"}
     assert {r[rows[0].index("loglik_drop")] for r in rows[1:]} == {"0.042"}  # (-4.8 - -5.0) / 4.8
     assert verdicts[("gradient", "43")] == ("", "True") and verdicts[("routing", "42")] == ("surgery_asr", "False")
 
