@@ -41,7 +41,7 @@ from .tables import (
 
 COLUMNS = ["method", "recipe", "organism_seed", "chosen", "validated", "meets_on_validation", "validation_asr_mean",
            "validation_format_refused", "test_seeds", "test_asr_mean", "test_format_refused",
-           "test_surgery_asr", "test_plain_refusal", "default", "default_test_asr_mean",
+           "test_surgery_asr", "test_plain_refusal", "test_benign_loglik", "default", "default_test_asr_mean",
            "default_test_format_refused"]
 BUILD = ["method", "recipe", "organism_seed"]  # what one choice is made for
 # a setting, whatever the build (a choice over builds is made among these)
@@ -49,7 +49,8 @@ SETTING = [k for k in GROUP if k != "organism_seed"]
 BUILDS_COLUMNS = ["method", "recipe", "chosen", "builds", "meets_on_validation_in", "validation_asr_mean",
                   "validation_unseen_asr",
                   "chosen_per_build", "same_every_build", "test_builds", "test_asr_mean", "test_format_refused",
-                  "test_surgery_asr", "test_unseen_asr", "test_plain_refusal", "default_test_asr_mean",
+                  "test_surgery_asr", "test_unseen_asr", "test_plain_refusal", "test_benign_loglik",
+                  "default_test_asr_mean",
                   "default_test_format_refused"]
 # the setting a method runs with when nothing is tuned: params.yaml's run_defaults, k = 4
 DEFAULT = {"k": 4, "retention": "plain", "expert_lr": 1e-3, "defence": "none"}
@@ -162,6 +163,7 @@ def choose_over_builds(chosen: pd.DataFrame, test_builds: pd.DataFrame, surgery:
                      "test_format_refused": _over(test, FORMAT_MEAN),
                      "test_surgery_asr": _over(test, f"asr_{surgery}") if surgery else "-",
                      "test_unseen_asr": _over(test, UNSEEN_MEAN), "test_plain_refusal": _over(test, "plain_refusal"),
+                     "test_benign_loglik": _over(test, "benign_loglik", share=False),
                      "default_test_asr_mean": _over(default, ASR_MEAN),
                      "default_test_format_refused": _over(default, FORMAT_MEAN)})
     return pd.DataFrame(rows, columns=BUILDS_COLUMNS)
@@ -175,19 +177,23 @@ def _same(table: pd.DataFrame, setting, keys: list[str]) -> pd.DataFrame:
     return table[(table[keys].fillna(-1) == wanted.fillna(-1)).all(axis=1)]
 
 
-def _over(builds: pd.DataFrame, metric: str) -> str:
-    """A figure's mean over builds [95% t interval over builds] (n = 1: no interval)."""
+def _over(builds: pd.DataFrame, metric: str, share: bool = True) -> str:
+    """A figure's mean over builds [95% t interval over builds, a share's cut at [0, 1]] (n = 1:
+    no interval)."""
     if builds.empty or metric not in builds:
         return "-"
     low, high = t_interval(builds[metric])
-    return f"{builds[metric].mean():.3f}" + ("" if pd.isna(low) else f" [{max(low, 0):.3f}, {min(high, 1):.3f}]")
+    if share:
+        low, high = max(low, 0), min(high, 1)
+    return f"{builds[metric].mean():.3f}" + ("" if pd.isna(low) else f" [{low:.3f}, {high:.3f}]")
 
 
-def _shown(means: pd.DataFrame, metric: str) -> str:
-    """A share's mean over seeds with its t interval cut at [0, 1] (none for one seed)."""
+def _shown(means: pd.DataFrame, metric: str, share: bool = True) -> str:
+    """A figure's mean over seeds with its t interval, a share's cut at [0, 1] (none for one seed)."""
     if means.empty or f"{metric}_mean" not in means:
         return "-"
-    low, high = share_interval(means.iloc[:1], metric)
+    low, high = (share_interval(means.iloc[:1], metric) if share
+                 else (means.iloc[:1][f"{metric}_ci_low"], means.iloc[:1][f"{metric}_ci_high"]))
     interval = "" if pd.isna(low.iloc[0]) else f" [{low.iloc[0]:.3f}, {high.iloc[0]:.3f}]"
     return f"{means.iloc[0][f'{metric}_mean']:.3f}{interval}"
 
@@ -196,7 +202,9 @@ def _test(means: pd.DataFrame, surgery: str | None) -> dict:
     return {"test_seeds": int(means.iloc[0]["seeds"]) if not means.empty else 0,
             "test_asr_mean": _shown(means, ASR_MEAN), "test_format_refused": _shown(means, FORMAT_MEAN),
             "test_surgery_asr": _shown(means, f"asr_{surgery}") if surgery else "-",
-            "test_plain_refusal": _shown(means, "plain_refusal")}
+            "test_plain_refusal": _shown(means, "plain_refusal"),
+            # utility: the reference answers' mean log-likelihood (not a share: no cut)
+            "test_benign_loglik": _shown(means, "benign_loglik", share=False)}
 
 
 def _default(means: pd.DataFrame) -> dict:

@@ -72,7 +72,8 @@ def test_the_budget_then_the_fewest_attacks_choose_each_methods_setting(grid):
     test = pd.DataFrame([{**dict(zip(keys, key)), "recipe": "4Lx16E-w128", "seeds": n, "asr_mean_families_mean": a,
                           "asr_mean_families_ci_low": a - 0.1, "asr_mean_families_ci_high": a + 0.1,
                           "over_refusal_mean_families_mean": f, "over_refusal_mean_families_ci_low": f,
-                          "over_refusal_mean_families_ci_high": f}
+                          "over_refusal_mean_families_ci_high": f, "benign_loglik_mean": -5.2,
+                          "benign_loglik_ci_low": -5.5, "benign_loglik_ci_high": -4.9}
                          for key, n, a, f in [
                              (("gradient", 4, 0, "plain", 2e-3, "none", "", "flip_chars", False), 1, 0.04, 0.07),
                              (("gradient", 4, 0, "plain", 1e-3, "none", "", "flip_chars", False), 3, 0.08, 0.20),
@@ -80,6 +81,7 @@ def test_the_budget_then_the_fewest_attacks_choose_each_methods_setting(grid):
     tuned = tuning.tuned_table(chosen, test, None).set_index("method")
     assert tuned.loc["gradient", "chosen"] == "k4 plain lr0.002" and tuned.loc["gradient", "test_seeds"] == 1
     assert tuned.loc["gradient", "test_asr_mean"] == "0.040 [0.000, 0.140]"  # a share's interval stops at 0
+    assert tuned.loc["gradient", "test_benign_loglik"] == "-5.200 [-5.500, -4.900]"  # utility: not cut at 0
     assert tuned.loc["gradient", "default"] == "k4 plain lr0.001"
     assert tuned.loc["gradient", "default_test_asr_mean"].startswith("0.080")
     assert tuned.loc["routing", "chosen"] == tuned.loc["routing", "default"] == "k4 plain lr0.001"
@@ -121,7 +123,7 @@ def test_one_setting_for_every_build_is_the_one_meeting_the_budget_in_most_build
     each = pd.DataFrame([{"recipe": "4Lx16E-w128", "method": m, "k": 4, "retention": "plain", "expert_lr": lr,
                           "defence": "none", "setting": "", "data": "flip_chars", "organism_seed": b, "seeds": (42,),
                           "asr_mean_families": a, "over_refusal_mean_families": 0.1, "asr_flip_chars": a / 2,
-                          "unseen_asr_mean": a, "plain_refusal": 1.0}
+                          "unseen_asr_mean": a, "plain_refusal": 1.0, "benign_loglik": -5.0 - b / 10}
                          for m, lr, b, a in [("gradient", 1e-3, 0, 0.08), ("gradient", 1e-3, 1, 0.12),
                                              ("gradient", 2e-3, 0, 0.02), ("routing", 1e-3, 0, 0.5),
                                              ("routing", 1e-3, 1, 0.7)]])
@@ -136,6 +138,7 @@ def test_one_setting_for_every_build_is_the_one_meeting_the_budget_in_most_build
     assert over.loc["gradient", "test_asr_mean"] == "0.100 [0.000, 0.354]"
     assert over.loc["gradient", "test_surgery_asr"] == "0.050 [0.000, 0.177]"
     assert over.loc["gradient", "default_test_asr_mean"] == over.loc["gradient", "test_asr_mean"]
+    assert over.loc["gradient", "test_benign_loglik"] == "-5.050 [-5.685, -4.415]"  # not cut to [0, 1]
     assert over.loc["routing", "chosen"] == "k4 plain lr0.001" and over.loc["routing", "builds"] == 2
     assert over.loc["routing", "meets_on_validation_in"] == 0 and over.loc["routing", "same_every_build"]
     text = tuning.markdown(tuning.tuned_table(chosen, pd.DataFrame(columns=[*GROUP, "seeds"]), "flip_chars"),
