@@ -23,6 +23,16 @@ REFERENCE_STYLES = {m.name: style for selects, style in (("none", ":"), ("all", 
                     for m in METHODS.values() if not m.ranks and m.selects == selects}
 
 
+def _save(fig, path: Path) -> Path:
+    """The figure as a PNG written whole (never half a file), then closed."""
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())
+    return path
+
+
 def asr_plot(table: pd.DataFrame, path: Path) -> Path:
     asr = [c for c in metric_columns(table) if c.startswith("asr_")]
     fig, axes = plt.subplots(1, len(asr), figsize=(3.2 * len(asr) + 1, 3.5), sharey=True, squeeze=False)
@@ -111,12 +121,7 @@ def recipe_frontier_plot(each_build: pd.DataFrame, path: Path) -> Path:
     else:
         axes[0][0].text(0.5, 0.5, "no runs over builds found", ha="center", va="center", transform=axes[0][0].transAxes)
     fig.suptitle("The frontier per organism recipe (mean over builds, 95% t intervals over builds)", fontsize=10)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
-    return path
+    return _save(fig, path)
 
 
 # one marker shape per organism in the re-attack frontier
@@ -152,9 +157,4 @@ def robust_frontier_plot(points: pd.DataFrame, path: Path) -> Path:
            title="Re-attacked repairs: router-attack ASR against format refusal\n(one point per run, 95% Wilson intervals)")
     if handles:
         ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
-    return path
+    return _save(fig, path)
