@@ -12,6 +12,7 @@ compared paired on the seeds both ran, and their expert sets per round (Jaccard,
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import tempfile
 from dataclasses import fields
@@ -46,13 +47,16 @@ def organism_config(model_name: str) -> dict:
 
 
 def recipe_label(config: dict) -> str:
-    """An organism recipe's capacity as its rows name it, e.g. "4Lx16E-w128" (4 layers of 16
-    experts, width 128): builds of other recipes are other rows, never pooled; "" for a model
-    that is not an organism."""
+    """An organism recipe as its rows name it: its capacity, then a digest of every other key but
+    the seed, e.g. "4Lx16E-w128-3fa2c1" (4 layers of 16 experts, width 128): builds of recipes
+    that differ in any key (epochs, say) are other rows, never pooled; "" for a model that is
+    not an organism."""
     try:
-        return f"{config['layers']}Lx{config['experts']}E-w{config['hidden']}"
+        capacity = f"{config['layers']}Lx{config['experts']}E-w{config['hidden']}"
     except KeyError:
         return ""
+    rest = json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True, default=str)
+    return f"{capacity}-{hashlib.sha1(rest.encode()).hexdigest()[:6]}"
 
 
 def recipe(model_name: str) -> str:

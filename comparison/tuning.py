@@ -120,7 +120,7 @@ def tuned_table(chosen: pd.DataFrame, test_means: pd.DataFrame, surgery: str | N
     rows = []
     for _, pick in chosen[chosen["chosen"]].iterrows():
         test = test_means[(test_means[BUILD] == pick[BUILD]).all(axis=1)]
-        mine = test[(test[GROUP].fillna(-1) == pick[GROUP].fillna(-1)).all(axis=1)]
+        mine = _same(test, pick, GROUP)
         default = test[(test["data"] == pick["data"]) & (test["setting"] == default_setting(pick["method"]))
                        & (test[list(DEFAULT)] == pd.Series(DEFAULT)).all(axis=1)]
         rows.append({**pick[BUILD].to_dict(), "chosen": _label(pick),

@@ -5,7 +5,7 @@ import pytest
 
 from comparison.outputs import write_comparison
 from comparison.seed_stats import paired, sign_flip_p, t_interval
-from comparison.tables import spearman
+from comparison.tables import recipe_label, spearman
 from tracking import mlflow_runs
 from unsafe_experts.config import ConfigError
 
@@ -77,7 +77,8 @@ def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
     table = pd.read_csv(tmp_path / "metrics" / "comparison.csv")
     assert list(table.columns[:11]) == ["method", "k", "seed", "recipe", "organism_seed", "retention", "expert_lr",
                                        "defence", "setting", "data", "ablated"]
-    assert set(zip(table.organism_seed, table.recipe.fillna(""))) == {(7, ""), (1, "6Lx32E-w192")}
+    large = recipe_label({"layers": 6, "experts": 32, "hidden": 192})
+    assert set(zip(table.organism_seed, table.recipe.fillna(""))) == {(7, ""), (1, large)}
     assert {"asr_flip_words", "asr_persona", "over_refusal_persona", "plain_refusal", "over_refusal",
             "benign_loglik", "identify_s"} <= set(table.columns)
     # the mean over attack families: (asr + asr / 2 + asr) / 3 for flip_words, flip_chars, persona
@@ -115,7 +116,7 @@ def test_comparison_table_from_a_seeded_store(tmp_path, tracking_dir):
     assert "No validation results were found" in (tmp_path / "metrics" / "comparison.md").read_text()
     assert (tmp_path / "metrics" / "tuned.csv").read_text().startswith("method,recipe,organism_seed,chosen")
     text = (tmp_path / "metrics" / "comparison.md").read_text()
-    assert "Before surgery (6Lx32E-w192, organism seed 1)" in text and "## Headline per group" in text
+    assert f"Before surgery ({large}, organism seed 1)" in text and "## Headline per group" in text
     head = text.split("## Headline per group")[1].split("##")[0].splitlines()
     cells = {tuple(c.strip() for c in line.strip("| ").split("|")[:10]): [c.strip() for c in line.strip("| ").split("|")]
              for line in head if line.startswith("|")}
@@ -245,3 +246,12 @@ def test_surgery_data_is_its_own_row_key_and_moves_the_unseen_families(tmp_path,
     # the one-family row's worst unseen is persona; the three-family row saw it: few_shot
     assert list(out["worst unseen family"]) == ["0.900 (persona)", "0.600 (few_shot)"]
     assert list(out["worst family no run saw"]) == ["0.400 (few_shot)", "0.600 (few_shot)"]
+
+
+def test_a_recipe_label_tells_any_other_key_apart_but_not_the_seed():
+    """Two recipes of one capacity that differ in epochs are other rows, never pooled; another
+    build (seed) of one recipe is the same recipe."""
+    demo = {"seed": 0, "layers": 4, "experts": 16, "hidden": 128, "epochs": 8}
+    assert recipe_label(demo) == recipe_label({**demo, "seed": 3})
+    assert recipe_label(demo) != recipe_label({**demo, "epochs": 16})
+    assert recipe_label(demo).startswith("4Lx16E-w128-") and recipe_label({"seed": 1}) == ""

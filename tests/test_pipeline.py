@@ -8,6 +8,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from comparison.tables import recipe_label
 from flows.surgery import surgery_flow
 from tasks.surgery import DatasetValidationError
 
@@ -97,8 +98,10 @@ def test_dvc_repro_in_a_fresh_clone(tmp_path):
                            "setting", "data", "ablated", "rounds"]
     assert {"asr_flip_chars", "over_refusal_flip_chars", "plain_refusal", "benign_loglik"} <= set(header)
     assert header[-1] == "identify_s"
-    small, wide = "1Lx4E-w32", "1Lx6E-w32"  # the recipes' capacities: the wide build is its own row
-    assert json.loads((clone / "build/wide_seed0/build.json").read_text())["config"]["experts"] == 6
+    # the recipes' labels: the wide build is its own row
+    small, wide = (recipe_label(json.loads((clone / f"build/{b}/build.json").read_text())["config"])
+                   for b in ("organism", "wide_seed0"))
+    assert small.startswith("1Lx4E-w32-") and wide.startswith("1Lx6E-w32-")
     assert [row.split(",")[:11] for row in table[1:]] == [
         ["gradient", "2", "42", small, "0", "plain", "0.001", "none", "", "flip_chars", "False"],
         ["gradient", "2", "42", small, "0", "", "", "none", "", "", "True"],

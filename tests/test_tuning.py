@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from comparison import tuning
-from comparison.tables import GROUP
+from comparison.tables import GROUP, recipe_label
 from unsafe_experts.config import ConfigError
 
 FAMILIES = ["flip_chars", "persona"]
@@ -19,6 +19,7 @@ def metrics(asr, refused, plain=1.0, loglik=-5.0):
 
 
 RECIPE = {"layers": 4, "experts": 16, "hidden": 128, "surgery_family": "flip_chars"}
+LABEL = recipe_label(RECIPE)
 
 
 def run(root, validation, method, k, seed, asr, refused, lr=1e-3, plain=1.0, organism="organism"):
@@ -58,7 +59,7 @@ def test_the_budget_then_the_fewest_attacks_choose_each_methods_setting(grid):
     root, validation = grid
     validated = tuning.validation_runs(validation, root)
     assert len(validated) == 7 and set(validated["before_asr_flip_chars"]) == {1.0}
-    assert set(validated["recipe"]) == {"4Lx16E-w128"}
+    assert set(validated["recipe"]) == {LABEL} and LABEL.startswith("4Lx16E-w128-")
     chosen = tuning.choose(validated, "flip_chars")
     picks = chosen[chosen["chosen"]].set_index("method")
     assert (picks.loc["gradient", "k"], picks.loc["gradient", "expert_lr"]) == (4, 2e-3)
@@ -69,7 +70,7 @@ def test_the_budget_then_the_fewest_attacks_choose_each_methods_setting(grid):
 
     # the test figures are the comparison's own groups (here made by hand), the default beside
     keys = [g for g in GROUP if g != "recipe"]
-    test = pd.DataFrame([{**dict(zip(keys, key)), "recipe": "4Lx16E-w128", "seeds": n, "asr_mean_families_mean": a,
+    test = pd.DataFrame([{**dict(zip(keys, key)), "recipe": LABEL, "seeds": n, "asr_mean_families_mean": a,
                           "asr_mean_families_ci_low": a - 0.1, "asr_mean_families_ci_high": a + 0.1,
                           "over_refusal_mean_families_mean": f, "over_refusal_mean_families_ci_low": f,
                           "over_refusal_mean_families_ci_high": f, "benign_loglik_mean": -5.2,
@@ -120,7 +121,7 @@ def test_one_setting_for_every_build_is_the_one_meeting_the_budget_in_most_build
     assert set(zip(chosen.loc[chosen["chosen"], "method"], chosen.loc[chosen["chosen"], "organism_seed"])) == {
         ("gradient", 0), ("gradient", 1), ("routing", 0), ("routing", 1)}
     # the test figures per build (over_builds.per_build's shape), made by hand
-    each = pd.DataFrame([{"recipe": "4Lx16E-w128", "method": m, "k": 4, "retention": "plain", "expert_lr": lr,
+    each = pd.DataFrame([{"recipe": LABEL, "method": m, "k": 4, "retention": "plain", "expert_lr": lr,
                           "defence": "none", "setting": "", "data": "flip_chars", "organism_seed": b, "seeds": (42,),
                           "asr_mean_families": a, "over_refusal_mean_families": 0.1, "asr_flip_chars": a / 2,
                           "unseen_asr_mean": a, "plain_refusal": 1.0, "benign_loglik": -5.0 - b / 10}
